@@ -1,0 +1,294 @@
+"""Typed configuration: `config/deployment.yaml` decides what is merged and what is dynamic.
+
+Every model derives from :class:`StrictModel` (``extra="forbid"``, a description on every field), so a
+misspelled key or a bad value fails at load with pydantic's field location and the offending value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ADAPTER_NAME_RE",
+    "BUILTIN_TINY",
+    "AdapterName",
+    "BaseModelConfig",
+    "ConfigError",
+    "DeploymentConfig",
+    "DynamicConfig",
+    "GatewayConfig",
+    "LimitsConfig",
+    "MergeJobConfig",
+    "MergedAdapterConfig",
+    "MergedConfig",
+    "RouterConfig",
+    "StorageConfig",
+    "validate_adapter_name",
+]
+
+#: Adapter names double as storage path components and Serve deployment names.
+ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+#: The embedded default: a tiny Qwen3-VL built offline by :mod:`moe_core.tiny`.
+BUILTIN_TINY = "builtin:tiny-qwen3-vl"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a computer-use agent. You see a screenshot of the screen and control the mouse and "
+    "keyboard. Answer with exactly one action, such as click(x, y)."
+)
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the field and the value."""
+
+
+def validate_adapter_name(name: str) -> str:
+    """Return ``name`` if it is a safe adapter name, else raise ``ValueError`` naming it."""
+    if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"invalid adapter name {name!r}: expected lower-case letters, digits and '-', "
+            "starting with a letter or digit, at most 63 characters (pattern [a-z0-9][a-z0-9-]*)"
+        )
+    return name
+
+
+AdapterName = Annotated[
+    str,
+    Field(pattern=ADAPTER_NAME_RE.pattern, description="Adapter name: [a-z0-9][a-z0-9-]*, at most 63."),
+]
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors; instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Self:
+        """Load and validate a YAML file; raise :class:`ConfigError` naming the file and field."""
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text())
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read config: {e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        return cls.from_dict(data or {}, source=str(p))
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "<dict>") -> Self:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {_describe(e)}") from e
+
+
+def _describe(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        if err["loc"]:
+            loc = ".".join(str(x) for x in err["loc"])
+            parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+        else:  # a cross-field rule: its message names the fields and values itself
+            parts.append(str(err["msg"]).removeprefix("Value error, "))
+    return "; ".join(parts)
+
+
+class BaseModelConfig(StrictModel):
+    id: str = Field(
+        default=BUILTIN_TINY,
+        description=f"Base model: a Hugging Face id, a local folder, or {BUILTIN_TINY!r} (built offline).",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(
+        default=False, description="Allow code shipped with the checkpoint to run. Off unless asked."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Serving dtype; auto is bfloat16 on CUDA and float32 on the CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Device; auto is cuda when available, else cpu."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa", description="Attention kernel passed to transformers."
+    )
+
+
+class StorageConfig(StrictModel):
+    url: str = Field(
+        default="storage",
+        description="Storage root: a local path (relative to the working directory) or an fsspec URL "
+        "such as s3://bucket/prefix.",
+    )
+    keep_versions: int = Field(default=3, ge=1, description="Published versions kept per adapter.")
+    cache_dir: str = Field(
+        default=".cache/storage", description="Local cache for files read from a remote storage root."
+    )
+
+
+class RouterConfig(StrictModel):
+    adapter: AdapterName | None = Field(
+        default="router", description="Name of the routing adapter in storage; null disables routing."
+    )
+    labels: dict[int, AdapterName] = Field(
+        default_factory=dict, description="Router label ids mapped to the adapter names they select."
+    )
+    prompt: str = Field(
+        default="Which screen is this?", description="Prompt given to the routing adapter with the image."
+    )
+    confidence_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Below this confidence the below_threshold rule applies."
+    )
+    below_threshold: Literal["base", "reject"] = Field(
+        default="reject",
+        description="When unsure: 'base' answers with the base model, 'reject' answers 422 with candidates.",
+    )
+
+
+class MergedAdapterConfig(StrictModel):
+    name: AdapterName = Field(description="Adapter to serve from its merged, published copy.")
+    enabled: bool = Field(default=True, description="Whether its merged deployment runs.")
+    gpu: float = Field(default=0.0, ge=0.0, description="GPUs per replica (0 on the CPU default).")
+    cpu: float = Field(default=1.0, ge=0.0, description="CPUs per replica.")
+    min_replicas: int = Field(default=0, ge=0, description="Autoscaling floor; 0 allows scale to zero.")
+    max_replicas: int = Field(default=1, ge=1, description="Autoscaling ceiling.")
+    scaledown_window: float = Field(
+        default=300.0, ge=0.0, description="Seconds idle before a replica is removed (downscale delay)."
+    )
+
+    @model_validator(mode="after")
+    def _replicas(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class MergedConfig(StrictModel):
+    enabled: bool = Field(default=True, description="Serve merged deployments at all.")
+    adapters: list[MergedAdapterConfig] = Field(
+        default_factory=list, description="Adapters merged into the base weights, one deployment each."
+    )
+
+
+class DynamicConfig(StrictModel):
+    enabled: bool = Field(default=True, description="Run the shared dynamic-LoRA deployment.")
+    gpu: float = Field(default=0.0, ge=0.0, description="GPUs per replica (0 on the CPU default).")
+    cpu: float = Field(default=1.0, ge=0.0, description="CPUs per replica.")
+    min_replicas: int = Field(default=1, ge=0, description="Autoscaling floor; 0 allows scale to zero.")
+    max_replicas: int = Field(default=1, ge=1, description="Autoscaling ceiling.")
+    scaledown_window: float = Field(default=300.0, ge=0.0, description="Downscale delay in seconds.")
+    adapters: list[AdapterName] = Field(
+        default_factory=list, description="Adapters served only by the dynamic deployment."
+    )
+    max_loaded_adapters: int = Field(
+        default=8, ge=1, description="LRU size: adapters resident in one replica at once."
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.01, ge=0.0, le=1.0, description="How long a batch waits to fill before it runs."
+    )
+    refresh_interval_s: float = Field(
+        default=5.0, ge=0.0, description="Minimum seconds between storage checks for a new adapter version."
+    )
+
+    @model_validator(mode="after")
+    def _replicas(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class GatewayConfig(StrictModel):
+    prefer_merged: bool = Field(default=True, description="Send to the merged deployment when one is up.")
+    fallback_to_dynamic: bool = Field(
+        default=True, description="Answer from the dynamic deployment when the merged one fails."
+    )
+    request_timeout_s: float = Field(default=60.0, gt=0, description="Per-hop timeout for a request.")
+
+
+class LimitsConfig(StrictModel):
+    max_image_pixels: int = Field(default=1024 * 1024, ge=1, description="Largest image (width*height).")
+    max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1, description="Largest decoded image file.")
+    max_prompt_chars: int = Field(default=4000, ge=1, description="Longest prompt in characters.")
+    max_new_tokens: int = Field(default=24, ge=1, description="Tokens generated per request.")
+    max_batch_size: int = Field(default=16, ge=1, description="Largest batch one forward runs.")
+    image_size: int = Field(
+        default=224,
+        ge=32,
+        description="Images are resized to fit this many pixels per side before the model.",
+    )
+
+
+class MergeJobConfig(StrictModel):
+    safe_merge: bool = Field(default=True, description="Refuse merges that produce NaN or Inf.")
+    max_logit_diff: float = Field(
+        default=1e-3, ge=0.0, description="Largest allowed logit difference merged vs base+LoRA on probes."
+    )
+    min_greedy_agreement: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Share of probes whose greedy outputs must agree."
+    )
+    num_probes: int = Field(default=8, ge=1, description="Probe inputs run through both models.")
+    gpu: float = Field(default=0.0, ge=0.0, description="GPUs for the merge task (0 on the CPU default).")
+    cpu: float = Field(default=1.0, ge=0.0, description="CPUs for the merge task.")
+
+
+class DeploymentConfig(StrictModel):
+    version: int = Field(default=1, ge=1, le=1, description="Schema version of this file.")
+    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig, description="The base VLM.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Shared storage.")
+    system_prompt: str = Field(default=DEFAULT_SYSTEM_PROMPT, description="System prompt for experts.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Routing adapter settings.")
+    merged: MergedConfig = Field(default_factory=MergedConfig, description="Merged deployments.")
+    dynamic: DynamicConfig = Field(default_factory=DynamicConfig, description="Dynamic-LoRA deployment.")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Routing between the two.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
+    merge: MergeJobConfig = Field(default_factory=MergeJobConfig, description="Merge job settings.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Self:
+        merged = [a.name for a in self.merged.adapters]
+        for field, names in (("merged.adapters", merged), ("dynamic.adapters", self.dynamic.adapters)):
+            seen: set[str] = set()
+            for n in names:
+                if n in seen:
+                    raise ValueError(f"{field}: duplicate adapter name {n!r}")
+                seen.add(n)
+        both = sorted(set(merged) & set(self.dynamic.adapters))
+        if both:
+            raise ValueError(
+                f"adapters {both} are listed in both merged.adapters and dynamic.adapters; list each once "
+                "(merged adapters are served dynamically as a fallback anyway)"
+            )
+        if self.router.adapter is not None and self.router.adapter in self.all_adapters:
+            raise ValueError(
+                f"router.adapter {self.router.adapter!r} is also listed as an expert; give it its own name"
+            )
+        unknown = {k: v for k, v in self.router.labels.items() if v not in self.all_adapters}
+        if unknown:
+            raise ValueError(
+                f"router.labels {unknown} name no adapter in merged.adapters or dynamic.adapters "
+                f"(known: {sorted(self.all_adapters)})"
+            )
+        targets = list(self.router.labels.values())
+        dup_targets = sorted({v for v in targets if targets.count(v) > 1})
+        if dup_targets:
+            raise ValueError(f"router.labels maps several labels to {dup_targets}")
+        return self
+
+    @property
+    def all_adapters(self) -> list[str]:
+        """Expert adapters, merged first, in config order."""
+        return [a.name for a in self.merged.adapters] + list(self.dynamic.adapters)
+
+    @property
+    def merged_enabled(self) -> list[MergedAdapterConfig]:
+        return [a for a in self.merged.adapters if a.enabled] if self.merged.enabled else []

@@ -1,0 +1,272 @@
+"""The inference engine: Qwen3-VL chat prompts, greedy generation, many LoRA adapters in one batch.
+
+One :class:`Engine` owns one model (a base model with any number of PEFT adapters attached, or a
+merged model). :meth:`Engine.generate` runs a list of requests whose rows may each name a different
+adapter (or none) in a single ``generate`` call through PEFT's ``adapter_names``; each row's output
+equals that row run alone. :meth:`Engine.classify` scores a label set in one forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from moe_core.config import DEFAULT_SYSTEM_PROMPT, DeploymentConfig
+
+__all__ = ["BASE", "ClassifyResult", "Engine", "EngineError", "GenerationRequest", "GenerationResult"]
+
+logger = logging.getLogger(__name__)
+
+#: PEFT's name for "no adapter" in a mixed batch.
+BASE = "__base__"
+
+
+class EngineError(RuntimeError):
+    """A request the engine cannot run (unknown adapter, bad input)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    image: Image.Image
+    prompt: str
+    adapter: str | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    adapter: str | None
+    num_tokens: int
+    batch_size: int
+    adapters_in_batch: int
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    label: str
+    confidence: float
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+class Engine:
+    """Generation on one model; thread-safe (one forward at a time)."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        max_new_tokens: int = 24,
+        image_size: int = 224,
+        name: str = "engine",
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.processor.tokenizer.padding_side = "left"
+        self.system_prompt = system_prompt
+        self.max_new_tokens = max_new_tokens
+        self.image_size = image_size
+        self.name = name
+        self._lock = threading.Lock()
+        self.device = next(model.parameters()).device
+        self.forwards = 0  # generate/forward calls run, for metrics and tests
+
+    @classmethod
+    def from_config(
+        cls, cfg: DeploymentConfig, path: str | Path | None = None, name: str = "engine"
+    ) -> Engine:
+        from moe_core.modeling import load_model, load_processor
+
+        return cls(
+            load_model(cfg.base_model, path),
+            load_processor(cfg.base_model, path),
+            system_prompt=cfg.system_prompt,
+            max_new_tokens=cfg.limits.max_new_tokens,
+            image_size=cfg.limits.image_size,
+            name=name,
+        )
+
+    # --------------------------------------------------------------- adapters
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters attached to the model."""
+        cfg = getattr(self.model, "peft_config", None)
+        return sorted(cfg) if cfg else []
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Attach a PEFT LoRA folder under ``name`` (replacing an attached adapter of that name)."""
+        from peft import PeftModel
+
+        t0 = time.perf_counter()
+        with self._lock:
+            if name in self.adapters:
+                self._delete(name)
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(
+                    self.model, str(path), adapter_name=name, is_trainable=False
+                )
+            self.model.eval()
+        logger.info("%s: adapter %s loaded from %s in %.3fs", self.name, name, path, time.perf_counter() - t0)
+
+    def unload_adapter(self, name: str) -> None:
+        """Detach ``name``; safe to call twice or for a name never loaded."""
+        with self._lock:
+            if name in self.adapters:
+                self._delete(name)
+                logger.info("%s: adapter %s unloaded", self.name, name)
+
+    def _delete(self, name: str) -> None:
+        if len(self.adapters) == 1:  # PEFT keeps one active adapter; drop the wrapper instead
+            self.model = self.model.unload()
+        else:
+            if name in getattr(self.model, "active_adapters", []):
+                other = next(a for a in self.adapters if a != name)
+                self.model.set_adapter(other)
+            self.model.delete_adapter(name)
+
+    # ----------------------------------------------------------------- inputs
+    def _messages(self, image: Image.Image, prompt: str, system_prompt: str) -> list[dict[str, Any]]:
+        return [
+            {"role": "system", "content": [{"type": "text", "text": system_prompt}]},
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}],
+            },
+        ]
+
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        """RGB, resized to the engine's square input size (keeps relative positions)."""
+        image = image.convert("RGB")
+        if image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        return image
+
+    def encode(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        system_prompt: str | None = None,
+        answers: Sequence[str] | None = None,
+        padding_side: str = "left",
+    ) -> Any:
+        """Tokenize chat prompts with images; with ``answers``, append them as the assistant turn."""
+        system = self.system_prompt if system_prompt is None else system_prompt
+        ready = [self.prepare_image(im) for im in images]
+        texts = [
+            self.processor.apply_chat_template(
+                self._messages(im, p, system), add_generation_prompt=True, tokenize=False
+            )
+            for im, p in zip(ready, prompts, strict=True)
+        ]
+        if answers is not None:
+            texts = [t + a for t, a in zip(texts, answers, strict=True)]
+        self.processor.tokenizer.padding_side = padding_side
+        try:
+            batch = self.processor(text=texts, images=ready, padding=True, return_tensors="pt")
+        finally:
+            self.processor.tokenizer.padding_side = "left"
+        return batch.to(self.device)
+
+    def _adapter_kwargs(self, adapters: Sequence[str | None]) -> dict[str, Any]:
+        loaded = set(self.adapters)
+        missing = sorted({a for a in adapters if a is not None and a not in loaded})
+        if missing:
+            raise EngineError(f"adapters {missing} are not loaded (loaded: {sorted(loaded)})")
+        if not loaded:
+            return {}
+        return {"adapter_names": [a if a is not None else BASE for a in adapters]}
+
+    # ------------------------------------------------------------- generation
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run all requests in one ``generate`` call; rows may name different adapters."""
+        if not requests:
+            return []
+        t0 = time.perf_counter()
+        max_new = max(r.max_new_tokens or self.max_new_tokens for r in requests)
+        with self._lock:
+            kwargs = self._adapter_kwargs([r.adapter for r in requests])
+            inputs = self.encode([r.image for r in requests], [r.prompt for r in requests])
+            # inputs.input_ids: [batch, prompt_len] -> out: [batch, prompt_len + new]
+            out = self.model.generate(**inputs, **kwargs, max_new_tokens=max_new, do_sample=False)
+            self.forwards += 1
+        new = out[:, inputs["input_ids"].shape[1] :]
+        dt = time.perf_counter() - t0
+        n_adapters = len({r.adapter for r in requests})
+        results = []
+        for r, row in zip(requests, new, strict=True):
+            row = row[: r.max_new_tokens or self.max_new_tokens]
+            text = self.processor.tokenizer.decode(row, skip_special_tokens=True).strip()
+            n = int((row != self.processor.tokenizer.pad_token_id).sum())
+            results.append(GenerationResult(text, r.adapter, n, len(requests), n_adapters, dt))
+        logger.debug(
+            "%s: generated %d rows (%d adapters: %s) in %.3fs", self.name, len(requests), n_adapters,
+            sorted({str(r.adapter) for r in requests}), dt,
+        )  # fmt: skip
+        return results
+
+    @torch.inference_mode()
+    def classify(
+        self,
+        image: Image.Image,
+        prompt: str,
+        labels: Sequence[str],
+        adapter: str | None,
+        system_prompt: str = "",
+    ) -> ClassifyResult:
+        """Score the label set as the assistant's answer; one forward pass.
+
+        When every label starts with a different token, one batch-1 forward scores them all from the
+        next-token distribution; otherwise one batched forward scores each label's full token sequence.
+        """
+        if not labels:
+            raise EngineError("classify needs at least one label")
+        tok = self.processor.tokenizer
+        label_ids = [tok.encode(lbl, add_special_tokens=False) for lbl in labels]
+        firsts = [ids[0] for ids in label_ids]
+        with self._lock:
+            kwargs = self._adapter_kwargs([adapter])
+            if len(set(firsts)) == len(firsts):
+                inputs = self.encode([image], [prompt], system_prompt)
+                logits = self.model(**inputs, **kwargs).logits[0, -1]  # [vocab]
+                scores = torch.log_softmax(logits.float(), -1)[firsts]
+            else:
+                scores = self._score_sequences(image, prompt, labels, label_ids, adapter, system_prompt)
+            self.forwards += 1
+        probs = torch.softmax(scores, -1).tolist()
+        best = max(range(len(labels)), key=lambda i: probs[i])
+        return ClassifyResult(labels[best], probs[best], dict(zip(labels, probs, strict=True)))
+
+    def _score_sequences(
+        self,
+        image: Image.Image,
+        prompt: str,
+        labels: Sequence[str],
+        label_ids: list[list[int]],
+        adapter: str | None,
+        system_prompt: str,
+    ) -> torch.Tensor:
+        n = len(labels)
+        inputs = self.encode([image] * n, [prompt] * n, system_prompt, answers=labels, padding_side="right")
+        kwargs = self._adapter_kwargs([adapter] * n)
+        logp = torch.log_softmax(self.model(**inputs, **kwargs).logits.float(), -1)  # [n, len, vocab]
+        lengths = inputs["attention_mask"].sum(-1)
+        out = []
+        for i, ids in enumerate(label_ids):
+            end = int(lengths[i])
+            pos = range(end - len(ids) - 1, end - 1)
+            out.append(sum(float(logp[i, p, t]) for p, t in zip(pos, ids, strict=True)))
+        return torch.tensor(out)

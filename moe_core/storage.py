@@ -1,0 +1,313 @@
+"""Shared storage: one interface over local paths and fsspec URLs, with atomic versioned publication.
+
+Layout under the root::
+
+    loras/<name>/<version>/      a deployed LoRA adapter (+ deploy_metadata.json, MANIFEST.json)
+    loras/<name>/CURRENT         pointer to the version servers load
+    routing/<name>/<version>/    the routing adapter, same shape
+    merged/<name>/<version>/     a merged model (+ merge_metadata.json, MANIFEST.json)
+    merged/<name>/CURRENT
+    config/                      copies of the deployment config
+
+A version is written under a fresh name that nothing points to, closed by ``MANIFEST.json`` (sha256 of
+every file) written last, re-read and verified, and only then made current by replacing the small
+``CURRENT`` pointer in one atomic step (``os.replace`` locally, a single-object PUT on object stores).
+A writer killed at any moment therefore leaves the old version current and no version a reader takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from moe_core.config import validate_adapter_name
+
+__all__ = ["Kind", "Progress", "Storage", "StorageError", "VersionInfo", "sha256_file"]
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["lora", "routing", "merged"]
+Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, file name)
+
+_KIND_DIRS: dict[Kind, str] = {"lora": "loras", "routing": "routing", "merged": "merged"}
+POINTER = "CURRENT"
+MANIFEST = "MANIFEST.json"
+_CHUNK = 1 << 20
+
+
+class StorageError(RuntimeError):
+    """Storage is missing something or holds something inconsistent."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    kind: Kind
+    name: str
+    version: str
+    current: bool
+    metadata: dict[str, Any]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def new_version_id(digest: str = "") -> str:
+    """Sortable, unique version names: UTC time to the microsecond plus a short content hash."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    return f"v{stamp}-{(digest or uuid.uuid4().hex)[:8]}"
+
+
+class Storage:
+    """The storage root named by a local path or an fsspec URL (``s3://bucket/prefix``, ``memory://x``)."""
+
+    def __init__(self, url: str, cache_dir: str | os.PathLike[str] = ".cache/storage") -> None:
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = str(Path(root).resolve()) if self.local else root.rstrip("/")
+        self.cache_dir = Path(cache_dir)
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url!r})"
+
+    # ----------------------------------------------------------------- layout
+    def slot(self, kind: Kind, name: str) -> str:
+        """The folder holding every version of one adapter or merged model."""
+        validate_adapter_name(name)
+        return f"{self.root}/{_KIND_DIRS[kind]}/{name}"
+
+    def names(self, kind: Kind) -> list[str]:
+        """Names with a current version, sorted."""
+        base = f"{self.root}/{_KIND_DIRS[kind]}"
+        if not self.fs.exists(base):
+            return []
+        out = []
+        for p in self.fs.ls(base, detail=False):
+            name = str(p).rstrip("/").rsplit("/", 1)[-1]
+            if not name.startswith(".") and self.current_version(kind, name) is not None:
+                out.append(name)
+        return sorted(out)
+
+    # ---------------------------------------------------------------- reading
+    def current_version(self, kind: Kind, name: str) -> str | None:
+        path = f"{self.slot(kind, name)}/{POINTER}"
+        try:
+            data = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        version = data.get("version")
+        if not isinstance(version, str):
+            raise StorageError(f"{path}: pointer holds no version: {data!r}")
+        return version
+
+    def versions(self, kind: Kind, name: str) -> list[str]:
+        """Complete versions (closed by a manifest), oldest first."""
+        slot = self.slot(kind, name)
+        if not self.fs.exists(slot):
+            return []
+        found = []
+        for p in self.fs.ls(slot, detail=False):
+            v = str(p).rstrip("/").rsplit("/", 1)[-1]
+            if v.startswith("v") and self.fs.exists(f"{slot}/{v}/{MANIFEST}"):
+                found.append(v)
+        return sorted(found)
+
+    def manifest(self, kind: Kind, name: str, version: str) -> dict[str, Any]:
+        return dict(json.loads(self.fs.cat_file(f"{self.slot(kind, name)}/{version}/{MANIFEST}")))
+
+    def read_json(self, kind: Kind, name: str, filename: str, version: str | None = None) -> dict[str, Any]:
+        version = version or self._require_current(kind, name)
+        return dict(json.loads(self.fs.cat_file(f"{self.slot(kind, name)}/{version}/{filename}")))
+
+    def info(self, kind: Kind, name: str, metadata_file: str) -> list[VersionInfo]:
+        cur = self.current_version(kind, name)
+        return [
+            VersionInfo(kind, name, v, v == cur, self.read_json(kind, name, metadata_file, v))
+            for v in self.versions(kind, name)
+        ]
+
+    def fetch(self, kind: Kind, name: str, version: str | None = None) -> tuple[Path, str]:
+        """A local folder holding ``version`` (default: current) and the version's name.
+
+        Local roots are read in place; remote ones are downloaded once into the cache, verified
+        against the manifest, and moved into place atomically.
+        """
+        version = version or self._require_current(kind, name)
+        remote = f"{self.slot(kind, name)}/{version}"
+        if self.local:
+            return Path(remote), version
+        target = self.cache_dir / _KIND_DIRS[kind] / name / version
+        if (target / MANIFEST).exists():
+            return target, version
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
+        try:
+            self.fs.get(remote + "/", str(tmp), recursive=True)
+            _verify(tmp, json.loads((tmp / MANIFEST).read_text()))
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / MANIFEST).exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target, version
+
+    def _require_current(self, kind: Kind, name: str) -> str:
+        v = self.current_version(kind, name)
+        if v is None:
+            raise StorageError(f"no published {kind} named {name!r} in {self.url}")
+        return v
+
+    # ---------------------------------------------------------------- writing
+    def publish(
+        self,
+        kind: Kind,
+        name: str,
+        src: Path,
+        *,
+        version: str | None = None,
+        make_current: bool = True,
+        progress: Progress | None = None,
+    ) -> str:
+        """Copy the files of ``src`` into a new version and (by default) make it current atomically."""
+        files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MANIFEST)
+        if not files:
+            raise StorageError(f"{src}: nothing to publish for {kind} {name!r}")
+        hashes = {str(p.relative_to(src)): sha256_file(p) for p in files}
+        digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+        version = version or new_version_id(digest)
+        slot = self.slot(kind, name)
+        manifest = {"version": version, "files": hashes, "created_at": _now()}
+        t0 = time.perf_counter()
+        self._gc_partial(slot)
+        staging = f"{slot}/.tmp-{uuid.uuid4().hex}" if self.local else f"{slot}/{version}"
+        self._copy_in(src, files, staging, progress)
+        self._write_bytes(f"{staging}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        final = f"{slot}/{version}"
+        if self.local:
+            os.rename(staging, final)
+        _verify_remote(self.fs, final, manifest)
+        logger.info(
+            "%s %s: wrote version %s (%d files) in %.2fs", kind, name, version, len(files),
+            time.perf_counter() - t0,
+        )  # fmt: skip
+        if make_current:
+            self.set_current(kind, name, version)
+        return version
+
+    def set_current(self, kind: Kind, name: str, version: str) -> None:
+        """Point ``CURRENT`` at a complete version, atomically."""
+        if version not in self.versions(kind, name):
+            raise StorageError(f"{kind} {name!r} has no complete version {version!r}")
+        data = json.dumps({"version": version, "updated_at": _now()}).encode()
+        self._write_bytes(f"{self.slot(kind, name)}/{POINTER}", data)
+        logger.info("%s %s: current version is now %s", kind, name, version)
+
+    def rollback(self, kind: Kind, name: str, to: str | None = None) -> str:
+        """Make the previous complete version (or ``to``) current; return it."""
+        cur = self._require_current(kind, name)
+        versions = self.versions(kind, name)
+        if to is None:
+            older = [v for v in versions if v < cur]
+            if not older:
+                raise StorageError(f"{kind} {name!r}: no version older than {cur} to roll back to")
+            to = older[-1]
+        self.set_current(kind, name, to)
+        return to
+
+    def prune(self, kind: Kind, name: str, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` versions, never the current one."""
+        cur = self.current_version(kind, name)
+        versions = self.versions(kind, name)
+        doomed = [v for v in versions[:-keep] if v != cur] if keep > 0 else []
+        for v in doomed:
+            self.fs.rm(f"{self.slot(kind, name)}/{v}", recursive=True)
+            logger.info("%s %s: pruned version %s", kind, name, v)
+        return doomed
+
+    def _copy_in(self, src: Path, files: Iterable[Path], dest: str, progress: Progress | None) -> None:
+        files = list(files)
+        total = sum(p.stat().st_size for p in files)
+        done = 0
+        for p in files:
+            rel = p.relative_to(src).as_posix()
+            target = f"{dest}/{rel}"
+            if self.local:
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                with open(p, "rb") as fin, open(target, "wb") as fout:
+                    while chunk := fin.read(_CHUNK):
+                        fout.write(chunk)
+                    fout.flush()
+                    os.fsync(fout.fileno())
+            else:
+                self.fs.put_file(str(p), target)
+            done += p.stat().st_size
+            if progress is not None:
+                progress(done, total, rel)
+
+    def _write_bytes(self, path: str, data: bytes) -> None:
+        """Replace one small file atomically."""
+        if self.local:
+            d = Path(path).parent
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        else:  # one PUT: object stores replace an object atomically
+            self.fs.pipe_file(path, data)
+
+    def _gc_partial(self, slot: str, older_than_s: float = 3600.0) -> None:
+        """Remove leftovers of killed writers (local staging folders) after an hour."""
+        if not self.local or not os.path.isdir(slot):
+            return
+        now = time.time()
+        for p in Path(slot).iterdir():
+            if p.name.startswith(".tmp-") and now - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _verify(folder: Path, manifest: dict[str, Any]) -> None:
+    for rel, digest in manifest["files"].items():
+        got = sha256_file(folder / rel)
+        if got != digest:
+            raise StorageError(f"{folder / rel}: sha256 {got} does not match manifest {digest}")
+
+
+def _verify_remote(fs: Any, folder: str, manifest: dict[str, Any]) -> None:
+    for rel, digest in manifest["files"].items():
+        h = hashlib.sha256()
+        with fs.open(f"{folder}/{rel}", "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        if h.hexdigest() != digest:
+            raise StorageError(f"{folder}/{rel}: sha256 {h.hexdigest()} does not match manifest {digest}")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moe_core.storage import Storage, StorageError
+
+
+def _folder(root: Path, tag: str, n: int = 3, size: int = 1000) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"f{i}.bin.part").write_bytes(f"{tag}-{i}".encode() * size)
+    (root / "meta.json").write_text(json.dumps({"tag": tag}))
+    return root
+
+
+@pytest.mark.parametrize("url_kind", ["local", "memory"])
+def test_publish_fetch_rollback_prune(tmp_path: Path, url_kind: str) -> None:
+    url = str(tmp_path / "s") if url_kind == "local" else f"memory://moe-test-{time.time_ns()}"
+    st = Storage(url, cache_dir=tmp_path / "cache")
+    assert st.current_version("merged", "cal") is None
+    v1 = st.publish("merged", "cal", _folder(tmp_path / "a", "one"))
+    v2 = st.publish("merged", "cal", _folder(tmp_path / "b", "two"))
+    assert v1 < v2 and st.current_version("merged", "cal") == v2
+    path, version = st.fetch("merged", "cal")
+    assert version == v2 and json.loads((path / "meta.json").read_text()) == {"tag": "two"}
+    assert st.rollback("merged", "cal") == v1
+    path, _ = st.fetch("merged", "cal")
+    assert json.loads((path / "meta.json").read_text()) == {"tag": "one"}
+    v3 = st.publish("merged", "cal", _folder(tmp_path / "c", "three"), make_current=False)
+    assert st.current_version("merged", "cal") == v1  # not current until asked
+    assert st.prune("merged", "cal", keep=1) == [v2]  # the current one (v1) is never pruned
+    assert st.versions("merged", "cal") == [v1, v3]
+    assert st.names("merged") == ["cal"]
+    with pytest.raises(StorageError, match="no complete version"):
+        st.set_current("merged", "cal", "v-nope")
+
+
+def test_slot_refuses_path_traversal(tmp_path: Path) -> None:
+    st = Storage(str(tmp_path))
+    for bad in ["../x", "a/b", "", ".hidden", "A"]:
+        with pytest.raises(ValueError, match="invalid adapter name"):
+            st.slot("lora", bad)
+
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from moe_core.storage import Storage
+st = Storage(sys.argv[1])
+def slow(done, total, name):
+    print("progress", done, total, name, flush=True)
+    time.sleep(0.15)
+st.publish("merged", "cal", Path(sys.argv[2]), progress=slow)
+print("published", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kill_after_files", [0, 2, 5])
+def test_killed_writer_leaves_old_version(tmp_path: Path, kill_after_files: int) -> None:
+    """SIGKILL a real publishing process part-way: the old version stays current and complete."""
+    st = Storage(str(tmp_path / "s"))
+    v1 = st.publish("merged", "cal", _folder(tmp_path / "old", "old"))
+    new = _folder(tmp_path / "new", "new", n=8, size=200_000)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path / "s"), str(new)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    seen = 0
+    while seen < kill_after_files:
+        line = proc.stdout.readline()
+        assert line.startswith("progress"), line
+        seen += 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert st.current_version("merged", "cal") == v1
+    assert st.versions("merged", "cal") == [v1]  # no partial version a reader could take
+    path, _ = st.fetch("merged", "cal")
+    assert json.loads((path / "meta.json").read_text()) == {"tag": "old"}
+    # the next writer succeeds despite the leftovers
+    v2 = st.publish("merged", "cal", _folder(tmp_path / "n2", "n2"))
+    assert st.current_version("merged", "cal") == v2

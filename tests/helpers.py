@@ -1,0 +1,48 @@
+"""Helpers shared by tests: real PEFT adapters on the tiny model, and a test screenshot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from moe_core.config import BUILTIN_TINY, BaseModelConfig
+
+LM_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def make_lora(out: Path, seed: int, lm_head: bool = False, rank: int = 4) -> Path:
+    """Save a PEFT LoRA with random, non-zero A and B (so it changes the outputs) on the tiny model."""
+    from peft import LoraConfig, get_peft_model
+
+    from moe_core.modeling import load_model
+
+    torch.manual_seed(seed)
+    model = load_model(BaseModelConfig())
+    targets = LM_TARGETS + ("|lm_head" if lm_head else "")
+    peft = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+    )
+    with torch.no_grad():  # make the effect large enough to change greedy tokens
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.mul_(4.0)
+    peft.peft_config["default"].base_model_name_or_path = BUILTIN_TINY
+    peft.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == BUILTIN_TINY
+    return out
+
+
+def screenshot(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    """A small deterministic picture with a few coloured boxes."""
+    g = torch.Generator().manual_seed(seed)
+    img = Image.new("RGB", size, tuple(int(x) for x in torch.randint(0, 255, (3,), generator=g)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x, y = (int(v) for v in torch.randint(0, min(size) - 40, (2,), generator=g))
+        colour = tuple(int(v) for v in torch.randint(0, 255, (3,), generator=g))
+        draw.rectangle([x, y, x + 40, y + 30], fill=colour)
+    return img

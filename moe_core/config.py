@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Annotated, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 __all__ = [
     "ADAPTER_NAME_RE",
     "BUILTIN_TINY",
+    "LIVE_FIELDS",
     "AdapterName",
     "BaseModelConfig",
     "ConfigError",
@@ -41,6 +42,17 @@ BUILTIN_TINY = "builtin:tiny-qwen3-vl"
 DEFAULT_SYSTEM_PROMPT = (
     "You are a computer-use agent. You see a screenshot of the screen and control the mouse and "
     "keyboard. Answer with exactly one action, such as click(x, y)."
+)
+
+
+#: Fields `serve deploy` changes in place (Serve user_config), never part of the app's args.
+LIVE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("gateway", "prefer_merged"),
+    ("gateway", "fallback_to_dynamic"),
+    ("router", "confidence_threshold"),
+    ("router", "below_threshold"),
+    ("dynamic", "adapters"),
+    ("dynamic", "max_loaded_adapters"),
 )
 
 
@@ -254,7 +266,7 @@ class DeploymentConfig(StrictModel):
     merge: MergeJobConfig = Field(default_factory=MergeJobConfig, description="Merge job settings.")
 
     @model_validator(mode="after")
-    def _cross_field(self) -> Self:
+    def _cross_field(self, info: ValidationInfo) -> Self:
         merged = [a.name for a in self.merged.adapters]
         for field, names in (("merged.adapters", merged), ("dynamic.adapters", self.dynamic.adapters)):
             seen: set[str] = set()
@@ -273,7 +285,8 @@ class DeploymentConfig(StrictModel):
                 f"router.adapter {self.router.adapter!r} is also listed as an expert; give it its own name"
             )
         unknown = {k: v for k, v in self.router.labels.items() if v not in self.all_adapters}
-        if unknown:
+        live_elsewhere = bool(info.context and info.context.get("live_fields_external"))
+        if unknown and not live_elsewhere:
             raise ValueError(
                 f"router.labels {unknown} name no adapter in merged.adapters or dynamic.adapters "
                 f"(known: {sorted(self.all_adapters)})"
@@ -283,6 +296,21 @@ class DeploymentConfig(StrictModel):
         if dup_targets:
             raise ValueError(f"router.labels maps several labels to {dup_targets}")
         return self
+
+    def static_dump(self) -> dict[str, object]:
+        """The config without its live fields (they travel as Serve user_config, changed in place)."""
+        data = self.model_dump(mode="json")
+        for section, key in LIVE_FIELDS:
+            data[section].pop(key, None)
+        return data
+
+    @classmethod
+    def from_static(cls, data: dict[str, object]) -> DeploymentConfig:
+        """Validate a :meth:`static_dump`; rules involving live fields are checked where those arrive."""
+        try:
+            return cls.model_validate(data, context={"live_fields_external": True})
+        except ValidationError as e:
+            raise ConfigError(f"app args: {_describe(e)}") from e
 
     @property
     def all_adapters(self) -> list[str]:

@@ -32,7 +32,15 @@ from moe_core.config import DeploymentConfig, validate_adapter_name
 from moe_core.modeling import base_model_id, module_shapes, resolve_model_path
 from moe_core.storage import Kind, Progress, Storage, sha256_file
 
-__all__ = ["AdapterRejected", "DeployResult", "adapter_digest", "deploy_adapter", "list_adapters", "main"]
+__all__ = [
+    "AdapterRejected",
+    "DeployResult",
+    "adapter_digest",
+    "deploy_adapter",
+    "list_adapters",
+    "main",
+    "validate_adapter",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +160,18 @@ def _check_placement(
             )
 
 
+def validate_adapter(cfg: DeploymentConfig, name: str, src: Path) -> dict[str, Any]:
+    """Every check :func:`deploy_adapter` makes; returns the adapter config. Raises :class:`AdapterRejected`."""
+    try:
+        validate_adapter_name(name)
+    except ValueError as e:
+        raise AdapterRejected(str(e)) from e
+    config = _check_files(name, Path(src))
+    _check_base(name, config, cfg)
+    config["_num_tensors"] = _check_tensors(name, Path(src), cfg)
+    return config
+
+
 def deploy_adapter(
     storage: Storage,
     cfg: DeploymentConfig,
@@ -165,15 +185,10 @@ def deploy_adapter(
     progress: Progress | None = None,
 ) -> DeployResult:
     """Validate ``src`` and publish it as the current version of ``name``; a no-op when unchanged."""
-    try:
-        validate_adapter_name(name)
-    except ValueError as e:
-        raise AdapterRejected(str(e)) from e
     kind: Kind = "routing" if routing else "lora"
     src = Path(src)
-    config = _check_files(name, src)
-    _check_base(name, config, cfg)
-    n_tensors = _check_tensors(name, src, cfg)
+    config = validate_adapter(cfg, name, src)
+    n_tensors = config.pop("_num_tensors")
     digest = adapter_digest(src)
     current = storage.current_version(kind, name)
     if current is not None:

@@ -46,3 +46,63 @@ def loras(tmp_path_factory: pytest.TempPathFactory, tiny_path: Path) -> dict[str
         "beta": make_lora(root / "beta", seed=2),
         "gamma": make_lora(root / "gamma", seed=3, lm_head=True),
     }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real local Ray cluster (`ray start --head`, job server on), shared by the session's slow tests."""
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    port, dash = _free_port(), _free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    bin_dir = str(Path(sys.executable).parent)  # job entrypoints run `python` from this venv
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")  # fmt: skip
+    ray_bin = str(Path(bin_dir) / "ray")
+    cmd = [ray_bin, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           "--include-dashboard=true", "--num-cpus=6", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{dashboard}/api/version", timeout=2).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    os.environ["RAY_ADDRESS"] = address
+    yield {"address": address, "dashboard": dashboard}
+    os.environ.pop("RAY_ADDRESS", None)
+    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def demo_cfg(tiny_path: Path) -> DeploymentConfig:
+    """The shipped config with storage under .cache/test-demo: the demo built and the hot adapters merged.
+
+    Kept between runs on one machine (the build is a no-op when nothing changed); built once in CI.
+    """
+    from merge_jobs.merge import merge_adapter
+    from moe_core.demo.build import build_demo
+
+    root = ROOT / ".cache" / "test-demo"
+    data = DeploymentConfig.from_file(ROOT / "config" / "deployment.yaml").model_dump(mode="json")
+    data["storage"] = {"url": str(root / "storage"), "keep_versions": 3, "cache_dir": str(root / "cache")}
+    data["dynamic"]["refresh_interval_s"] = 0.5
+    cfg = DeploymentConfig.from_dict(data)
+    build_demo(cfg, root / "work", heldout_per_kind=30, say=lambda s: None)
+    for a in cfg.merged_enabled:
+        merge_adapter(cfg, a.name)
+    return cfg

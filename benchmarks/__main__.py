@@ -1,0 +1,184 @@
+"""Benchmarks: merged vs dynamic vs base, mixed-adapter batching, Serve overhead, router cost, memory.
+
+    python -m benchmarks                 # full run on the configured model (CPU here)
+    python -m benchmarks --quick         # smoke test (make test): fewer rounds, no Ray Serve
+    python -m benchmarks --gpu           # the real Qwen3-VL-8B shapes, random bf16 weights, on CUDA
+
+Writes benchmarks/results/<name>.json, .md and .png with the machine's description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.core import BenchSettings, engine_benchmarks, p50, p99
+from moe_core.config import DeploymentConfig
+
+RESULTS = Path(__file__).parent / "results"
+
+TARGETS = {
+    "merged/base latency": ("<=", 1.03),
+    "dynamic/merged latency": ("<=", 1.15),
+    "mixed/single batch throughput": (">=", 0.7),
+    "mixed batch/serial throughput": (">=", 3.0),
+    "serve overhead p50 ms": ("<=", 5.0),
+    "routing/expert request": ("<=", 0.25),
+}
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    return info
+
+
+def _demo_inputs(n: int) -> tuple[list[Any], str]:
+    from moe_core.demo.screens import SCREEN_TYPES, split
+
+    screens = split("heldout", max(1, n // len(SCREEN_TYPES) + 1), SCREEN_TYPES)[:n]
+    return [s.image for s in screens], screens[0].prompt
+
+
+def summarise(samples: dict[str, list[float]], figures: dict[str, Any], s: BenchSettings) -> dict[str, Any]:
+    ms = {k: round(p50(v) * 1000, 3) for k, v in samples.items()}
+    out: dict[str, Any] = {"p50_ms": ms, "p99_ms": {k: round(p99(v) * 1000, 3) for k, v in samples.items()}}
+    ratios: dict[str, float] = {}
+    if "latency_merged" in ms:
+        ratios["merged/base latency"] = ms["latency_merged"] / ms["latency_base"]
+        ratios["dynamic/merged latency"] = ms["latency_dynamic"] / ms["latency_merged"]
+        ratios["dynamic/merged decode per token"] = ms["decode_per_token_dynamic"] / ms["decode_per_token_merged"]
+    if "batch_mixed" in ms:
+        ratios["mixed/single batch throughput"] = ms["batch_single"] / ms["batch_mixed"]
+        ratios["mixed batch/serial throughput"] = ms["serial_switching"] / ms["batch_mixed"]
+        out["throughput_req_per_s"] = {
+            k: round(s.batch / (ms[k] / 1000), 2) for k in ("batch_mixed", "batch_single", "serial_switching")
+        }
+    if "classify" in ms:
+        ratios["routing/expert request"] = ms["classify"] / ms["expert_request"]
+    if "cold_request" in ms:
+        ratios["cold/warm request"] = ms["cold_request"] / ms["warm_request"]
+    if "infer_http_dynamic" in ms:
+        ratios["serve overhead p50 ms"] = ms["infer_http_dynamic"] - ms["direct_engine"]
+    out["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
+    out["targets"] = {
+        k: {"target": f"{op} {t}", "measured": round(ratios[k], 3), "met": ratios[k] <= t if op == "<=" else ratios[k] >= t}
+        for k, (op, t) in TARGETS.items()
+        if k in ratios
+    }
+    out["figures"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Benchmark: {result['name']}", "", f"Command: `{result['command']}`", "",
+             f"Machine: `{json.dumps(result['machine'])}`", "", "## Ratios against the targets", "",
+             "| ratio | measured | target | met |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for k, v in result["summary"]["ratios"].items():
+        t = result["summary"]["targets"].get(k)
+        lines.append(f"| {k} | {v} | {t['target'] if t else '-'} | {('yes' if t['met'] else 'no') if t else '-'} |")
+    lines += ["", "## Latencies (ms)", "", "| measurement | p50 | p99 |", "| --- | --- | --- |"]
+    for k, v in result["summary"]["p50_ms"].items():
+        lines.append(f"| {k} | {v} | {result['summary']['p99_ms'][k]} |")
+    if "throughput_req_per_s" in result["summary"]:
+        lines += ["", "## Throughput, 16 requests over 8 adapters (requests/s)", "", "| way | req/s |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in result["summary"]["throughput_req_per_s"].items()]
+    lines += ["", "## Other figures", "", "| figure | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in result["summary"]["figures"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = result["summary"]["p50_ms"]
+    keys = [k for k in ("latency_base", "latency_merged", "latency_dynamic", "classify", "expert_request",
+                        "warm_request", "cold_request", "direct_engine", "infer_http_dynamic", "infer_http_merged")
+            if k in ms]  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    axes[0].barh(keys, [ms[k] for k in keys], color="#4c72b0")
+    axes[0].set_xlabel("p50 latency (ms)")
+    axes[0].set_title("per request")
+    tp = result["summary"].get("throughput_req_per_s", {})
+    axes[1].bar(list(tp), list(tp.values()), color=["#55a868", "#c44e52", "#8172b2"][: len(tp)])
+    axes[1].set_ylabel("requests / s")
+    axes[1].set_title("16 requests over 8 adapters")
+    fig.suptitle(f"{result['name']} ({result['machine'].get('cuda') or 'CPU'})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="config/deployment.yaml")
+    p.add_argument("--quick", action="store_true", help="smoke test: few rounds, no Ray Serve")
+    p.add_argument("--gpu", action="store_true", help="Qwen3-VL-8B shapes with random bf16 weights on CUDA")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--name", help="result file name (default: cpu, cpu-quick or gpu)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    if args.gpu:
+        from benchmarks.gpu import gpu_benchmarks
+
+        name = args.name or "gpu"
+        samples, figures, settings = gpu_benchmarks(rounds=args.rounds or 5)
+    else:
+        cfg = DeploymentConfig.from_file(args.config)
+        settings = BenchSettings(rounds=args.rounds or (3 if args.quick else 20),
+                                 memory_points=(1, 2) if args.quick else (1, 8, 32))  # fmt: skip
+        name = args.name or ("cpu-quick" if args.quick else "cpu")
+        images, prompt = _demo_inputs(settings.batch)
+        rep = engine_benchmarks(cfg, settings, images, prompt)
+        samples, figures = rep.samples, rep.figures
+        if not args.quick:
+            from benchmarks.serve_bench import serve_benchmarks
+
+            s2, f2 = serve_benchmarks(cfg, images, prompt, rounds=settings.rounds * 2)
+            samples.update(s2)
+            figures.update(f2)
+    result = {
+        "name": name,
+        "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "settings": settings.__dict__ if hasattr(settings, "__dict__") else str(settings),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "summary": summarise(samples, figures, settings),
+        "samples_s": samples,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+    (args.out_dir / f"{name}.md").write_text(markdown(result))
+    chart(result, args.out_dir / f"{name}.png")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

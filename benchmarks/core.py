@@ -1,0 +1,195 @@
+"""Engine-level measurements, taken side by side and interleaved so the noise of a shared machine cancels.
+
+Every figure is a list of samples; the report gives p50 (and p99 where asked) and ratios between
+variants measured in the same rounds.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_core.config import DeploymentConfig
+from moe_core.engine import Engine, GenerationRequest
+
+__all__ = ["BenchSettings", "Samples", "engine_benchmarks", "make_loras", "p50", "p99"]
+
+logger = logging.getLogger(__name__)
+
+LM_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    rounds: int = 20
+    new_tokens: int = 16
+    batch: int = 16
+    adapters_in_batch: int = 8
+    memory_points: tuple[int, ...] = (1, 8, 32)
+    rank: int = 16
+
+
+Samples = dict[str, list[float]]
+
+
+def p50(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def p99(xs: list[float]) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
+
+
+def make_loras(cfg: DeploymentConfig, out: Path, n: int, rank: int, seed: int = 0) -> list[Path]:
+    """``n`` random non-zero LoRA adapters on the configured base model (stand-ins for trained ones)."""
+    from peft import LoraConfig, get_peft_model
+
+    from moe_core.modeling import load_model
+
+    paths = []
+    base = load_model(cfg.base_model)
+    for i in range(n):
+        torch.manual_seed(seed + i)
+        peft = get_peft_model(base, LoraConfig(r=rank, lora_alpha=rank, target_modules=LM_TARGETS, init_lora_weights=False))
+        p = out / f"lora-{i}"
+        peft.save_pretrained(str(p), safe_serialization=True)
+        base = peft.unload()
+        paths.append(p)
+    return paths
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _fixed_generate(engine: Engine, reqs: list[GenerationRequest], new_tokens: int) -> None:
+    """generate exactly ``new_tokens`` per row (no early stop), as a benchmark needs."""
+    kwargs = engine._adapter_kwargs([r.adapter for r in reqs])
+    inputs = engine.encode([r.image for r in reqs], [r.prompt for r in reqs])
+    with torch.inference_mode():
+        engine.model.generate(**inputs, **kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return float(psutil.Process(os.getpid()).memory_info().rss) / 2**20
+
+
+@dataclass
+class EngineReport:
+    samples: Samples = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def engine_benchmarks(cfg: DeploymentConfig, s: BenchSettings, images: list[Any], prompt: str) -> EngineReport:
+    """Items 1, 2, 4 and 5 of the benchmark issue on the configured model."""
+    from peft import PeftModel
+
+    from moe_core.modeling import load_model, load_processor
+
+    rep = EngineReport()
+    tmp = Path(tempfile.mkdtemp(prefix="moe-bench-"))
+    n_loras = max(s.adapters_in_batch, max(s.memory_points))
+    loras = make_loras(cfg, tmp, n_loras, s.rank)
+    processor = load_processor(cfg.base_model)
+
+    def engine(model: Any, name: str) -> Engine:
+        return Engine(model, processor, system_prompt=cfg.system_prompt, max_new_tokens=s.new_tokens,
+                      image_size=cfg.limits.image_size, name=name)  # fmt: skip
+
+    base = engine(load_model(cfg.base_model), "base")
+    dynamic = engine(load_model(cfg.base_model), "dynamic")
+    for i in range(s.adapters_in_batch):
+        dynamic.load_adapter(f"a{i}", loras[i])
+    t0 = time.perf_counter()
+    merged_model = PeftModel.from_pretrained(load_model(cfg.base_model, dtype=torch.float32), str(loras[0])).merge_and_unload(
+        safe_merge=True
+    )
+    rep.figures["merge_s"] = time.perf_counter() - t0
+    merged = engine(merged_model.to(base.model.dtype), "merged")
+
+    one = [GenerationRequest(images[0], prompt, None)]
+    variants: dict[str, tuple[Engine, list[GenerationRequest]]] = {
+        "base": (base, one),
+        "merged": (merged, one),
+        "dynamic": (dynamic, [GenerationRequest(images[0], prompt, "a0")]),
+    }
+    mixed = [GenerationRequest(images[i % len(images)], prompt, f"a{i % s.adapters_in_batch}") for i in range(s.batch)]
+    single = [GenerationRequest(r.image, prompt, "a0") for r in mixed]
+    for _ in range(2):  # warm-up
+        for eng, reqs in variants.values():
+            _fixed_generate(eng, reqs, s.new_tokens)
+    for _ in range(s.rounds):  # item 1: interleaved batch-1 latency, full length and one token
+        for name, (eng, reqs) in variants.items():
+            rep.samples.setdefault(f"latency_{name}", []).append(_timed(lambda e=eng, r=reqs: _fixed_generate(e, r, s.new_tokens)))
+            rep.samples.setdefault(f"first_{name}", []).append(_timed(lambda e=eng, r=reqs: _fixed_generate(e, r, 1)))
+    for name in variants:
+        rep.samples[f"decode_per_token_{name}"] = [
+            (full - first) / (s.new_tokens - 1)
+            for full, first in zip(rep.samples[f"latency_{name}"], rep.samples[f"first_{name}"], strict=True)
+        ]
+    serial_model = dynamic.model
+
+    def serial() -> None:  # the original design: one request at a time, switching the active adapter
+        for r in mixed:
+            serial_model.set_adapter(r.adapter)
+            inputs = dynamic.encode([r.image], [r.prompt])
+            with torch.inference_mode():
+                serial_model.generate(**inputs, max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens, do_sample=False)
+
+    for _ in range(max(2, s.rounds // 4)):  # item 2: throughput of 16 requests over 8 adapters
+        rep.samples.setdefault("batch_mixed", []).append(_timed(lambda: _fixed_generate(dynamic, mixed, s.new_tokens)))
+        rep.samples.setdefault("batch_single", []).append(_timed(lambda: _fixed_generate(dynamic, single, s.new_tokens)))
+        rep.samples.setdefault("serial_switching", []).append(_timed(serial))
+    # item 3 (engine half): router classification against a whole expert request
+    labels = [f"a{i}" for i in range(s.adapters_in_batch)]
+    for _ in range(s.rounds):
+        rep.samples.setdefault("classify", []).append(
+            _timed(lambda: dynamic.classify(images[0], cfg.router.prompt, labels, "a1"))
+        )
+        rep.samples.setdefault("expert_request", []).append(
+            _timed(lambda: dynamic.generate([GenerationRequest(images[0], prompt, "a1", max_new_tokens=s.new_tokens)]))
+        )
+    # item 4: cold adapter load + first request against a warm request
+    extra = loras[s.adapters_in_batch :] or loras[:1]
+    for i, path in enumerate(extra[: max(2, s.rounds // 2)]):
+        name = f"cold{i}"
+        req = [GenerationRequest(images[0], prompt, name)]
+        rep.samples.setdefault("cold_request", []).append(
+            _timed(lambda p=path, n=name, r=req: (dynamic.load_adapter(n, p), _fixed_generate(dynamic, r, s.new_tokens)))
+        )
+        rep.samples.setdefault("warm_request", []).append(_timed(lambda r=req: _fixed_generate(dynamic, r, s.new_tokens)))
+        dynamic.unload_adapter(name)
+    del base, merged, variants, merged_model
+    gc.collect()
+    # item 5: resident memory with 1, 8, 32 adapters
+    mem = engine(load_model(cfg.base_model), "memory")
+    gc.collect()
+    rss0 = _rss_mb()
+    loaded = 0
+    for n in s.memory_points:
+        while loaded < n:
+            mem.load_adapter(f"m{loaded}", loras[loaded % len(loras)])
+            loaded += 1
+        _fixed_generate(mem, [GenerationRequest(images[0], prompt, f"m{n - 1}")], 2)
+        gc.collect()
+        rep.figures[f"rss_mb_{n}_adapters"] = _rss_mb()
+    rep.figures["rss_mb_base_engine"] = rss0
+    rep.figures["adapter_file_kb"] = (loras[0] / "adapter_model.safetensors").stat().st_size / 1024
+    return rep

@@ -1,0 +1,82 @@
+"""Through Ray Serve: /infer latency (merged, dynamic, routed) against a direct engine call on the same request."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from benchmarks.core import Samples
+from moe_core.config import DeploymentConfig
+from moe_core.engine import Engine, GenerationRequest
+from moe_core.storage import Storage
+
+__all__ = ["serve_benchmarks"]
+
+logger = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _b64(image: Any) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def serve_benchmarks(cfg: DeploymentConfig, images: list[Any], prompt: str, rounds: int) -> tuple[Samples, dict[str, Any]]:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+    from merge_jobs.merge import merge_adapter
+    from moe_core.demo.build import build_demo
+
+    build_demo(cfg, Path(".cache/demo"), say=lambda s: None)
+    merged_name = cfg.merged_enabled[0].name
+    dynamic_name = cfg.dynamic.adapters[0]
+    merge_adapter(cfg, merged_name)
+    storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
+    samples: Samples = {}
+    figures: dict[str, Any] = {}
+    port = _free_port()
+    t0 = time.perf_counter()
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, num_cpus=4)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"config": cfg.model_dump(mode="json")}), name="bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}/infer"
+        body = {"image_b64": _b64(images[0]), "prompt": prompt}
+        for expert in (merged_name, dynamic_name, None):
+            while not requests.post(url, json=body | ({"expert": expert} if expert else {}), timeout=120).ok:
+                time.sleep(0.5)
+        figures["serve_run_to_first_answer_s"] = time.perf_counter() - t0
+        direct = Engine.from_config(cfg, name="direct")
+        direct.load_adapter(dynamic_name, storage.fetch("lora", dynamic_name)[0])
+        req = GenerationRequest(images[0], prompt, dynamic_name)
+        direct.generate([req])
+        for _ in range(rounds):  # interleaved: direct, HTTP dynamic, HTTP merged, HTTP routed
+            t = time.perf_counter()
+            direct.generate([req])
+            samples.setdefault("direct_engine", []).append(time.perf_counter() - t)
+            for key, extra in (("infer_http_dynamic", {"expert": dynamic_name}),
+                               ("infer_http_merged", {"expert": merged_name}),
+                               ("infer_http_routed", {})):  # fmt: skip
+                t = time.perf_counter()
+                r = requests.post(url, json=body | extra, timeout=120)
+                samples.setdefault(key, []).append(time.perf_counter() - t)
+                r.raise_for_status()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return samples, figures

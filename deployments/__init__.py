@@ -1,0 +1,5 @@
+"""deployments: the Ray Serve graph (router ingress, merged deployments, dynamic-LoRA deployment)."""
+
+from deployments.app import AppArgs, build_app
+
+__all__ = ["AppArgs", "build_app"]

@@ -1,0 +1,142 @@
+"""An LRU of LoRA adapters resident in one engine, fed from shared storage.
+
+One in-flight load per adapter, blocking I/O off the event loop, a log line with the load time,
+unload safe to run twice, and a new published version picked up without a restart (the ``CURRENT``
+pointer is re-read at most every ``refresh_interval_s`` per adapter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from moe_core.storage import Kind
+
+__all__ = ["AdapterCache", "AdapterEngine", "AdapterNotFound", "AdapterStore"]
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterNotFound(LookupError):
+    """No published version of the adapter in storage."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class AdapterEngine(Protocol):
+    def load_adapter(self, name: str, path: str | Path) -> None: ...
+    def unload_adapter(self, name: str) -> None: ...
+
+
+class AdapterStore(Protocol):
+    def current_version(self, kind: Kind, name: str) -> str | None: ...
+    def fetch(self, kind: Kind, name: str, version: str | None = None) -> tuple[Path, str]: ...
+
+
+@dataclass
+class _Entry:
+    version: str
+    checked_at: float
+    loaded_at: float
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        engine: AdapterEngine,
+        store: AdapterStore,
+        capacity: int,
+        refresh_interval_s: float = 5.0,
+        kind: Kind = "lora",
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.capacity = capacity
+        self.refresh_interval_s = refresh_interval_s
+        self.kind = kind
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[None]] = {}
+        self.loads = 0
+        self.evictions = 0
+
+    @property
+    def resident(self) -> dict[str, str]:
+        """Adapter name -> resident version, least recently used first."""
+        return {n: e.version for n, e in self._entries.items()}
+
+    def resize(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._evict(keep=())
+
+    async def ensure(self, names: Iterable[str]) -> dict[str, str]:
+        """Make every adapter in ``names`` resident at its current version; returns their versions."""
+        wanted = list(dict.fromkeys(names))
+        if len(wanted) > self.capacity:
+            raise ValueError(f"{len(wanted)} adapters requested at once, cache holds {self.capacity}")
+        for name in wanted:
+            await self._ensure_one(name)
+            self._entries.move_to_end(name)
+        self._evict(keep=wanted)
+        return {n: self._entries[n].version for n in wanted}
+
+    async def _ensure_one(self, name: str) -> None:
+        while (fut := self._inflight.get(name)) is not None:  # one in-flight load per adapter
+            await asyncio.shield(fut)
+        entry = self._entries.get(name)
+        now = time.monotonic()
+        if entry is not None and now - entry.checked_at < self.refresh_interval_s:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[name] = fut
+        try:
+            current = await asyncio.to_thread(self.store.current_version, self.kind, name)
+            if current is None:
+                raise AdapterNotFound(name, f"adapter {name!r} has no published version in storage")
+            if entry is not None and entry.version == current:
+                entry.checked_at = now
+            else:
+                await asyncio.to_thread(self._load, name, current)
+            fut.set_result(None)
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: waiters re-check and retry on their own
+            raise
+        finally:
+            del self._inflight[name]
+
+    def _load(self, name: str, version: str) -> None:
+        t0 = time.perf_counter()
+        path, _ = self.store.fetch(self.kind, name, version)
+        self.engine.load_adapter(name, path)  # replaces an older version of the same name
+        now = time.monotonic()
+        old = self._entries.get(name)
+        self._entries[name] = _Entry(version, now, now)
+        self.loads += 1
+        logger.info(
+            "adapter %s: loaded version %s%s in %.3fs", name, version,
+            f" (was {old.version})" if old else "", time.perf_counter() - t0,
+        )  # fmt: skip
+
+    def _evict(self, keep: Iterable[str]) -> None:
+        keep = set(keep)
+        while len(self._entries) > self.capacity:
+            victim = next((n for n in self._entries if n not in keep), None)
+            if victim is None:
+                return
+            del self._entries[victim]
+            self.engine.unload_adapter(victim)
+            self.evictions += 1
+            logger.info("adapter %s: evicted (LRU, capacity %d)", victim, self.capacity)
+
+    def forget(self, name: str) -> None:
+        """Unload ``name`` now (idempotent)."""
+        if self._entries.pop(name, None) is not None:
+            self.engine.unload_adapter(name)

@@ -1,0 +1,119 @@
+"""HTTP request/response models and input validation for the router (no Ray imports)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from typing import Any, Literal
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "AdapterStatus",
+    "BadInput",
+    "InferRequest",
+    "InferResponse",
+    "LiveRouterConfig",
+    "decode_image",
+]
+
+_DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+
+
+class BadInput(ValueError):
+    """Client error: ``field`` names the offending request field; ``status`` the HTTP code."""
+
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status = status
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image_b64: str = Field(description="Screenshot as base64 or a data URL (data:image/png;base64,...).")
+    prompt: str = Field(description="The instruction for the expert, e.g. 'Click the Save button'.")
+    expert: int | str | None = Field(
+        default=None, description="Router label id or adapter name; omitted: the routing adapter decides."
+    )
+    prefer_merged: bool | None = Field(
+        default=None, description="Override the config's gateway.prefer_merged for this request."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class InferResponse(BaseModel):
+    task_output: str = Field(description="The expert's answer (one action).")
+    adapter: str | None = Field(description="Adapter that answered; null for the bare base model.")
+    mode: Literal["merged", "dynamic"] = Field(description="Which deployment generated the answer.")
+    routed_via: Literal["explicit", "router", "router-below-threshold"] = Field(
+        description="How the adapter was chosen."
+    )
+    confidence: float | None = Field(description="Routing confidence (null when the expert was explicit).")
+    merged_version: str | None = Field(default=None, description="Merged model version, when mode is merged.")
+    fallback: bool = Field(
+        default=False, description="True when the merged deployment failed and dynamic answered."
+    )
+
+
+class AdapterStatus(BaseModel):
+    name: str
+    merged: bool = Field(description="Has an enabled merged deployment.")
+    merged_version: str | None = Field(description="Published merged version the deployment serves.")
+    dynamic: bool = Field(description="Served by the dynamic-LoRA deployment.")
+    router_labels: list[int] = Field(description="Router labels that select it.")
+
+
+class LiveRouterConfig(BaseModel):
+    """The router's user_config: what `serve deploy` changes in place."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefer_merged: bool = True
+    fallback_to_dynamic: bool = True
+    confidence_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    below_threshold: Literal["base", "reject"] = "reject"
+    dynamic_adapters: list[str] = Field(default_factory=list)
+
+
+def decode_image(data: str, *, max_bytes: int, max_pixels: int) -> tuple[bytes, Image.Image]:
+    """Decode base64 (or a data URL) into image bytes and a verified PIL image; raise :class:`BadInput`."""
+    raw_b64 = _DATA_URL.sub("", data.strip(), count=1)
+    if len(raw_b64) > (max_bytes * 4) // 3 + 8:
+        raise BadInput("image_b64", f"image is larger than {max_bytes} bytes", 413)
+    try:
+        raw = base64.b64decode(raw_b64, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadInput("image_b64", f"not valid base64: {e}") from e
+    if not raw:
+        raise BadInput("image_b64", "empty image")
+    try:
+        with Image.open(io.BytesIO(raw)) as probe:
+            w, h = probe.size
+            if w * h > max_pixels:
+                raise BadInput(
+                    "image_b64", f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}", 413
+                )
+            probe.verify()
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except BadInput:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadInput("image_b64", f"bytes are not a readable image: {e}") from e
+    return raw, image
+
+
+def error_body(field: str, message: str) -> dict[str, Any]:
+    return {"error": {"field": field, "message": message}}

@@ -1,0 +1,89 @@
+"""Generate the Ray Serve config (config/serve.yaml, KubeRay's serveConfigV2) from config/deployment.yaml.
+
+    python -m deployments.serve_config --config config/deployment.yaml --out config/serve.yaml
+    python -m deployments.serve_config --config config/deployment.yaml --check config/serve.yaml
+
+The app's ``args`` hold the config without its live fields; those go into each deployment's
+``user_config``, so `serve deploy` after editing them reconfigures replicas in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deployments.app import DYNAMIC_NAME, ROUTER_NAME, dynamic_user_config, router_user_config
+from moe_core.config import DeploymentConfig
+
+__all__ = ["APP_NAME", "render", "serve_config"]
+
+APP_NAME = "moe"
+HEADER = (
+    "# Generated from {source} by `python -m deployments.serve_config`; do not edit by hand.\n"
+    "# Live fields (prefer_merged, fallback_to_dynamic, confidence threshold, dynamic adapters, LRU size)\n"
+    "# are deployment user_config: `serve deploy` applies them in place, without restarting replicas.\n"
+)
+
+
+def serve_config(cfg: DeploymentConfig, *, host: str = "0.0.0.0", port: int = 8000) -> dict[str, Any]:
+    deployments: list[dict[str, Any]] = [{"name": ROUTER_NAME, "user_config": router_user_config(cfg)}]
+    if cfg.dynamic.enabled:
+        deployments.append({"name": DYNAMIC_NAME, "user_config": dynamic_user_config(cfg)})
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {
+            "host": host,
+            "port": port,
+            "request_timeout_s": cfg.gateway.request_timeout_s * 2,
+        },
+        "logging_config": {"encoding": "TEXT", "log_level": "INFO", "enable_access_log": True},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "deployments.app:build_app",
+                "args": {"config": cfg.static_dump()},
+                "deployments": deployments,
+            }
+        ],
+    }
+
+
+def render(cfg: DeploymentConfig, source: str = "config/deployment.yaml", **kw: Any) -> str:
+    body = yaml.safe_dump(serve_config(cfg, **kw), sort_keys=False, default_flow_style=False, width=120)
+    return HEADER.format(source=source) + body
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deployments.serve_config", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="config/deployment.yaml")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out", type=Path, help="write the Serve config here")
+    g.add_argument("--check", type=Path, help="fail when this file differs from what would be generated")
+    args = p.parse_args(argv)
+    text = render(DeploymentConfig.from_file(args.config), source=args.config)
+    if args.out:
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+        return 0
+    current = args.check.read_text() if args.check.exists() else ""
+    if current != text:
+        diff = "".join(
+            difflib.unified_diff(
+                current.splitlines(True), text.splitlines(True), str(args.check), "generated"
+            )
+        )
+        print(
+            f"{args.check} is out of date with {args.config}; regenerate with --out:\n{diff}", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Merge one LoRA into the base weights, verify it against the unmerged adapter, publish it atomically.
+
+Stages (each logged with its duration): load base, load adapter, reference (base + LoRA on the
+probes), merge (fp32, safe: NaN/Inf refused naming the adapter and layer), verify (largest logit
+difference and greedy agreement against the reference), save, publish (a new version under
+``merged/<name>/`` made current by one atomic pointer write). A failed or killed merge never touches
+the current version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_core.config import DeploymentConfig
+from moe_core.engine import Engine, GenerationRequest
+from moe_core.modeling import base_model_id, load_model, load_processor, resolve_device, resolve_dtype
+from moe_core.registry import METADATA, adapter_digest, validate_adapter
+from moe_core.storage import Storage, sha256_file
+
+__all__ = ["MERGE_METADATA", "MergeRefused", "MergeResult", "merge_adapter", "probe_inputs"]
+
+logger = logging.getLogger(__name__)
+
+MERGE_METADATA = "merge_metadata.json"
+
+
+class MergeRefused(RuntimeError):
+    """The merge produced something that must not be served; nothing was published."""
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    adapter_name: str
+    version: str
+    changed: bool
+    max_logit_diff: float | None
+    greedy_agreement: float | None
+    seconds: dict[str, float]
+
+
+@contextlib.contextmanager
+def _stage(name: str, stage: str, timings: dict[str, float]) -> Iterator[None]:
+    logger.info("merge %s: %s ...", name, stage)
+    t0 = time.perf_counter()
+    yield
+    timings[stage] = round(time.perf_counter() - t0, 4)
+    logger.info("merge %s: %s done in %.2fs", name, stage, timings[stage])
+
+
+def probe_inputs(name: str, n: int) -> list[tuple[Any, str]]:
+    """Probe (image, prompt) pairs: the demo's held-out screens for a demo adapter, else a mix."""
+    from moe_core.demo.screens import PROMPTS, SCREEN_TYPES, split
+
+    kinds = (name,) if name in PROMPTS else SCREEN_TYPES
+    screens = split("heldout", max(1, -(-n // len(kinds))), kinds)[:n]
+    return [(s.image, s.prompt) for s in screens]
+
+
+def _source(
+    storage: Storage, cfg: DeploymentConfig, name: str, checkpoint: Path | None
+) -> tuple[Path, dict[str, Any]]:
+    if checkpoint is not None:
+        validate_adapter(cfg, name, checkpoint)
+        return checkpoint, {"source_lora": str(checkpoint)}
+    path, version = storage.fetch("lora", name)
+    meta = json.loads((path / METADATA).read_text())
+    return path, {
+        "source_lora": f"{storage.url}/loras/{name}/{version}",
+        "source_version": version,
+        "source_eval_accuracy": meta.get("eval_accuracy"),
+        "source_dataset": meta.get("dataset_name"),
+    }
+
+
+def _check_lora_deltas(model: Any, name: str, adapter: str) -> None:
+    """Refuse NaN/Inf in any layer's LoRA delta, naming the layer (what safe_merge would refuse)."""
+    for module_name, module in model.named_modules():
+        if hasattr(module, "get_delta_weight") and adapter in getattr(module, "lora_A", {}):
+            delta = module.get_delta_weight(adapter)
+            if not torch.isfinite(delta).all():
+                raise MergeRefused(
+                    f"adapter {name!r}: layer {module_name} has NaN/Inf in its LoRA delta; not merged"
+                )
+
+
+def _logits_and_greedy(
+    engine: Engine, probes: Sequence[tuple[Any, str]], adapter: str | None
+) -> tuple[torch.Tensor, list[str]]:
+    inputs = engine.encode([im for im, _ in probes], [p for _, p in probes])
+    kwargs = {"adapter_names": [adapter] * len(probes)} if adapter else {}
+    with torch.inference_mode():
+        logits = engine.model(**inputs, **kwargs).logits.float()  # [n, seq, vocab]
+    texts = [r.text for r in engine.generate([GenerationRequest(im, p, adapter) for im, p in probes])]
+    return logits, texts
+
+
+def merge_adapter(
+    cfg: DeploymentConfig,
+    name: str,
+    *,
+    checkpoint: Path | None = None,
+    safe_merge: bool | None = None,
+    storage: Storage | None = None,
+) -> MergeResult:
+    """Merge ``name`` (from storage, or ``checkpoint``) and publish it unless it is already current."""
+    from peft import PeftModel
+
+    storage = storage or Storage(cfg.storage.url, cfg.storage.cache_dir)
+    safe = cfg.merge.safe_merge if safe_merge is None else safe_merge
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    src, source_meta = _source(storage, cfg, name, checkpoint)
+    digest = adapter_digest(src)
+    base_id = base_model_id(cfg.base_model)
+    current = storage.current_version("merged", name)
+    if current is not None:
+        meta = storage.read_json("merged", name, MERGE_METADATA, current)
+        if meta.get("source_adapter_sha256") == digest and meta.get("base_model") == base_id:
+            logger.info(
+                "merge %s: version %s already merges adapter sha256 %s; nothing to do",
+                name,
+                current,
+                digest[:12],
+            )
+            return MergeResult(
+                name, current, False, meta.get("max_logit_diff"), meta.get("greedy_agreement"), {}
+            )
+
+    device = resolve_device(cfg.base_model)
+    serve_dtype = resolve_dtype(cfg.base_model, device)
+    with _stage(name, "load base", timings):
+        model = load_model(cfg.base_model, dtype=torch.float32, device=device)  # merge in fp32
+        processor = load_processor(cfg.base_model)
+    with _stage(name, "load adapter", timings):
+        peft = PeftModel.from_pretrained(model, str(src), adapter_name=name, is_trainable=False).eval()
+    probes = probe_inputs(name, cfg.merge.num_probes)
+    engine = Engine(peft, processor, system_prompt=cfg.system_prompt, max_new_tokens=cfg.limits.max_new_tokens,
+                    image_size=cfg.limits.image_size, name=f"merge-{name}")  # fmt: skip
+    with _stage(name, "reference", timings):
+        ref_logits, ref_texts = _logits_and_greedy(engine, probes, name)
+    with _stage(name, "merge", timings):
+        if safe:
+            _check_lora_deltas(peft, name, name)
+        try:
+            merged = peft.merge_and_unload(safe_merge=safe, adapter_names=[name])
+        except ValueError as e:  # PEFT's safe_merge: "NaNs detected in the merged weights"
+            raise MergeRefused(f"adapter {name!r}: {e}") from e
+        bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise MergeRefused(f"adapter {name!r}: merged weights hold NaN/Inf in {bad[:3]}; not published")
+        merged = merged.to(serve_dtype).eval()
+    with _stage(name, "verify", timings):
+        engine = Engine(merged, processor, system_prompt=cfg.system_prompt, max_new_tokens=cfg.limits.max_new_tokens,
+                        image_size=cfg.limits.image_size, name=f"merged-{name}")  # fmt: skip
+        logits, texts = _logits_and_greedy(engine, probes, None)
+        max_diff = float((logits - ref_logits).abs().max())
+        agreement = sum(a == b for a, b in zip(texts, ref_texts, strict=True)) / len(probes)
+        logger.info(
+            "merge %s: max logit diff %.3g, greedy agreement %.3f on %d probes",
+            name,
+            max_diff,
+            agreement,
+            len(probes),
+        )
+        if max_diff > cfg.merge.max_logit_diff or agreement < cfg.merge.min_greedy_agreement:
+            raise MergeRefused(
+                f"adapter {name!r}: merged model differs from base + LoRA (max logit diff {max_diff:.3g} > "
+                f"{cfg.merge.max_logit_diff} or greedy agreement {agreement:.3f} < {cfg.merge.min_greedy_agreement}); "
+                "not published"
+            )
+    with tempfile.TemporaryDirectory(prefix=f"merge-{name}-") as tmp:
+        out = Path(tmp)
+        with _stage(name, "save", timings):
+            merged.save_pretrained(out, safe_serialization=True)
+            processor.save_pretrained(out)
+            metadata = {
+                "adapter_name": name,
+                "base_model": base_id,
+                "base_model_sha256": _base_digest(cfg),
+                "merged_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "safe_merge": safe,
+                "total_params": sum(p.numel() for p in merged.parameters()),
+                "dtype": str(serve_dtype).removeprefix("torch."),
+                "source_adapter_sha256": digest,
+                "max_logit_diff": max_diff,
+                "greedy_agreement": agreement,
+                "num_probes": len(probes),
+                "timings_s": timings,
+                **source_meta,
+            }
+            (out / MERGE_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        with _stage(name, "publish", timings):
+            version = storage.publish("merged", name, out, progress=_progress_logger(name))
+            storage.prune("merged", name, cfg.storage.keep_versions)
+    logger.info("merge %s: published version %s in %.2fs total", name, version, time.perf_counter() - t_all)
+    return MergeResult(name, version, True, max_diff, agreement, timings)
+
+
+def _base_digest(cfg: DeploymentConfig) -> str | None:
+    """sha256 of the base weights when they are a local folder (the tiny model, a mounted checkpoint)."""
+    from moe_core.modeling import resolve_model_path
+
+    folder = Path(resolve_model_path(cfg.base_model))
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    return sha256_file(files[0]) if len(files) == 1 else json.dumps({f.name: sha256_file(f) for f in files})
+
+
+def _progress_logger(name: str) -> Any:
+    last = [0.0]
+
+    def report(done: int, total: int, file: str) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 2.0 or done == total:
+            last[0] = now
+            logger.info("merge %s: publishing %.0f%% (%s)", name, 100 * done / max(1, total), file)
+
+    return report
+
+
+def result_dict(res: MergeResult) -> dict[str, Any]:
+    return asdict(res)

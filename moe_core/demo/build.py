@@ -1,0 +1,204 @@
+"""Build the embedded default: base model, routing adapter and one expert per configured screen type.
+
+Deterministic from a seed; each adapter carries a build key (hash of everything that decides its
+bytes) in its deploy metadata, so a rebuild with nothing changed trains nothing and takes seconds.
+Screen types the config does not name are neither trained nor deployed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from moe_core.config import DeploymentConfig
+from moe_core.demo import screens, train
+from moe_core.demo.screens import SCREEN_TYPES, split
+from moe_core.demo.train import TrainSpec, evaluate_expert, evaluate_router, train_adapter
+from moe_core.engine import Engine
+from moe_core.modeling import resolve_model_path
+from moe_core.registry import METADATA, deploy_adapter
+from moe_core.storage import Storage, sha256_file
+
+__all__ = ["BuildReport", "DemoPlan", "build_demo", "evaluate_demo", "plan"]
+
+logger = logging.getLogger(__name__)
+
+DATASET = "synthetic-screens-v1"
+ROUTER_SPEC = TrainSpec("router", steps=300, lr=1e-3, rank=16, vision=False, seed=11)
+EXPERT_SPEC = TrainSpec("expert", steps=450, batch_size=16, lr=4e-3, rank=16, vision=False, seed=7, warmup_clean=0.4)
+TRAIN_PER_KIND = {"router": 100, "expert": 400}
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    router: str | None
+    kinds: tuple[str, ...]  # screen types that are configured experts
+    router_spec: TrainSpec
+    expert_spec: TrainSpec
+    heldout_per_kind: int
+
+
+@dataclass
+class BuildReport:
+    rows: list[dict[str, object]]
+    seconds: float
+
+    def table(self) -> str:
+        lines = [f"{'adapter':<14} {'role':<8} {'held-out accuracy':>18} {'status':<10} {'seconds':>8}"]
+        for r in self.rows:
+            acc = r.get("accuracy")
+            acc_s = f"{acc:.3f}" if isinstance(acc, float) else "-"
+            lines.append(
+                f"{r['name']!s:<14} {r['role']!s:<8} {acc_s:>18} {r['status']!s:<10} {r['seconds']!s:>8}"
+            )
+        lines.append(f"total {self.seconds:.1f}s")
+        return "\n".join(lines)
+
+
+def plan(cfg: DeploymentConfig, steps_scale: float = 1.0, heldout_per_kind: int = 50) -> DemoPlan:
+    kinds = tuple(k for k in SCREEN_TYPES if k in cfg.all_adapters)
+    scale = max(steps_scale, 0.0)
+    return DemoPlan(
+        router=cfg.router.adapter,
+        kinds=kinds,
+        router_spec=replace(ROUTER_SPEC, steps=max(1, round(ROUTER_SPEC.steps * scale))),
+        expert_spec=replace(EXPERT_SPEC, steps=max(1, round(EXPERT_SPEC.steps * scale))),
+        heldout_per_kind=heldout_per_kind,
+    )
+
+
+def _code_digest() -> str:
+    h = hashlib.sha256()
+    for mod in (screens, train):
+        h.update(inspect.getsource(mod).encode())
+    return h.hexdigest()
+
+
+def _build_key(cfg: DeploymentConfig, role: str, name: str, spec: TrainSpec, kinds: tuple[str, ...]) -> str:
+    base = Path(resolve_model_path(cfg.base_model))
+    weights = sorted(base.glob("*.safetensors")) if base.is_dir() else []
+    parts = {
+        "role": role,
+        "name": name,
+        "spec": asdict(spec),
+        "kinds": kinds,
+        "base": [sha256_file(w) for w in weights] or cfg.base_model.id,
+        "image_size": cfg.limits.image_size,
+        "system_prompt": cfg.system_prompt if role == "expert" else "",
+        "router_prompt": cfg.router.prompt if role == "routing" else "",
+        "code": _code_digest(),
+        "torch": torch.__version__,
+        "peft": importlib.metadata.version("peft"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_demo(
+    cfg: DeploymentConfig,
+    work_dir: Path,
+    *,
+    steps_scale: float = 1.0,
+    heldout_per_kind: int = 50,
+    say: Callable[[str], None] | None = None,
+) -> BuildReport:
+    """Train and deploy what is missing or changed; print a progress line per stage."""
+    out = say or print
+    t_all = time.perf_counter()
+    p = plan(cfg, steps_scale, heldout_per_kind)
+    storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    t0 = time.perf_counter()
+    path = resolve_model_path(cfg.base_model)
+    out(f"[demo] base model ready: {path} ({time.perf_counter() - t0:.1f}s)")
+    rows: list[dict[str, object]] = []
+    jobs: list[tuple[str, str, TrainSpec]] = []
+    if p.router:
+        jobs.append(("routing", p.router, p.router_spec))
+    jobs += [
+        ("expert", k, replace(p.expert_spec, name=k, seed=p.expert_spec.seed + i))
+        for i, k in enumerate(p.kinds)
+    ]
+    for role, name, spec in jobs:
+        spec = replace(spec, name=name)
+        t0 = time.perf_counter()
+        key = _build_key(cfg, role, name, spec, p.kinds)
+        kind = "routing" if role == "routing" else "lora"
+        current = storage.current_version(kind, name)  # type: ignore[arg-type]
+        meta = storage.read_json(kind, name, METADATA, current) if current else {}  # type: ignore[arg-type]
+        if meta.get("build_key") == key:
+            out(f"[demo] {name}: unchanged (version {current})")
+            rows.append({"name": name, "role": role, "accuracy": meta.get("eval_accuracy"), "status": "unchanged",
+                         "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+            continue
+        folder = work_dir / f"{name}-{key[:16]}"  # trained once per build key, reusable by any storage
+        if (folder / "eval.json").exists():
+            acc = float(json.loads((folder / "eval.json").read_text())["accuracy"])
+            n_heldout = int(json.loads((folder / "eval.json").read_text())["n"])
+            out(f"[demo] {name}: trained earlier ({folder}); deploying")
+        else:
+            acc, n_heldout = _train_and_eval(cfg, p, role, name, spec, folder, out)
+            (folder / "eval.json").write_text(json.dumps({"accuracy": acc, "n": n_heldout}))
+        res = deploy_adapter(storage, cfg, name, folder, routing=role == "routing", eval_accuracy=acc,
+                             dataset_name=DATASET, extra_metadata={"build_key": key, "heldout_size": n_heldout})  # fmt: skip
+        secs = round(time.perf_counter() - t0, 1)
+        out(
+            f"[demo] {name}: held-out accuracy {acc:.3f} on {n_heldout} screens; deployed {res.version} ({secs}s)"
+        )
+        rows.append({"name": name, "role": role, "accuracy": acc, "status": "built", "seconds": secs})
+    return BuildReport(rows, time.perf_counter() - t_all)
+
+
+def _train_and_eval(
+    cfg: DeploymentConfig, p: DemoPlan, role: str, name: str, spec: TrainSpec, folder: Path, out: Callable[[str], None]
+) -> tuple[float, int]:
+    out(f"[demo] {name}: training {role} adapter ({spec.steps} steps)")
+    if role == "routing":
+        examples = [(s, cfg.router.prompt, s.kind) for s in split("train", TRAIN_PER_KIND["router"], p.kinds)]
+        system = ""
+    else:
+        examples = [(s, s.prompt, s.answer) for s in split("train", TRAIN_PER_KIND["expert"], (name,))]
+        system = cfg.system_prompt
+
+    def progress(step: int, loss: float) -> None:
+        out(f"[demo] {name}: step {step + 1}/{spec.steps} loss {loss:.3f}")
+
+    train_adapter(cfg, spec, examples, folder, system_prompt=system, progress=progress)
+    engine = Engine.from_config(cfg, name="demo-eval")
+    engine.load_adapter(name, folder)
+    heldout = split("heldout", p.heldout_per_kind, p.kinds if role == "routing" else (name,))
+    if role == "routing":
+        return evaluate_router(engine, name, list(p.kinds), cfg.router.prompt, heldout), len(heldout)
+    return evaluate_expert(engine, name, heldout), len(heldout)
+
+
+def evaluate_demo(
+    cfg: DeploymentConfig, heldout_per_kind: int = 50, offset: int = 0
+) -> list[dict[str, object]]:
+    """Re-measure routing and expert accuracy from what is deployed in storage."""
+    p = plan(cfg, heldout_per_kind=heldout_per_kind)
+    storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
+    engine = Engine.from_config(cfg, name="demo-eval")
+    rows: list[dict[str, object]] = []
+    if p.router and storage.current_version("routing", p.router):
+        engine.load_adapter(p.router, storage.fetch("routing", p.router)[0])
+        screens_ = split("heldout", heldout_per_kind, p.kinds, offset)
+        rows.append({"name": p.router, "role": "routing", "n": len(screens_),
+                     "accuracy": evaluate_router(engine, p.router, list(p.kinds), cfg.router.prompt, screens_)})  # fmt: skip
+    for k in p.kinds:
+        if storage.current_version("lora", k) is None:
+            continue
+        engine.load_adapter(k, storage.fetch("lora", k)[0])
+        screens_ = split("heldout", heldout_per_kind, (k,), offset)
+        rows.append({"name": k, "role": "expert", "n": len(screens_), "accuracy": evaluate_expert(engine, k, screens_),
+                     "base_accuracy": evaluate_expert(engine, None, screens_)})  # fmt: skip
+    return rows

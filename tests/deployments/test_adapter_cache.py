@@ -1,0 +1,60 @@
+"""The LRU over a real storage root, with a recording engine (the cache logic, not the model)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from deployments.adapter_cache import AdapterCache, AdapterNotFound
+from moe_core.storage import Storage
+
+
+class RecordingEngine:
+    def __init__(self) -> None:
+        self.loaded: dict[str, str] = {}
+        self.events: list[tuple[str, str]] = []
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        self.loaded[name] = (Path(path) / "tag").read_text()
+        self.events.append(("load", name))
+
+    def unload_adapter(self, name: str) -> None:
+        self.loaded.pop(name, None)
+        self.events.append(("unload", name))
+
+
+def _publish(st: Storage, tmp: Path, name: str, tag: str) -> str:
+    d = tmp / f"{name}-{tag}"
+    d.mkdir()
+    (d / "tag").write_text(tag)
+    return st.publish("lora", name, d)
+
+
+def test_lru_eviction_single_flight_and_new_versions(tmp_path: Path) -> None:
+    st = Storage(str(tmp_path / "s"))
+    for n in ("a", "b", "c"):
+        _publish(st, tmp_path, n, "v1")
+    eng = RecordingEngine()
+    cache = AdapterCache(eng, st, capacity=2, refresh_interval_s=0.0)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(cache.ensure(["a"]) for _ in range(5)))  # one load for five callers
+        assert eng.events == [("load", "a")]
+        await cache.ensure(["b"])
+        await cache.ensure(["c"])  # evicts a (least recently used)
+        assert set(eng.loaded) == {"b", "c"} and ("unload", "a") in eng.events
+        _publish(st, tmp_path, "b", "v2")
+        await cache.ensure(["b"])  # picked up without a restart
+        assert eng.loaded["b"] == "v2"
+        with pytest.raises(AdapterNotFound):
+            await cache.ensure(["nope"])
+        with pytest.raises(ValueError, match="cache holds 2"):
+            await cache.ensure(["a", "b", "c"])
+        cache.resize(1)
+        assert len(eng.loaded) == 1
+        cache.forget("b")
+        cache.forget("b")  # idempotent
+
+    asyncio.run(scenario())

@@ -1,0 +1,232 @@
+"""The whole graph through HTTP on a real local Ray Serve, the built-in model and the demo adapters.
+
+Deployed like production: config/serve.yaml-style files rendered from the deployment config and
+applied with `serve deploy`. Two applications: "moe" (the shipped config) and "fb" (a merged adapter
+with nothing published, and one disabled) for the fallback rules.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from deployments.serve_config import render
+from moe_core.config import DeploymentConfig
+from moe_core.demo.screens import SCREEN_TYPES, Screen, split
+from tests.conftest import _free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _b64(screen: Screen) -> str:
+    buf = io.BytesIO()
+    screen.image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _serve_file(apps: list[tuple[str, str, DeploymentConfig]], port: int, path: Path) -> Path:
+    doc: dict[str, Any] = {}
+    for name, prefix, cfg in apps:
+        one = yaml.safe_load(render(cfg, host="127.0.0.1", port=port))
+        app = one["applications"][0] | {"name": name, "route_prefix": prefix}
+        doc = doc or one | {"applications": []}
+        doc["applications"].append(app)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _deploy(path: Path, dashboard: str) -> None:
+    serve_bin = str(Path(sys.executable).parent / "serve")
+    subprocess.run([serve_bin, "deploy", str(path), "-a", dashboard], check=True, capture_output=True)
+
+
+def _wait_ready(url: str, body: dict[str, Any], timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    last: Any = None
+    while time.time() < deadline:
+        try:
+            r = requests.post(f"{url}/infer", json=body, timeout=30)
+            if r.ok:
+                return
+            last = (r.status_code, r.text[:300])
+        except requests.RequestException as e:
+            last = e
+        time.sleep(1)
+    raise AssertionError(f"{url} not ready: {last}")
+
+
+def _fallback_cfg(cfg: DeploymentConfig) -> DeploymentConfig:
+    data = cfg.model_dump(mode="json")
+    # desktop: a merged deployment with nothing published; claim-window: merged but disabled
+    data["merged"]["adapters"] = [
+        {"name": "desktop", "min_replicas": 1},
+        {"name": "claim-window", "enabled": False},
+    ]
+    data["dynamic"]["adapters"] = [a for a in cfg.all_adapters if a not in ("desktop", "claim-window")]
+    return DeploymentConfig.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def service(
+    demo_cfg: DeploymentConfig, ray_cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+):  # type: ignore[no-untyped-def]
+    port = _free_port()
+    tmp = tmp_path_factory.mktemp("serve")
+    fb = _fallback_cfg(demo_cfg)
+    path = _serve_file([("moe", "/", demo_cfg), ("fb", "/fb", fb)], port, tmp / "serve.yaml")
+    t0 = time.time()
+    _deploy(path, ray_cluster["dashboard"])
+    url = f"http://127.0.0.1:{port}"
+    probe = split("heldout", 1, ("calendar",))[0]
+    _wait_ready(url, {"image_b64": _b64(probe), "prompt": probe.prompt})
+    _wait_ready(f"{url}/fb", {"image_b64": _b64(probe), "prompt": probe.prompt, "expert": "desktop"})
+    print(f"serve deploy to first answer: {time.time() - t0:.1f}s")
+    yield {
+        "url": url,
+        "cfg": demo_cfg,
+        "fb": fb,
+        "dir": tmp,
+        "port": port,
+        "dashboard": ray_cluster["dashboard"],
+    }
+    subprocess.run([str(Path(sys.executable).parent / "serve"), "shutdown", "-y", "-a", ray_cluster["dashboard"]],
+                   capture_output=True)  # fmt: skip
+
+
+def _infer(url: str, screen: Screen, **kw: Any) -> requests.Response:
+    return requests.post(
+        f"{url}/infer", json={"image_b64": _b64(screen), "prompt": screen.prompt, **kw}, timeout=120
+    )
+
+
+def test_routing_accuracy_through_http(service) -> None:  # type: ignore[no-untyped-def]
+    screens = split("heldout", 10, SCREEN_TYPES, offset=500)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda s: _infer(service["url"], s), screens))
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200][:3]
+    bodies = [r.json() for r in answers]
+    routed = sum(b["adapter"] == s.kind for b, s in zip(bodies, screens, strict=True)) / len(screens)
+    actions = sum(b["task_output"] == s.answer for b, s in zip(bodies, screens, strict=True)) / len(screens)
+    print(
+        f"routing accuracy through /infer: {routed:.3f}; action exact match: {actions:.3f} (n={len(screens)})"
+    )
+    assert routed >= 0.95
+    assert actions >= 0.7
+    assert all(b["routed_via"] == "router" and 0 < b["confidence"] <= 1 for b in bodies)
+    merged = {a.name for a in service["cfg"].merged_enabled}
+    assert all((b["mode"] == "merged") == (b["adapter"] in merged) for b in bodies)
+
+
+def test_explicit_expert_merged_and_dynamic_agree(service) -> None:  # type: ignore[no-untyped-def]
+    for screen in split("heldout", 3, ("calendar", "claim-window"), offset=600):
+        m = _infer(service["url"], screen, expert=screen.kind).json()
+        d = _infer(service["url"], screen, expert=screen.kind, prefer_merged=False).json()
+        assert (m["mode"], d["mode"]) == ("merged", "dynamic")
+        assert m["routed_via"] == "explicit" and m["confidence"] is None and m["merged_version"]
+        assert m["task_output"] == d["task_output"]  # fp32: merged equals base + LoRA
+    label = next(k for k, v in service["cfg"].router.labels.items() if v == "login-window")
+    r = _infer(service["url"], split("heldout", 1, ("login-window",))[0], expert=label).json()
+    assert r["adapter"] == "login-window" and r["mode"] == "dynamic"
+
+
+def test_fallback_when_merged_missing_or_disabled(service) -> None:  # type: ignore[no-untyped-def]
+    fb = f"{service['url']}/fb"
+    r = _infer(fb, split("heldout", 1, ("desktop",))[0], expert="desktop").json()
+    assert r["mode"] == "dynamic" and r["fallback"] is True and r["adapter"] == "desktop"
+    r = _infer(fb, split("heldout", 1, ("claim-window",))[0], expert="claim-window").json()
+    assert r["mode"] == "dynamic" and r["fallback"] is False  # disabled: dynamic by design
+    adapters = {a["name"]: a for a in requests.get(f"{fb}/adapters", timeout=30).json()}
+    assert adapters["desktop"]["merged"] and adapters["desktop"]["merged_version"] is None
+    assert not adapters["claim-window"]["merged"]
+
+
+BAD = [
+    ({"image_b64": "%%%not-base64", "prompt": "x"}, 422, "image_b64"),
+    ({"image_b64": base64.b64encode(b"GIF89a but not really").decode(), "prompt": "x"}, 422, "image_b64"),
+    ({"prompt": "x"}, 422, "image_b64"),
+    ({"image_b64": "@IMG", "prompt": "   "}, 422, "prompt"),
+    ({"image_b64": "@IMG", "prompt": 123}, 422, "prompt"),
+    ({"image_b64": "@IMG", "prompt": "x", "expert": "no-such-expert"}, 404, "expert"),
+    ({"image_b64": "@IMG", "prompt": "x", "expert": 99}, 422, "expert"),
+    ({"image_b64": "@IMG", "prompt": "x", "expert": [1]}, 422, "expert"),
+    ({"image_b64": "@IMG", "prompt": "x", "prefer_merged": "often"}, 422, "prefer_merged"),
+    ({"image_b64": "@IMG", "prompt": "x", "colour": "red"}, 422, "colour"),
+    ({"image_b64": "@BIG", "prompt": "x"}, 413, "image_b64"),
+]
+
+
+def test_bad_input_gets_4xx_naming_the_field(service) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    img = _b64(split("heldout", 1, ("calendar",))[0])
+    big = io.BytesIO()
+    Image.new("RGB", (2100, 2100)).save(big, format="PNG")  # 4.4 MP, over the 4 MP limit
+    subs = {"@IMG": img, "@BIG": base64.b64encode(big.getvalue()).decode()}
+    for body, status, field in BAD:
+        body = {k: subs.get(v, v) if isinstance(v, str) else v for k, v in body.items()}
+        r = requests.post(f"{service['url']}/infer", json=body, timeout=60)
+        assert r.status_code == status, (body.keys(), r.status_code, r.text)
+        err = r.json()["error"]
+        assert field in err["field"] and err["message"], err
+    r = requests.post(
+        f"{service['url']}/infer", data=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422
+    assert _infer(service["url"], split("heldout", 1, ("calendar",))[0]).status_code == 200  # still serving
+
+
+def test_concurrent_requests_mix_adapters_in_one_forward(service) -> None:  # type: ignore[no-untyped-def]
+    kinds = ("login-window", "chart-screen", "appointment", "desktop", "calendar", "claim-window")
+    screens = split("heldout", 4, kinds, offset=700)
+    solo = [
+        _infer(service["url"], s, expert=s.kind, prefer_merged=False).json()["task_output"] for s in screens
+    ]
+    before = requests.get(f"{service['url']}/stats", timeout=30).json()
+    with ThreadPoolExecutor(len(screens)) as pool:
+        got = list(
+            pool.map(lambda s: _infer(service["url"], s, expert=s.kind, prefer_merged=False).json(), screens)
+        )
+    after = requests.get(f"{service['url']}/stats", timeout=30).json()
+    assert [g["task_output"] for g in got] == solo
+    assert max(g["adapters_in_batch"] for g in got) >= 2
+    assert after["max_adapters_in_one_forward"] >= 2 and after["forwards"] > before["forwards"]
+    print(
+        f"mixed batches: batch sizes {after['batch_sizes']}, adapters per forward {after['adapters_per_forward']}"
+    )
+
+
+def test_live_config_change_without_restart(service, demo_cfg) -> None:  # type: ignore[no-untyped-def]
+    url = service["url"]
+    screen = split("heldout", 1, ("calendar",))[0]
+    assert _infer(url, screen, expert="calendar").json()["mode"] == "merged"
+    pids = (requests.get(f"{url}/healthz").json()["pid"], requests.get(f"{url}/stats").json()["pid"])
+    data = demo_cfg.model_dump(mode="json")
+    data["gateway"]["prefer_merged"] = False
+    data["router"]["confidence_threshold"] = 0.999
+    data["dynamic"]["max_loaded_adapters"] = 3
+    changed = DeploymentConfig.from_dict(data)
+    path = _serve_file(
+        [("moe", "/", changed), ("fb", "/fb", service["fb"])], service["port"], service["dir"] / "live.yaml"
+    )
+    _deploy(path, service["dashboard"])
+    deadline = time.time() + 60
+    while time.time() < deadline and requests.get(f"{url}/stats").json()["capacity"] != 3:
+        time.sleep(0.5)
+    assert requests.get(f"{url}/stats").json()["capacity"] == 3
+    deadline = time.time() + 30
+    while time.time() < deadline and _infer(url, screen, expert="calendar").json()["mode"] != "dynamic":
+        time.sleep(0.5)
+    assert _infer(url, screen, expert="calendar").json()["mode"] == "dynamic"
+    r = _infer(url, screen)  # below the new threshold: 422 naming candidates
+    assert r.status_code == 422 and "candidates" in r.json()["error"]["message"]
+    assert (requests.get(f"{url}/healthz").json()["pid"], requests.get(f"{url}/stats").json()["pid"]) == pids

@@ -68,7 +68,9 @@ def summarise(samples: dict[str, list[float]], figures: dict[str, Any], s: Bench
     if "latency_merged" in ms:
         ratios["merged/base latency"] = ms["latency_merged"] / ms["latency_base"]
         ratios["dynamic/merged latency"] = ms["latency_dynamic"] / ms["latency_merged"]
-        ratios["dynamic/merged decode per token"] = ms["decode_per_token_dynamic"] / ms["decode_per_token_merged"]
+        ratios["dynamic/merged decode per token"] = (
+            ms["decode_per_token_dynamic"] / ms["decode_per_token_merged"]
+        )
     if "batch_mixed" in ms:
         ratios["mixed/single batch throughput"] = ms["batch_single"] / ms["batch_mixed"]
         ratios["mixed batch/serial throughput"] = ms["serial_switching"] / ms["batch_mixed"]
@@ -83,7 +85,11 @@ def summarise(samples: dict[str, list[float]], figures: dict[str, Any], s: Bench
         ratios["serve overhead p50 ms"] = ms["infer_http_dynamic"] - ms["direct_engine"]
     out["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
     out["targets"] = {
-        k: {"target": f"{op} {t}", "measured": round(ratios[k], 3), "met": ratios[k] <= t if op == "<=" else ratios[k] >= t}
+        k: {
+            "target": f"{op} {t}",
+            "measured": round(ratios[k], 3),
+            "met": ratios[k] <= t if op == "<=" else ratios[k] >= t,
+        }
         for k, (op, t) in TARGETS.items()
         if k in ratios
     }
@@ -97,12 +103,20 @@ def markdown(result: dict[str, Any]) -> str:
              "| ratio | measured | target | met |", "| --- | --- | --- | --- |"]  # fmt: skip
     for k, v in result["summary"]["ratios"].items():
         t = result["summary"]["targets"].get(k)
-        lines.append(f"| {k} | {v} | {t['target'] if t else '-'} | {('yes' if t['met'] else 'no') if t else '-'} |")
+        lines.append(
+            f"| {k} | {v} | {t['target'] if t else '-'} | {('yes' if t['met'] else 'no') if t else '-'} |"
+        )
     lines += ["", "## Latencies (ms)", "", "| measurement | p50 | p99 |", "| --- | --- | --- |"]
     for k, v in result["summary"]["p50_ms"].items():
         lines.append(f"| {k} | {v} | {result['summary']['p99_ms'][k]} |")
     if "throughput_req_per_s" in result["summary"]:
-        lines += ["", "## Throughput, 16 requests over 8 adapters (requests/s)", "", "| way | req/s |", "| --- | --- |"]
+        lines += [
+            "",
+            "## Throughput, 16 requests over 8 adapters (requests/s)",
+            "",
+            "| way | req/s |",
+            "| --- | --- |",
+        ]
         lines += [f"| {k} | {v} |" for k, v in result["summary"]["throughput_req_per_s"].items()]
     lines += ["", "## Other figures", "", "| figure | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in result["summary"]["figures"].items()]

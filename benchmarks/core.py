@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,9 @@ def make_loras(cfg: DeploymentConfig, out: Path, n: int, rank: int, seed: int = 
     base = load_model(cfg.base_model)
     for i in range(n):
         torch.manual_seed(seed + i)
-        peft = get_peft_model(base, LoraConfig(r=rank, lora_alpha=rank, target_modules=LM_TARGETS, init_lora_weights=False))
+        peft = get_peft_model(
+            base, LoraConfig(r=rank, lora_alpha=rank, target_modules=LM_TARGETS, init_lora_weights=False)
+        )
         p = out / f"lora-{i}"
         peft.save_pretrained(str(p), safe_serialization=True)
         base = peft.unload()
@@ -82,7 +85,9 @@ def _fixed_generate(engine: Engine, reqs: list[GenerationRequest], new_tokens: i
     kwargs = engine._adapter_kwargs([r.adapter for r in reqs])
     inputs = engine.encode([r.image for r in reqs], [r.prompt for r in reqs])
     with torch.inference_mode():
-        engine.model.generate(**inputs, **kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        engine.model.generate(
+            **inputs, **kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
 
 
 def _rss_mb() -> float:
@@ -97,7 +102,9 @@ class EngineReport:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
-def engine_benchmarks(cfg: DeploymentConfig, s: BenchSettings, images: list[Any], prompt: str) -> EngineReport:
+def engine_benchmarks(
+    cfg: DeploymentConfig, s: BenchSettings, images: list[Any], prompt: str
+) -> EngineReport:
     """Items 1, 2, 4 and 5 of the benchmark issue on the configured model."""
     from peft import PeftModel
 
@@ -118,9 +125,9 @@ def engine_benchmarks(cfg: DeploymentConfig, s: BenchSettings, images: list[Any]
     for i in range(s.adapters_in_batch):
         dynamic.load_adapter(f"a{i}", loras[i])
     t0 = time.perf_counter()
-    merged_model = PeftModel.from_pretrained(load_model(cfg.base_model, dtype=torch.float32), str(loras[0])).merge_and_unload(
-        safe_merge=True
-    )
+    merged_model = PeftModel.from_pretrained(
+        load_model(cfg.base_model, dtype=torch.float32), str(loras[0])
+    ).merge_and_unload(safe_merge=True)
     rep.figures["merge_s"] = time.perf_counter() - t0
     merged = engine(merged_model.to(base.model.dtype), "merged")
 
@@ -130,15 +137,20 @@ def engine_benchmarks(cfg: DeploymentConfig, s: BenchSettings, images: list[Any]
         "merged": (merged, one),
         "dynamic": (dynamic, [GenerationRequest(images[0], prompt, "a0")]),
     }
-    mixed = [GenerationRequest(images[i % len(images)], prompt, f"a{i % s.adapters_in_batch}") for i in range(s.batch)]
+    mixed = [
+        GenerationRequest(images[i % len(images)], prompt, f"a{i % s.adapters_in_batch}")
+        for i in range(s.batch)
+    ]
     single = [GenerationRequest(r.image, prompt, "a0") for r in mixed]
     for _ in range(2):  # warm-up
         for eng, reqs in variants.values():
             _fixed_generate(eng, reqs, s.new_tokens)
     for _ in range(s.rounds):  # item 1: interleaved batch-1 latency, full length and one token
         for name, (eng, reqs) in variants.items():
-            rep.samples.setdefault(f"latency_{name}", []).append(_timed(lambda e=eng, r=reqs: _fixed_generate(e, r, s.new_tokens)))
-            rep.samples.setdefault(f"first_{name}", []).append(_timed(lambda e=eng, r=reqs: _fixed_generate(e, r, 1)))
+            rep.samples.setdefault(f"latency_{name}", []).append(
+                _timed(partial(_fixed_generate, eng, reqs, s.new_tokens))
+            )
+            rep.samples.setdefault(f"first_{name}", []).append(_timed(partial(_fixed_generate, eng, reqs, 1)))
     for name in variants:
         rep.samples[f"decode_per_token_{name}"] = [
             (full - first) / (s.new_tokens - 1)
@@ -151,11 +163,17 @@ def engine_benchmarks(cfg: DeploymentConfig, s: BenchSettings, images: list[Any]
             serial_model.set_adapter(r.adapter)
             inputs = dynamic.encode([r.image], [r.prompt])
             with torch.inference_mode():
-                serial_model.generate(**inputs, max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens, do_sample=False)
+                serial_model.generate(
+                    **inputs, max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens, do_sample=False
+                )
 
     for _ in range(max(2, s.rounds // 4)):  # item 2: throughput of 16 requests over 8 adapters
-        rep.samples.setdefault("batch_mixed", []).append(_timed(lambda: _fixed_generate(dynamic, mixed, s.new_tokens)))
-        rep.samples.setdefault("batch_single", []).append(_timed(lambda: _fixed_generate(dynamic, single, s.new_tokens)))
+        rep.samples.setdefault("batch_mixed", []).append(
+            _timed(lambda: _fixed_generate(dynamic, mixed, s.new_tokens))
+        )
+        rep.samples.setdefault("batch_single", []).append(
+            _timed(lambda: _fixed_generate(dynamic, single, s.new_tokens))
+        )
         rep.samples.setdefault("serial_switching", []).append(_timed(serial))
     # item 3 (engine half): router classification against a whole expert request
     labels = [f"a{i}" for i in range(s.adapters_in_batch)]
@@ -164,17 +182,26 @@ def engine_benchmarks(cfg: DeploymentConfig, s: BenchSettings, images: list[Any]
             _timed(lambda: dynamic.classify(images[0], cfg.router.prompt, labels, "a1"))
         )
         rep.samples.setdefault("expert_request", []).append(
-            _timed(lambda: dynamic.generate([GenerationRequest(images[0], prompt, "a1", max_new_tokens=s.new_tokens)]))
+            _timed(
+                lambda: dynamic.generate(
+                    [GenerationRequest(images[0], prompt, "a1", max_new_tokens=s.new_tokens)]
+                )
+            )
         )
     # item 4: cold adapter load + first request against a warm request
     extra = loras[s.adapters_in_batch :] or loras[:1]
     for i, path in enumerate(extra[: max(2, s.rounds // 2)]):
         name = f"cold{i}"
         req = [GenerationRequest(images[0], prompt, name)]
-        rep.samples.setdefault("cold_request", []).append(
-            _timed(lambda p=path, n=name, r=req: (dynamic.load_adapter(n, p), _fixed_generate(dynamic, r, s.new_tokens)))
+
+        def cold(path: Path = path, name: str = name, req: list[GenerationRequest] = req) -> None:
+            dynamic.load_adapter(name, path)
+            _fixed_generate(dynamic, req, s.new_tokens)
+
+        rep.samples.setdefault("cold_request", []).append(_timed(cold))
+        rep.samples.setdefault("warm_request", []).append(
+            _timed(partial(_fixed_generate, dynamic, req, s.new_tokens))
         )
-        rep.samples.setdefault("warm_request", []).append(_timed(lambda r=req: _fixed_generate(dynamic, r, s.new_tokens)))
         dynamic.unload_adapter(name)
     del base, merged, variants, merged_model
     gc.collect()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(dev):
-        base = Qwen3VLForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+        base = Qwen3VLForConditionalGeneration(cfg).to(torch.bfloat16).eval()  # type: ignore[arg-type]
     figures["build_model_s"] = time.perf_counter() - t0
     weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     lm_bytes = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "visual" not in n)
@@ -82,7 +83,10 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
     tmp = Path(tempfile.mkdtemp(prefix="moe-gpu-bench-"))
     loras = []
     for i in range(s.adapters_in_batch + 2):
-        peft = get_peft_model(base, LoraConfig(r=s.rank, lora_alpha=s.rank, target_modules=LM_TARGETS, init_lora_weights="gaussian"))
+        peft = get_peft_model(
+            base,
+            LoraConfig(r=s.rank, lora_alpha=s.rank, target_modules=LM_TARGETS, init_lora_weights="gaussian"),
+        )
         peft.save_pretrained(str(tmp / f"l{i}"))
         base = peft.unload()
         loras.append(tmp / f"l{i}")
@@ -94,7 +98,10 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
     prompt = screens[0].prompt
     one = [GenerationRequest(screens[0].image, prompt, None)]
     dyn = [GenerationRequest(screens[0].image, prompt, "a0")]
-    mixed = [GenerationRequest(screens[i % len(screens)].image, prompt, f"a{i % s.adapters_in_batch}") for i in range(s.batch)]
+    mixed = [
+        GenerationRequest(screens[i % len(screens)].image, prompt, f"a{i % s.adapters_in_batch}")
+        for i in range(s.batch)
+    ]
     single = [GenerationRequest(r.image, prompt, "a0") for r in mixed]
 
     def gen(reqs: list[GenerationRequest], n: int) -> None:
@@ -109,7 +116,10 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
         gen(dyn, s.new_tokens)
     for _ in range(rounds):
         for key, reqs in (("base", one), ("dynamic", dyn)):
-            full, first = _sync_timed(lambda r=reqs: gen(r, s.new_tokens)), _sync_timed(lambda r=reqs: gen(r, 1))
+            full, first = (
+                _sync_timed(lambda r=reqs: gen(r, s.new_tokens)),
+                _sync_timed(lambda r=reqs: gen(r, 1)),
+            )
             samples.setdefault(f"latency_{key}", []).append(full)
             samples.setdefault(f"decode_per_token_{key}", []).append((full - first) / (s.new_tokens - 1))
         samples.setdefault("batch_mixed", []).append(_sync_timed(lambda: gen(mixed, s.new_tokens)))
@@ -120,15 +130,23 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
             engine.model.set_adapter(r.adapter)
             inputs = engine.encode([r.image], [r.prompt])
             with torch.inference_mode():
-                engine.model.generate(**inputs, max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens, do_sample=False)
+                engine.model.generate(
+                    **inputs, max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens, do_sample=False
+                )
 
     samples["serial_switching"] = [_sync_timed(serial) for _ in range(max(1, rounds // 2))]
+
+    def cold(name: str, path: Path) -> None:
+        engine.load_adapter(name, path)
+        gen([GenerationRequest(screens[0].image, prompt, name)], s.new_tokens)
+
     for i in range(2):
         name = f"cold{i}"
         samples.setdefault("cold_request", []).append(
-            _sync_timed(lambda n=name, p=loras[s.adapters_in_batch + i]: (engine.load_adapter(n, p), gen([GenerationRequest(screens[0].image, prompt, n)], s.new_tokens)))
+            _sync_timed(partial(cold, name, loras[s.adapters_in_batch + i]))
         )
-        samples.setdefault("warm_request", []).append(_sync_timed(lambda n=name: gen([GenerationRequest(screens[0].image, prompt, n)], s.new_tokens)))
+        warm = [GenerationRequest(screens[0].image, prompt, name)]
+        samples.setdefault("warm_request", []).append(_sync_timed(partial(gen, warm, s.new_tokens)))
         engine.unload_adapter(name)
     for name in list(engine.adapters):
         engine.unload_adapter(name)

@@ -34,7 +34,9 @@ def _b64(image: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def serve_benchmarks(cfg: DeploymentConfig, images: list[Any], prompt: str, rounds: int) -> tuple[Samples, dict[str, Any]]:
+def serve_benchmarks(
+    cfg: DeploymentConfig, images: list[Any], prompt: str, rounds: int
+) -> tuple[Samples, dict[str, Any]]:
     import ray
     from ray import serve
 

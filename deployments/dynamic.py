@@ -79,20 +79,17 @@ class DynamicLoRA:
         if "max_loaded_adapters" in user_config:
             self.cache.resize(int(user_config["max_loaded_adapters"]))
         self._configure(
-            int(user_config.get("max_batch_size", self._batch_handler.get_max_batch_size())),
-            float(user_config.get("batch_wait_timeout_s", self._batch_handler.get_batch_wait_timeout_s())),
+            int(user_config.get("max_batch_size", self.max_batch_size)),
+            float(user_config.get("batch_wait_timeout_s", self.batch_wait_timeout_s)),
         )
         logger.info(
             "dynamic: reconfigured: adapters %s, LRU %d", sorted(self.served), self.cache.capacity,
         )  # fmt: skip
 
     def _configure(self, max_batch_size: int, wait_s: float) -> None:
-        self._batch_handler.set_max_batch_size(max_batch_size)
-        self._batch_handler.set_batch_wait_timeout_s(wait_s)
-
-    @property
-    def _batch_handler(self) -> Any:
-        return self._batched
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, wait_s
+        self._batched.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self._batched.set_batch_wait_timeout_s(wait_s)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------ requests
     async def generate(self, image: bytes, prompt: str, adapter: str | None) -> dict[str, Any]:

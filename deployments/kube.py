@@ -38,7 +38,10 @@ def _volumes(mount: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 def _env() -> list[dict[str, Any]]:
     return [
-        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": HF_SECRET, "key": "token", "optional": True}}},
+        {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": HF_SECRET, "key": "token", "optional": True}},
+        },
         {"name": "HF_HOME", "value": "/mnt/moe-storage/hf-cache"},
         {"name": "RAY_SERVE_ENABLE_TASK_EVENTS", "value": "0"},
     ]
@@ -108,7 +111,10 @@ def rayservice(cfg: DeploymentConfig, name: str = "moe-inference-server") -> dic
                         "volumeMounts": [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}],
                     }
                 ],
-                "volumes": [*volumes, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}],
+                "volumes": [
+                    *volumes,
+                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
+                ],
             }
         },
     }
@@ -155,8 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     current = args.check.read_text() if args.check.exists() else ""
     if current != text:
-        diff = "".join(difflib.unified_diff(current.splitlines(True), text.splitlines(True), str(args.check), "generated"))
-        print(f"{args.check} is out of date with {args.config}; regenerate with --out:\n{diff}", file=sys.stderr)
+        diff = "".join(
+            difflib.unified_diff(
+                current.splitlines(True), text.splitlines(True), str(args.check), "generated"
+            )
+        )
+        print(
+            f"{args.check} is out of date with {args.config}; regenerate with --out:\n{diff}", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -4,8 +4,6 @@ No model and no GPU. The image is decoded once to validate it and forwarded as b
 hop once; a request is generated exactly once (merged, or dynamic, or dynamic after a merged failure).
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import time
@@ -57,6 +55,27 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(status_code=422, content=body)
 
 
+def _response(
+    out: dict[str, Any], via: str, confidence: float | None, fallback: bool = False
+) -> InferResponse:
+    return InferResponse(
+        task_output=out["text"],
+        adapter=out["adapter"],
+        mode=out["mode"],
+        routed_via=via,  # type: ignore[arg-type]
+        confidence=confidence,
+        merged_version=out["version"] if out["mode"] == "merged" else None,
+        fallback=fallback,
+        batch_size=out.get("batch_size"),
+        adapters_in_batch=out.get("adapters_in_batch"),
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1] if text else ""
+
+
 @serve.ingress(api)
 class Router:
     def __init__(
@@ -78,16 +97,20 @@ class Router:
                 below_threshold=self.cfg.router.below_threshold,
                 dynamic_adapters=list(self.cfg.dynamic.adapters),
             ),
+            {a.name for a in self.cfg.merged.adapters} - set(merged),
         )
         self.started_at = time.time()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live settings from `serve deploy`; validated, then swapped in one assignment."""
         live = LiveRouterConfig.model_validate(user_config)
-        unknown = sorted(set(self.policy.labels.values()) - (set(self.merged) | set(live.dynamic_adapters)))
+        served = set(self.merged) | set(self.policy.dynamic_only_merged) | set(live.dynamic_adapters)
+        unknown = sorted(set(self.policy.labels.values()) - served)
         if unknown:
             raise ValueError(f"router labels name adapters {unknown} that no deployment serves")
-        self.policy = RoutingPolicy(self.policy.labels, self.policy.merged, live)
+        self.policy = RoutingPolicy(
+            self.policy.labels, self.policy.merged, live, self.policy.dynamic_only_merged
+        )
         logger.info("router: reconfigured: %s", live.model_dump())
 
     # ------------------------------------------------------------------ API
@@ -215,24 +238,3 @@ class Router:
             return {}
         result: dict[str, Any] = await self.dynamic.stats.remote()
         return result
-
-
-def _response(
-    out: dict[str, Any], via: str, confidence: float | None, fallback: bool = False
-) -> InferResponse:
-    return InferResponse(
-        task_output=out["text"],
-        adapter=out["adapter"],
-        mode=out["mode"],
-        routed_via=via,  # type: ignore[arg-type]
-        confidence=confidence,
-        merged_version=out["version"] if out["mode"] == "merged" else None,
-        fallback=fallback,
-        batch_size=out.get("batch_size"),
-        adapters_in_batch=out.get("adapters_in_batch"),
-    )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[-1] if text else ""

@@ -21,10 +21,13 @@ class RoutingPolicy:
     labels: Mapping[int, str]  # router label id -> adapter name
     merged: Collection[str]  # adapters with an enabled merged deployment
     live: LiveRouterConfig
+    dynamic_only_merged: Collection[
+        str
+    ] = ()  # merged adapters whose deployment is disabled: dynamic serves them
 
     @property
     def experts(self) -> set[str]:
-        return set(self.merged) | set(self.live.dynamic_adapters)
+        return set(self.merged) | set(self.dynamic_only_merged) | set(self.live.dynamic_adapters)
 
     def resolve_expert(self, expert: int | str) -> str:
         """An explicit expert: a router label id or an adapter name."""

@@ -65,6 +65,10 @@ class InferResponse(BaseModel):
     fallback: bool = Field(
         default=False, description="True when the merged deployment failed and dynamic answered."
     )
+    batch_size: int | None = Field(
+        default=None, description="Rows in the forward that generated this answer."
+    )
+    adapters_in_batch: int | None = Field(default=None, description="Distinct adapters in that forward.")
 
 
 class AdapterStatus(BaseModel):

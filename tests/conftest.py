@@ -102,7 +102,7 @@ def demo_cfg(tiny_path: Path) -> DeploymentConfig:
     data["storage"] = {"url": str(root / "storage"), "keep_versions": 3, "cache_dir": str(root / "cache")}
     data["dynamic"]["refresh_interval_s"] = 0.5
     cfg = DeploymentConfig.from_dict(data)
-    build_demo(cfg, root / "work", heldout_per_kind=30, say=lambda s: None)
+    build_demo(cfg, ROOT / ".cache" / "demo", say=lambda s: None)  # trained adapters are shared by build key
     for a in cfg.merged_enabled:
         merge_adapter(cfg, a.name)
     return cfg

@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 DATASET = "synthetic-screens-v1"
 ROUTER_SPEC = TrainSpec("router", steps=300, lr=1e-3, rank=16, vision=False, seed=11)
-EXPERT_SPEC = TrainSpec("expert", steps=450, batch_size=16, lr=4e-3, rank=16, vision=False, seed=7, warmup_clean=0.4)
+EXPERT_SPEC = TrainSpec(
+    "expert", steps=450, batch_size=16, lr=4e-3, rank=16, vision=False, seed=7, warmup_clean=0.4
+)
 TRAIN_PER_KIND = {"router": 100, "expert": 400}
 
 
@@ -159,7 +161,13 @@ def build_demo(
 
 
 def _train_and_eval(
-    cfg: DeploymentConfig, p: DemoPlan, role: str, name: str, spec: TrainSpec, folder: Path, out: Callable[[str], None]
+    cfg: DeploymentConfig,
+    p: DemoPlan,
+    role: str,
+    name: str,
+    spec: TrainSpec,
+    folder: Path,
+    out: Callable[[str], None],
 ) -> tuple[float, int]:
     out(f"[demo] {name}: training {role} adapter ({spec.steps} steps)")
     if role == "routing":

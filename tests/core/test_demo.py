@@ -39,12 +39,16 @@ def test_build_is_bit_for_bit_deterministic_and_rebuild_is_a_noop(tmp_path: Path
     shas = []
     for run in ("one", "two"):
         cfg = _small_cfg(tmp_path / run)
-        report = build_demo(cfg, tmp_path / run / "work", steps_scale=0.02, heldout_per_kind=2, say=lambda s: None)
+        report = build_demo(
+            cfg, tmp_path / run / "work", steps_scale=0.02, heldout_per_kind=2, say=lambda s: None
+        )
         assert {r["status"] for r in report.rows} == {"built"}
         st = Storage(cfg.storage.url)
         shas.append(
-            {n: st.read_json(k, n, "deploy_metadata.json")["adapter_sha256"]  # type: ignore[arg-type]
-             for k, n in (("routing", "router"), ("lora", "calendar"), ("lora", "login-window"))}  # fmt: skip
+            {
+                n: st.read_json(k, n, "deploy_metadata.json")["adapter_sha256"]  # type: ignore[arg-type]
+                for k, n in (("routing", "router"), ("lora", "calendar"), ("lora", "login-window"))
+            }
         )
     assert shas[0] == shas[1]
     again = build_demo(_small_cfg(tmp_path / "one"), tmp_path / "one" / "work", steps_scale=0.02,

@@ -52,3 +52,11 @@ def test_target(adapter: str | None, prefer_cfg: bool, prefer_req: bool | None, 
 def test_dynamic_answers_right_after_classifying_only_non_merged() -> None:
     assert policy(True).answer_in_dynamic(None) == ["login-window"]
     assert policy(False).answer_in_dynamic(None) == ["calendar", "claim-window", "login-window"]
+
+
+def test_disabled_merged_adapter_is_still_an_expert_served_dynamically() -> None:
+    p = RoutingPolicy(
+        LABELS, {"calendar"}, LiveRouterConfig(dynamic_adapters=["login-window"]), {"claim-window"}
+    )
+    assert p.resolve_expert("claim-window") == "claim-window"
+    assert p.target("claim-window", True) == "dynamic"

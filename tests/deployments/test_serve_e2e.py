@@ -50,7 +50,7 @@ def _deploy(path: Path, dashboard: str) -> None:
     subprocess.run([serve_bin, "deploy", str(path), "-a", dashboard], check=True, capture_output=True)
 
 
-def _wait_ready(url: str, body: dict[str, Any], timeout: float = 300) -> None:
+def _wait_ready(url: str, body: dict[str, Any], timeout: float = 180) -> None:
     deadline = time.time() + timeout
     last: Any = None
     while time.time() < deadline:
@@ -113,8 +113,9 @@ def test_routing_accuracy_through_http(service) -> None:  # type: ignore[no-unty
     screens = split("heldout", 10, SCREEN_TYPES, offset=500)
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda s: _infer(service["url"], s), screens))
-    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200][:3]
-    bodies = [r.json() for r in answers]
+    # below the confidence threshold the service answers 422 naming candidates: a routing miss, not an error
+    assert all(r.status_code == 200 or (r.status_code == 422 and "candidates" in r.text) for r in answers)
+    bodies = [r.json() if r.status_code == 200 else {"adapter": None, "task_output": None} for r in answers]
     routed = sum(b["adapter"] == s.kind for b, s in zip(bodies, screens, strict=True)) / len(screens)
     actions = sum(b["task_output"] == s.answer for b, s in zip(bodies, screens, strict=True)) / len(screens)
     print(
@@ -122,7 +123,8 @@ def test_routing_accuracy_through_http(service) -> None:  # type: ignore[no-unty
     )
     assert routed >= 0.95
     assert actions >= 0.7
-    assert all(b["routed_via"] == "router" and 0 < b["confidence"] <= 1 for b in bodies)
+    bodies = [b for b in bodies if b["adapter"] is not None]
+    assert all(b["routed_via"] == "router" and 0.5 <= b["confidence"] <= 1 for b in bodies)
     merged = {a.name for a in service["cfg"].merged_enabled}
     assert all((b["mode"] == "merged") == (b["adapter"] in merged) for b in bodies)
 

@@ -175,8 +175,22 @@ def test_no_secret_values_in_the_repository() -> None:
 
 def test_generated_files_are_current() -> None:
     for cmd in (
-        ["-m", "deployments.kube", "--config", "config/deployment.k8s.yaml", "--check", "k8s/rayservice.yaml"],
-        ["-m", "deployments.serve_config", "--config", "config/deployment.yaml", "--check", "config/serve.yaml"],
+        [
+            "-m",
+            "deployments.kube",
+            "--config",
+            "config/deployment.k8s.yaml",
+            "--check",
+            "k8s/rayservice.yaml",
+        ],
+        [
+            "-m",
+            "deployments.serve_config",
+            "--config",
+            "config/deployment.yaml",
+            "--check",
+            "config/serve.yaml",
+        ],
     ):
         r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr

@@ -44,7 +44,7 @@ serve-config: install
 
 serve: merge
 	$(BIN)/python -m deployments.serve_config --config $(CONFIG) --check config/serve.yaml
-	$(BIN)/python -m deployments.ready --config $(CONFIG) &
+	$(BIN)/python -m deployments.ready &
 	$(BIN)/serve run config/serve.yaml
 
 clean:

@@ -8,17 +8,16 @@ batch holds rows for any adapters and the engine runs them in one mixed-adapter 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
 from ray import serve
 
 from deployments.adapter_cache import AdapterCache, AdapterNotFound
+from deployments.schemas import open_image
 from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest
 from moe_core.storage import Storage
@@ -41,12 +40,6 @@ class _Item:
     image: bytes
     prompt: str
     adapter: str | None
-
-
-def _open(image: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(image))
-    img.load()
-    return img
 
 
 class DynamicLoRA:
@@ -130,7 +123,9 @@ class DynamicLoRA:
     ) -> None:
         if not rows:
             return
-        reqs = [GenerationRequest(_open(items[i].image), items[i].prompt, items[i].adapter) for i in rows]
+        reqs = [
+            GenerationRequest(open_image(items[i].image), items[i].prompt, items[i].adapter) for i in rows
+        ]
         results = await asyncio.to_thread(self.engine.generate, reqs)
         n_adapters = len({items[i].adapter for i in rows})
         self.batches[len(rows)] += 1
@@ -166,7 +161,7 @@ class DynamicLoRA:
             await self.router_cache.ensure([name])
         except AdapterNotFound as e:
             raise RoutingUnavailable(str(e)) from e
-        img = _open(image)
+        img = open_image(image)
         res = await asyncio.to_thread(self.engine.classify, img, self.cfg.router.prompt, labels, name)
         below = res.confidence < threshold
         adapter: str | None = res.label

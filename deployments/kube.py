@@ -11,7 +11,6 @@ safetensors page cache); the head runs no replicas (num-cpus 0).
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import ray
 import yaml
 
-from deployments.serve_config import serve_config
+from deployments.serve_config import serve_config, write_or_check
 from moe_core.config import DeploymentConfig
 
 __all__ = ["IMAGE", "rayservice"]
@@ -154,23 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", type=Path)
     g.add_argument("--check", type=Path)
     args = p.parse_args(argv)
-    text = render(DeploymentConfig.from_file(args.config), args.config)
-    if args.out:
-        args.out.write_text(text)
-        print(f"wrote {args.out}")
-        return 0
-    current = args.check.read_text() if args.check.exists() else ""
-    if current != text:
-        diff = "".join(
-            difflib.unified_diff(
-                current.splitlines(True), text.splitlines(True), str(args.check), "generated"
-            )
-        )
-        print(
-            f"{args.check} is out of date with {args.config}; regenerate with --out:\n{diff}", file=sys.stderr
-        )
-        return 1
-    return 0
+    return write_or_check(render(DeploymentConfig.from_file(args.config), args.config), args)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ published it stays up and answers :class:`ModelUnavailable`, so the router can f
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from typing import Any
 
-from PIL import Image
 from ray import serve
 
+from deployments.schemas import open_image
 from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest
 from moe_core.storage import Storage
@@ -72,7 +71,7 @@ class MergedModel:
     async def _batched(self, items: list[tuple[bytes, str]]) -> list[dict[str, Any]]:
         engine, version = self.engine, self.version
         assert engine is not None
-        reqs = [GenerationRequest(_open(img), prompt, None) for img, prompt in items]
+        reqs = [GenerationRequest(open_image(img), prompt, None) for img, prompt in items]
         results = await asyncio.to_thread(engine.generate, reqs)
         return [
             {
@@ -88,9 +87,3 @@ class MergedModel:
 
     def status(self) -> dict[str, Any]:
         return {"adapter": self.adapter, "version": self.version, "ready": self.engine is not None}
-
-
-def _open(image: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(image))
-    img.load()
-    return img

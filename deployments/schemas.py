@@ -18,6 +18,8 @@ __all__ = [
     "InferResponse",
     "LiveRouterConfig",
     "decode_image",
+    "error_body",
+    "open_image",
 ]
 
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
@@ -117,6 +119,13 @@ def decode_image(data: str, *, max_bytes: int, max_pixels: int) -> tuple[bytes, 
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadInput("image_b64", f"bytes are not a readable image: {e}") from e
     return raw, image
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Image bytes already validated by :func:`decode_image` (in the router) to a loaded PIL image."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
 
 
 def error_body(field: str, message: str) -> dict[str, Any]:

@@ -66,20 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", type=Path, help="write the Serve config here")
     g.add_argument("--check", type=Path, help="fail when this file differs from what would be generated")
     args = p.parse_args(argv)
-    text = render(DeploymentConfig.from_file(args.config), source=args.config)
+    return write_or_check(render(DeploymentConfig.from_file(args.config), source=args.config), args)
+
+
+def write_or_check(text: str, args: argparse.Namespace) -> int:
+    """``--out``: write the generated file; ``--check``: exit 1 with a diff when the file is stale."""
     if args.out:
         args.out.write_text(text)
         print(f"wrote {args.out}")
         return 0
     current = args.check.read_text() if args.check.exists() else ""
     if current != text:
-        diff = "".join(
-            difflib.unified_diff(
-                current.splitlines(True), text.splitlines(True), str(args.check), "generated"
-            )
+        lines = difflib.unified_diff(
+            current.splitlines(True), text.splitlines(True), str(args.check), "generated"
         )
         print(
-            f"{args.check} is out of date with {args.config}; regenerate with --out:\n{diff}", file=sys.stderr
+            f"{args.check} is out of date with {args.config}; regenerate with --out:\n{''.join(lines)}",
+            file=sys.stderr,
         )
         return 1
     return 0

@@ -163,9 +163,9 @@ class RouterConfig(StrictModel):
     )
 
 
-class MergedAdapterConfig(StrictModel):
-    name: AdapterName = Field(description="Adapter to serve from its merged, published copy.")
-    enabled: bool = Field(default=True, description="Whether its merged deployment runs.")
+class ScalingConfig(StrictModel):
+    """Resources and autoscaling of one Serve deployment."""
+
     gpu: float = Field(default=0.0, ge=0.0, description="GPUs per replica (0 on the CPU default).")
     cpu: float = Field(default=1.0, ge=0.0, description="CPUs per replica.")
     min_replicas: int = Field(default=0, ge=0, description="Autoscaling floor; 0 allows scale to zero.")
@@ -183,6 +183,11 @@ class MergedAdapterConfig(StrictModel):
         return self
 
 
+class MergedAdapterConfig(ScalingConfig):
+    name: AdapterName = Field(description="Adapter to serve from its merged, published copy.")
+    enabled: bool = Field(default=True, description="Whether its merged deployment runs.")
+
+
 class MergedConfig(StrictModel):
     enabled: bool = Field(default=True, description="Serve merged deployments at all.")
     adapters: list[MergedAdapterConfig] = Field(
@@ -190,13 +195,9 @@ class MergedConfig(StrictModel):
     )
 
 
-class DynamicConfig(StrictModel):
+class DynamicConfig(ScalingConfig):
     enabled: bool = Field(default=True, description="Run the shared dynamic-LoRA deployment.")
-    gpu: float = Field(default=0.0, ge=0.0, description="GPUs per replica (0 on the CPU default).")
-    cpu: float = Field(default=1.0, ge=0.0, description="CPUs per replica.")
     min_replicas: int = Field(default=1, ge=0, description="Autoscaling floor; 0 allows scale to zero.")
-    max_replicas: int = Field(default=1, ge=1, description="Autoscaling ceiling.")
-    scaledown_window: float = Field(default=300.0, ge=0.0, description="Downscale delay in seconds.")
     adapters: list[AdapterName] = Field(
         default_factory=list, description="Adapters served only by the dynamic deployment."
     )
@@ -209,14 +210,6 @@ class DynamicConfig(StrictModel):
     refresh_interval_s: float = Field(
         default=5.0, ge=0.0, description="Minimum seconds between storage checks for a new adapter version."
     )
-
-    @model_validator(mode="after")
-    def _replicas(self) -> Self:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
-            )
-        return self
 
 
 class GatewayConfig(StrictModel):

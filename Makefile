@@ -34,7 +34,7 @@ pytest: install
 test: lint typecheck pytest
 
 demo: install
-	$(BIN)/python -m moe_core.demo build --config $(CONFIG)
+	$(BIN)/python -m moe_core.demo --config $(CONFIG) build
 
 merge: demo
 	$(BIN)/python -m merge_jobs --config $(CONFIG) --all-merged

@@ -4,6 +4,7 @@ No model and no GPU. The image is decoded once to validate it and forwarded as b
 hop once; a request is generated exactly once (merged, or dynamic, or dynamic after a merged failure).
 """
 
+import asyncio
 import logging
 import os
 import time
@@ -71,6 +72,10 @@ def _response(
     )
 
 
+async def _awaitable(response: Any) -> Any:
+    return await response
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[-1] if text else ""
@@ -114,7 +119,7 @@ class Router:
         logger.info("router: reconfigured: %s", live.model_dump())
 
     # ------------------------------------------------------------------ API
-    @api.post("/infer", response_model=InferResponse, responses={413: {}, 422: {}, 503: {}, 504: {}})
+    @api.post("/infer", response_model=InferResponse, responses={404: {}, 413: {}, 422: {}, 503: {}})
     async def infer(self, req: InferRequest) -> Any:
         try:
             return await self._infer(req)
@@ -122,8 +127,6 @@ class Router:
             return JSONResponse(status_code=e.status, content=error_body(e.field, e.message))
         except ServiceUnavailable as e:
             return JSONResponse(status_code=503, content=error_body("service", str(e)))
-        except TimeoutError as e:
-            return JSONResponse(status_code=504, content=error_body("service", f"timed out: {e}"))
 
     async def _infer(self, req: InferRequest) -> InferResponse:
         limits = self.cfg.limits
@@ -195,13 +198,15 @@ class Router:
         out = await self._call(self.dynamic.generate.remote(image, req.prompt, adapter))
         return _response(out, via, confidence)
 
-    async def _call(self, response: Any) -> dict[str, Any]:
-        """Await a deployment call; any failure of the callee becomes ServiceUnavailable."""
+    async def _call(self, response: Any, timeout_s: float | None = None) -> dict[str, Any]:
+        """Await a deployment call; a failure or a timeout of the callee becomes ServiceUnavailable."""
+        timeout_s = timeout_s or self.cfg.gateway.request_timeout_s
         try:
-            result: dict[str, Any] = await response
+            result: dict[str, Any] = await asyncio.wait_for(_awaitable(response), timeout_s)
             return result
-        except TimeoutError:
-            raise
+        except TimeoutError as e:
+            response.cancel()  # never left running: a request is generated at most once
+            raise ServiceUnavailable(f"no answer within {timeout_s:.0f}s") from e
         except Exception as e:  # the callee failed: model missing, replica died, bad adapter
             raise ServiceUnavailable(f"{type(e).__name__}: {_first_line(e)}") from e
 
@@ -210,8 +215,8 @@ class Router:
         versions: dict[str, str | None] = {}
         for name, handle in self.merged.items():
             try:
-                versions[name] = (await handle.status.remote())["version"]
-            except Exception:  # a merged deployment scaled to zero or failing has no version to show
+                versions[name] = (await self._call(handle.status.remote(), timeout_s=2.0))["version"]
+            except ServiceUnavailable:  # scaled to zero, starting or failing: no version to show
                 versions[name] = None
         policy = self.policy
         rows = []

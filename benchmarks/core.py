@@ -82,9 +82,8 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def _fixed_generate(engine: Engine, reqs: list[GenerationRequest], new_tokens: int) -> None:
     """generate exactly ``new_tokens`` per row (no early stop), as a benchmark needs."""
-    kwargs = engine._adapter_kwargs([r.adapter for r in reqs])
     inputs = engine.encode([r.image for r in reqs], [r.prompt for r in reqs])
-    with torch.inference_mode():
+    with torch.inference_mode(), engine.adapter_context([r.adapter for r in reqs]) as kwargs:
         engine.model.generate(
             **inputs, **kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
         )

@@ -105,9 +105,8 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
     single = [GenerationRequest(r.image, prompt, "a0") for r in mixed]
 
     def gen(reqs: list[GenerationRequest], n: int) -> None:
-        kwargs = engine._adapter_kwargs([r.adapter for r in reqs])
         inputs = engine.encode([r.image for r in reqs], [r.prompt for r in reqs])
-        with torch.inference_mode():
+        with torch.inference_mode(), engine.adapter_context([r.adapter for r in reqs]) as kwargs:
             engine.model.generate(**inputs, **kwargs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     samples: Samples = {}

@@ -93,7 +93,7 @@ class DynamicLoRA:
             raise result
         return result
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _batched(self, items: list[_Item]) -> list[dict[str, Any] | BaseException]:
         """One forward per group of at most LRU-capacity adapters (usually the whole batch)."""
         out: list[dict[str, Any] | BaseException] = [RuntimeError("row not run")] * len(items)

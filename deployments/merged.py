@@ -37,6 +37,8 @@ class MergedModel:
         self.version: str | None = None
         self._checked = 0.0
         self._swap = asyncio.Lock()
+        self._batched.set_batch_wait_timeout_s(self.cfg.dynamic.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self._batched.set_max_batch_size(self.cfg.limits.max_batch_size)  # type: ignore[attr-defined]
         self._load(self.storage.current_version("merged", adapter))
 
     def _load(self, version: str | None) -> None:
@@ -67,7 +69,7 @@ class MergedModel:
         result: dict[str, Any] = await self._batched((image, prompt))
         return result
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _batched(self, items: list[tuple[bytes, str]]) -> list[dict[str, Any]]:
         engine, version = self.engine, self.version
         assert engine is not None

@@ -205,7 +205,10 @@ class DynamicConfig(ScalingConfig):
         default=8, ge=1, description="LRU size: adapters resident in one replica at once."
     )
     batch_wait_timeout_s: float = Field(
-        default=0.01, ge=0.0, le=1.0, description="How long a batch waits to fill before it runs."
+        default=0.002,
+        ge=0.0,
+        le=1.0,
+        description="How long a batch waits to fill before it runs (batches also form while a forward runs).",
     )
     refresh_interval_s: float = Field(
         default=5.0, ge=0.0, description="Minimum seconds between storage checks for a new adapter version."

@@ -8,10 +8,11 @@ equals that row run alone. :meth:`Engine.classify` scores a label set in one for
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,7 @@ class Engine:
         return batch.to(self.device)
 
     def _adapter_kwargs(self, adapters: Sequence[str | None]) -> dict[str, Any]:
+        """PEFT's per-row ``adapter_names`` (the mixed-batch path); see :meth:`adapter_context`."""
         loaded = set(self.adapters)
         missing = sorted({a for a in adapters if a is not None and a not in loaded})
         if missing:
@@ -188,6 +190,26 @@ class Engine:
         if not loaded:
             return {}
         return {"adapter_names": [a if a is not None else BASE for a in adapters]}
+
+    @contextlib.contextmanager
+    def adapter_context(self, adapters: Sequence[str | None]) -> Iterator[dict[str, Any]]:
+        """Forward kwargs for rows using ``adapters``. Not thread-safe: hold the engine lock, or call from one thread.
+
+        One adapter for the whole batch takes PEFT's plain path (``set_adapter``), no adapter at all
+        runs with adapters disabled; only a batch that mixes adapters pays for per-row dispatch.
+        """
+        kwargs = self._adapter_kwargs(adapters)
+        distinct = set(adapters)
+        if not kwargs or len(distinct) > 1:
+            yield kwargs
+            return
+        (only,) = distinct
+        if only is None:
+            with self.model.disable_adapter():
+                yield {}
+        else:
+            self.model.set_adapter(only, inference_mode=True)
+            yield {}
 
     # ------------------------------------------------------------- generation
     @torch.inference_mode()
@@ -197,8 +219,7 @@ class Engine:
             return []
         t0 = time.perf_counter()
         max_new = max(r.max_new_tokens or self.max_new_tokens for r in requests)
-        with self._lock:
-            kwargs = self._adapter_kwargs([r.adapter for r in requests])
+        with self._lock, self.adapter_context([r.adapter for r in requests]) as kwargs:
             inputs = self.encode([r.image for r in requests], [r.prompt for r in requests])
             # inputs.input_ids: [batch, prompt_len] -> out: [batch, prompt_len + new]
             out = self.model.generate(**inputs, **kwargs, max_new_tokens=max_new, do_sample=False)
@@ -237,14 +258,13 @@ class Engine:
         tok = self.processor.tokenizer
         label_ids = [tok.encode(lbl, add_special_tokens=False) for lbl in labels]
         firsts = [ids[0] for ids in label_ids]
-        with self._lock:
-            kwargs = self._adapter_kwargs([adapter])
+        with self._lock, self.adapter_context([adapter]) as kwargs:
             if len(set(firsts)) == len(firsts):
                 inputs = self.encode([image], [prompt], system_prompt)
                 logits = self.model(**inputs, **kwargs).logits[0, -1]  # [vocab]
                 scores = torch.log_softmax(logits.float(), -1)[firsts]
             else:
-                scores = self._score_sequences(image, prompt, labels, label_ids, adapter, system_prompt)
+                scores = self._score_sequences(image, prompt, labels, label_ids, kwargs, system_prompt)
             self.forwards += 1
         probs = torch.softmax(scores, -1).tolist()
         best = max(range(len(labels)), key=lambda i: probs[i])
@@ -256,12 +276,13 @@ class Engine:
         prompt: str,
         labels: Sequence[str],
         label_ids: list[list[int]],
-        adapter: str | None,
+        kwargs: dict[str, Any],
         system_prompt: str,
     ) -> torch.Tensor:
         n = len(labels)
         inputs = self.encode([image] * n, [prompt] * n, system_prompt, answers=labels, padding_side="right")
-        kwargs = self._adapter_kwargs([adapter] * n)
+        if "adapter_names" in kwargs:
+            kwargs = {"adapter_names": kwargs["adapter_names"] * n}
         logp = torch.log_softmax(self.model(**inputs, **kwargs).logits.float(), -1)  # [n, len, vocab]
         lengths = inputs["attention_mask"].sum(-1)
         out = []

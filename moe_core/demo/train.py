@@ -32,7 +32,7 @@ class TrainSpec:
     batch_size: int = 8
     lr: float = 1e-3
     rank: int = 16
-    vision: bool = True
+    vision: bool = False  # vision-tower LoRA cannot join mixed-adapter batches (rows are patches)
     seed: int = 0
     lora_b_lr_ratio: float = 1.0  # LoRA+: a higher learning rate for B speeds up feature learning
     warmup_clean: float = 0.0  # share of steps that mostly see uncluttered screens (a curriculum)

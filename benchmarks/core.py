@@ -22,12 +22,11 @@ import torch
 
 from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest
+from moe_core.modeling import LM_TARGETS
 
 __all__ = ["BenchSettings", "Samples", "engine_benchmarks", "make_loras", "p50", "p99"]
 
 logger = logging.getLogger(__name__)
-
-LM_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
 @dataclass(frozen=True)

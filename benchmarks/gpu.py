@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.core import LM_TARGETS, BenchSettings, Samples
+from benchmarks.core import BenchSettings, Samples
 from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest
+from moe_core.modeling import LM_TARGETS
 
 __all__ = ["HBM_TB_S", "gpu_benchmarks", "qwen3_vl_8b_config"]
 

@@ -9,8 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from moe_core.config import BUILTIN_TINY, BaseModelConfig
-
-LM_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+from moe_core.modeling import LM_TARGETS
 
 
 def make_lora(out: Path, seed: int, lm_head: bool = False, rank: int = 4) -> Path:

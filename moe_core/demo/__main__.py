@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--work-dir", type=Path, default=Path(".cache/demo"))
     b.add_argument("--steps-scale", type=float, default=1.0, help="scale training steps (tests use less)")
     b.add_argument("--heldout", type=int, default=50, help="held-out screens per type for the accuracy")
+    b.add_argument(
+        "--attempts", type=int, default=3, help="training seeds per adapter, best on validation kept"
+    )
     e = sub.add_parser("eval", help="routing and expert accuracy of what is deployed")
     e.add_argument("--heldout", type=int, default=50)
     s = sub.add_parser("screenshot", help="write one held-out screen as PNG")
@@ -37,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "build":
         from moe_core.demo.build import build_demo
 
-        report = build_demo(cfg, args.work_dir, steps_scale=args.steps_scale, heldout_per_kind=args.heldout)
+        report = build_demo(
+            cfg,
+            args.work_dir,
+            steps_scale=args.steps_scale,
+            heldout_per_kind=args.heldout,
+            attempts=args.attempts,
+        )
         print(report.table())
     elif args.cmd == "eval":
         from moe_core.demo.build import evaluate_demo

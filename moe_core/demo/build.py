@@ -12,17 +12,20 @@ import importlib.metadata
 import inspect
 import json
 import logging
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from moe_core.config import DeploymentConfig
 from moe_core.demo import screens, train
 from moe_core.demo.screens import SCREEN_TYPES, split
-from moe_core.demo.train import TrainSpec, evaluate_expert, evaluate_router, train_adapter
+from moe_core.demo.train import FeatureBank, TrainSpec, evaluate_expert, evaluate_router, train_adapter
 from moe_core.engine import Engine
 from moe_core.modeling import resolve_model_path
 from moe_core.registry import METADATA, deploy_adapter
@@ -33,11 +36,17 @@ __all__ = ["BuildReport", "DemoPlan", "build_demo", "evaluate_demo", "plan"]
 logger = logging.getLogger(__name__)
 
 DATASET = "synthetic-screens-v1"
-ROUTER_SPEC = TrainSpec("router", steps=300, lr=1e-3, rank=16, vision=False, seed=11)
-EXPERT_SPEC = TrainSpec(
-    "expert", steps=450, batch_size=16, lr=4e-3, rank=16, vision=False, seed=7, warmup_clean=0.4
-)
-TRAIN_PER_KIND = {"router": 100, "expert": 400}
+EVAL_FILE = "eval.json"
+ROUTER_SPEC = TrainSpec("router", steps=300, batch_size=8, lr=1e-3, rank=16, seed=11)
+EXPERT_SPEC = TrainSpec("expert", steps=450, batch_size=32, lr=4e-3, rank=16, seed=7, warmup_clean=0.4)
+TRAIN_PER_KIND = {"routing": 100, "expert": 400}
+#: Validation accuracy that ends the attempts: the issue's targets (routing 97%, experts 90%).
+ACCEPT = {"routing": 0.97, "expert": 0.90}
+#: Training attempts per adapter, each from its own seed; the best on the validation split is kept.
+#: LoRA on the tiny random model leaves a loss plateau (chance on the click cell) at a step that
+#: depends on the seed, so a run that escapes late is retrained rather than shipped.
+ATTEMPTS = 3
+SEED_STRIDE = 1000
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,8 @@ class DemoPlan:
     kinds: tuple[str, ...]  # screen types that are configured experts
     router_spec: TrainSpec
     expert_spec: TrainSpec
-    heldout_per_kind: int
+    heldout_per_kind: int  # held-out screens per type for the reported accuracy; validation uses as many
+    attempts: int
 
 
 @dataclass
@@ -66,7 +76,9 @@ class BuildReport:
         return "\n".join(lines)
 
 
-def plan(cfg: DeploymentConfig, steps_scale: float = 1.0, heldout_per_kind: int = 50) -> DemoPlan:
+def plan(
+    cfg: DeploymentConfig, steps_scale: float = 1.0, heldout_per_kind: int = 50, attempts: int = ATTEMPTS
+) -> DemoPlan:
     kinds = tuple(k for k in SCREEN_TYPES if k in cfg.all_adapters)
     scale = max(steps_scale, 0.0)
     return DemoPlan(
@@ -75,17 +87,20 @@ def plan(cfg: DeploymentConfig, steps_scale: float = 1.0, heldout_per_kind: int 
         router_spec=replace(ROUTER_SPEC, steps=max(1, round(ROUTER_SPEC.steps * scale))),
         expert_spec=replace(EXPERT_SPEC, steps=max(1, round(EXPERT_SPEC.steps * scale))),
         heldout_per_kind=heldout_per_kind,
+        attempts=max(1, attempts),
     )
 
 
 def _code_digest() -> str:
     h = hashlib.sha256()
-    for mod in (screens, train):
+    for mod in (screens, train, sys.modules[__name__]):
         h.update(inspect.getsource(mod).encode())
     return h.hexdigest()
 
 
-def _build_key(cfg: DeploymentConfig, role: str, name: str, spec: TrainSpec, kinds: tuple[str, ...]) -> str:
+def _build_key(
+    cfg: DeploymentConfig, role: str, name: str, spec: TrainSpec, kinds: tuple[str, ...], attempts: int
+) -> str:
     base = Path(resolve_model_path(cfg.base_model))
     weights = sorted(base.glob("*.safetensors")) if base.is_dir() else []
     parts = {
@@ -93,6 +108,7 @@ def _build_key(cfg: DeploymentConfig, role: str, name: str, spec: TrainSpec, kin
         "name": name,
         "spec": asdict(spec),
         "kinds": kinds,
+        "selection": {"attempts": attempts, "accept": ACCEPT[role], "stride": SEED_STRIDE},
         "base": [sha256_file(w) for w in weights] or cfg.base_model.id,
         "image_size": cfg.limits.image_size,
         "system_prompt": cfg.system_prompt if role == "expert" else "",
@@ -110,12 +126,13 @@ def build_demo(
     *,
     steps_scale: float = 1.0,
     heldout_per_kind: int = 50,
+    attempts: int = ATTEMPTS,
     say: Callable[[str], None] | None = None,
 ) -> BuildReport:
     """Train and deploy what is missing or changed; print a progress line per stage."""
     out = say or print
     t_all = time.perf_counter()
-    p = plan(cfg, steps_scale, heldout_per_kind)
+    p = plan(cfg, steps_scale, heldout_per_kind, attempts)
     storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -133,7 +150,7 @@ def build_demo(
     for role, name, spec in jobs:
         spec = replace(spec, name=name)
         t0 = time.perf_counter()
-        key = _build_key(cfg, role, name, spec, p.kinds)
+        key = _build_key(cfg, role, name, spec, p.kinds, p.attempts)
         kind = "routing" if role == "routing" else "lora"
         current = storage.current_version(kind, name)  # type: ignore[arg-type]
         meta = storage.read_json(kind, name, METADATA, current) if current else {}  # type: ignore[arg-type]
@@ -143,24 +160,27 @@ def build_demo(
                          "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
             continue
         folder = work_dir / f"{name}-{key[:16]}"  # trained once per build key, reusable by any storage
-        if (folder / "eval.json").exists():
-            acc = float(json.loads((folder / "eval.json").read_text())["accuracy"])
-            n_heldout = int(json.loads((folder / "eval.json").read_text())["n"])
+        marker = folder / EVAL_FILE
+        if marker.exists():
+            result = json.loads(marker.read_text())
             out(f"[demo] {name}: trained earlier ({folder}); deploying")
         else:
-            acc, n_heldout = _train_and_eval(cfg, p, role, name, spec, folder, out)
-            (folder / "eval.json").write_text(json.dumps({"accuracy": acc, "n": n_heldout}))
+            result = _train_select_eval(cfg, p, role, name, spec, folder, out)
+            marker.write_text(json.dumps(result))  # written last: a folder without it is incomplete
+        acc = float(result["accuracy"])
+        extra = {"build_key": key, "heldout_size": result["n"], "validation_accuracy": result["validation_accuracy"],
+                 "train_seed": result["seed"], "attempts": result["attempts"]}  # fmt: skip
         res = deploy_adapter(storage, cfg, name, folder, routing=role == "routing", eval_accuracy=acc,
-                             dataset_name=DATASET, extra_metadata={"build_key": key, "heldout_size": n_heldout})  # fmt: skip
+                             dataset_name=DATASET, extra_metadata=extra)  # fmt: skip
         secs = round(time.perf_counter() - t0, 1)
         out(
-            f"[demo] {name}: held-out accuracy {acc:.3f} on {n_heldout} screens; deployed {res.version} ({secs}s)"
+            f"[demo] {name}: held-out accuracy {acc:.3f} on {result['n']} screens; deployed {res.version} ({secs}s)"
         )
         rows.append({"name": name, "role": role, "accuracy": acc, "status": "built", "seconds": secs})
     return BuildReport(rows, time.perf_counter() - t_all)
 
 
-def _train_and_eval(
+def _train_select_eval(
     cfg: DeploymentConfig,
     p: DemoPlan,
     role: str,
@@ -168,25 +188,56 @@ def _train_and_eval(
     spec: TrainSpec,
     folder: Path,
     out: Callable[[str], None],
-) -> tuple[float, int]:
-    out(f"[demo] {name}: training {role} adapter ({spec.steps} steps)")
+) -> dict[str, Any]:
+    """Train up to ``p.attempts`` seeds, keep the best on the validation split, measure it on held-out."""
+    kinds = p.kinds if role == "routing" else (name,)
     if role == "routing":
-        examples = [(s, cfg.router.prompt, s.kind) for s in split("train", TRAIN_PER_KIND["router"], p.kinds)]
+        examples = [(s, cfg.router.prompt, s.kind) for s in split("train", TRAIN_PER_KIND[role], kinds)]
         system = ""
     else:
-        examples = [(s, s.prompt, s.answer) for s in split("train", TRAIN_PER_KIND["expert"], (name,))]
+        examples = [(s, s.prompt, s.answer) for s in split("train", TRAIN_PER_KIND[role], kinds)]
         system = cfg.system_prompt
-
-    def progress(step: int, loss: float) -> None:
-        out(f"[demo] {name}: step {step + 1}/{spec.steps} loss {loss:.3f}")
-
-    train_adapter(cfg, spec, examples, folder, system_prompt=system, progress=progress)
+    bank = FeatureBank(cfg, examples, system_prompt=system, clean=spec.warmup_clean > 0)
     engine = Engine.from_config(cfg, name="demo-eval")
+    validation = split("validation", p.heldout_per_kind, kinds)
+
+    def accuracy(adapter: str, screens_: list[screens.Screen]) -> float:
+        if role == "routing":
+            return evaluate_router(engine, adapter, list(p.kinds), cfg.router.prompt, screens_)
+        return evaluate_expert(engine, adapter, screens_)
+
+    shutil.rmtree(folder, ignore_errors=True)  # a folder without its eval file is a killed build's
+    tried: list[tuple[float, int, Path]] = []
+    for attempt in range(p.attempts):
+        seed = spec.seed + SEED_STRIDE * attempt
+        where = folder.with_name(f"{folder.name}.attempt{attempt}")
+        shutil.rmtree(where, ignore_errors=True)
+        out(
+            f"[demo] {name}: training {role} adapter, attempt {attempt + 1}/{p.attempts} (seed {seed}, {spec.steps} steps)"
+        )
+
+        def progress(step: int, loss: float) -> None:
+            out(f"[demo] {name}: step {step + 1}/{spec.steps} loss {loss:.3f}")
+
+        train_adapter(cfg, replace(spec, seed=seed), bank, where, progress=progress)
+        engine.load_adapter(f"attempt{attempt}", where)
+        val = accuracy(f"attempt{attempt}", validation)
+        engine.unload_adapter(f"attempt{attempt}")
+        tried.append((val, attempt, where))
+        if val >= ACCEPT[role]:
+            out(f"[demo] {name}: validation accuracy {val:.3f} >= {ACCEPT[role]:.2f}")
+            break
+        out(f"[demo] {name}: validation accuracy {val:.3f} < {ACCEPT[role]:.2f}" +
+            ("; retrying with the next seed" if attempt + 1 < p.attempts else "; keeping the best attempt"))  # fmt: skip
+    val, attempt, best = max(tried, key=lambda t: (t[0], -t[1]))  # best validation, earliest on a tie
+    for _, _, where in tried:
+        if where != best:
+            shutil.rmtree(where, ignore_errors=True)
+    best.rename(folder)
     engine.load_adapter(name, folder)
-    heldout = split("heldout", p.heldout_per_kind, p.kinds if role == "routing" else (name,))
-    if role == "routing":
-        return evaluate_router(engine, name, list(p.kinds), cfg.router.prompt, heldout), len(heldout)
-    return evaluate_expert(engine, name, heldout), len(heldout)
+    heldout = split("heldout", p.heldout_per_kind, kinds)
+    return {"accuracy": accuracy(name, heldout), "n": len(heldout), "validation_accuracy": val,
+            "seed": spec.seed + SEED_STRIDE * attempt, "attempts": len(tried)}  # fmt: skip
 
 
 def evaluate_demo(

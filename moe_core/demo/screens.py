@@ -4,7 +4,8 @@ Each type is recognisable by its layout (a month grid, a form, a login box, bars
 on a wallpaper); sizes, colours, offsets and noise are random so that no single pixel gives it away.
 The target element (drawn in an accent colour shared by all types) sits in one cell of a coarse
 ``GRID`` x ``GRID`` grid over the image; the expert's answer is ``click(col, row)`` of that cell.
-Everything is deterministic from a seed; train and held-out splits use disjoint seed ranges.
+Everything is deterministic from a seed; the train, validation and held-out splits use disjoint
+seed ranges.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ PROMPTS: dict[str, str] = {
 
 SCREEN_TYPES: tuple[str, ...] = tuple(PROMPTS)
 
-_TRAIN_BASE, _HELDOUT_BASE = 0, 1_000_000
+#: Disjoint seed ranges: training, validation (picks among training attempts), held-out (reported).
+_SPLITS = {"train": 0, "heldout": 1_000_000, "validation": 2_000_000}
 
 Colour = tuple[int, int, int]
 
@@ -66,8 +68,10 @@ def action(col: int, row: int) -> str:
 
 
 def split(name: str, n: int, kinds: tuple[str, ...] = SCREEN_TYPES, offset: int = 0) -> list[Screen]:
-    """``n`` screens per kind from the 'train' or 'heldout' seed range."""
-    base = {"train": _TRAIN_BASE, "heldout": _HELDOUT_BASE}[name]
+    """``n`` screens per kind from the 'train', 'validation' or 'heldout' seed range."""
+    if name not in _SPLITS:
+        raise ValueError(f"unknown split {name!r}; expected one of {list(_SPLITS)}")
+    base = _SPLITS[name]
     return [make_screen(k, base + offset + i) for i in range(n) for k in kinds]
 
 
@@ -109,8 +113,9 @@ def _accent(rng: random.Random) -> Colour:
 def _cell_box(rng: random.Random, w: int, h: int, cell: tuple[int, int]) -> list[int]:
     """The target's box: 70-85% of grid cell ``cell``, its centre near the cell's centre.
 
-    Large on purpose: the tiny model sees a 224 px image as 7x7 tokens, and a target that fills a
-    grid cell is what its LoRA experts can learn to locate within the build's time budget.
+    Large on purpose: the demo feeds the tiny model 128 px images, 4x4 image tokens, one per grid
+    cell; a target that fills its cell is what a LoRA expert can learn to locate within the build's
+    time budget.
     """
     cw, ch = w / GRID, h / GRID
     bw, bh = int(cw * rng.uniform(0.7, 0.85)), int(ch * rng.uniform(0.7, 0.85))

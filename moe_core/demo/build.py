@@ -2,7 +2,9 @@
 
 Deterministic from a seed; each adapter carries a build key (hash of everything that decides its
 bytes) in its deploy metadata, so a rebuild with nothing changed trains nothing and takes seconds.
-Screen types the config does not name are neither trained nor deployed.
+Screen types the config does not name are neither trained nor deployed. Each adapter is trained
+with up to ``ATTEMPTS`` seeds, stopping at the first that reaches its target on the validation
+split; the accuracy reported and stored is measured on the held-out split, which selection never sees.
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ def _train_select_eval(
     else:
         examples = [(s, s.prompt, s.answer) for s in split("train", TRAIN_PER_KIND[role], kinds)]
         system = cfg.system_prompt
-    bank = FeatureBank(cfg, examples, system_prompt=system, clean=spec.warmup_clean > 0)
+    bank = FeatureBank(cfg, examples, system_prompt=system, clean=spec.warmup_clean > 0, name=name)
     engine = Engine.from_config(cfg, name="demo-eval")
     validation = split("validation", p.heldout_per_kind, kinds)
 

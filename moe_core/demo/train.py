@@ -73,6 +73,7 @@ class FeatureBank:
         system_prompt: str,
         clean: bool = False,
         chunk: int = 32,
+        name: str = "adapter",
     ) -> None:
         from moe_core.modeling import load_model, load_processor
 
@@ -84,8 +85,8 @@ class FeatureBank:
         self.rows = self._encode(engine, examples, chunk)
         twins = [(make_screen(s.kind, s.seed, clutter=False), p, a) for s, p, a in examples] if clean else []
         self.clean_rows = self._encode(engine, twins, chunk)
-        logger.info("encoded %d examples (%d clean twins) in %.1fs", len(self.rows), len(self.clean_rows),
-                    time.perf_counter() - t0)  # fmt: skip
+        logger.info("adapter %s: encoded %d examples (%d clean twins) in %.1fs", name, len(self.rows),
+                    len(self.clean_rows), time.perf_counter() - t0)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
 from ray import serve
 
 from deployments.adapter_cache import AdapterCache, AdapterNotFound
@@ -37,7 +38,7 @@ class RoutingUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class _Item:
-    image: bytes
+    image: Image.Image  # decoded once per request, before batching
     prompt: str
     adapter: str | None
 
@@ -86,6 +87,9 @@ class DynamicLoRA:
 
     # ------------------------------------------------------------ requests
     async def generate(self, image: bytes, prompt: str, adapter: str | None) -> dict[str, Any]:
+        return await self._submit(open_image(image), prompt, adapter)
+
+    async def _submit(self, image: Image.Image, prompt: str, adapter: str | None) -> dict[str, Any]:
         if adapter is not None and adapter not in self.served:
             raise AdapterNotServed(f"adapter {adapter!r} is not served by the dynamic deployment")
         result: dict[str, Any] | BaseException = await self._batched(_Item(image, prompt, adapter))
@@ -123,9 +127,7 @@ class DynamicLoRA:
     ) -> None:
         if not rows:
             return
-        reqs = [
-            GenerationRequest(open_image(items[i].image), items[i].prompt, items[i].adapter) for i in rows
-        ]
+        reqs = [GenerationRequest(items[i].image, items[i].prompt, items[i].adapter) for i in rows]
         results = await asyncio.to_thread(self.engine.generate, reqs)
         n_adapters = len({items[i].adapter for i in rows})
         self.batches[len(rows)] += 1
@@ -173,7 +175,7 @@ class DynamicLoRA:
             adapter = None
             out["adapter"] = None
         if adapter is None or adapter in answer_here:
-            out["output"] = await self.generate(image, prompt, adapter)
+            out["output"] = await self._submit(img, prompt, adapter)  # the image decoded once
         return out
 
     def stats(self) -> dict[str, Any]:

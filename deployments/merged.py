@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from PIL import Image
 from ray import serve
 
 from deployments.schemas import open_image
@@ -66,14 +67,14 @@ class MergedModel:
         await self._refresh()
         if self.engine is None:
             raise ModelUnavailable(f"merged deployment {self.adapter!r} has no published model")
-        result: dict[str, Any] = await self._batched((image, prompt))
+        result: dict[str, Any] = await self._batched((open_image(image), prompt))  # decoded before batching
         return result
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, items: list[tuple[bytes, str]]) -> list[dict[str, Any]]:
+    async def _batched(self, items: list[tuple[Image.Image, str]]) -> list[dict[str, Any]]:
         engine, version = self.engine, self.version
         assert engine is not None
-        reqs = [GenerationRequest(open_image(img), prompt, None) for img, prompt in items]
+        reqs = [GenerationRequest(img, prompt, None) for img, prompt in items]
         results = await asyncio.to_thread(engine.generate, reqs)
         return [
             {

@@ -62,7 +62,8 @@ class FeatureBank:
     """Training examples encoded once: token ids, and image features of the frozen vision tower.
 
     With ``clean`` each example also gets its uncluttered twin (the same screen with only the
-    target drawn), which the curriculum samples early in training.
+    target drawn), which the curriculum samples early in training. Features come from an fp32 CPU
+    copy of the base model, the dtype and device :func:`train_adapter` trains in.
     """
 
     def __init__(

@@ -34,7 +34,7 @@ pytest: install
 test: lint typecheck pytest
 
 demo: install
-	$(BIN)/python -m moe_core.demo --config $(CONFIG) build
+	$(BIN)/python -m moe_demo --config $(CONFIG) build
 
 merge: demo
 	$(BIN)/python -m merge_jobs --config $(CONFIG) --all-merged
@@ -44,7 +44,7 @@ serve-config: install
 
 serve: merge
 	$(BIN)/python -m deployments.serve_config --config $(CONFIG) --check config/serve.yaml
-	$(BIN)/python -m deployments.ready &
+	$(BIN)/python -m moe_demo.ready &
 	$(BIN)/serve run config/serve.yaml
 
 clean:

@@ -55,7 +55,7 @@ def machine() -> dict[str, Any]:
 
 
 def _demo_inputs(n: int) -> tuple[list[Any], str]:
-    from moe_core.demo.screens import SCREEN_TYPES, split
+    from moe_demo.screens import SCREEN_TYPES, split
 
     screens = split("heldout", max(1, n // len(SCREEN_TYPES) + 1), SCREEN_TYPES)[:n]
     return [s.image for s in screens], screens[0].prompt
@@ -98,9 +98,18 @@ def summarise(samples: dict[str, list[float]], figures: dict[str, Any], s: Bench
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"# Benchmark: {result['name']}", "", f"Command: `{result['command']}`", "",
-             f"Machine: `{json.dumps(result['machine'])}`", "", "## Ratios against the targets", "",
-             "| ratio | measured | target | met |", "| --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        f"# Benchmark: {result['name']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: `{json.dumps(result['machine'])}`",
+        "",
+        "## Ratios against the targets",
+        "",
+        "| ratio | measured | target | met |",
+        "| --- | --- | --- | --- |",
+    ]
     for k, v in result["summary"]["ratios"].items():
         t = result["summary"]["targets"].get(k)
         lines.append(
@@ -130,9 +139,22 @@ def chart(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ms = result["summary"]["p50_ms"]
-    keys = [k for k in ("latency_base", "latency_merged", "latency_dynamic", "classify", "expert_request",
-                        "warm_request", "cold_request", "direct_engine", "infer_http_dynamic", "infer_http_merged")
-            if k in ms]  # fmt: skip
+    keys = [
+        k
+        for k in (
+            "latency_base",
+            "latency_merged",
+            "latency_dynamic",
+            "classify",
+            "expert_request",
+            "warm_request",
+            "cold_request",
+            "direct_engine",
+            "infer_http_dynamic",
+            "infer_http_merged",
+        )
+        if k in ms
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     axes[0].barh(keys, [ms[k] for k in keys], color="#4c72b0")
     axes[0].set_xlabel("p50 latency (ms)")
@@ -165,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         samples, figures, settings = gpu_benchmarks(rounds=args.rounds or 5)
     else:
         cfg = DeploymentConfig.from_file(args.config)
-        settings = BenchSettings(rounds=args.rounds or (3 if args.quick else 20),
-                                 memory_points=(1, 2) if args.quick else (1, 8, 32))  # fmt: skip
+        settings = BenchSettings(
+            rounds=args.rounds or (3 if args.quick else 20),
+            memory_points=(1, 2) if args.quick else (1, 8, 32),
+        )
         name = args.name or ("cpu-quick" if args.quick else "cpu")
         images, prompt = _demo_inputs(settings.batch)
         rep = engine_benchmarks(cfg, settings, images, prompt)

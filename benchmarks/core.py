@@ -104,8 +104,6 @@ def engine_benchmarks(
     cfg: DeploymentConfig, s: BenchSettings, images: list[Any], prompt: str
 ) -> EngineReport:
     """Items 1, 2, 4 and 5 of the benchmark issue on the configured model."""
-    from peft import PeftModel
-
     from moe_core.modeling import load_model, load_processor
 
     rep = EngineReport()
@@ -114,20 +112,21 @@ def engine_benchmarks(
     loras = make_loras(cfg, tmp, n_loras, s.rank)
     processor = load_processor(cfg.base_model)
 
+    settings = cfg.engine.model_copy(update={"max_new_tokens": s.new_tokens})
+
     def engine(model: Any, name: str) -> Engine:
-        return Engine(model, processor, system_prompt=cfg.system_prompt, max_new_tokens=s.new_tokens,
-                      image_size=cfg.limits.image_size, name=name)  # fmt: skip
+        return Engine(model, processor, settings, name=name)
 
     base = engine(load_model(cfg.base_model), "base")
     dynamic = engine(load_model(cfg.base_model), "dynamic")
     for i in range(s.adapters_in_batch):
         dynamic.load_adapter(f"a{i}", loras[i])
     t0 = time.perf_counter()
-    merged_model = PeftModel.from_pretrained(
-        load_model(cfg.base_model, dtype=torch.float32), str(loras[0])
-    ).merge_and_unload(safe_merge=True)
+    merging = Engine.load(settings, name="merge", dtype=torch.float32)
+    merging.load_adapter("a0", loras[0])
+    merged_model: Any = merging.merge_adapter("a0", safe_merge=True)
     rep.figures["merge_s"] = time.perf_counter() - t0
-    merged = engine(merged_model.to(base.model.dtype), "merged")
+    merged = engine(merged_model.to(next(base.model.parameters()).dtype), "merged")
 
     one = [GenerationRequest(images[0], prompt, None)]
     variants: dict[str, tuple[Engine, list[GenerationRequest]]] = {
@@ -154,16 +153,10 @@ def engine_benchmarks(
             (full - first) / (s.new_tokens - 1)
             for full, first in zip(rep.samples[f"latency_{name}"], rep.samples[f"first_{name}"], strict=True)
         ]
-    serial_model = dynamic.model
 
     def serial() -> None:  # the original design: one request at a time, switching the active adapter
         for r in mixed:
-            serial_model.set_adapter(r.adapter)
-            inputs = dynamic.encode([r.image], [r.prompt])
-            with torch.inference_mode():
-                serial_model.generate(
-                    **inputs, max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens, do_sample=False
-                )
+            _fixed_generate(dynamic, [r], s.new_tokens)  # one adapter: PEFT's set_adapter path
 
     for _ in range(max(2, s.rounds // 4)):  # item 2: throughput of 16 requests over 8 adapters
         rep.samples.setdefault("batch_mixed", []).append(

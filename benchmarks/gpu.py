@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from benchmarks.core import BenchSettings, Samples
-from moe_core.config import DeploymentConfig
+from moe_core.config import DEFAULT_SYSTEM_PROMPT, BaseModelConfig, DeploymentConfig, EngineSettings
 from moe_core.engine import Engine, GenerationRequest
 from moe_core.modeling import LM_TARGETS
 
@@ -32,21 +32,42 @@ def qwen3_vl_8b_config(tokenizer: Any) -> Any:
     ids = tokenizer.convert_tokens_to_ids
     return Qwen3VLConfig(
         text_config={
-            "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 32768,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
-                                "mrope_interleaved": True},
-            "eos_token_id": ids("<|im_end|>"), "pad_token_id": ids("<|endoftext|>"), "tie_word_embeddings": False,
+            "hidden_size": 4096,
+            "intermediate_size": 12288,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 151936,
+            "max_position_embeddings": 32768,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5000000.0,
+                "mrope_section": [24, 20, 20],
+                "mrope_interleaved": True,
+            },
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>"),
+            "tie_word_embeddings": False,
         },
         vision_config={
-            "depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "patch_size": 16,
-            "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 4096,
-            "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24],
+            "depth": 27,
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_heads": 16,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 4096,
+            "num_position_embeddings": 2304,
+            "deepstack_visual_indexes": [8, 16, 24],
         },
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
 
 
 def _sync_timed(fn: Any) -> float:
@@ -58,11 +79,11 @@ def _sync_timed(fn: Any) -> float:
 
 
 def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSettings]:
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
     from transformers import Qwen3VLForConditionalGeneration
 
-    from moe_core.demo.screens import SCREEN_TYPES, split
     from moe_core.modeling import load_processor
+    from moe_demo.screens import SCREEN_TYPES, split
 
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device")
@@ -79,8 +100,12 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
     weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     lm_bytes = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "visual" not in n)
     bw = next((v for k, v in HBM_TB_S.items() if k in figures["device"]), 3.35)
-    figures |= {"weights_gb": weight_bytes / 1e9, "lm_weights_gb": lm_bytes / 1e9, "hbm_tb_s": bw,
-                "decode_floor_ms": lm_bytes / (bw * 1e12) * 1000}  # fmt: skip
+    figures |= {
+        "weights_gb": weight_bytes / 1e9,
+        "lm_weights_gb": lm_bytes / 1e9,
+        "hbm_tb_s": bw,
+        "decode_floor_ms": lm_bytes / (bw * 1e12) * 1000,
+    }
     tmp = Path(tempfile.mkdtemp(prefix="moe-gpu-bench-"))
     loras = []
     for i in range(s.adapters_in_batch + 2):
@@ -93,7 +118,13 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
         loras.append(tmp / f"l{i}")
     screens = split("heldout", 3, SCREEN_TYPES)
     image_size = 448
-    engine = Engine(base, processor, max_new_tokens=s.new_tokens, image_size=image_size, name="gpu")
+    settings = EngineSettings(
+        base_model=BaseModelConfig(),
+        system_prompt=DEFAULT_SYSTEM_PROMPT,
+        max_new_tokens=s.new_tokens,
+        image_size=image_size,
+    )
+    engine = Engine(base, processor, settings, name="gpu")
     for i in range(s.adapters_in_batch):
         engine.load_adapter(f"a{i}", loras[i])
     prompt = screens[0].prompt
@@ -125,14 +156,9 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
         samples.setdefault("batch_mixed", []).append(_sync_timed(lambda: gen(mixed, s.new_tokens)))
         samples.setdefault("batch_single", []).append(_sync_timed(lambda: gen(single, s.new_tokens)))
 
-    def serial() -> None:
+    def serial() -> None:  # one request at a time: one adapter per call takes PEFT's set_adapter path
         for r in mixed:
-            engine.model.set_adapter(r.adapter)
-            inputs = engine.encode([r.image], [r.prompt])
-            with torch.inference_mode():
-                engine.model.generate(
-                    **inputs, max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens, do_sample=False
-                )
+            gen([r], s.new_tokens)
 
     samples["serial_switching"] = [_sync_timed(serial) for _ in range(max(1, rounds // 2))]
 
@@ -152,10 +178,10 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
         engine.unload_adapter(name)
     # merge: fp32 copy of the LM is too large to double on one GPU, so merge in bf16 on the device
     t0 = time.perf_counter()
-    merged = PeftModel.from_pretrained(engine.model, str(loras[0])).merge_and_unload(safe_merge=True)
+    engine.load_adapter("m", loras[0])
+    engine.merge_adapter("m", safe_merge=True)
     torch.cuda.synchronize()
     figures["merge_s"] = time.perf_counter() - t0
-    engine.model = merged
     for _ in range(rounds):
         full, first = _sync_timed(lambda: gen(one, s.new_tokens)), _sync_timed(lambda: gen(one, 1))
         samples.setdefault("latency_merged", []).append(full)

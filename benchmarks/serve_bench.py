@@ -17,6 +17,9 @@ from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest
 from moe_core.storage import Storage
 
+#: How long the served app may take to answer its first requests (model loads, merged replicas).
+READY_TIMEOUT_S = 300.0
+
 __all__ = ["serve_benchmarks"]
 
 logger = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ def serve_benchmarks(
 
     from deployments.app import build_app
     from merge_jobs.merge import merge_adapter
-    from moe_core.demo.build import build_demo
+    from moe_demo.build import build_demo
 
     build_demo(cfg, Path(".cache/demo"), say=lambda s: None)
     merged_name = cfg.merged_enabled[0].name
@@ -59,21 +62,28 @@ def serve_benchmarks(
         serve.run(build_app({"config": cfg.model_dump(mode="json")}), name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}/infer"
         body = {"image_b64": _b64(images[0]), "prompt": prompt}
+        deadline = time.monotonic() + READY_TIMEOUT_S
         for expert in (merged_name, dynamic_name, None):
             while not requests.post(url, json=body | ({"expert": expert} if expert else {}), timeout=120).ok:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the served app gave no answer for {expert or 'routed'} in {READY_TIMEOUT_S}s"
+                    )
                 time.sleep(0.5)
         figures["serve_run_to_first_answer_s"] = time.perf_counter() - t0
-        direct = Engine.from_config(cfg, name="direct")
-        direct.load_adapter(dynamic_name, storage.fetch("lora", dynamic_name)[0])
+        direct = Engine.load(cfg.engine, name="direct")
+        direct.load_adapter(dynamic_name, storage.fetch("expert", dynamic_name)[0])
         req = GenerationRequest(images[0], prompt, dynamic_name)
         direct.generate([req])
         for _ in range(rounds):  # interleaved: direct, HTTP dynamic, HTTP merged, HTTP routed
             t = time.perf_counter()
             direct.generate([req])
             samples.setdefault("direct_engine", []).append(time.perf_counter() - t)
-            for key, extra in (("infer_http_dynamic", {"expert": dynamic_name}),
-                               ("infer_http_merged", {"expert": merged_name}),
-                               ("infer_http_routed", {})):  # fmt: skip
+            for key, extra in (
+                ("infer_http_dynamic", {"expert": dynamic_name}),
+                ("infer_http_merged", {"expert": merged_name}),
+                ("infer_http_routed", {}),
+            ):
                 t = time.perf_counter()
                 r = requests.post(url, json=body | extra, timeout=120)
                 samples.setdefault(key, []).append(time.perf_counter() - t)

@@ -1,4 +1,4 @@
-"""deployments: the Ray Serve graph (router ingress, merged deployments, dynamic-LoRA deployment)."""
+"""deployments: the Ray Serve graph (gateway ingress, merged deployments, dynamic-LoRA deployment)."""
 
 from deployments.app import AppArgs, build_app
 

@@ -55,7 +55,7 @@ class AdapterCache:
         store: AdapterStore,
         capacity: int,
         refresh_interval_s: float = 5.0,
-        kind: Kind = "lora",
+        kind: Kind = "expert",
     ) -> None:
         self.engine = engine
         self.store = store
@@ -121,9 +121,12 @@ class AdapterCache:
         self._entries[name] = _Entry(version, now, now)
         self.loads += 1
         logger.info(
-            "adapter %s: loaded version %s%s in %.3fs", name, version,
-            f" (was {old.version})" if old else "", time.perf_counter() - t0,
-        )  # fmt: skip
+            "adapter %s: loaded version %s%s in %.3fs",
+            name,
+            version,
+            f" (was {old.version})" if old else "",
+            time.perf_counter() - t0,
+        )
 
     def _evict(self, keep: Iterable[str]) -> None:
         keep = set(keep)

@@ -1,9 +1,13 @@
 """The one typed app builder: ``deployments.app:build_app`` turns the deployment config into the graph.
 
-    Router (ingress) --> MergedModel[<adapter>]   one binding per enabled merged adapter
-                     \\-> DynamicLoRA              base model + LRU of adapters + routing adapter
+    Gateway (ingress) --> MergedModel[<adapter>]   one binding per enabled merged adapter
+                      \\-> DynamicLoRA              base model + LRU of adapters + routing adapter
 
-``serve run config/serve.yaml`` and KubeRay's ``serveConfigV2`` both call it with ``args.config``.
+``serve run config/serve.yaml`` and KubeRay's ``serveConfigV2`` both call it with ``args.config``. The
+config is validated once, here; each deployment is bound with its typed settings
+(:mod:`deployments.settings`). Live settings are each deployment's user_config: the Serve config
+carries them; a whole config passed as args (``serve run deployments.app:build_app config=...``)
+supplies them itself.
 """
 
 from __future__ import annotations
@@ -15,17 +19,18 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.dynamic import DynamicLoRA
+from deployments.gateway import GatewayIngress
 from deployments.merged import MergedModel
-from deployments.router import Router
-from moe_core.config import DeploymentConfig, MergedAdapterConfig
+from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings
+from moe_core.config import DeploymentConfig, LiveSettings, ScalingConfig
 
-__all__ = ["DYNAMIC_NAME", "ROUTER_NAME", "AppArgs", "build_app", "merged_name"]
+__all__ = ["DYNAMIC_NAME", "GATEWAY_NAME", "AppArgs", "build_app", "merged_name"]
 
-ROUTER_NAME = "Router"
+GATEWAY_NAME = "Gateway"
 DYNAMIC_NAME = "DynamicLoRA"
 #: Ray's default of 5 ongoing requests throttles batching; the batched deployments take this many.
 BATCHED_MAX_ONGOING = 64
-ROUTER_MAX_ONGOING = 256
+GATEWAY_MAX_ONGOING = 256
 
 
 class AppArgs(BaseModel):
@@ -40,83 +45,64 @@ def merged_name(adapter: str) -> str:
     return f"Merged-{adapter}"
 
 
-def _autoscaling(min_replicas: int, max_replicas: int, downscale_delay_s: float) -> dict[str, Any]:
+def _scaling(s: ScalingConfig) -> dict[str, Any]:
+    """Autoscaling and resources of one model deployment."""
     return {
-        "min_replicas": min_replicas,
-        "initial_replicas": max(min_replicas, 1) if min_replicas > 0 else 0,
-        "max_replicas": max_replicas,
-        "target_ongoing_requests": 8,
-        "upscale_delay_s": 2.0,
-        "downscale_delay_s": downscale_delay_s,
+        "max_ongoing_requests": BATCHED_MAX_ONGOING,
+        "autoscaling_config": {
+            "min_replicas": s.min_replicas,
+            "initial_replicas": max(s.min_replicas, 1) if s.min_replicas > 0 else 0,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": 8,
+            "upscale_delay_s": 2.0,
+            "downscale_delay_s": s.scaledown_window,
+        },
+        "ray_actor_options": {"num_cpus": s.cpu, "num_gpus": s.gpu} if s.gpu > 0 else {"num_cpus": s.cpu},
     }
 
 
-def _resources(cpu: float, gpu: float) -> dict[str, Any]:
-    return {"num_cpus": cpu, "num_gpus": gpu} if gpu > 0 else {"num_cpus": cpu}
+def _user_config(live: BaseModel | None) -> dict[str, Any]:
+    return {"user_config": live.model_dump(mode="json")} if live is not None else {}
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
-    """Bind Router -> (one MergedModel per enabled merged adapter, DynamicLoRA)."""
+    """Bind Gateway -> (one MergedModel per enabled merged adapter, DynamicLoRA)."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    cfg = DeploymentConfig.from_static(parsed.config)
-    config = cfg.model_dump(mode="json")
-    merged: dict[str, Application] = {}
-    for a in cfg.merged_enabled:
-        merged[a.name] = _bind_merged(a, config)
+    cfg, live = DeploymentConfig.from_static(parsed.config)
+    merged = {
+        a.name: serve.deployment(MergedModel)  # type: ignore[attr-defined]
+        .options(name=merged_name(a.name), **_scaling(a))
+        .bind(MergedSettings.of(cfg, a.name))
+        for a in cfg.merged_enabled
+    }
     dynamic = None
     if cfg.dynamic.enabled:
-        d = cfg.dynamic
         dynamic = (
             serve.deployment(DynamicLoRA)  # type: ignore[attr-defined]
             .options(
                 name=DYNAMIC_NAME,
-                max_ongoing_requests=BATCHED_MAX_ONGOING,
-                autoscaling_config=_autoscaling(d.min_replicas, d.max_replicas, d.scaledown_window),
-                ray_actor_options=_resources(d.cpu, d.gpu),
-                user_config=dynamic_user_config(cfg),
                 health_check_period_s=10,
+                **_scaling(cfg.dynamic),
+                **_user_config(live.dynamic if live else None),
             )
-            .bind(config)
+            .bind(DynamicSettings.of(cfg))
         )
     return (
-        serve.deployment(Router)  # type: ignore[attr-defined]
+        serve.deployment(GatewayIngress)  # type: ignore[attr-defined]
         .options(
-            name=ROUTER_NAME,
-            max_ongoing_requests=ROUTER_MAX_ONGOING,
+            name=GATEWAY_NAME,
+            max_ongoing_requests=GATEWAY_MAX_ONGOING,
             ray_actor_options={"num_cpus": 0},
-            user_config=router_user_config(cfg),
+            **_user_config(live.gateway if live else None),
         )
-        .bind(config, dynamic, merged)
+        .bind(GatewaySettings.of(cfg), dynamic, merged)
     )
 
 
-def _bind_merged(a: MergedAdapterConfig, config: dict[str, Any]) -> Application:
-    return (
-        serve.deployment(MergedModel)  # type: ignore[attr-defined]
-        .options(
-            name=merged_name(a.name),
-            max_ongoing_requests=BATCHED_MAX_ONGOING,
-            autoscaling_config=_autoscaling(a.min_replicas, a.max_replicas, a.scaledown_window),
-            ray_actor_options=_resources(a.cpu, a.gpu),
-        )
-        .bind(a.name, config)
-    )
-
-
-def router_user_config(cfg: DeploymentConfig) -> dict[str, Any]:
-    return {
-        "prefer_merged": cfg.gateway.prefer_merged,
-        "fallback_to_dynamic": cfg.gateway.fallback_to_dynamic,
-        "confidence_threshold": cfg.router.confidence_threshold,
-        "below_threshold": cfg.router.below_threshold,
-        "dynamic_adapters": list(cfg.dynamic.adapters),
-    }
-
-
-def dynamic_user_config(cfg: DeploymentConfig) -> dict[str, Any]:
-    return {
-        "adapters": list(cfg.dynamic.adapters),
-        "max_loaded_adapters": cfg.dynamic.max_loaded_adapters,
-        "max_batch_size": cfg.limits.max_batch_size,
-        "batch_wait_timeout_s": cfg.dynamic.batch_wait_timeout_s,
-    }
+def user_configs(cfg: DeploymentConfig) -> dict[str, dict[str, Any]]:
+    """Deployment name -> its user_config (the live fields of ``cfg``), for the generated Serve config."""
+    live = LiveSettings.of(cfg)
+    out = {GATEWAY_NAME: live.gateway.model_dump(mode="json")}
+    if cfg.dynamic.enabled:
+        out[DYNAMIC_NAME] = live.dynamic.model_dump(mode="json")
+    return out

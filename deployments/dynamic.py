@@ -3,6 +3,8 @@ concurrent requests for different adapters batched into one forward.
 
 ``@serve.batch`` is used without ``@serve.multiplexed`` (which would split batches by model id), so a
 batch holds rows for any adapters and the engine runs them in one mixed-adapter ``generate``.
+The engine and the store are injectable (``engine_factory``, ``storage``) so that batching, refresh
+and reconfigure are unit-tested on a fake engine; the end-to-end tests run the real model.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from PIL import Image
 from ray import serve
 
 from deployments.adapter_cache import AdapterCache, AdapterNotFound
+from deployments.engines import DeploymentEngine, ModelDeployment
+from deployments.messages import Answer, RouteRequest, RouteResult
+from deployments.routing import Classification, decide
 from deployments.schemas import open_image
-from moe_core.config import DeploymentConfig
-from moe_core.engine import Engine, GenerationRequest
-from moe_core.storage import Storage
+from deployments.settings import DynamicSettings
+from moe_core.config import DynamicLive
+from moe_core.engine import GenerationRequest
 
-__all__ = ["AdapterNotServed", "DynamicLoRA", "RoutingUnavailable"]
+__all__ = ["AdapterNotServed", "DynamicLoRA", "NotConfigured", "RoutingUnavailable"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,10 @@ class RoutingUnavailable(RuntimeError):
     """No routing adapter is published."""
 
 
+class NotConfigured(RuntimeError):
+    """The replica has not received its live settings (its Serve user_config) yet."""
+
+
 @dataclass(frozen=True)
 class _Item:
     image: Image.Image  # decoded once per request, before batching
@@ -43,68 +52,72 @@ class _Item:
     adapter: str | None
 
 
-class DynamicLoRA:
-    def __init__(self, config: dict[str, Any]) -> None:
-        cfg = DeploymentConfig.from_static(config)
-        self.cfg = cfg
-        self.storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
-        self.engine = Engine.from_config(cfg, name="dynamic")
-        self.cache = AdapterCache(self.engine, self.storage, cfg.dynamic.max_loaded_adapters,
-                                  cfg.dynamic.refresh_interval_s)  # fmt: skip
-        self.served: set[str] = set(cfg.all_adapters)
+class DynamicLoRA(ModelDeployment[DynamicSettings]):
+    def _start(self) -> None:
+        settings = self.settings
+        self.engine: DeploymentEngine = self.engine_factory(settings.engine, None, "dynamic")
+        self.live: DynamicLive | None = None  # set by reconfigure(), which Serve calls before traffic
+        self.cache: AdapterCache | None = None
         self.router_cache: AdapterCache | None = None
-        if cfg.router.adapter:
+        if settings.router:
             self.router_cache = AdapterCache(
-                self.engine, self.storage, 1, cfg.dynamic.refresh_interval_s, kind="routing"
+                self.engine, self.storage, 1, settings.batching.refresh_interval_s, kind="router"
             )
         self.batches: Counter[int] = Counter()  # batch size -> forwards
         self.mixed: Counter[int] = Counter()  # distinct adapters in one forward -> forwards
-        self._configure(cfg.limits.max_batch_size, cfg.dynamic.batch_wait_timeout_s)
 
     # --------------------------------------------------------------- config
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Live settings from `serve deploy`: the adapter list, the LRU size, batching."""
-        adapters = user_config.get("adapters")
-        if adapters is not None:
-            merged = {a.name for a in self.cfg.merged.adapters}
-            self.served = set(adapters) | merged
-            for name in [n for n in self.cache.resident if n not in self.served]:
-                self.cache.forget(name)
-        if "max_loaded_adapters" in user_config:
-            self.cache.resize(int(user_config["max_loaded_adapters"]))
-        self._configure(
-            int(user_config.get("max_batch_size", self.max_batch_size)),
-            float(user_config.get("batch_wait_timeout_s", self.batch_wait_timeout_s)),
-        )
-        logger.info(
-            "dynamic: reconfigured: adapters %s, LRU %d", sorted(self.served), self.cache.capacity,
-        )  # fmt: skip
+        """Live settings from `serve deploy` (validated; a bad value is refused naming the field)."""
+        live = DynamicLive.from_user_config(user_config, "DynamicLoRA")
+        if self.cache is None:
+            self.cache = AdapterCache(
+                self.engine, self.storage, live.max_loaded_adapters, self.settings.batching.refresh_interval_s
+            )
+        else:
+            self.cache.resize(live.max_loaded_adapters)
+        self.live = live
+        served = self.served
+        for name in [n for n in self.cache.resident if n not in served]:
+            self.cache.forget(name)
+        logger.info("dynamic: reconfigured: adapters %s, LRU %d", sorted(served), live.max_loaded_adapters)
 
-    def _configure(self, max_batch_size: int, wait_s: float) -> None:
-        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, wait_s
-        self._batched.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
-        self._batched.set_batch_wait_timeout_s(wait_s)  # type: ignore[attr-defined]
+    @property
+    def served(self) -> set[str]:
+        """Adapters this deployment answers: the live dynamic list and every merged adapter (fallback)."""
+        return set(self._live().adapters) | set(self.settings.merged)
+
+    def _live(self) -> DynamicLive:
+        if self.live is None:
+            raise NotConfigured("dynamic: no live settings yet (the Serve config must carry user_config)")
+        return self.live
+
+    def _cache(self) -> AdapterCache:
+        if self.cache is None:
+            raise NotConfigured("dynamic: no live settings yet (the Serve config must carry user_config)")
+        return self.cache
 
     # ------------------------------------------------------------ requests
-    async def generate(self, image: bytes, prompt: str, adapter: str | None) -> dict[str, Any]:
+    async def generate(self, image: bytes, prompt: str, adapter: str | None) -> Answer:
         return await self._submit(open_image(image), prompt, adapter)
 
-    async def _submit(self, image: Image.Image, prompt: str, adapter: str | None) -> dict[str, Any]:
+    async def _submit(self, image: Image.Image, prompt: str, adapter: str | None) -> Answer:
         if adapter is not None and adapter not in self.served:
             raise AdapterNotServed(f"adapter {adapter!r} is not served by the dynamic deployment")
-        result: dict[str, Any] | BaseException = await self._batched(_Item(image, prompt, adapter))
+        result: Answer | BaseException = await self._batched(_Item(image, prompt, adapter))
         if isinstance(result, BaseException):  # per-row failures come back as values
             raise result
         return result
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, items: list[_Item]) -> list[dict[str, Any] | BaseException]:
+    async def _batched(self, items: list[_Item]) -> list[Answer | BaseException]:
         """One forward per group of at most LRU-capacity adapters (usually the whole batch)."""
-        out: list[dict[str, Any] | BaseException] = [RuntimeError("row not run")] * len(items)
+        cache = self._cache()
+        out: list[Answer | BaseException] = [RuntimeError("row not run")] * len(items)
         adapters = sorted({i.adapter for i in items if i.adapter is not None})
         base_rows = [k for k, i in enumerate(items) if i.adapter is None]
-        for n, group in enumerate(_chunks(adapters, self.cache.capacity)):
-            versions, missing = await self._ensure(group)
+        for n, group in enumerate(_chunks(adapters, cache.capacity)):
+            versions, missing = await self._ensure(cache, group)
             for k, item in enumerate(items):
                 if item.adapter in missing:
                     out[k] = AdapterNotServed(missing[item.adapter])
@@ -112,13 +125,14 @@ class DynamicLoRA:
             await self._run(rows, items, out, versions)
         return out
 
-    async def _ensure(self, group: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    @staticmethod
+    async def _ensure(cache: AdapterCache, group: list[str]) -> tuple[dict[str, str], dict[str, str]]:
         """Load ``group``; adapters that have no published version are reported, not fatal."""
         missing: dict[str, str] = {}
         while True:
             todo = [a for a in group if a not in missing]
             try:
-                return await self.cache.ensure(todo), missing
+                return await cache.ensure(todo), missing
             except AdapterNotFound as e:
                 missing[e.name] = str(e)
 
@@ -133,68 +147,48 @@ class DynamicLoRA:
         self.batches[len(rows)] += 1
         self.mixed[n_adapters] += 1
         for i, r in zip(rows, results, strict=True):
-            out[i] = {
-                "text": r.text,
-                "adapter": r.adapter,
-                "mode": "dynamic",
-                "version": versions.get(r.adapter or ""),
-                "batch_size": r.batch_size,
-                "adapters_in_batch": r.adapters_in_batch,
-            }
+            version = versions.get(r.adapter) if r.adapter else None
+            out[i] = Answer(r.text, r.adapter, "dynamic", version, r.batch_size, r.adapters_in_batch)
 
-    async def route(
-        self,
-        image: bytes,
-        prompt: str,
-        labels: list[str],
-        threshold: float,
-        below_threshold: str,
-        answer_here: list[str],
-    ) -> dict[str, Any]:
-        """Classify with the routing adapter (one forward); generate here when the adapter is in ``answer_here``.
-
-        Returns ``{adapter, confidence, scores, below_threshold, output}``; ``output`` is None when the
-        caller must send the request elsewhere (a merged deployment) or reject it.
-        """
-        if self.router_cache is None or not self.cfg.router.adapter:
+    async def route(self, req: RouteRequest) -> RouteResult:
+        """Classify with the routing adapter (one forward), decide, and answer here when the decision
+        is dynamic (one hop); a merged decision or a rejection goes back to the gateway unanswered."""
+        name = self.settings.router
+        if self.router_cache is None or not name:
             raise RoutingUnavailable("no routing adapter is configured (router.adapter)")
-        name = self.cfg.router.adapter
         try:
             await self.router_cache.ensure([name])
         except AdapterNotFound as e:
             raise RoutingUnavailable(str(e)) from e
-        img = open_image(image)
-        res = await asyncio.to_thread(self.engine.classify, img, self.cfg.router.prompt, labels, name)
-        below = res.confidence < threshold
-        adapter: str | None = res.label
-        out: dict[str, Any] = {"adapter": adapter, "confidence": res.confidence, "scores": res.scores,
-                               "below_threshold": below, "output": None}  # fmt: skip
-        if below:
-            if below_threshold == "reject":
-                return out
-            adapter = None
-            out["adapter"] = None
-        if adapter is None or adapter in answer_here:
-            out["output"] = await self._submit(img, prompt, adapter)  # the image decoded once
-        return out
+        img = open_image(req.image)
+        labels = req.policy.label_names()
+        res = await asyncio.to_thread(self.engine.classify, img, self.settings.router_prompt, labels, name)
+        decision = decide(
+            Classification(res.label, res.confidence, res.scores), req.policy, req.prefer_merged
+        )
+        answer = None
+        if decision.action == "answer" and decision.target == "dynamic":
+            answer = await self._submit(img, req.prompt, decision.adapter)  # the image decoded once
+        return RouteResult(decision, answer)
 
     def stats(self) -> dict[str, Any]:
+        cache = self._cache()
         return {
             "pid": os.getpid(),
             "forwards": sum(self.batches.values()),
             "batch_sizes": dict(self.batches),
             "adapters_per_forward": dict(self.mixed),
             "max_adapters_in_one_forward": max(self.mixed, default=0),
-            "resident": self.cache.resident,
-            "capacity": self.cache.capacity,
-            "loads": self.cache.loads,
-            "evictions": self.cache.evictions,
+            "resident": cache.resident,
+            "capacity": cache.capacity,
+            "loads": cache.loads,
+            "evictions": cache.evictions,
             "served": sorted(self.served),
         }
 
     def check_health(self) -> None:
-        if not self.engine.model:
-            raise RuntimeError("dynamic: engine has no model")
+        """Unhealthy until the live settings arrive; the engine's own health is the hardening issue's."""
+        self._live()
 
 
 def _chunks(names: list[str], size: int) -> list[list[str]]:

@@ -1,18 +1,26 @@
-"""Generate k8s/rayservice.yaml: the KubeRay RayService whose serveConfigV2 is our Serve config.
+"""Generate k8s/: the KubeRay RayService (whose serveConfigV2 is our Serve config) and the merge RayJob.
 
-    python -m deployments.kube --config config/deployment.k8s.yaml --out k8s/rayservice.yaml
-    python -m deployments.kube --config config/deployment.k8s.yaml --check k8s/rayservice.yaml
+    python -m deployments.kube --config config/deployment.k8s.yaml --out k8s/
+    python -m deployments.kube --config config/deployment.k8s.yaml --check k8s/
+
+``--out``/``--check`` name the directory holding rayservice.yaml and rayjob-merge.yaml; one invocation
+writes (or checks) both. The two manifests are built from the same pieces (image, env with the Hugging
+Face token secret, the shared volume, the H100 node selector and GPU toleration, rayVersion), so they
+cannot drift apart.
 
 Sizing assumptions (Qwen3-VL-8B-Instruct in bf16 on H100 80 GB): ~17 GB of weights per replica, one
 replica per GPU; worker pods of 1 GPU, 12 CPUs and 96 GiB of memory (model load, image decoding,
-safetensors page cache); the head runs no replicas (num-cpus 0).
+safetensors page cache); the head runs no replicas (num-cpus 0). The merge job's worker takes its GPUs
+and CPUs from the config's ``merge:`` section and 96 GiB of memory (see MERGE_WORKER_MEMORY).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from pathlib import Path
+from collections.abc import Callable
+from pathlib import Path, PurePath
 from typing import Any
 
 import ray
@@ -21,29 +29,117 @@ import yaml
 from deployments.serve_config import serve_config, write_or_check
 from moe_core.config import DeploymentConfig
 
-__all__ = ["IMAGE", "rayservice"]
+__all__ = ["FILES", "IMAGE", "rayjob", "rayservice", "render_rayjob", "render_rayservice"]
 
+NAME = "moe-inference-server"
 IMAGE = "ghcr.io/moe-inference-server/moe-inference-server:0.1.0"
+APP_DIR = "/home/ray/app"  # the image's WORKDIR; config/ is copied there (Dockerfile)
 STORAGE_CLAIM = "moe-storage"
 HF_SECRET = "hf-token"
 H100_LABEL = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# An fp32 merge of the 8B model holds ~33 GB of weights in host memory while loading: its worker gets
+# 96 GiB, like a serving worker.
+MERGE_WORKER_MEMORY = "96Gi"
+
+Resources = dict[str, dict[str, str]]
 
 
-def _volumes(mount: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _quantity(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _resources(cpu: float, memory: str, gpu: int = 0) -> Resources:
+    amounts = {"cpu": _quantity(cpu), "memory": memory}
+    if gpu:
+        amounts["nvidia.com/gpu"] = str(gpu)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _storage(cfg: DeploymentConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The shared ReadWriteMany volume (k8s/storage.yaml): pod volumes and container mounts."""
+    mount = cfg.storage.url if cfg.storage.url.startswith("/") else "/mnt/moe-storage"
     volumes = [{"name": "storage", "persistentVolumeClaim": {"claimName": STORAGE_CLAIM}}]
     mounts = [{"name": "storage", "mountPath": mount}]
     return volumes, mounts
 
 
-def _env() -> list[dict[str, Any]]:
+def _env(*extra: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "name": "HF_TOKEN",
             "valueFrom": {"secretKeyRef": {"name": HF_SECRET, "key": "token", "optional": True}},
         },
         {"name": "HF_HOME", "value": "/mnt/moe-storage/hf-cache"},
-        {"name": "RAY_SERVE_ENABLE_TASK_EVENTS", "value": "0"},
+        *extra,
     ]
+
+
+def _pod(container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool = False) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if gpu:
+        spec["nodeSelector"] = dict(H100_LABEL)
+        spec["tolerations"] = [dict(GPU_TOLERATION)]
+    spec["containers"] = [container]
+    spec["volumes"] = volumes
+    return {"spec": spec}
+
+
+def _container(
+    name: str,
+    resources: Resources,
+    env: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+    ports: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    c: dict[str, Any] = {"name": name, "image": IMAGE, "resources": resources}
+    if ports:
+        c["ports"] = ports
+    c["env"] = env
+    c["volumeMounts"] = mounts
+    return c
+
+
+def _head_group(
+    cfg: DeploymentConfig,
+    resources: Resources,
+    env: list[dict[str, Any]],
+    ports: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The head runs no replicas or tasks (num-cpus 0): only the GCS, dashboard and job server."""
+    volumes, mounts = _storage(cfg)
+    return {
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "template": _pod(_container("ray-head", resources, env, mounts, ports), volumes),
+    }
+
+
+def _worker_group(
+    cfg: DeploymentConfig,
+    *,
+    cpu: float,
+    memory: str,
+    gpu: int,
+    env: list[dict[str, Any]],
+    replicas: int,
+    min_replicas: int,
+    max_replicas: int,
+    shm: str | None = None,
+) -> dict[str, Any]:
+    """One worker group; with GPUs its pods go to the H100 nodes (node selector, taint toleration)."""
+    volumes, mounts = _storage(cfg)
+    if shm:
+        volumes = [*volumes, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}}]
+        mounts = [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}]
+    container = _container("ray-worker", _resources(cpu, memory, gpu), env, mounts)
+    return {
+        "groupName": "h100" if gpu else "cpu",
+        "replicas": replicas,
+        "minReplicas": min_replicas,
+        "maxReplicas": max_replicas,
+        "rayStartParams": {"num-gpus": str(gpu)},
+        "template": _pod(container, volumes, gpu=bool(gpu)),
+    }
 
 
 def max_gpu_replicas(cfg: DeploymentConfig) -> int:
@@ -58,65 +154,25 @@ def min_gpu_replicas(cfg: DeploymentConfig) -> int:
     return merged + dynamic
 
 
-def rayservice(cfg: DeploymentConfig, name: str = "moe-inference-server") -> dict[str, Any]:
-    mount = cfg.storage.url if cfg.storage.url.startswith("/") else "/mnt/moe-storage"
-    volumes, mounts = _volumes(mount)
-    serve_v2 = yaml.safe_dump(serve_config(cfg), sort_keys=False, width=120)
-    head = {
-        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-        "template": {
-            "spec": {
-                "containers": [
-                    {
-                        "name": "ray-head",
-                        "image": IMAGE,
-                        "resources": {
-                            "requests": {"cpu": "4", "memory": "16Gi"},
-                            "limits": {"cpu": "4", "memory": "16Gi"},
-                        },
-                        "ports": [
-                            {"containerPort": 6379, "name": "gcs-server"},
-                            {"containerPort": 8265, "name": "dashboard"},
-                            {"containerPort": 10001, "name": "client"},
-                            {"containerPort": 8000, "name": "serve"},
-                        ],
-                        "env": _env(),
-                        "volumeMounts": mounts,
-                    }
-                ],
-                "volumes": volumes,
-            }
-        },
-    }
-    gpu_worker = {
-        "groupName": "h100",
-        "replicas": max(1, min_gpu_replicas(cfg)),
-        "minReplicas": min_gpu_replicas(cfg),
-        "maxReplicas": max_gpu_replicas(cfg),
-        "rayStartParams": {"num-gpus": "1"},
-        "template": {
-            "spec": {
-                "nodeSelector": dict(H100_LABEL),
-                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                "containers": [
-                    {
-                        "name": "ray-worker",
-                        "image": IMAGE,
-                        "resources": {
-                            "requests": {"cpu": "12", "memory": "96Gi", "nvidia.com/gpu": "1"},
-                            "limits": {"cpu": "12", "memory": "96Gi", "nvidia.com/gpu": "1"},
-                        },
-                        "env": _env(),
-                        "volumeMounts": [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}],
-                    }
-                ],
-                "volumes": [
-                    *volumes,
-                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
-                ],
-            }
-        },
-    }
+def rayservice(cfg: DeploymentConfig, name: str = NAME) -> dict[str, Any]:
+    env = _env({"name": "RAY_SERVE_ENABLE_TASK_EVENTS", "value": "0"})
+    ports = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+        {"containerPort": 8000, "name": "serve"},
+    ]
+    gpu_worker = _worker_group(
+        cfg,
+        cpu=12,
+        memory="96Gi",
+        gpu=1,
+        env=env,
+        replicas=max(1, min_gpu_replicas(cfg)),
+        min_replicas=min_gpu_replicas(cfg),
+        max_replicas=max_gpu_replicas(cfg),
+        shm="16Gi",
+    )
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -124,36 +180,115 @@ def rayservice(cfg: DeploymentConfig, name: str = "moe-inference-server") -> dic
         "spec": {
             "serviceUnhealthySecondThreshold": 900,
             "deploymentUnhealthySecondThreshold": 900,
-            "serveConfigV2": serve_v2,
+            "serveConfigV2": yaml.safe_dump(serve_config(cfg), sort_keys=False, width=120),
             "rayClusterConfig": {
                 "rayVersion": ray.__version__,
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 600},
-                "headGroupSpec": head,
+                "headGroupSpec": _head_group(cfg, _resources(4, "16Gi"), env, ports),
                 "workerGroupSpecs": [gpu_worker],
             },
         },
     }
 
 
-HEADER = (
-    "# Generated from {source} by `python -m deployments.kube`; do not edit by hand.\n"
-    "# serveConfigV2 is the Serve config of that file: editing its live fields and re-applying updates in place.\n"
+def rayjob(
+    cfg: DeploymentConfig, source: str = "config/deployment.k8s.yaml", name: str = NAME
+) -> dict[str, Any]:
+    """`python -m merge_jobs --all-merged` on a one-worker cluster sized by the config's merge section.
+
+    The job reads the copy of ``source`` baked into the image (config/ under APP_DIR). Each merge is a Ray
+    task asking for merge.gpu/merge.cpu, so the worker pod gets exactly that (GPUs rounded up to whole
+    devices). shutdownAfterJobFinishes deletes the cluster once ttlSecondsAfterFinished has passed.
+    """
+    config_in_image = f"{APP_DIR}/config/{PurePath(source).name}"
+    worker = _worker_group(
+        cfg,
+        cpu=cfg.merge.cpu,
+        memory=MERGE_WORKER_MEMORY,
+        gpu=math.ceil(cfg.merge.gpu),
+        env=_env(),
+        replicas=1,
+        min_replicas=1,
+        max_replicas=1,
+    )
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "generateName": "moe-merge-",
+            "labels": {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "merge"},
+        },
+        "spec": {
+            "entrypoint": f"python -m merge_jobs --config {config_in_image} --all-merged",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 3600,
+            "activeDeadlineSeconds": 7200,
+            "submissionMode": "K8sJobMode",
+            "rayClusterSpec": {
+                "rayVersion": ray.__version__,
+                "headGroupSpec": _head_group(cfg, _resources(2, "8Gi"), _env()),
+                "workerGroupSpecs": [worker],
+            },
+        },
+    }
+
+
+GENERATED = "# Generated from {source} by `python -m deployments.kube`; do not edit by hand.\n"
+RAYSERVICE_HEADER = "# serveConfigV2 is the Serve config of that file: editing its live fields and re-applying updates in place.\n"
+RAYJOB_HEADER = (
+    "# Merge the adapters the config marks merged into the base weights as a RayJob on a GPU node; each merged\n"
+    "# model is verified and published atomically to the shared volume, where the RayService picks it up.\n"
+    "#   kubectl create -f k8s/rayjob-merge.yaml        (generateName: one job per create)\n"
 )
 
 
-def render(cfg: DeploymentConfig, source: str) -> str:
-    return HEADER.format(source=source) + yaml.safe_dump(rayservice(cfg), sort_keys=False, width=120)
+class _NoAliasDumper(yaml.SafeDumper):
+    """Spell shared pieces out in full in each place (no &anchors/*aliases): manifests are read by people."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _dump(doc: dict[str, Any]) -> str:
+    return yaml.dump(doc, Dumper=_NoAliasDumper, sort_keys=False, width=120)
+
+
+def render_rayservice(cfg: DeploymentConfig, source: str) -> str:
+    return GENERATED.format(source=source) + RAYSERVICE_HEADER + _dump(rayservice(cfg))
+
+
+def render_rayjob(cfg: DeploymentConfig, source: str) -> str:
+    return GENERATED.format(source=source) + RAYJOB_HEADER + _dump(rayjob(cfg, source))
+
+
+FILES: dict[str, Callable[[DeploymentConfig, str], str]] = {
+    "rayservice.yaml": render_rayservice,
+    "rayjob-merge.yaml": render_rayjob,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deployments.kube", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="config/deployment.k8s.yaml")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--out", type=Path)
-    g.add_argument("--check", type=Path)
+    g.add_argument("--out", type=Path, metavar="DIR", help="write the manifests into this directory")
+    g.add_argument("--check", type=Path, metavar="DIR", help="fail when a manifest there is out of date")
     args = p.parse_args(argv)
-    return write_or_check(render(DeploymentConfig.from_file(args.config), args.config), args)
+    directory: Path = args.out or args.check
+    if directory.is_file() or directory.suffix in {".yaml", ".yml"}:
+        p.error(f"--out/--check take the directory holding {' and '.join(FILES)}, not a file")
+    if args.out:
+        directory.mkdir(parents=True, exist_ok=True)
+    cfg = DeploymentConfig.from_file(args.config)
+    rc = 0
+    for filename, render in FILES.items():
+        path = directory / filename
+        one = argparse.Namespace(
+            config=args.config, out=path if args.out else None, check=path if args.check else None
+        )
+        rc = max(rc, write_or_check(render(cfg, args.config), one))
+    return rc
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Each replica loads the current published version from ``merged/<name>/`` and answers with plain
 (single-model) batches; a newer published version is picked up without a restart. With nothing
-published it stays up and answers :class:`ModelUnavailable`, so the router can fall back.
+published it stays up and answers :class:`ModelUnavailable`, so the gateway can fall back.
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from PIL import Image
 from ray import serve
 
+from deployments.engines import DeploymentEngine, ModelDeployment
+from deployments.messages import Answer, MergedStatus
 from deployments.schemas import open_image
-from moe_core.config import DeploymentConfig
-from moe_core.engine import Engine, GenerationRequest
-from moe_core.storage import Storage
+from deployments.settings import MergedSettings
+from moe_core.engine import GenerationRequest
 
 __all__ = ["MergedModel", "ModelUnavailable"]
 
@@ -29,18 +29,14 @@ class ModelUnavailable(RuntimeError):
     """This merged deployment has no published model to serve."""
 
 
-class MergedModel:
-    def __init__(self, adapter: str, config: dict[str, Any]) -> None:
-        self.cfg = DeploymentConfig.from_static(config)
-        self.adapter = adapter
-        self.storage = Storage(self.cfg.storage.url, self.cfg.storage.cache_dir)
-        self.engine: Engine | None = None
+class MergedModel(ModelDeployment[MergedSettings]):
+    def _start(self) -> None:
+        self.adapter = self.settings.adapter
+        self.engine: DeploymentEngine | None = None
         self.version: str | None = None
         self._checked = 0.0
         self._swap = asyncio.Lock()
-        self._batched.set_batch_wait_timeout_s(self.cfg.dynamic.batch_wait_timeout_s)  # type: ignore[attr-defined]
-        self._batched.set_max_batch_size(self.cfg.limits.max_batch_size)  # type: ignore[attr-defined]
-        self._load(self.storage.current_version("merged", adapter))
+        self._load(self.storage.current_version("merged", self.adapter))
 
     def _load(self, version: str | None) -> None:
         if version is None:
@@ -48,14 +44,14 @@ class MergedModel:
             return
         t0 = time.perf_counter()
         path, _ = self.storage.fetch("merged", self.adapter, version)
-        self.engine = Engine.from_config(self.cfg, path, name=f"merged-{self.adapter}")
+        self.engine = self.engine_factory(self.settings.engine, path, f"merged-{self.adapter}")
         self.version = version
         logger.info(
             "merged %s: serving version %s (loaded in %.2fs)", self.adapter, version, time.perf_counter() - t0
         )
 
     async def _refresh(self) -> None:
-        if time.monotonic() - self._checked < self.cfg.dynamic.refresh_interval_s:
+        if time.monotonic() - self._checked < self.settings.batching.refresh_interval_s:
             return
         async with self._swap:
             self._checked = time.monotonic()
@@ -63,30 +59,20 @@ class MergedModel:
             if current is not None and current != self.version:
                 await asyncio.to_thread(self._load, current)
 
-    async def generate(self, image: bytes, prompt: str) -> dict[str, Any]:
+    async def generate(self, image: bytes, prompt: str) -> Answer:
         await self._refresh()
         if self.engine is None:
             raise ModelUnavailable(f"merged deployment {self.adapter!r} has no published model")
-        result: dict[str, Any] = await self._batched((open_image(image), prompt))  # decoded before batching
+        result: Answer = await self._batched((open_image(image), prompt))  # decoded before batching
         return result
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, items: list[tuple[Image.Image, str]]) -> list[dict[str, Any]]:
+    async def _batched(self, items: list[tuple[Image.Image, str]]) -> list[Answer]:
         engine, version = self.engine, self.version
         assert engine is not None
         reqs = [GenerationRequest(img, prompt, None) for img, prompt in items]
         results = await asyncio.to_thread(engine.generate, reqs)
-        return [
-            {
-                "text": r.text,
-                "adapter": self.adapter,
-                "mode": "merged",
-                "version": version,
-                "batch_size": r.batch_size,
-                "adapters_in_batch": 1,
-            }
-            for r in results
-        ]
+        return [Answer(r.text, self.adapter, "merged", version, r.batch_size, 1) for r in results]
 
-    def status(self) -> dict[str, Any]:
-        return {"adapter": self.adapter, "version": self.version, "ready": self.engine is not None}
+    def status(self) -> MergedStatus:
+        return MergedStatus(self.adapter, self.version, self.engine is not None)

@@ -1,33 +1,42 @@
-"""The routing decisions, free of Ray: which adapter, and which deployment answers it.
+"""The routing rules, free of Ray: which adapter answers, and which deployment serves it.
 
-Kept pure so the rules are unit-tested with plain values; the ingress only carries them out.
+Pure values and functions, unit-tested as tables; the gateway and the dynamic deployment only carry
+out what :func:`decide` returns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from deployments.schemas import BadInput, LiveRouterConfig
+from deployments.schemas import BadInput, RoutedVia
+from moe_core.config import GatewayLive
 
-__all__ = ["RoutingPolicy", "Target"]
+__all__ = ["Classification", "Decision", "RoutedVia", "RoutingPolicy", "Target", "decide"]
 
 Target = Literal["merged", "dynamic"]
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The routing adapter's verdict on one screenshot."""
+
+    label: str  # the adapter name it chose
+    confidence: float
+    scores: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class RoutingPolicy:
     labels: Mapping[int, str]  # router label id -> adapter name
     merged: Collection[str]  # adapters with an enabled merged deployment
-    live: LiveRouterConfig
-    dynamic_only_merged: Collection[
-        str
-    ] = ()  # merged adapters whose deployment is disabled: dynamic serves them
+    live: GatewayLive
+    merged_disabled: Collection[str] = ()  # merged adapters whose deployment is disabled: dynamic serves them
 
     @property
     def experts(self) -> set[str]:
-        return set(self.merged) | set(self.dynamic_only_merged) | set(self.live.dynamic_adapters)
+        return set(self.merged) | set(self.merged_disabled) | set(self.live.dynamic_adapters)
 
     def resolve_expert(self, expert: int | str) -> str:
         """An explicit expert: a router label id or an adapter name."""
@@ -49,9 +58,36 @@ class RoutingPolicy:
         prefer = self.live.prefer_merged if prefer_merged is None else prefer_merged
         return "merged" if adapter is not None and prefer and adapter in self.merged else "dynamic"
 
-    def answer_in_dynamic(self, prefer_merged: bool | None) -> list[str]:
-        """Adapters the dynamic deployment should answer right after classifying (no second hop)."""
-        return sorted(a for a in self.labels.values() if self.target(a, prefer_merged) == "dynamic")
-
     def label_names(self) -> list[str]:
         return [self.labels[k] for k in sorted(self.labels)]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with a routed request: answer with ``adapter`` (None: the base model) on ``target``,
+    or reject it (below the confidence threshold with ``below_threshold: reject``)."""
+
+    action: Literal["answer", "reject"]
+    adapter: str | None
+    target: Target
+    routed_via: RoutedVia
+    classification: Classification
+
+    def rejection(self, threshold: float) -> BadInput:
+        """The 422 a rejected request gets: the confidence and the top candidates."""
+        c = self.classification
+        top = sorted(c.scores.items(), key=lambda kv: -kv[1])[:3]
+        cands = ", ".join(f"{n} ({p:.2f})" for n, p in top)
+        return BadInput(
+            "expert",
+            f"routing confidence {c.confidence:.2f} is below {threshold}; name an expert (candidates: {cands})",
+        )
+
+
+def decide(c: Classification, policy: RoutingPolicy, prefer_merged: bool | None = None) -> Decision:
+    """The one routing decision: from the routing adapter's verdict to who answers."""
+    if c.confidence >= policy.live.confidence_threshold:
+        return Decision("answer", c.label, policy.target(c.label, prefer_merged), "router", c)
+    if policy.live.below_threshold == "reject":
+        return Decision("reject", None, "dynamic", "router-below-threshold", c)
+    return Decision("answer", None, "dynamic", "router-below-threshold", c)

@@ -16,11 +16,17 @@ __all__ = [
     "BadInput",
     "InferRequest",
     "InferResponse",
-    "LiveRouterConfig",
+    "Mode",
+    "RoutedVia",
     "decode_image",
     "error_body",
     "open_image",
 ]
+
+#: Which deployment generated an answer.
+Mode = Literal["merged", "dynamic"]
+#: How the adapter was chosen: named by the client, by the routing adapter, or the base model below threshold.
+RoutedVia = Literal["explicit", "router", "router-below-threshold"]
 
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
@@ -58,10 +64,8 @@ class InferRequest(BaseModel):
 class InferResponse(BaseModel):
     task_output: str = Field(description="The expert's answer (one action).")
     adapter: str | None = Field(description="Adapter that answered; null for the bare base model.")
-    mode: Literal["merged", "dynamic"] = Field(description="Which deployment generated the answer.")
-    routed_via: Literal["explicit", "router", "router-below-threshold"] = Field(
-        description="How the adapter was chosen."
-    )
+    mode: Mode = Field(description="Which deployment generated the answer.")
+    routed_via: RoutedVia = Field(description="How the adapter was chosen.")
     confidence: float | None = Field(description="Routing confidence (null when the expert was explicit).")
     merged_version: str | None = Field(default=None, description="Merged model version, when mode is merged.")
     fallback: bool = Field(
@@ -79,18 +83,6 @@ class AdapterStatus(BaseModel):
     merged_version: str | None = Field(description="Published merged version the deployment serves.")
     dynamic: bool = Field(description="Served by the dynamic-LoRA deployment.")
     router_labels: list[int] = Field(description="Router labels that select it.")
-
-
-class LiveRouterConfig(BaseModel):
-    """The router's user_config: what `serve deploy` changes in place."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prefer_merged: bool = True
-    fallback_to_dynamic: bool = True
-    confidence_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
-    below_threshold: Literal["base", "reject"] = "reject"
-    dynamic_adapters: list[str] = Field(default_factory=list)
 
 
 def decode_image(data: str, *, max_bytes: int, max_pixels: int) -> tuple[bytes, Image.Image]:

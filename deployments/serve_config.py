@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from deployments.app import DYNAMIC_NAME, ROUTER_NAME, dynamic_user_config, router_user_config
+from deployments.app import user_configs
 from moe_core.config import DeploymentConfig
 
 __all__ = ["APP_NAME", "render", "serve_config"]
@@ -31,9 +31,7 @@ HEADER = (
 
 
 def serve_config(cfg: DeploymentConfig, *, host: str = "0.0.0.0", port: int = 8000) -> dict[str, Any]:
-    deployments: list[dict[str, Any]] = [{"name": ROUTER_NAME, "user_config": router_user_config(cfg)}]
-    if cfg.dynamic.enabled:
-        deployments.append({"name": DYNAMIC_NAME, "user_config": dynamic_user_config(cfg)})
+    deployments = [{"name": name, "user_config": live} for name, live in user_configs(cfg).items()]
     return {
         "proxy_location": "EveryNode",
         "http_options": {

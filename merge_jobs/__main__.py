@@ -2,7 +2,7 @@
 
     python -m merge_jobs --adapter-name calendar [--checkpoint PATH] [--no-safe-merge]
     python -m merge_jobs --all-merged                      # every adapter the config marks merged
-    python -m merge_jobs rollback calendar                 # make the previous merged version current
+    python -m merge_jobs --rollback calendar               # make the previous merged version current
     ray job submit --working-dir . -- python -m merge_jobs --adapter-name calendar
 
 Each merge runs in a Ray task with the resources the config gives it (``merge.gpu``/``merge.cpu``);

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 
 from moe_core.config import DeploymentConfig
-from moe_core.engine import Engine, GenerationRequest
-from moe_core.modeling import base_model_id, load_model, load_processor, resolve_device, resolve_dtype
+from moe_core.engine import Engine, EngineError, GenerationRequest
+from moe_core.modeling import base_model_id, resolve_device, resolve_dtype
+from moe_core.probes import Probe, load_probes
 from moe_core.registry import METADATA, adapter_digest, validate_adapter
-from moe_core.storage import Storage, sha256_file
+from moe_core.storage import Storage, StorageError, sha256_file
 
-__all__ = ["MERGE_METADATA", "MergeRefused", "MergeResult", "merge_adapter", "probe_inputs"]
+__all__ = ["MERGE_METADATA", "MergeRefused", "MergeResult", "merge_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,51 +59,27 @@ def _stage(name: str, stage: str, timings: dict[str, float]) -> Iterator[None]:
     logger.info("merge %s: %s done in %.2fs", name, stage, timings[stage])
 
 
-def probe_inputs(name: str, n: int) -> list[tuple[Any, str]]:
-    """Probe (image, prompt) pairs: the demo's held-out screens for a demo adapter, else a mix."""
-    from moe_core.demo.screens import PROMPTS, SCREEN_TYPES, split
-
-    kinds = (name,) if name in PROMPTS else SCREEN_TYPES
-    screens = split("heldout", max(1, -(-n // len(kinds))), kinds)[:n]
-    return [(s.image, s.prompt) for s in screens]
-
-
 def _source(
     storage: Storage, cfg: DeploymentConfig, name: str, checkpoint: Path | None
 ) -> tuple[Path, dict[str, Any]]:
     if checkpoint is not None:
         validate_adapter(cfg, name, checkpoint)
         return checkpoint, {"source_lora": str(checkpoint)}
-    path, version = storage.fetch("lora", name)
+    path, version = storage.fetch("expert", name)
     meta = json.loads((path / METADATA).read_text())
     return path, {
-        "source_lora": f"{storage.url}/loras/{name}/{version}",
+        "source_lora": f"{storage.url}/experts/{name}/{version}",
         "source_version": version,
         "source_eval_accuracy": meta.get("eval_accuracy"),
         "source_dataset": meta.get("dataset_name"),
     }
 
 
-def _check_lora_deltas(model: Any, name: str, adapter: str) -> None:
-    """Refuse NaN/Inf in any layer's LoRA delta, naming the layer (what safe_merge would refuse)."""
-    for module_name, module in model.named_modules():
-        if hasattr(module, "get_delta_weight") and adapter in getattr(module, "lora_A", {}):
-            delta = module.get_delta_weight(adapter)
-            if not torch.isfinite(delta).all():
-                raise MergeRefused(
-                    f"adapter {name!r}: layer {module_name} has NaN/Inf in its LoRA delta; not merged"
-                )
-
-
 def _logits_and_greedy(
-    engine: Engine, probes: Sequence[tuple[Any, str]], adapter: str | None
+    engine: Engine, probes: Sequence[Probe], adapter: str | None
 ) -> tuple[torch.Tensor, list[str]]:
-    inputs = engine.encode([im for im, _ in probes], [p for _, p in probes])
-    kwargs = {"adapter_names": [adapter] * len(probes)} if adapter else {}
-    with torch.inference_mode():
-        logits = engine.model(**inputs, **kwargs).logits.float()  # [n, seq, vocab]
-    texts = [r.text for r in engine.generate([GenerationRequest(im, p, adapter) for im, p in probes])]
-    return logits, texts
+    reqs = [GenerationRequest(im, p, adapter) for im, p in probes]
+    return engine.logits(reqs), [r.text for r in engine.generate(reqs)]
 
 
 def merge_adapter(
@@ -114,8 +91,6 @@ def merge_adapter(
     storage: Storage | None = None,
 ) -> MergeResult:
     """Merge ``name`` (from storage, or ``checkpoint``) and publish it unless it is already current."""
-    from peft import PeftModel
-
     storage = storage or Storage(cfg.storage.url, cfg.storage.cache_dir)
     safe = cfg.merge.safe_merge if safe_merge is None else safe_merge
     timings: dict[str, float] = {}
@@ -137,32 +112,27 @@ def merge_adapter(
                 name, current, False, meta.get("max_logit_diff"), meta.get("greedy_agreement"), {}
             )
 
+    try:
+        probe_set, probes = load_probes(storage, name, cfg.merge.probe_set, cfg.merge.num_probes)
+    except StorageError as e:
+        raise MergeRefused(f"adapter {name!r}: {e}") from e
     device = resolve_device(cfg.base_model)
     serve_dtype = resolve_dtype(cfg.base_model, device)
-    with _stage(name, "load base", timings):
-        model = load_model(cfg.base_model, dtype=torch.float32, device=device)  # merge in fp32
-        processor = load_processor(cfg.base_model)
+    with _stage(name, "load base", timings):  # merged in fp32, cast to the serving dtype afterwards
+        engine = Engine.load(cfg.engine, name=f"merge-{name}", dtype=torch.float32, device=device)
     with _stage(name, "load adapter", timings):
-        peft = PeftModel.from_pretrained(model, str(src), adapter_name=name, is_trainable=False).eval()
-    probes = probe_inputs(name, cfg.merge.num_probes)
-    engine = Engine(peft, processor, system_prompt=cfg.system_prompt, max_new_tokens=cfg.limits.max_new_tokens,
-                    image_size=cfg.limits.image_size, name=f"merge-{name}")  # fmt: skip
+        engine.load_adapter(name, src)
     with _stage(name, "reference", timings):
         ref_logits, ref_texts = _logits_and_greedy(engine, probes, name)
     with _stage(name, "merge", timings):
-        if safe:
-            _check_lora_deltas(peft, name, name)
         try:
-            merged = peft.merge_and_unload(safe_merge=safe, adapter_names=[name])
-        except ValueError as e:  # PEFT's safe_merge: "NaNs detected in the merged weights"
-            raise MergeRefused(f"adapter {name!r}: {e}") from e
-        bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise MergeRefused(f"adapter {name!r}: merged weights hold NaN/Inf in {bad[:3]}; not published")
-        merged = merged.to(serve_dtype).eval()
+            merged = engine.merge_adapter(name, safe_merge=safe)
+        except EngineError as e:
+            raise MergeRefused(f"adapter {name!r}: {e}; not published") from e
+        merged = merged.to(serve_dtype).eval()  # type: ignore[attr-defined]
+        processor = engine.processor
     with _stage(name, "verify", timings):
-        engine = Engine(merged, processor, system_prompt=cfg.system_prompt, max_new_tokens=cfg.limits.max_new_tokens,
-                        image_size=cfg.limits.image_size, name=f"merged-{name}")  # fmt: skip
+        engine = Engine(merged, processor, cfg.engine, name=f"merged-{name}")
         logits, texts = _logits_and_greedy(engine, probes, None)
         max_diff = float((logits - ref_logits).abs().max())
         agreement = sum(a == b for a, b in zip(texts, ref_texts, strict=True)) / len(probes)
@@ -182,7 +152,7 @@ def merge_adapter(
     with tempfile.TemporaryDirectory(prefix=f"merge-{name}-") as tmp:
         out = Path(tmp)
         with _stage(name, "save", timings):
-            merged.save_pretrained(out, safe_serialization=True)
+            merged.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
             processor.save_pretrained(out)
             metadata = {
                 "adapter_name": name,
@@ -196,6 +166,7 @@ def merge_adapter(
                 "max_logit_diff": max_diff,
                 "greedy_agreement": agreement,
                 "num_probes": len(probes),
+                "probe_set": probe_set,
                 "timings_s": timings,
                 **source_meta,
             }

@@ -1,25 +1,6 @@
-"""moe_core: the shared core of moe-inference-server (config, storage, model loading, engine).
+"""moe_core: the shared core of moe-inference-server (config, storage, model loading, engine, registry).
 
-Imports no Ray Serve code; both ``deployments`` and ``merge_jobs`` build on it.
+Imports no Ray Serve code; both ``deployments`` and ``merge_jobs`` build on it. Import from the
+submodules (``moe_core.config``, ``moe_core.engine``, ...): the package itself imports nothing, so
+``python -m moe_core.registry`` runs its module once.
 """
-
-from moe_core.config import BUILTIN_TINY, ConfigError, DeploymentConfig
-from moe_core.engine import ClassifyResult, Engine, EngineError, GenerationRequest, GenerationResult
-from moe_core.registry import AdapterRejected, deploy_adapter, list_adapters
-from moe_core.storage import Storage, StorageError
-
-__all__ = [
-    "BUILTIN_TINY",
-    "AdapterRejected",
-    "ClassifyResult",
-    "ConfigError",
-    "DeploymentConfig",
-    "Engine",
-    "EngineError",
-    "GenerationRequest",
-    "GenerationResult",
-    "Storage",
-    "StorageError",
-    "deploy_adapter",
-    "list_adapters",
-]

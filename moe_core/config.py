@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, ClassVar, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
@@ -23,8 +23,12 @@ __all__ = [
     "ConfigError",
     "DeploymentConfig",
     "DynamicConfig",
+    "DynamicLive",
+    "EngineSettings",
     "GatewayConfig",
+    "GatewayLive",
     "LimitsConfig",
+    "LiveSettings",
     "MergeJobConfig",
     "MergedAdapterConfig",
     "MergedConfig",
@@ -45,17 +49,6 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
-#: Fields `serve deploy` changes in place (Serve user_config), never part of the app's args.
-LIVE_FIELDS: tuple[tuple[str, str], ...] = (
-    ("gateway", "prefer_merged"),
-    ("gateway", "fallback_to_dynamic"),
-    ("router", "confidence_threshold"),
-    ("router", "below_threshold"),
-    ("dynamic", "adapters"),
-    ("dynamic", "max_loaded_adapters"),
-)
-
-
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the field and the value."""
 
@@ -73,6 +66,29 @@ def validate_adapter_name(name: str) -> str:
 AdapterName = Annotated[
     str,
     Field(pattern=ADAPTER_NAME_RE.pattern, description="Adapter name: [a-z0-9][a-z0-9-]*, at most 63."),
+]
+
+
+# The live fields' types, declared once: the config sections and the live models below share them.
+PreferMerged = Annotated[bool, Field(description="Send to the merged deployment when one is up.")]
+FallbackToDynamic = Annotated[
+    bool, Field(description="Answer from the dynamic deployment when the merged one fails.")
+]
+ConfidenceThreshold = Annotated[
+    float,
+    Field(ge=0.0, le=1.0, description="Below this routing confidence the below_threshold rule applies."),
+]
+BelowThreshold = Annotated[
+    Literal["base", "reject"],
+    Field(
+        description="When unsure: 'base' answers with the base model, 'reject' answers 422 with candidates."
+    ),
+]
+DynamicAdapters = Annotated[
+    list[AdapterName], Field(description="Adapters served only by the dynamic deployment.")
+]
+MaxLoadedAdapters = Annotated[
+    int, Field(ge=1, description="LRU size: adapters resident in one replica at once.")
 ]
 
 
@@ -154,13 +170,8 @@ class RouterConfig(StrictModel):
     prompt: str = Field(
         default="Which screen is this?", description="Prompt given to the routing adapter with the image."
     )
-    confidence_threshold: float = Field(
-        default=0.5, ge=0.0, le=1.0, description="Below this confidence the below_threshold rule applies."
-    )
-    below_threshold: Literal["base", "reject"] = Field(
-        default="reject",
-        description="When unsure: 'base' answers with the base model, 'reject' answers 422 with candidates.",
-    )
+    confidence_threshold: ConfidenceThreshold = 0.5
+    below_threshold: BelowThreshold = "reject"
 
 
 class ScalingConfig(StrictModel):
@@ -183,27 +194,9 @@ class ScalingConfig(StrictModel):
         return self
 
 
-class MergedAdapterConfig(ScalingConfig):
-    name: AdapterName = Field(description="Adapter to serve from its merged, published copy.")
-    enabled: bool = Field(default=True, description="Whether its merged deployment runs.")
+class BatchingConfig(StrictModel):
+    """How a model deployment forms batches and looks for new versions in storage."""
 
-
-class MergedConfig(StrictModel):
-    enabled: bool = Field(default=True, description="Serve merged deployments at all.")
-    adapters: list[MergedAdapterConfig] = Field(
-        default_factory=list, description="Adapters merged into the base weights, one deployment each."
-    )
-
-
-class DynamicConfig(ScalingConfig):
-    enabled: bool = Field(default=True, description="Run the shared dynamic-LoRA deployment.")
-    min_replicas: int = Field(default=1, ge=0, description="Autoscaling floor; 0 allows scale to zero.")
-    adapters: list[AdapterName] = Field(
-        default_factory=list, description="Adapters served only by the dynamic deployment."
-    )
-    max_loaded_adapters: int = Field(
-        default=8, ge=1, description="LRU size: adapters resident in one replica at once."
-    )
     batch_wait_timeout_s: float = Field(
         default=0.002,
         ge=0.0,
@@ -211,15 +204,32 @@ class DynamicConfig(ScalingConfig):
         description="How long a batch waits to fill before it runs (batches also form while a forward runs).",
     )
     refresh_interval_s: float = Field(
-        default=5.0, ge=0.0, description="Minimum seconds between storage checks for a new adapter version."
+        default=5.0, ge=0.0, description="Minimum seconds between storage checks for a new version."
     )
+
+
+class MergedAdapterConfig(ScalingConfig):
+    name: AdapterName = Field(description="Adapter to serve from its merged, published copy.")
+    enabled: bool = Field(default=True, description="Whether its merged deployment runs.")
+
+
+class MergedConfig(BatchingConfig):
+    enabled: bool = Field(default=True, description="Serve merged deployments at all.")
+    adapters: list[MergedAdapterConfig] = Field(
+        default_factory=list, description="Adapters merged into the base weights, one deployment each."
+    )
+
+
+class DynamicConfig(ScalingConfig, BatchingConfig):
+    enabled: bool = Field(default=True, description="Run the shared dynamic-LoRA deployment.")
+    min_replicas: int = Field(default=1, ge=0, description="Autoscaling floor; 0 allows scale to zero.")
+    adapters: DynamicAdapters = Field(default_factory=list)
+    max_loaded_adapters: MaxLoadedAdapters = 8
 
 
 class GatewayConfig(StrictModel):
-    prefer_merged: bool = Field(default=True, description="Send to the merged deployment when one is up.")
-    fallback_to_dynamic: bool = Field(
-        default=True, description="Answer from the dynamic deployment when the merged one fails."
-    )
+    prefer_merged: PreferMerged = True
+    fallback_to_dynamic: FallbackToDynamic = True
     request_timeout_s: float = Field(default=60.0, gt=0, description="Per-hop timeout for a request.")
 
 
@@ -245,6 +255,11 @@ class MergeJobConfig(StrictModel):
         default=1.0, ge=0.0, le=1.0, description="Share of probes whose greedy outputs must agree."
     )
     num_probes: int = Field(default=8, ge=1, description="Probe inputs run through both models.")
+    probe_set: AdapterName = Field(
+        default="default",
+        description="Probe set in storage (probes/<name>/) that verifies a merge when the adapter has no "
+        "probe set of its own (probes/<adapter>/); a merge with neither is refused.",
+    )
     gpu: float = Field(default=0.0, ge=0.0, description="GPUs for the merge task (0 on the CPU default).")
     cpu: float = Field(default=1.0, ge=0.0, description="CPUs for the merge task.")
 
@@ -294,19 +309,40 @@ class DeploymentConfig(StrictModel):
         return self
 
     def static_dump(self) -> dict[str, object]:
-        """The config without its live fields (they travel as Serve user_config, changed in place)."""
+        """The config without its live fields: the app's args (live fields travel as user_config)."""
         data = self.model_dump(mode="json")
         for section, key in LIVE_FIELDS:
-            data[section].pop(key, None)
+            data[section].pop(key)
         return data
 
     @classmethod
-    def from_static(cls, data: dict[str, object]) -> DeploymentConfig:
-        """Validate a :meth:`static_dump`; rules involving live fields are checked where those arrive."""
+    def from_static(cls, data: dict[str, object]) -> tuple[DeploymentConfig, LiveSettings | None]:
+        """Validate the app's args: a :meth:`static_dump`, or a whole config.
+
+        Returns the config and, when ``data`` holds every live field, the live settings it gives.
+        Without them the returned config's live fields hold placeholders: read live values only
+        from the :class:`LiveSettings` a deployment receives as its user_config.
+        """
+        present = [
+            (s, k)
+            for s, k in LIVE_FIELDS
+            if isinstance(data.get(s), dict) and k in data[s]  # type: ignore[operator]
+        ]
         try:
-            return cls.model_validate(data, context={"live_fields_external": True})
+            cfg = cls.model_validate(data, context={"live_fields_external": len(present) < len(LIVE_FIELDS)})
         except ValidationError as e:
             raise ConfigError(f"app args: {_describe(e)}") from e
+        return cfg, LiveSettings.of(cfg) if len(present) == len(LIVE_FIELDS) else None
+
+    @property
+    def engine(self) -> EngineSettings:
+        """What an engine needs of this config."""
+        return EngineSettings(
+            base_model=self.base_model,
+            system_prompt=self.system_prompt,
+            max_new_tokens=self.limits.max_new_tokens,
+            image_size=self.limits.image_size,
+        )
 
     @property
     def all_adapters(self) -> list[str]:
@@ -316,3 +352,79 @@ class DeploymentConfig(StrictModel):
     @property
     def merged_enabled(self) -> list[MergedAdapterConfig]:
         return [a for a in self.merged.adapters if a.enabled] if self.merged.enabled else []
+
+
+class EngineSettings(StrictModel):
+    """What an engine needs: the model, the prompt around each request, generation limits."""
+
+    base_model: BaseModelConfig = Field(description="The base VLM.")
+    system_prompt: str = Field(description="System prompt put before each request.")
+    max_new_tokens: int = Field(ge=1, description="Tokens generated per request, at most.")
+    image_size: int = Field(ge=32, description="Images are resized to this many pixels per side.")
+
+
+class LiveModel(StrictModel):
+    """A deployment's live settings: its Serve user_config, which `serve deploy` changes in place.
+
+    Every field is required: a user_config missing one is refused naming it, never defaulted.
+    """
+
+    #: field -> (section, key) of :class:`DeploymentConfig` it comes from
+    SOURCE: ClassVar[dict[str, tuple[str, str]]] = {}
+
+    @classmethod
+    def of(cls, cfg: DeploymentConfig) -> Self:
+        return cls.model_validate({f: getattr(getattr(cfg, s), k) for f, (s, k) in cls.SOURCE.items()})
+
+    @classmethod
+    def from_user_config(cls, data: object, deployment: str) -> Self:
+        """Validate a user_config; raise :class:`ConfigError` naming the deployment, field and value."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(f"{deployment} user_config: {_describe(e)}") from e
+
+
+class GatewayLive(LiveModel):
+    """The gateway's live settings."""
+
+    SOURCE: ClassVar[dict[str, tuple[str, str]]] = {
+        "prefer_merged": ("gateway", "prefer_merged"),
+        "fallback_to_dynamic": ("gateway", "fallback_to_dynamic"),
+        "confidence_threshold": ("router", "confidence_threshold"),
+        "below_threshold": ("router", "below_threshold"),
+        "dynamic_adapters": ("dynamic", "adapters"),
+    }
+    prefer_merged: PreferMerged
+    fallback_to_dynamic: FallbackToDynamic
+    confidence_threshold: ConfidenceThreshold
+    below_threshold: BelowThreshold
+    dynamic_adapters: DynamicAdapters
+
+
+class DynamicLive(LiveModel):
+    """The dynamic deployment's live settings."""
+
+    SOURCE: ClassVar[dict[str, tuple[str, str]]] = {
+        "adapters": ("dynamic", "adapters"),
+        "max_loaded_adapters": ("dynamic", "max_loaded_adapters"),
+    }
+    adapters: DynamicAdapters
+    max_loaded_adapters: MaxLoadedAdapters
+
+
+class LiveSettings(StrictModel):
+    """Every deployment's live settings, derived from one config."""
+
+    gateway: GatewayLive = Field(description="The gateway's user_config.")
+    dynamic: DynamicLive = Field(description="The dynamic deployment's user_config.")
+
+    @classmethod
+    def of(cls, cfg: DeploymentConfig) -> LiveSettings:
+        return cls(gateway=GatewayLive.of(cfg), dynamic=DynamicLive.of(cfg))
+
+
+#: Config fields `serve deploy` changes in place (Serve user_config), never part of the app's args.
+LIVE_FIELDS: tuple[tuple[str, str], ...] = tuple(
+    sorted({src for m in (GatewayLive, DynamicLive) for src in m.SOURCE.values()})
+)

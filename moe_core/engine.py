@@ -12,17 +12,26 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 
-from moe_core.config import DEFAULT_SYSTEM_PROMPT, DeploymentConfig
+from moe_core.config import EngineSettings
 
-__all__ = ["BASE", "ClassifyResult", "Engine", "EngineError", "GenerationRequest", "GenerationResult"]
+__all__ = [
+    "BASE",
+    "ChatProcessor",
+    "ClassifyResult",
+    "Engine",
+    "EngineError",
+    "GenerationRequest",
+    "GenerationResult",
+    "VisionLanguageModel",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,44 +68,68 @@ class ClassifyResult:
     scores: dict[str, float] = field(default_factory=dict)
 
 
+class VisionLanguageModel(Protocol):
+    """What the engine uses of a transformers image-text-to-text model (bare, PEFT-wrapped or merged)."""
+
+    def __call__(self, **inputs: Any) -> Any: ...
+    def generate(self, **inputs: Any) -> torch.Tensor: ...
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+    def eval(self) -> Any: ...
+
+
+class ChatProcessor(Protocol):
+    """What the engine uses of a transformers processor: its tokenizer, chat template and batching."""
+
+    tokenizer: Any
+
+    def __call__(self, **kwargs: Any) -> Any: ...
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> Any: ...
+
+
 class Engine:
     """Generation on one model; thread-safe (one forward at a time)."""
 
     def __init__(
         self,
-        model: Any,
-        processor: Any,
+        model: VisionLanguageModel,
+        processor: ChatProcessor,
+        settings: EngineSettings,
         *,
-        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-        max_new_tokens: int = 24,
-        image_size: int = 224,
         name: str = "engine",
     ) -> None:
         self.model = model
         self.processor = processor
         self.processor.tokenizer.padding_side = "left"
-        self.system_prompt = system_prompt
-        self.max_new_tokens = max_new_tokens
-        self.image_size = image_size
+        self.settings = settings
+        self.system_prompt = settings.system_prompt
+        self.max_new_tokens = settings.max_new_tokens
+        self.image_size = settings.image_size
         self.name = name
         self._lock = threading.Lock()
         self.device = next(model.parameters()).device
         self.forwards = 0  # generate/forward calls run, for metrics and tests
 
     @classmethod
-    def from_config(
-        cls, cfg: DeploymentConfig, path: str | Path | None = None, name: str = "engine"
+    def load(
+        cls,
+        settings: EngineSettings,
+        path: str | Path | None = None,
+        *,
+        name: str = "engine",
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
     ) -> Engine:
+        """The base model (or the model folder ``path``, e.g. a merged model) with its processor."""
         from moe_core.modeling import load_model, load_processor
 
-        return cls(
-            load_model(cfg.base_model, path),
-            load_processor(cfg.base_model, path),
-            system_prompt=cfg.system_prompt,
-            max_new_tokens=cfg.limits.max_new_tokens,
-            image_size=cfg.limits.image_size,
-            name=name,
-        )
+        model = load_model(settings.base_model, path, dtype=dtype, device=device)
+        return cls(model, load_processor(settings.base_model, path), settings, name=name)
+
+    @property
+    def _peft(self) -> Any:
+        """The model as PEFT sees it (attached adapters, set_adapter, ...): untyped by PEFT itself."""
+        return self.model
 
     # --------------------------------------------------------------- adapters
     @property
@@ -117,7 +150,10 @@ class Engine:
                 self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
             else:
                 self.model = PeftModel.from_pretrained(
-                    self.model, str(path), adapter_name=name, is_trainable=False
+                    self.model,  # type: ignore[arg-type]
+                    str(path),
+                    adapter_name=name,
+                    is_trainable=False,
                 )
             self.model.eval()
         logger.info("%s: adapter %s loaded from %s in %.3fs", self.name, name, path, time.perf_counter() - t0)
@@ -129,14 +165,39 @@ class Engine:
                 self._delete(name)
                 logger.info("%s: adapter %s unloaded", self.name, name)
 
+    def merge_adapter(self, name: str, *, safe_merge: bool = True) -> VisionLanguageModel:
+        """Merge adapter ``name`` into the weights and return the merged model, which the engine now serves.
+
+        The other attached adapters are dropped. With ``safe_merge``, NaN/Inf in a layer's LoRA
+        delta or in the merged weights raise :class:`EngineError` naming the layer; nothing is merged then.
+        Merge in fp32 (load the engine that way) and cast afterwards: a bf16 merge drifts.
+        """
+        with self._lock:
+            if name not in self.adapters:
+                raise EngineError(f"adapter {name!r} is not loaded (loaded: {self.adapters})")
+            if safe_merge:
+                for module_name, module in self._peft.named_modules():
+                    lora = hasattr(module, "get_delta_weight") and name in getattr(module, "lora_A", {})
+                    if lora and not torch.isfinite(module.get_delta_weight(name)).all():
+                        raise EngineError(f"layer {module_name} has NaN/Inf in its LoRA delta")
+            try:
+                merged = self._peft.merge_and_unload(safe_merge=safe_merge, adapter_names=[name])
+            except ValueError as e:  # PEFT's safe_merge: "NaNs detected in the merged weights"
+                raise EngineError(str(e)) from e
+            bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
+            if bad:
+                raise EngineError(f"merged weights hold NaN/Inf in {bad[:3]}")
+            self.model = merged.eval()
+            return self.model
+
     def _delete(self, name: str) -> None:
         if len(self.adapters) == 1:  # PEFT keeps one active adapter; drop the wrapper instead
-            self.model = self.model.unload()
+            self.model = self._peft.unload()
         else:
             if name in getattr(self.model, "active_adapters", []):
                 other = next(a for a in self.adapters if a != name)
-                self.model.set_adapter(other)
-            self.model.delete_adapter(name)
+                self._peft.set_adapter(other)
+            self._peft.delete_adapter(name)
 
     # ----------------------------------------------------------------- inputs
     def _messages(self, image: Image.Image, prompt: str, system_prompt: str) -> list[dict[str, Any]]:
@@ -205,10 +266,10 @@ class Engine:
             return
         (only,) = distinct
         if only is None:
-            with self.model.disable_adapter():
+            with self._peft.disable_adapter():
                 yield {}
         else:
-            self.model.set_adapter(only, inference_mode=True)
+            self._peft.set_adapter(only, inference_mode=True)
             yield {}
 
     # ------------------------------------------------------------- generation
@@ -234,10 +295,32 @@ class Engine:
             n = int((row != self.processor.tokenizer.pad_token_id).sum())
             results.append(GenerationResult(text, r.adapter, n, len(requests), n_adapters, dt))
         logger.debug(
-            "%s: generated %d rows (%d adapters: %s) in %.3fs", self.name, len(requests), n_adapters,
-            sorted({str(r.adapter) for r in requests}), dt,
-        )  # fmt: skip
+            "%s: generated %d rows (%d adapters: %s) in %.3fs",
+            self.name,
+            len(requests),
+            n_adapters,
+            sorted({str(r.adapter) for r in requests}),
+            dt,
+        )
         return results
+
+    @torch.inference_mode()
+    def logits(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
+        """Next-token logits over each request's prompt, in fp32: ``[batch, prompt_len, vocab]``."""
+        with self._lock, self.adapter_context([r.adapter for r in requests]) as kwargs:
+            inputs = self.encode([r.image for r in requests], [r.prompt for r in requests])
+            out = self.model(**inputs, **kwargs).logits.float()
+            self.forwards += 1
+        return out
+
+    @torch.inference_mode()
+    def image_features(self, inputs: Mapping[str, Any]) -> Any:
+        """The vision tower's output for encoded inputs (pooled features and deepstack features)."""
+        with self._lock:
+            inner: Any = getattr(
+                self._peft, "model", self.model
+            )  # Qwen3-VL: <ForConditionalGeneration>.model
+            return inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
 
     @torch.inference_mode()
     def classify(

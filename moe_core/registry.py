@@ -7,7 +7,7 @@ base model with matching shapes (an adapter is never half-applied).
 Command line::
 
     python -m moe_core.registry deploy calendar path/to/lora [--eval-accuracy 0.97 --dataset-name X]
-    python -m moe_core.registry deploy router path/to/lora --routing
+    python -m moe_core.registry deploy router path/to/lora --router
     python -m moe_core.registry list
     python -m moe_core.registry rollback calendar
 """
@@ -26,15 +26,17 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from moe_core.config import DeploymentConfig, validate_adapter_name
 from moe_core.modeling import base_model_id, module_shapes, resolve_model_path
-from moe_core.storage import Kind, Progress, Storage, sha256_file
+from moe_core.storage import Kind, Progress, Storage, VersionInfo, sha256_file
 
 __all__ = [
     "AdapterRejected",
     "DeployResult",
+    "Role",
+    "ValidatedAdapter",
     "adapter_digest",
     "deploy_adapter",
     "list_adapters",
@@ -54,17 +56,27 @@ _LORA_EXTRA = re.compile(
 )
 
 
+#: An adapter's role, which is also its storage kind: an expert, or the routing adapter.
+Role = Literal["expert", "router"]
+
+
 class AdapterRejected(ValueError):
     """An adapter that must not be served; the message names the adapter and the reason."""
 
 
 @dataclass(frozen=True)
-class DeployResult:
-    name: str
-    kind: Kind
-    version: str
-    changed: bool
-    metadata: dict[str, Any]
+class ValidatedAdapter:
+    """What the checks found: the adapter's PEFT config and how many tensors it holds."""
+
+    config: dict[str, Any]
+    num_tensors: int
+
+
+@dataclass(frozen=True)
+class DeployResult(VersionInfo):
+    """The version a deploy made (or found) current; ``changed`` is False when it was already there."""
+
+    changed: bool = True
 
 
 def adapter_digest(folder: Path) -> str:
@@ -160,16 +172,15 @@ def _check_placement(
             )
 
 
-def validate_adapter(cfg: DeploymentConfig, name: str, src: Path) -> dict[str, Any]:
-    """Every check :func:`deploy_adapter` makes; returns the adapter config. Raises :class:`AdapterRejected`."""
+def validate_adapter(cfg: DeploymentConfig, name: str, src: Path) -> ValidatedAdapter:
+    """Every check :func:`deploy_adapter` makes. Raises :class:`AdapterRejected`."""
     try:
         validate_adapter_name(name)
     except ValueError as e:
         raise AdapterRejected(str(e)) from e
     config = _check_files(name, Path(src))
     _check_base(name, config, cfg)
-    config["_num_tensors"] = _check_tensors(name, Path(src), cfg)
-    return config
+    return ValidatedAdapter(config, _check_tensors(name, Path(src), cfg))
 
 
 def deploy_adapter(
@@ -178,34 +189,34 @@ def deploy_adapter(
     name: str,
     src: Path,
     *,
-    routing: bool = False,
+    role: Role = "expert",
     eval_accuracy: float | None = None,
     dataset_name: str | None = None,
     extra_metadata: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> DeployResult:
     """Validate ``src`` and publish it as the current version of ``name``; a no-op when unchanged."""
-    kind: Kind = "routing" if routing else "lora"
+    kind: Kind = role
     src = Path(src)
-    config = validate_adapter(cfg, name, src)
-    n_tensors = config.pop("_num_tensors")
+    checked = validate_adapter(cfg, name, src)
+    config = checked.config
     digest = adapter_digest(src)
     current = storage.current_version(kind, name)
     if current is not None:
         meta = storage.read_json(kind, name, METADATA, current)
         if meta.get("adapter_sha256") == digest and meta.get("base_model") == base_model_id(cfg.base_model):
             logger.info("adapter %s: unchanged (sha256 %s), version %s stays", name, digest[:12], current)
-            return DeployResult(name, kind, current, False, meta)
+            return DeployResult(kind, name, current, True, meta, changed=False)
     metadata = {
         "adapter_name": name,
-        "role": "routing" if routing else "expert",
+        "role": role,
         "adapter_sha256": digest,
         "files_sha256": {f: sha256_file(src / f) for f in ADAPTER_FILES},
         "base_model": base_model_id(cfg.base_model),
         "rank": config.get("r"),
         "lora_alpha": config.get("lora_alpha"),
         "target_modules": config.get("target_modules"),
-        "num_tensors": n_tensors,
+        "num_tensors": checked.num_tensors,
         "deployed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "eval_accuracy": eval_accuracy,
         "dataset_name": dataset_name,
@@ -219,15 +230,16 @@ def deploy_adapter(
         version = storage.publish(kind, name, stage, progress=progress)
     storage.prune(kind, name, cfg.storage.keep_versions)
     logger.info("adapter %s: deployed as %s version %s", name, kind, version)
-    return DeployResult(name, kind, version, True, metadata)
+    return DeployResult(kind, name, version, True, metadata)
 
 
 def list_adapters(storage: Storage) -> list[dict[str, Any]]:
     rows = []
-    for kind in ("routing", "lora"):
-        for name in storage.names(kind):  # type: ignore[arg-type]
-            version = storage.current_version(kind, name)  # type: ignore[arg-type]
-            meta = storage.read_json(kind, name, METADATA, version)  # type: ignore[arg-type]
+    kinds: tuple[Kind, ...] = ("router", "expert")
+    for kind in kinds:
+        for name in storage.names(kind):
+            version = storage.current_version(kind, name)
+            meta = storage.read_json(kind, name, METADATA, version)
             rows.append({"name": name, "kind": kind, "version": version, **meta})
     return rows
 
@@ -239,13 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("deploy", help="validate and deploy a PEFT LoRA folder")
     d.add_argument("name")
     d.add_argument("path", type=Path)
-    d.add_argument("--routing", action="store_true", help="deploy as the routing adapter")
+    d.add_argument("--router", action="store_true", help="deploy as the routing adapter")
     d.add_argument("--eval-accuracy", type=float)
     d.add_argument("--dataset-name")
     sub.add_parser("list", help="list deployed adapters")
     r = sub.add_parser("rollback", help="make the previous version current")
     r.add_argument("name")
-    r.add_argument("--routing", action="store_true")
+    r.add_argument("--router", action="store_true", help="roll back the routing adapter")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = DeploymentConfig.from_file(args.config)
@@ -253,9 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "deploy":
             res = deploy_adapter(
-                storage, cfg, args.name, args.path, routing=args.routing,
-                eval_accuracy=args.eval_accuracy, dataset_name=args.dataset_name,
-            )  # fmt: skip
+                storage,
+                cfg,
+                args.name,
+                args.path,
+                role="router" if args.router else "expert",
+                eval_accuracy=args.eval_accuracy,
+                dataset_name=args.dataset_name,
+            )
             print(f"{res.name}: version {res.version} ({'deployed' if res.changed else 'unchanged'})")
         elif args.cmd == "list":
             print(f"{'name':<16} {'kind':<8} {'version':<32} {'rank':>4} {'accuracy':>8}")
@@ -266,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['name']:<16} {row['kind']:<8} {row['version']:<32} {row['rank']!s:>4} {acc_s:>8}"
                 )
         else:
-            kind: Kind = "routing" if args.routing else "lora"
+            kind: Kind = "router" if args.router else "expert"
             print(f"{args.name}: current version is now {storage.rollback(kind, args.name)}")
     except (AdapterRejected, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,12 +2,12 @@
 
 Layout under the root::
 
-    loras/<name>/<version>/      a deployed LoRA adapter (+ deploy_metadata.json, MANIFEST.json)
-    loras/<name>/CURRENT         pointer to the version servers load
-    routing/<name>/<version>/    the routing adapter, same shape
+    experts/<name>/<version>/    an expert LoRA adapter (+ deploy_metadata.json, MANIFEST.json)
+    experts/<name>/CURRENT       pointer to the version servers load
+    router/<name>/<version>/     the routing adapter, same shape
     merged/<name>/<version>/     a merged model (+ merge_metadata.json, MANIFEST.json)
     merged/<name>/CURRENT
-    config/                      copies of the deployment config
+    probes/<name>/<version>/     a probe set that verifies merges (probes.json + images)
 
 A version is written under a fresh name that nothing points to, closed by ``MANIFEST.json`` (sha256 of
 every file) written last, re-read and verified, and only then made current by replacing the small
@@ -40,10 +40,15 @@ __all__ = ["Kind", "Progress", "Storage", "StorageError", "VersionInfo", "sha256
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["lora", "routing", "merged"]
+Kind = Literal["expert", "router", "merged", "probes"]
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, file name)
 
-_KIND_DIRS: dict[Kind, str] = {"lora": "loras", "routing": "routing", "merged": "merged"}
+_KIND_DIRS: dict[Kind, str] = {
+    "expert": "experts",
+    "router": "router",
+    "merged": "merged",
+    "probes": "probes",
+}
 POINTER = "CURRENT"
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
@@ -207,9 +212,13 @@ class Storage:
             os.rename(staging, final)
         _verify_remote(self.fs, final, manifest)
         logger.info(
-            "%s %s: wrote version %s (%d files) in %.2fs", kind, name, version, len(files),
+            "%s %s: wrote version %s (%d files) in %.2fs",
+            kind,
+            name,
+            version,
+            len(files),
             time.perf_counter() - t0,
-        )  # fmt: skip
+        )
         if make_current:
             self.set_current(kind, name, version)
         return version

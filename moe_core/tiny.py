@@ -98,12 +98,11 @@ def _corpus() -> list[str]:
     """Text the tokenizer is trained on: prompts, screen names and the action grammar of the demo."""
     from moe_core.config import DEFAULT_SYSTEM_PROMPT
 
-    words = [
-        "calendar", "claim-window", "login-window", "chart-screen", "appointment", "desktop", "router",
-        "Click", "the", "button", "Save", "Submit", "Login", "Sign in", "Open", "Cancel", "OK", "Next",
-        "Which screen is this?", "month", "day", "cell", "bar", "slot", "icon", "field", "form", "time",
-        "click", "type", "scroll", "press", "none", "user", "assistant", "system", "screenshot",
-    ]  # fmt: skip
+    screens = ["calendar", "claim-window", "login-window", "chart-screen", "appointment", "desktop", "router"]
+    ui = ["Click", "the", "button", "Save", "Submit", "Login", "Sign in", "Open", "Cancel", "OK", "Next"]
+    things = ["month", "day", "cell", "bar", "slot", "icon", "field", "form", "time"]
+    actions = ["click", "type", "scroll", "press", "none", "user", "assistant", "system", "screenshot"]
+    words = [*screens, *ui, "Which screen is this?", *things, *actions]
     lines = [DEFAULT_SYSTEM_PROMPT, *words]
     for x in range(10):
         for y in range(10):

@@ -68,11 +68,25 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     port, dash = _free_port(), _free_port()
     temp = tmp_path_factory.mktemp("ray")
     bin_dir = str(Path(sys.executable).parent)  # job entrypoints run `python` from this venv
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")  # fmt: skip
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     ray_bin = str(Path(bin_dir) / "ray")
-    cmd = [ray_bin, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           "--include-dashboard=true", "--num-cpus=6", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    cmd = [
+        ray_bin,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        "--num-cpus=6",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     deadline = time.time() + 60
@@ -95,7 +109,7 @@ def demo_cfg(tiny_path: Path) -> DeploymentConfig:
     Kept between runs on one machine (the build is a no-op when nothing changed); built once in CI.
     """
     from merge_jobs.merge import merge_adapter
-    from moe_core.demo.build import build_demo
+    from moe_demo.build import build_demo
 
     root = ROOT / ".cache" / "test-demo"
     data = DeploymentConfig.from_file(ROOT / "config" / "deployment.yaml").model_dump(mode="json")

@@ -45,3 +45,7 @@ def screenshot(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
         colour = tuple(int(v) for v in torch.randint(0, 255, (3,), generator=g))
         draw.rectangle([x, y, x + 40, y + 30], fill=colour)
     return img
+
+
+#: Merge probes for tests: screenshots of several sizes with their prompts.
+PROBES = [(screenshot(i, (160 + 16 * i, 128)), f"Click the button {i}") for i in range(6)]

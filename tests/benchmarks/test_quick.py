@@ -16,16 +16,37 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--out-dir", str(tmp_path), "--name", "smoke"],
-        cwd=ROOT, check=True, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     result = json.loads((tmp_path / "smoke.json").read_text())
     assert {"name", "command", "machine", "summary", "samples_s"} <= set(result)
     s = result["summary"]
-    for key in ("latency_base", "latency_merged", "latency_dynamic", "decode_per_token_dynamic", "batch_mixed",
-                "batch_single", "serial_switching", "classify", "expert_request", "cold_request", "warm_request"):  # fmt: skip
+    for key in (
+        "latency_base",
+        "latency_merged",
+        "latency_dynamic",
+        "decode_per_token_dynamic",
+        "batch_mixed",
+        "batch_single",
+        "serial_switching",
+        "classify",
+        "expert_request",
+        "cold_request",
+        "warm_request",
+    ):
         assert s["p50_ms"][key] > 0, key
-    for ratio in ("merged/base latency", "dynamic/merged latency", "mixed/single batch throughput",
-                  "mixed batch/serial throughput", "routing/expert request", "cold/warm request"):  # fmt: skip
+    for ratio in (
+        "merged/base latency",
+        "dynamic/merged latency",
+        "mixed/single batch throughput",
+        "mixed batch/serial throughput",
+        "routing/expert request",
+        "cold/warm request",
+    ):
         assert s["ratios"][ratio] > 0, ratio
     assert s["figures"]["rss_mb_1_adapters"] > 0 and s["figures"]["merge_s"] > 0
     assert "| ratio | measured | target | met |" in (tmp_path / "smoke.md").read_text()

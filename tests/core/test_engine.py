@@ -12,7 +12,7 @@ from tests.helpers import screenshot
 
 @pytest.fixture(scope="module")
 def engine(loras: dict[str, Path]) -> Engine:
-    e = Engine.from_config(DeploymentConfig(), name="test")
+    e = Engine.load(DeploymentConfig().engine, name="test")
     for name, path in loras.items():
         e.load_adapter(name, path)
     return e
@@ -58,7 +58,7 @@ def test_classify_single_forward_and_sequence_paths(engine: Engine) -> None:
 
 
 def test_load_unload_is_idempotent(loras: dict[str, Path]) -> None:
-    e = Engine.from_config(DeploymentConfig(), name="t2")
+    e = Engine.load(DeploymentConfig().engine, name="t2")
     base = e.generate([GenerationRequest(screenshot(1), "hi")])[0].text
     e.load_adapter("alpha", loras["alpha"])
     e.load_adapter("alpha", loras["alpha"])  # replacing is fine

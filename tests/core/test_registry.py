@@ -32,17 +32,18 @@ def test_deploy_list_and_noop(cfg: DeploymentConfig, loras: dict[str, Path]) -> 
     st = _storage(cfg)
     res = deploy_adapter(st, cfg, "alpha", loras["alpha"], eval_accuracy=0.9, dataset_name="synthetic")
     assert res.changed
-    meta = st.read_json("lora", "alpha", "deploy_metadata.json")
+    meta = st.read_json("expert", "alpha", "deploy_metadata.json")
     assert meta["base_model"] == "builtin:tiny-qwen3-vl" and meta["rank"] == 4
     assert meta["eval_accuracy"] == 0.9 and meta["dataset_name"] == "synthetic"
     assert len(meta["adapter_sha256"]) == 64 and set(meta["files_sha256"]) == {
-        "adapter_config.json", "adapter_model.safetensors",
-    }  # fmt: skip
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
     again = deploy_adapter(st, cfg, "alpha", loras["alpha"])
     assert not again.changed and again.version == res.version
-    deploy_adapter(st, cfg, "router", loras["gamma"], routing=True)
+    deploy_adapter(st, cfg, "router", loras["gamma"], role="router")
     rows = {(r["name"], r["kind"]) for r in list_adapters(st)}
-    assert rows == {("alpha", "lora"), ("router", "routing")}
+    assert rows == {("alpha", "expert"), ("router", "router")}
 
 
 def _bad_name(tmp: Path, src: Path) -> tuple[str, Path]:
@@ -146,7 +147,23 @@ def test_cli_deploy_list_rollback(
     out = capsys.readouterr().out
     assert "beta" in out and "deployed" in out
     assert main(["--config", str(conf), "rollback", "beta"]) == 0
-    meta = Storage(cfg.storage.url).read_json("lora", "beta", "deploy_metadata.json")
+    meta = Storage(cfg.storage.url).read_json("expert", "beta", "deploy_metadata.json")
     assert meta["eval_accuracy"] == 0.5
     assert main(["--config", str(conf), "deploy", "Bad/Name", str(loras["beta"])]) == 2
     assert "invalid adapter name" in capsys.readouterr().err
+
+
+def test_module_entry_points_run_without_runpy_warnings(tmp_path: Path) -> None:
+    """`python -m moe_core.registry` (and the probes CLI) run their module once: no package import first."""
+    import subprocess
+    import sys
+
+    conf = tmp_path / "d.yaml"
+    conf.write_text(f"storage:\n  url: {tmp_path / 'st'}\n")
+    for module in ("moe_core.registry", "moe_core.probes"):
+        out = subprocess.run(
+            [sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--config", str(conf), "list"],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0 and "RuntimeWarning" not in out.stderr, (module, out.stderr[-500:])

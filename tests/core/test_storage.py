@@ -46,7 +46,7 @@ def test_slot_refuses_path_traversal(tmp_path: Path) -> None:
     st = Storage(str(tmp_path))
     for bad in ["../x", "a/b", "", ".hidden", "A"]:
         with pytest.raises(ValueError, match="invalid adapter name"):
-            st.slot("lora", bad)
+            st.slot("expert", bad)
 
 
 KILLED_WRITER = """
@@ -70,8 +70,9 @@ def test_killed_writer_leaves_old_version(tmp_path: Path, kill_after_files: int)
     new = _folder(tmp_path / "new", "new", n=8, size=200_000)
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLED_WRITER, str(tmp_path / "s"), str(new)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     seen = 0
     while seen < kill_after_files:

@@ -29,7 +29,7 @@ def _publish(st: Storage, tmp: Path, name: str, tag: str) -> str:
     d = tmp / f"{name}-{tag}"
     d.mkdir()
     (d / "tag").write_text(tag)
-    return st.publish("lora", name, d)
+    return st.publish("expert", name, d)
 
 
 def test_lru_eviction_single_flight_and_new_versions(tmp_path: Path) -> None:

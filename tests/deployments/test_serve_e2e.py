@@ -22,7 +22,7 @@ import yaml
 
 from deployments.serve_config import render
 from moe_core.config import DeploymentConfig
-from moe_core.demo.screens import SCREEN_TYPES, Screen, split
+from moe_demo.screens import SCREEN_TYPES, Screen, split
 from tests.conftest import _free_port
 
 pytestmark = pytest.mark.slow
@@ -99,8 +99,10 @@ def service(
         "port": port,
         "dashboard": ray_cluster["dashboard"],
     }
-    subprocess.run([str(Path(sys.executable).parent / "serve"), "shutdown", "-y", "-a", ray_cluster["dashboard"]],
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [str(Path(sys.executable).parent / "serve"), "shutdown", "-y", "-a", ray_cluster["dashboard"]],
+        capture_output=True,
+    )
 
 
 def _infer(url: str, screen: Screen, **kw: Any) -> requests.Response:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,12 @@ import pytest
 import ray
 import yaml
 
-from deployments.app import DYNAMIC_NAME, ROUTER_NAME
+from deployments import kube
 from moe_core.config import DeploymentConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
+K8S_CONFIG = "config/deployment.k8s.yaml"
 CRDS = Path(__file__).parent / "crds"
 KINDS = {"RayService": "rayservices", "RayJob": "rayjobs", "RayCluster": "rayclusters"}
 
@@ -92,21 +94,37 @@ def test_kustomization_lists_existing_files() -> None:
         assert (K8S / r).exists(), r
 
 
+def _cfg() -> DeploymentConfig:
+    return DeploymentConfig.from_file(ROOT / K8S_CONFIG)
+
+
 def _rayservice() -> dict[str, Any]:
     return next(d for _, d in _docs() if d["kind"] == "RayService")
 
 
+def _rayjob() -> dict[str, Any]:
+    return next(d for _, d in _docs() if d["kind"] == "RayJob")
+
+
 @pytest.mark.parametrize(
-    ("path", "value", "words"),
+    ("kind", "path", "value", "words"),
     [
-        (["spec", "rayClusterConfig", "headGroupSpec", "rayStartParms"], {"num-cpus": "0"}, "rayStartParms"),
-        (["spec", "rayClusterConfig", "workerGroupSpecs", 0, "replcas"], 1, "replcas"),
-        (["spec", "rayClusterConfig", "workerGroupSpecs", 0, "maxReplicas"], "many", "many"),
-        (["spec", "rayClusterConfig", "headGroupSpec", "rayStartParams", "num-cpus"], 0, "0"),
+        (
+            "RayService",
+            ["spec", "rayClusterConfig", "headGroupSpec", "rayStartParms"],
+            {"num-cpus": "0"},
+            "rayStartParms",
+        ),
+        ("RayService", ["spec", "rayClusterConfig", "workerGroupSpecs", 0, "replcas"], 1, "replcas"),
+        ("RayService", ["spec", "rayClusterConfig", "workerGroupSpecs", 0, "maxReplicas"], "many", "many"),
+        ("RayService", ["spec", "rayClusterConfig", "headGroupSpec", "rayStartParams", "num-cpus"], 0, "0"),
+        ("RayJob", ["spec", "rayClusterSpec", "workerGroupSpecs", 0, "replcas"], 1, "replcas"),
+        ("RayJob", ["spec", "shutdownAfterJobFinishes"], "yes", "yes"),
+        ("RayJob", ["spec", "ttlSecondsAfterFinshed"], 3600, "ttlSecondsAfterFinshed"),
     ],
 )
-def test_planted_mistakes_fail(path: list[Any], value: Any, words: str) -> None:
-    doc = copy.deepcopy(_rayservice())
+def test_planted_mistakes_fail(kind: str, path: list[Any], value: Any, words: str) -> None:
+    doc = copy.deepcopy(_rayservice() if kind == "RayService" else _rayjob())
     node: Any = doc
     for p in path[:-1]:
         node = node[p]
@@ -132,21 +150,25 @@ def test_pvc_wrong_type_fails() -> None:
 def test_serve_config_v2_is_ours_and_valid() -> None:
     from ray.serve.schema import ServeDeploySchema
 
+    from deployments.app import DYNAMIC_NAME, GATEWAY_NAME
+    from moe_core.config import DynamicLive, GatewayLive, LiveSettings
+
     svc = _rayservice()
     serve_cfg = yaml.safe_load(svc["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_cfg)
-    cfg = DeploymentConfig.from_file(ROOT / "config" / "deployment.k8s.yaml")
+    cfg = _cfg()
     app = serve_cfg["applications"][0]
     assert app["import_path"] == "deployments.app:build_app"
-    static = DeploymentConfig.from_static(app["args"]["config"])
+    static, live_in_args = DeploymentConfig.from_static(app["args"]["config"])
+    assert live_in_args is None  # live fields travel as user_config only
     assert static.base_model == cfg.base_model and static.merged == cfg.merged
-    names = {d["name"] for d in app["deployments"]}
-    assert names <= {ROUTER_NAME, DYNAMIC_NAME}
     live = {d["name"]: d["user_config"] for d in app["deployments"]}
-    assert live[DYNAMIC_NAME]["adapters"] == cfg.dynamic.adapters
-    assert set(live[ROUTER_NAME]["dynamic_adapters"]) | {a.name for a in cfg.merged_enabled} >= set(
-        cfg.router.labels.values()
+    assert set(live) == {GATEWAY_NAME, DYNAMIC_NAME}
+    got = LiveSettings(
+        gateway=GatewayLive.from_user_config(live[GATEWAY_NAME], GATEWAY_NAME),
+        dynamic=DynamicLive.from_user_config(live[DYNAMIC_NAME], DYNAMIC_NAME),
     )
+    assert got == LiveSettings.of(cfg)
 
 
 def test_rayservice_shape() -> None:
@@ -158,11 +180,104 @@ def test_rayservice_shape() -> None:
     res = worker["template"]["spec"]["containers"][0]["resources"]
     assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "1"
     assert worker["template"]["spec"]["tolerations"] and worker["template"]["spec"]["nodeSelector"]
-    cfg = DeploymentConfig.from_file(ROOT / "config" / "deployment.k8s.yaml")
+    cfg = _cfg()
     gpu_max = sum(a.max_replicas for a in cfg.merged_enabled) + cfg.dynamic.max_replicas
     assert worker["maxReplicas"] == gpu_max
-    job = next(d for _, d in _docs() if d["kind"] == "RayJob")
-    assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+
+
+def test_rayjob_shape() -> None:
+    job = _rayjob()
+    assert job["metadata"] == {
+        "generateName": "moe-merge-",
+        "labels": {"app.kubernetes.io/name": "moe-inference-server", "app.kubernetes.io/component": "merge"},
+    }
+    spec = job["spec"]
+    assert spec["entrypoint"] == (
+        "python -m merge_jobs --config /home/ray/app/config/deployment.k8s.yaml --all-merged"
+    )
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] == 3600 and spec["activeDeadlineSeconds"] == 7200
+    assert spec["submissionMode"] == "K8sJobMode"
+    rc = spec["rayClusterSpec"]
+    assert rc["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (worker,) = rc["workerGroupSpecs"]
+    assert worker["replicas"] == worker["minReplicas"] == worker["maxReplicas"] == 1
+    assert kube.rayjob(_cfg())["metadata"] == job["metadata"]
+    assert (
+        (K8S / "rayjob-merge.yaml")
+        .read_text()
+        .startswith(f"# Generated from {K8S_CONFIG} by `python -m deployments.kube`; do not edit by hand.\n")
+    )
+    assert "kubectl create -f k8s/rayjob-merge.yaml" in (K8S / "rayjob-merge.yaml").read_text()
+
+
+def _containers(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def _pods(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    return [g["template"]["spec"] for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+
+
+def test_rayjob_shares_the_cluster_pieces_of_the_rayservice() -> None:
+    svc = _rayservice()["spec"]["rayClusterConfig"]
+    job = _rayjob()["spec"]["rayClusterSpec"]
+    assert job["rayVersion"] == svc["rayVersion"] == ray.__version__
+    containers = _containers(svc) + _containers(job)
+    assert {c["image"] for c in containers} == {kube.IMAGE}
+    hf = [{e["name"]: e for e in c["env"]} for c in containers]
+    for env in hf:
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "hf-token",
+            "key": "token",
+            "optional": True,
+        }
+        assert env["HF_HOME"] == hf[0]["HF_HOME"]
+    storage = [v for p in _pods(svc) + _pods(job) for v in p["volumes"] if v["name"] == "storage"]
+    assert len(storage) == 4 and all(v == storage[0] for v in storage)
+    assert storage[0]["persistentVolumeClaim"]["claimName"] == "moe-storage"
+    mounts = [m for c in containers for m in c["volumeMounts"] if m["name"] == "storage"]
+    assert len(mounts) == 4 and all(m == mounts[0] for m in mounts)
+    svc_gpu = svc["workerGroupSpecs"][0]["template"]["spec"]
+    job_gpu = job["workerGroupSpecs"][0]["template"]["spec"]
+    assert job_gpu["nodeSelector"] == svc_gpu["nodeSelector"] == kube.H100_LABEL
+    assert job_gpu["tolerations"] == svc_gpu["tolerations"]
+
+
+def _worker_resources(job: dict[str, Any]) -> dict[str, Any]:
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    res = worker["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"] == res["limits"]
+    return dict(res["requests"])
+
+
+def test_rayjob_worker_takes_its_resources_from_the_merge_section() -> None:
+    cfg = _cfg()
+    assert cfg.merge.gpu > 0
+    res = _worker_resources(_rayjob())
+    assert float(res["cpu"]) == cfg.merge.cpu
+    assert float(res["nvidia.com/gpu"]) == cfg.merge.gpu
+    assert res["memory"] == kube.MERGE_WORKER_MEMORY
+    worker = _rayjob()["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert worker["rayStartParams"]["num-gpus"] == res["nvidia.com/gpu"]
+
+
+@pytest.mark.parametrize(("gpu", "cpu"), [(2.0, 6.0), (0.5, 2.5), (0.0, 8.0)])
+def test_rayjob_follows_other_merge_sizes(gpu: float, cpu: float) -> None:
+    base = _cfg()
+    cfg = base.model_copy(update={"merge": base.merge.model_copy(update={"gpu": gpu, "cpu": cpu})})
+    job = yaml.safe_load(kube.render_rayjob(cfg, K8S_CONFIG))
+    validate_custom(job)
+    res = _worker_resources(job)
+    assert float(res["cpu"]) == cpu
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    pod = worker["template"]["spec"]
+    if gpu:  # whole devices: Ray's fractional request fits on one
+        assert int(res["nvidia.com/gpu"]) == math.ceil(gpu)
+        assert pod["nodeSelector"] == kube.H100_LABEL and pod["tolerations"]
+    else:
+        assert "nvidia.com/gpu" not in res and "nodeSelector" not in pod and "tolerations" not in pod
 
 
 def test_no_secret_values_in_the_repository() -> None:
@@ -173,24 +288,35 @@ def test_no_secret_values_in_the_repository() -> None:
     assert "secretKeyRef" in text
 
 
-def test_generated_files_are_current() -> None:
-    for cmd in (
-        [
-            "-m",
-            "deployments.kube",
-            "--config",
-            "config/deployment.k8s.yaml",
-            "--check",
-            "k8s/rayservice.yaml",
-        ],
-        [
-            "-m",
-            "deployments.serve_config",
-            "--config",
-            "config/deployment.yaml",
-            "--check",
-            "config/serve.yaml",
-        ],
-    ):
-        r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+@pytest.mark.parametrize("filename", list(kube.FILES))
+def test_committed_manifest_is_the_generators_output(filename: str) -> None:
+    assert (K8S / filename).read_text() == kube.FILES[filename](_cfg(), K8S_CONFIG), (
+        f"k8s/{filename} drifted: python -m deployments.kube --out k8s/"
+    )
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["deployments.kube", "--config", K8S_CONFIG, "--check", "k8s/"],
+        ["deployments.serve_config", "--config", "config/deployment.yaml", "--check", "config/serve.yaml"],
+    ],
+    ids=["kube", "serve_config"],
+)
+def test_generated_files_are_current(cmd: list[str]) -> None:
+    r = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_kube_cli_writes_and_checks_both_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(ROOT / K8S_CONFIG)
+    out = tmp_path / "k8s"
+    assert kube.main(["--config", config, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(kube.FILES)
+    assert kube.main(["--config", config, "--check", str(out)]) == 0
+    job = out / "rayjob-merge.yaml"
+    job.write_text(job.read_text().replace("moe-merge-", "moe-merged-"))
+    assert kube.main(["--config", config, "--check", str(out)]) == 1
+    assert "rayjob-merge.yaml is out of date" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        kube.main(["--config", config, "--check", str(out / "rayservice.yaml")])

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge_jobs.merge import MERGE_METADATA, MergeRefused, merge_adapter, probe_inputs
-from moe_core.config import DeploymentConfig
+from merge_jobs.merge import MERGE_METADATA, MergeRefused, merge_adapter
 from moe_core.engine import Engine, GenerationRequest
+from moe_core.probes import load_probes, publish_probes
 from moe_core.registry import deploy_adapter
-from moe_core.storage import Storage
+from moe_core.storage import Storage, StorageError
+from tests.helpers import PROBES
 
 
 def _greedy(engine: Engine, adapter: str | None, probes: list) -> list[str]:  # type: ignore[type-arg]
@@ -30,17 +31,30 @@ def test_merge_publishes_a_plain_model_equal_to_base_plus_lora(merge_cfg, loras)
     path, version = st.fetch("merged", "alpha")
     assert version == res.version
     meta = st.read_json("merged", "alpha", MERGE_METADATA)
-    for key in ("adapter_name", "source_lora", "base_model", "merged_at", "safe_merge", "total_params",
-                "source_eval_accuracy", "source_dataset", "source_adapter_sha256", "dtype", "max_logit_diff"):  # fmt: skip
+    for key in (
+        "adapter_name",
+        "source_lora",
+        "base_model",
+        "merged_at",
+        "safe_merge",
+        "total_params",
+        "source_eval_accuracy",
+        "source_dataset",
+        "source_adapter_sha256",
+        "dtype",
+        "max_logit_diff",
+        "probe_set",
+    ):
         assert key in meta, key
     from transformers import Qwen3VLForConditionalGeneration
 
     model = Qwen3VLForConditionalGeneration.from_pretrained(path)
     assert type(model) is Qwen3VLForConditionalGeneration
-    merged = Engine.from_config(cfg, path)
-    dynamic = Engine.from_config(cfg)
+    assert meta["probe_set"] == "default" and meta["num_probes"] == 4
+    merged = Engine.load(cfg.engine, path)
+    dynamic = Engine.load(cfg.engine)
     dynamic.load_adapter("alpha", loras["alpha"])
-    probes = probe_inputs("alpha", 6)
+    probes = PROBES
     assert _greedy(merged, None, probes) == _greedy(dynamic, "alpha", probes)
     assert _greedy(dynamic, None, probes) != _greedy(dynamic, "alpha", probes)  # the LoRA matters
     # unchanged adapter: nothing to do
@@ -79,8 +93,10 @@ def test_rollback(merge_cfg, loras) -> None:  # type: ignore[no-untyped-def]
     assert v2 > v1
     out = subprocess.run(
         [sys.executable, "-m", "merge_jobs", "--config", str(path), "--rollback", "alpha"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert v1 in out.stdout
     assert Storage(cfg.storage.url).current_version("merged", "alpha") == v1
 
@@ -92,8 +108,9 @@ def test_sigkilled_merge_leaves_storage_as_it_was(merge_cfg, loras, kill_at: str
     deploy_adapter(Storage(cfg.storage.url), cfg, "alpha", loras["beta"])  # something new to merge
     proc = subprocess.Popen(
         [sys.executable, "-m", "merge_jobs", "--no-ray", "--config", str(path), "--adapter-name", "alpha"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stderr is not None
     for line in proc.stderr:
         if f"merge alpha: {kill_at} ..." in line:
@@ -104,20 +121,33 @@ def test_sigkilled_merge_leaves_storage_as_it_was(merge_cfg, loras, kill_at: str
     st = Storage(cfg.storage.url)
     assert st.current_version("merged", "alpha") == good
     assert st.versions("merged", "alpha") == [good]
-    assert Engine.from_config(cfg, st.fetch("merged", "alpha")[0]).generate(
-        [GenerationRequest(*probe_inputs("alpha", 1)[0])]
-    )
+    assert Engine.load(cfg.engine, st.fetch("merged", "alpha")[0]).generate([GenerationRequest(*PROBES[0])])
 
 
 def test_bad_name_and_missing_adapter(merge_cfg) -> None:  # type: ignore[no-untyped-def]
     cfg, _ = merge_cfg
     with pytest.raises(ValueError, match="invalid adapter name"):
         merge_adapter(cfg, "../alpha")
-    with pytest.raises(Exception, match="no published lora named 'gamma'"):
+    with pytest.raises(StorageError, match="no published expert named 'gamma'"):
         merge_adapter(cfg, "gamma")
 
 
-def test_probe_inputs_use_demo_screens() -> None:
-    probes = probe_inputs("calendar", 3)
-    assert len(probes) == 3 and all(p == "Click the highlighted day" for _, p in probes)
-    assert isinstance(DeploymentConfig().merge.max_logit_diff, float)
+def test_merge_without_probe_set_is_refused(merge_cfg, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg, _ = merge_cfg
+    data = cfg.model_dump(mode="json")
+    data["merge"]["probe_set"] = "screens-v2"  # published nowhere, and alpha has no set of its own
+    other = type(cfg).from_dict(data)
+    with pytest.raises(MergeRefused, match=r"'alpha'.*no probe set.*probes/alpha/.*probes/screens-v2/"):
+        merge_adapter(other, "alpha")
+    assert Storage(cfg.storage.url).current_version("merged", "alpha") is None
+
+
+def test_adapter_probe_set_preferred_over_default(merge_cfg) -> None:  # type: ignore[no-untyped-def]
+    cfg, _ = merge_cfg
+    st = Storage(cfg.storage.url)
+    assert load_probes(st, "alpha", "default", 3)[0] == "default"
+    publish_probes(st, "alpha", PROBES[4:])
+    name, probes = load_probes(st, "alpha", "default", 3)
+    assert name == "alpha" and [p for _, p in probes] == ["Click the button 4", "Click the button 5"]
+    assert merge_adapter(cfg, "alpha").changed
+    assert st.read_json("merged", "alpha", MERGE_METADATA)["probe_set"] == "alpha"

@@ -19,9 +19,12 @@ def test_merge_as_ray_job_publishes(merge_cfg, ray_cluster, tmp_path) -> None:  
     cfg, path = merge_cfg
     t0 = time.perf_counter()
     out = submit_merge(
-        ray_cluster["dashboard"], ["--config", str(path), "--adapter-name", "alpha"], working_dir=str(ROOT),
-        follow=False, timeout_s=300,
-    )  # fmt: skip
+        ray_cluster["dashboard"],
+        ["--config", str(path), "--adapter-name", "alpha"],
+        working_dir=str(ROOT),
+        follow=False,
+        timeout_s=300,
+    )
     job_s = time.perf_counter() - t0
     assert out.status == "SUCCEEDED", out.logs[-3000:]
     st = Storage(cfg.storage.url)
@@ -38,8 +41,11 @@ def test_merge_as_ray_job_publishes(merge_cfg, ray_cluster, tmp_path) -> None:  
 def test_failed_job_reports_status_and_message(merge_cfg, ray_cluster) -> None:  # type: ignore[no-untyped-def]
     _, path = merge_cfg
     out = submit_merge(
-        ray_cluster["dashboard"], ["--config", str(path), "--adapter-name", "gamma"], working_dir=str(ROOT),
-        follow=False, timeout_s=300,
-    )  # fmt: skip
+        ray_cluster["dashboard"],
+        ["--config", str(path), "--adapter-name", "gamma"],
+        working_dir=str(ROOT),
+        follow=False,
+        timeout_s=300,
+    )
     assert out.status == "FAILED"
-    assert "no published lora named 'gamma'" in out.logs
+    assert "no published expert named 'gamma'" in out.logs

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from moe_core.config import BUILTIN_TINY, DeploymentConfig
-from moe_core.demo.screens import Screen, make_screen
+from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest
-from moe_core.modeling import LM_TARGETS
+from moe_core.modeling import LM_TARGETS, base_model_id
+from moe_demo.screens import Screen, make_screen
 
 __all__ = ["FeatureBank", "TrainSpec", "evaluate_expert", "evaluate_router", "train_adapter"]
 
@@ -82,12 +82,17 @@ class FeatureBank:
         model = load_model(cfg.base_model, dtype=torch.float32, device=torch.device("cpu"))
         self.processor = load_processor(cfg.base_model)
         self.pad_id = int(self.processor.tokenizer.pad_token_id)
-        engine = Engine(model, self.processor, system_prompt=system_prompt, image_size=cfg.limits.image_size)
+        engine = Engine(model, self.processor, cfg.engine.model_copy(update={"system_prompt": system_prompt}))
         self.rows = self._encode(engine, examples, chunk)
         twins = [(make_screen(s.kind, s.seed, clutter=False), p, a) for s, p, a in examples] if clean else []
         self.clean_rows = self._encode(engine, twins, chunk)
-        logger.info("adapter %s: encoded %d examples (%d clean twins) in %.1fs", name, len(self.rows),
-                    len(self.clean_rows), time.perf_counter() - t0)  # fmt: skip
+        logger.info(
+            "adapter %s: encoded %d examples (%d clean twins) in %.1fs",
+            name,
+            len(self.rows),
+            len(self.clean_rows),
+            time.perf_counter() - t0,
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -98,12 +103,10 @@ class FeatureBank:
         for i in range(0, len(examples), chunk):
             part = examples[i : i + chunk]
             answers = [a + END for _, _, a in part]
-            inputs = engine.encode([s.image for s, _, _ in part], [p for _, p, _ in part], answers=answers,
-                                   padding_side="right")  # fmt: skip
-            with torch.inference_mode():
-                vision = engine.model.model.get_image_features(
-                    inputs["pixel_values"], inputs["image_grid_thw"]
-                )
+            inputs = engine.encode(
+                [s.image for s, _, _ in part], [p for _, p, _ in part], answers=answers, padding_side="right"
+            )
+            vision = engine.image_features(inputs)
             lengths = inputs["attention_mask"].sum(-1).tolist()
             for j, answer in enumerate(answers):
                 n = int(lengths[j])
@@ -188,9 +191,7 @@ def train_adapter(
         if progress is not None and (step % 50 == 0 or step == spec.steps - 1):
             progress(step, float(loss.detach()))
     logger.info("adapter %s: trained %d steps in %.1fs", spec.name, spec.steps, time.perf_counter() - t0)
-    peft.peft_config["default"].base_model_name_or_path = (
-        BUILTIN_TINY if cfg.base_model.id == BUILTIN_TINY else cfg.base_model.id
-    )
+    peft.peft_config["default"].base_model_name_or_path = base_model_id(cfg.base_model)
     peft.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
     return out
 

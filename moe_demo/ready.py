@@ -17,7 +17,7 @@ import requests
 
 
 def demo_request(kind: str, out: Path) -> Path:
-    from moe_core.demo.screens import split
+    from moe_demo.screens import split
 
     screen = split("heldout", 1, (kind,))[0]
     buf = io.BytesIO()
@@ -30,7 +30,7 @@ def demo_request(kind: str, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deployments.ready")
+    p = argparse.ArgumentParser(prog="python -m moe_demo.ready")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--kind", default="calendar", help="screen type of the demo screenshot")
@@ -41,8 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     while time.monotonic() - t0 < args.timeout:
         try:
             if requests.get(f"{args.url}/healthz", timeout=2).ok:
-                r = requests.post(f"{args.url}/infer", data=body.read_bytes(), timeout=60,
-                                  headers={"content-type": "application/json"})  # fmt: skip
+                r = requests.post(
+                    f"{args.url}/infer",
+                    data=body.read_bytes(),
+                    timeout=60,
+                    headers={"content-type": "application/json"},
+                )
                 if r.ok:
                     break
         except requests.RequestException:

@@ -1,4 +1,5 @@
-"""The HTTP ingress: validates input, routes, and translates every failure to an HTTP status, here only.
+"""The gateway, the HTTP ingress: validates input, routes, and translates every failure to an HTTP status,
+here only.
 
 No model and no GPU. The image is decoded once to validate it and forwarded as bytes, crossing each
 hop once; a request is generated exactly once (merged, or dynamic, or dynamic after a merged failure).
@@ -16,19 +17,13 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.routing import RoutingPolicy
-from deployments.schemas import (
-    AdapterStatus,
-    BadInput,
-    InferRequest,
-    InferResponse,
-    LiveRouterConfig,
-    decode_image,
-    error_body,
-)
-from moe_core.config import DeploymentConfig
+from deployments.messages import Answer, MergedStatus, RouteRequest, RouteResult
+from deployments.routing import RoutedVia, RoutingPolicy
+from deployments.schemas import AdapterStatus, BadInput, InferRequest, InferResponse, decode_image, error_body
+from deployments.settings import GatewaySettings
+from moe_core.config import ConfigError, GatewayLive
 
-__all__ = ["Router", "ServiceUnavailable", "api"]
+__all__ = ["Gateway", "GatewayIngress", "ServiceUnavailable", "api"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +51,17 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(status_code=422, content=body)
 
 
-def _response(
-    out: dict[str, Any], via: str, confidence: float | None, fallback: bool = False
-) -> InferResponse:
+def _response(out: Answer, via: RoutedVia, confidence: float | None, fallback: bool = False) -> InferResponse:
     return InferResponse(
-        task_output=out["text"],
-        adapter=out["adapter"],
-        mode=out["mode"],
-        routed_via=via,  # type: ignore[arg-type]
+        task_output=out.text,
+        adapter=out.adapter,
+        mode=out.mode,
+        routed_via=via,
         confidence=confidence,
-        merged_version=out["version"] if out["mode"] == "merged" else None,
+        merged_version=out.version if out.mode == "merged" else None,
         fallback=fallback,
-        batch_size=out.get("batch_size"),
-        adapters_in_batch=out.get("adapters_in_batch"),
+        batch_size=out.batch_size,
+        adapters_in_batch=out.adapters_in_batch,
     )
 
 
@@ -81,42 +74,42 @@ def _first_line(e: BaseException) -> str:
     return text[-1] if text else ""
 
 
-@serve.ingress(api)
-class Router:
+class Gateway:
+    """The gateway's logic; :data:`GatewayIngress` is this class bound to the FastAPI app for Serve
+    (kept apart so the logic is unit-tested without Serve, on fake deployment handles)."""
+
     def __init__(
         self,
-        config: dict[str, Any],
+        settings: GatewaySettings,
         dynamic: DeploymentHandle | None,
         merged: dict[str, DeploymentHandle],
     ) -> None:
-        self.cfg = DeploymentConfig.from_static(config)
+        self.settings = settings
         self.dynamic = dynamic
         self.merged = merged
-        self.policy = RoutingPolicy(
-            dict(self.cfg.router.labels),
-            set(merged),
-            LiveRouterConfig(
-                prefer_merged=self.cfg.gateway.prefer_merged,
-                fallback_to_dynamic=self.cfg.gateway.fallback_to_dynamic,
-                confidence_threshold=self.cfg.router.confidence_threshold,
-                below_threshold=self.cfg.router.below_threshold,
-                dynamic_adapters=list(self.cfg.dynamic.adapters),
-            ),
-            {a.name for a in self.cfg.merged.adapters} - set(merged),
-        )
+        self._policy: RoutingPolicy | None = None  # set by reconfigure(), which Serve calls before traffic
         self.started_at = time.time()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live settings from `serve deploy`; validated, then swapped in one assignment."""
-        live = LiveRouterConfig.model_validate(user_config)
-        served = set(self.merged) | set(self.policy.dynamic_only_merged) | set(live.dynamic_adapters)
-        unknown = sorted(set(self.policy.labels.values()) - served)
+        live = GatewayLive.from_user_config(user_config, "Gateway")
+        s = self.settings
+        policy = RoutingPolicy(s.labels, set(self.merged), live, set(s.merged_disabled))
+        unknown = sorted(set(s.labels.values()) - policy.experts)
         if unknown:
-            raise ValueError(f"router labels name adapters {unknown} that no deployment serves")
-        self.policy = RoutingPolicy(
-            self.policy.labels, self.policy.merged, live, self.policy.dynamic_only_merged
-        )
-        logger.info("router: reconfigured: %s", live.model_dump())
+            raise ConfigError(
+                f"Gateway user_config: router labels name adapters {unknown} that no deployment serves"
+            )
+        self._policy = policy
+        logger.info("gateway: reconfigured: %s", live.model_dump())
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        if self._policy is None:
+            raise ServiceUnavailable(
+                "gateway: no live settings yet (the Serve config must carry user_config)"
+            )
+        return self._policy
 
     # ------------------------------------------------------------------ API
     @api.post("/infer", response_model=InferResponse, responses={404: {}, 413: {}, 422: {}, 503: {}})
@@ -129,7 +122,7 @@ class Router:
             return JSONResponse(status_code=503, content=error_body("service", str(e)))
 
     async def _infer(self, req: InferRequest) -> InferResponse:
-        limits = self.cfg.limits
+        limits = self.settings.limits
         if len(req.prompt) > limits.max_prompt_chars:
             raise BadInput(
                 "prompt",
@@ -146,32 +139,18 @@ class Router:
             raise ServiceUnavailable(
                 "routing needs the dynamic deployment, which is disabled; name an expert"
             )
-        labels = policy.label_names()
-        if not labels:
+        if not policy.labels:
             raise BadInput("expert", "no router labels are configured; name an expert")
-        routed = await self._call(
-            self.dynamic.route.remote(
-                image,
-                req.prompt,
-                labels,
-                policy.live.confidence_threshold,
-                policy.live.below_threshold,
-                policy.answer_in_dynamic(req.prefer_merged),
-            )
+        routed: RouteResult = await self._call(
+            self.dynamic.route.remote(RouteRequest(image, req.prompt, policy, req.prefer_merged))
         )
-        confidence = float(routed["confidence"])
-        if routed["below_threshold"] and policy.live.below_threshold == "reject":
-            top = sorted(routed["scores"].items(), key=lambda kv: -kv[1])[:3]
-            cands = ", ".join(f"{n} ({p:.2f})" for n, p in top)
-            raise BadInput(
-                "expert",
-                f"routing confidence {confidence:.2f} is below {policy.live.confidence_threshold}; "
-                f"name an expert (candidates: {cands})",
-            )
-        via = "router-below-threshold" if routed["below_threshold"] else "router"
-        if routed["output"] is not None:
-            return _response(routed["output"], via, confidence)
-        return await self._answer(policy, routed["adapter"], image, req, via, confidence)
+        d = routed.decision
+        if d.action == "reject":
+            raise d.rejection(policy.live.confidence_threshold)
+        confidence = d.classification.confidence
+        if routed.answer is not None:
+            return _response(routed.answer, d.routed_via, confidence)
+        return await self._answer(policy, d.adapter, image, req, d.routed_via, confidence)
 
     async def _answer(
         self,
@@ -179,7 +158,7 @@ class Router:
         adapter: str | None,
         image: bytes,
         req: InferRequest,
-        via: str,
+        via: RoutedVia,
         confidence: float | None,
     ) -> InferResponse:
         if policy.target(adapter, req.prefer_merged) == "merged":
@@ -190,7 +169,7 @@ class Router:
             except ServiceUnavailable as e:
                 if not policy.live.fallback_to_dynamic or self.dynamic is None:
                     raise
-                logger.warning("router: merged %s failed (%s); answering from dynamic", adapter, e)
+                logger.warning("gateway: merged %s failed (%s); answering from dynamic", adapter, e)
                 out = await self._call(self.dynamic.generate.remote(image, req.prompt, adapter))
                 return _response(out, via, confidence, fallback=True)
         if self.dynamic is None:
@@ -198,12 +177,11 @@ class Router:
         out = await self._call(self.dynamic.generate.remote(image, req.prompt, adapter))
         return _response(out, via, confidence)
 
-    async def _call(self, response: Any, timeout_s: float | None = None) -> dict[str, Any]:
+    async def _call(self, response: Any, timeout_s: float | None = None) -> Any:
         """Await a deployment call; a failure or a timeout of the callee becomes ServiceUnavailable."""
-        timeout_s = timeout_s or self.cfg.gateway.request_timeout_s
+        timeout_s = timeout_s or self.settings.request_timeout_s
         try:
-            result: dict[str, Any] = await asyncio.wait_for(_awaitable(response), timeout_s)
-            return result
+            return await asyncio.wait_for(_awaitable(response), timeout_s)
         except TimeoutError as e:
             response.cancel()  # never left running: a request is generated at most once
             raise ServiceUnavailable(f"no answer within {timeout_s:.0f}s") from e
@@ -215,7 +193,8 @@ class Router:
         versions: dict[str, str | None] = {}
         for name, handle in self.merged.items():
             try:
-                versions[name] = (await self._call(handle.status.remote(), timeout_s=2.0))["version"]
+                status: MergedStatus = await self._call(handle.status.remote(), timeout_s=2.0)
+                versions[name] = status.version
             except ServiceUnavailable:  # scaled to zero, starting or failing: no version to show
                 versions[name] = None
         policy = self.policy
@@ -243,3 +222,6 @@ class Router:
             return {}
         result: dict[str, Any] = await self.dynamic.stats.remote()
         return result
+
+
+GatewayIngress = serve.ingress(api)(Gateway)

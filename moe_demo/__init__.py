@@ -1,5 +1,5 @@
 """The embedded demo: synthetic screens and adapters trained on the built-in tiny model."""
 
-from moe_core.demo.screens import GRID, PROMPTS, SCREEN_TYPES, Screen, make_screen, split
+from moe_demo.screens import GRID, PROMPTS, SCREEN_TYPES, Screen, make_screen, split
 
 __all__ = ["GRID", "PROMPTS", "SCREEN_TYPES", "Screen", "make_screen", "split"]

@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -25,13 +26,14 @@ from typing import Any
 import torch
 
 from moe_core.config import DeploymentConfig
-from moe_core.demo import screens, train
-from moe_core.demo.screens import SCREEN_TYPES, split
-from moe_core.demo.train import FeatureBank, TrainSpec, evaluate_expert, evaluate_router, train_adapter
 from moe_core.engine import Engine
 from moe_core.modeling import resolve_model_path
-from moe_core.registry import METADATA, deploy_adapter
+from moe_core.probes import publish_probes, write_probe_folder
+from moe_core.registry import METADATA, Role, deploy_adapter
 from moe_core.storage import Storage, sha256_file
+from moe_demo import screens, train
+from moe_demo.screens import SCREEN_TYPES, split
+from moe_demo.train import FeatureBank, TrainSpec, evaluate_expert, evaluate_router, train_adapter
 
 __all__ = ["BuildReport", "DemoPlan", "build_demo", "evaluate_demo", "plan"]
 
@@ -41,9 +43,9 @@ DATASET = "synthetic-screens-v1"
 EVAL_FILE = "eval.json"
 ROUTER_SPEC = TrainSpec("router", steps=300, batch_size=8, lr=1e-3, rank=16, seed=11)
 EXPERT_SPEC = TrainSpec("expert", steps=450, batch_size=32, lr=4e-3, rank=16, seed=7, warmup_clean=0.4)
-TRAIN_PER_KIND = {"routing": 100, "expert": 400}
+TRAIN_PER_KIND = {"router": 100, "expert": 400}
 #: Validation accuracy that ends the attempts: the issue's targets (routing 97%, experts 90%).
-ACCEPT = {"routing": 0.97, "expert": 0.90}
+ACCEPT = {"router": 0.97, "expert": 0.90}
 #: Training attempts per adapter, each from its own seed; the best on the validation split is kept.
 #: LoRA on the tiny random model leaves a loss plateau (chance on the click cell) at a step that
 #: depends on the seed, so a run that escapes late is retrained rather than shipped.
@@ -101,7 +103,7 @@ def _code_digest() -> str:
 
 
 def _build_key(
-    cfg: DeploymentConfig, role: str, name: str, spec: TrainSpec, kinds: tuple[str, ...], attempts: int
+    cfg: DeploymentConfig, role: Role, name: str, spec: TrainSpec, kinds: tuple[str, ...], attempts: int
 ) -> str:
     base = Path(resolve_model_path(cfg.base_model))
     weights = sorted(base.glob("*.safetensors")) if base.is_dir() else []
@@ -114,7 +116,7 @@ def _build_key(
         "base": [sha256_file(w) for w in weights] or cfg.base_model.id,
         "image_size": cfg.limits.image_size,
         "system_prompt": cfg.system_prompt if role == "expert" else "",
-        "router_prompt": cfg.router.prompt if role == "routing" else "",
+        "router_prompt": cfg.router.prompt if role == "router" else "",
         "code": _code_digest(),
         "torch": torch.__version__,
         "peft": importlib.metadata.version("peft"),
@@ -142,9 +144,9 @@ def build_demo(
     path = resolve_model_path(cfg.base_model)
     out(f"[demo] base model ready: {path} ({time.perf_counter() - t0:.1f}s)")
     rows: list[dict[str, object]] = []
-    jobs: list[tuple[str, str, TrainSpec]] = []
+    jobs: list[tuple[Role, str, TrainSpec]] = []
     if p.router:
-        jobs.append(("routing", p.router, p.router_spec))
+        jobs.append(("router", p.router, p.router_spec))
     jobs += [
         ("expert", k, replace(p.expert_spec, name=k, seed=p.expert_spec.seed + i))
         for i, k in enumerate(p.kinds)
@@ -153,13 +155,19 @@ def build_demo(
         spec = replace(spec, name=name)
         t0 = time.perf_counter()
         key = _build_key(cfg, role, name, spec, p.kinds, p.attempts)
-        kind = "routing" if role == "routing" else "lora"
-        current = storage.current_version(kind, name)  # type: ignore[arg-type]
-        meta = storage.read_json(kind, name, METADATA, current) if current else {}  # type: ignore[arg-type]
+        current = storage.current_version(role, name)
+        meta = storage.read_json(role, name, METADATA, current) if current else {}
         if meta.get("build_key") == key:
             out(f"[demo] {name}: unchanged (version {current})")
-            rows.append({"name": name, "role": role, "accuracy": meta.get("eval_accuracy"), "status": "unchanged",
-                         "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+            rows.append(
+                {
+                    "name": name,
+                    "role": role,
+                    "accuracy": meta.get("eval_accuracy"),
+                    "status": "unchanged",
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
             continue
         folder = work_dir / f"{name}-{key[:16]}"  # trained once per build key, reusable by any storage
         marker = folder / EVAL_FILE
@@ -170,41 +178,73 @@ def build_demo(
             result = _train_select_eval(cfg, p, role, name, spec, folder, out)
             marker.write_text(json.dumps(result))  # written last: a folder without it is incomplete
         acc = float(result["accuracy"])
-        extra = {"build_key": key, "heldout_size": result["n"], "validation_accuracy": result["validation_accuracy"],
-                 "train_seed": result["seed"], "attempts": result["attempts"]}  # fmt: skip
-        res = deploy_adapter(storage, cfg, name, folder, routing=role == "routing", eval_accuracy=acc,
-                             dataset_name=DATASET, extra_metadata=extra)  # fmt: skip
+        extra = {
+            "build_key": key,
+            "heldout_size": result["n"],
+            "validation_accuracy": result["validation_accuracy"],
+            "train_seed": result["seed"],
+            "attempts": result["attempts"],
+        }
+        res = deploy_adapter(
+            storage,
+            cfg,
+            name,
+            folder,
+            role=role,
+            eval_accuracy=acc,
+            dataset_name=DATASET,
+            extra_metadata=extra,
+        )
         secs = round(time.perf_counter() - t0, 1)
         out(
             f"[demo] {name}: held-out accuracy {acc:.3f} on {result['n']} screens; deployed {res.version} ({secs}s)"
         )
         rows.append({"name": name, "role": role, "accuracy": acc, "status": "built", "seconds": secs})
+    _publish_probes(storage, cfg, p.kinds, out)
     return BuildReport(rows, time.perf_counter() - t_all)
+
+
+def _publish_probes(
+    storage: Storage, cfg: DeploymentConfig, kinds: tuple[str, ...], out: Callable[[str], None]
+) -> None:
+    """The demo's merge probe sets: held-out screens of each expert's type, and a mix as the default set."""
+    n = cfg.merge.num_probes
+    sets = {k: split("heldout", n, (k,)) for k in kinds}
+    sets[cfg.merge.probe_set] = split("heldout", max(1, -(-n // max(1, len(kinds)))), kinds)[:n]
+    for name, screens_ in sets.items():
+        probes = [(s.image, s.prompt) for s in screens_]
+        with tempfile.TemporaryDirectory(prefix="demo-probes-") as tmp:
+            files = write_probe_folder(Path(tmp), probes)
+            hashes = {f.name: sha256_file(f) for f in files.iterdir()}
+        current = storage.current_version("probes", name)
+        if current is not None and storage.manifest("probes", name, current)["files"] == hashes:
+            continue
+        out(f"[demo] probes/{name}: published version {publish_probes(storage, name, probes)}")
 
 
 def _train_select_eval(
     cfg: DeploymentConfig,
     p: DemoPlan,
-    role: str,
+    role: Role,
     name: str,
     spec: TrainSpec,
     folder: Path,
     out: Callable[[str], None],
 ) -> dict[str, Any]:
     """Train up to ``p.attempts`` seeds, keep the best on the validation split, measure it on held-out."""
-    kinds = p.kinds if role == "routing" else (name,)
-    if role == "routing":
+    kinds = p.kinds if role == "router" else (name,)
+    if role == "router":
         examples = [(s, cfg.router.prompt, s.kind) for s in split("train", TRAIN_PER_KIND[role], kinds)]
         system = ""
     else:
         examples = [(s, s.prompt, s.answer) for s in split("train", TRAIN_PER_KIND[role], kinds)]
         system = cfg.system_prompt
     bank = FeatureBank(cfg, examples, system_prompt=system, clean=spec.warmup_clean > 0, name=name)
-    engine = Engine.from_config(cfg, name="demo-eval")
+    engine = Engine.load(cfg.engine, name="demo-eval")
     validation = split("validation", p.heldout_per_kind, kinds)
 
     def accuracy(adapter: str, screens_: list[screens.Screen]) -> float:
-        if role == "routing":
+        if role == "router":
             return evaluate_router(engine, adapter, list(p.kinds), cfg.router.prompt, screens_)
         return evaluate_expert(engine, adapter, screens_)
 
@@ -229,8 +269,10 @@ def _train_select_eval(
         if val >= ACCEPT[role]:
             out(f"[demo] {name}: validation accuracy {val:.3f} >= {ACCEPT[role]:.2f}")
             break
-        out(f"[demo] {name}: validation accuracy {val:.3f} < {ACCEPT[role]:.2f}" +
-            ("; retrying with the next seed" if attempt + 1 < p.attempts else "; keeping the best attempt"))  # fmt: skip
+        out(
+            f"[demo] {name}: validation accuracy {val:.3f} < {ACCEPT[role]:.2f}"
+            + ("; retrying with the next seed" if attempt + 1 < p.attempts else "; keeping the best attempt")
+        )
     val, attempt, best = max(tried, key=lambda t: (t[0], -t[1]))  # best validation, earliest on a tie
     for _, _, where in tried:
         if where != best:
@@ -238,8 +280,13 @@ def _train_select_eval(
     best.rename(folder)
     engine.load_adapter(name, folder)
     heldout = split("heldout", p.heldout_per_kind, kinds)
-    return {"accuracy": accuracy(name, heldout), "n": len(heldout), "validation_accuracy": val,
-            "seed": spec.seed + SEED_STRIDE * attempt, "attempts": len(tried)}  # fmt: skip
+    return {
+        "accuracy": accuracy(name, heldout),
+        "n": len(heldout),
+        "validation_accuracy": val,
+        "seed": spec.seed + SEED_STRIDE * attempt,
+        "attempts": len(tried),
+    }
 
 
 def evaluate_demo(
@@ -248,18 +295,31 @@ def evaluate_demo(
     """Re-measure routing and expert accuracy from what is deployed in storage."""
     p = plan(cfg, heldout_per_kind=heldout_per_kind)
     storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
-    engine = Engine.from_config(cfg, name="demo-eval")
+    engine = Engine.load(cfg.engine, name="demo-eval")
     rows: list[dict[str, object]] = []
-    if p.router and storage.current_version("routing", p.router):
-        engine.load_adapter(p.router, storage.fetch("routing", p.router)[0])
+    if p.router and storage.current_version("router", p.router):
+        engine.load_adapter(p.router, storage.fetch("router", p.router)[0])
         screens_ = split("heldout", heldout_per_kind, p.kinds, offset)
-        rows.append({"name": p.router, "role": "routing", "n": len(screens_),
-                     "accuracy": evaluate_router(engine, p.router, list(p.kinds), cfg.router.prompt, screens_)})  # fmt: skip
+        rows.append(
+            {
+                "name": p.router,
+                "role": "router",
+                "n": len(screens_),
+                "accuracy": evaluate_router(engine, p.router, list(p.kinds), cfg.router.prompt, screens_),
+            }
+        )
     for k in p.kinds:
-        if storage.current_version("lora", k) is None:
+        if storage.current_version("expert", k) is None:
             continue
-        engine.load_adapter(k, storage.fetch("lora", k)[0])
+        engine.load_adapter(k, storage.fetch("expert", k)[0])
         screens_ = split("heldout", heldout_per_kind, (k,), offset)
-        rows.append({"name": k, "role": "expert", "n": len(screens_), "accuracy": evaluate_expert(engine, k, screens_),
-                     "base_accuracy": evaluate_expert(engine, None, screens_)})  # fmt: skip
+        rows.append(
+            {
+                "name": k,
+                "role": "expert",
+                "n": len(screens_),
+                "accuracy": evaluate_expert(engine, k, screens_),
+                "base_accuracy": evaluate_expert(engine, None, screens_),
+            }
+        )
     return rows

@@ -1,8 +1,8 @@
 """The embedded demo: synthetic screens, a routing adapter and expert adapters on the tiny model.
 
-python -m moe_core.demo build [--config config/deployment.yaml]   # no-op when up to date
-python -m moe_core.demo eval                                       # accuracy table from storage
-python -m moe_core.demo screenshot calendar out.png                # one held-out screen
+python -m moe_demo build [--config config/deployment.yaml]   # no-op when up to date
+python -m moe_demo eval                                       # accuracy table from storage
+python -m moe_demo screenshot calendar out.png                # one held-out screen
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from moe_core.config import DeploymentConfig
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m moe_core.demo", description="Build and evaluate the embedded demo."
+        prog="python -m moe_demo", description="Build and evaluate the embedded demo."
     )
     p.add_argument("--config", default="config/deployment.yaml")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = DeploymentConfig.from_file(args.config)
     if args.cmd == "build":
-        from moe_core.demo.build import build_demo
+        from moe_demo.build import build_demo
 
         report = build_demo(
             cfg,
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(report.table())
     elif args.cmd == "eval":
-        from moe_core.demo.build import evaluate_demo
+        from moe_demo.build import evaluate_demo
 
         rows = evaluate_demo(cfg, args.heldout)
         print(f"{'adapter':<14} {'role':<8} {'n':>5} {'accuracy':>9} {'base (no adapter)':>18}")
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             base_s = f"{base:.3f}" if isinstance(base, float) else "-"
             print(f"{r['name']!s:<14} {r['role']!s:<8} {r['n']!s:>5} {r['accuracy']:>9.3f} {base_s:>18}")
     else:
-        from moe_core.demo.screens import split
+        from moe_demo.screens import split
 
         screen = split("heldout", args.seed + 1, (args.kind,))[args.seed]
         screen.image.save(args.out)

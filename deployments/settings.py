@@ -1,0 +1,92 @@
+"""What each deployment is built with: typed static settings, derived once from the validated config.
+
+The app builder validates the config once and binds these (frozen pydantic models) into the
+deployments; none of them holds a live field, so nothing downstream can read a live value from
+anywhere but the deployment's user_config (:mod:`moe_core.config`'s ``GatewayLive``/``DynamicLive``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from moe_core.config import (
+    AdapterName,
+    BatchingConfig,
+    DeploymentConfig,
+    EngineSettings,
+    LimitsConfig,
+    StorageConfig,
+    StrictModel,
+)
+
+__all__ = ["DynamicSettings", "GatewaySettings", "MergedSettings", "ModelSettings"]
+
+
+class ModelSettings(StrictModel):
+    """A deployment that holds a model: the engine, its storage, how it batches."""
+
+    engine: EngineSettings = Field(description="Model and generation settings.")
+    storage: StorageConfig = Field(description="Shared storage the deployment reads from.")
+    batching: BatchingConfig = Field(description="Batch forming and storage refresh.")
+    max_batch_size: int = Field(ge=1, description="Largest batch one forward runs.")
+
+    @staticmethod
+    def common(cfg: DeploymentConfig, section: BatchingConfig) -> dict[str, Any]:
+        """The model-deployment fields of ``cfg``, batching as its ``section`` (merged or dynamic) says."""
+        batching = BatchingConfig.model_validate(section.model_dump(include=set(BatchingConfig.model_fields)))
+        return {
+            "engine": cfg.engine,
+            "storage": cfg.storage,
+            "batching": batching,
+            "max_batch_size": cfg.limits.max_batch_size,
+        }
+
+
+class DynamicSettings(ModelSettings):
+    router: AdapterName | None = Field(description="The routing adapter; None disables routing.")
+    router_prompt: str = Field(description="Prompt given to the routing adapter with the image.")
+    merged: tuple[AdapterName, ...] = Field(
+        description="Merged adapters: served here too, as their fallback (beside the live dynamic list)."
+    )
+
+    @classmethod
+    def of(cls, cfg: DeploymentConfig) -> DynamicSettings:
+        return cls(
+            **cls.common(cfg, cfg.dynamic),
+            router=cfg.router.adapter,
+            router_prompt=cfg.router.prompt,
+            merged=tuple(a.name for a in cfg.merged.adapters),
+        )
+
+
+class MergedSettings(ModelSettings):
+    adapter: AdapterName = Field(description="The adapter whose merged model this deployment serves.")
+
+    @classmethod
+    def of(cls, cfg: DeploymentConfig, adapter: str) -> MergedSettings:
+        return cls(**cls.common(cfg, cfg.merged), adapter=adapter)
+
+
+class GatewaySettings(StrictModel):
+    labels: dict[int, AdapterName] = Field(description="Router label ids and the adapters they select.")
+    merged: tuple[AdapterName, ...] = Field(description="Adapters with an enabled merged deployment.")
+    merged_disabled: tuple[AdapterName, ...] = Field(
+        description="Merged adapters whose deployment is disabled: the dynamic deployment serves them."
+    )
+    dynamic: bool = Field(description="Whether the dynamic deployment runs.")
+    limits: LimitsConfig = Field(description="Request limits checked at the gateway.")
+    request_timeout_s: float = Field(gt=0, description="Per-hop timeout for a request.")
+
+    @classmethod
+    def of(cls, cfg: DeploymentConfig) -> GatewaySettings:
+        enabled = tuple(a.name for a in cfg.merged_enabled)
+        return cls(
+            labels=dict(cfg.router.labels),
+            merged=enabled,
+            merged_disabled=tuple(a.name for a in cfg.merged.adapters if a.name not in enabled),
+            dynamic=cfg.dynamic.enabled,
+            limits=cfg.limits,
+            request_timeout_s=cfg.gateway.request_timeout_s,
+        )

@@ -1,0 +1,316 @@
+"""The deployments' logic on a fake engine and fake handles: batching, refresh, reconfigure, routing in
+place, fallback. Fast, no model and no Ray cluster (the end-to-end tests run the real ones)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import io
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from deployments.dynamic import AdapterNotServed, DynamicLoRA, NotConfigured
+from deployments.gateway import Gateway, ServiceUnavailable
+from deployments.merged import MergedModel, ModelUnavailable
+from deployments.messages import Answer, RouteRequest
+from deployments.routing import RoutingPolicy
+from deployments.schemas import BadInput, InferRequest
+from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings
+from moe_core.config import ConfigError, DeploymentConfig, EngineSettings, GatewayLive, LiveSettings
+from moe_core.engine import ClassifyResult, GenerationRequest, GenerationResult
+from moe_core.storage import Storage
+
+#: One event loop for the module: @serve.batch keeps one queue per decorated method, bound to the loop
+#: it first ran on (a replica has one loop; these tests share one too).
+_LOOP = asyncio.new_event_loop()
+
+
+def on_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        _LOOP.run_until_complete(test(*args, **kwargs))
+
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _outside_a_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    """@serve.batch reads the replica context only to warn about max_ongoing_requests; there is none here."""
+    from ray.serve import batching
+
+    monkeypatch.setattr(
+        batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None
+    )
+
+
+class FakeEngine:
+    """Answers '<adapter>@<tag>:<prompt>' where tag is the loaded adapter file's content."""
+
+    verdict = ClassifyResult("calendar", 0.9, {"calendar": 0.9, "login-window": 0.1})
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.loaded: dict[str, str] = {}
+        self.batches: list[list[str | None]] = []
+        self.classified = 0
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        self.batches.append([r.adapter for r in requests])
+        n = len({r.adapter for r in requests})
+        return [GenerationResult(self._text(r), r.adapter, 1, len(requests), n, 0.0) for r in requests]
+
+    def _text(self, r: GenerationRequest) -> str:
+        return f"{r.adapter}@{self.loaded.get(r.adapter or '', '-')}:{r.prompt}"
+
+    def classify(
+        self, image: Image.Image, prompt: str, labels: Sequence[str], adapter: str | None
+    ) -> ClassifyResult:
+        self.classified += 1
+        return self.verdict
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        self.loaded[name] = (Path(path) / "tag").read_text()
+
+    def unload_adapter(self, name: str) -> None:
+        self.loaded.pop(name, None)
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _publish(st: Storage, tmp: Path, kind: Any, name: str, tag: str) -> str:
+    d = tmp / f"{kind}-{name}-{tag}"
+    d.mkdir()
+    (d / "tag").write_text(tag)
+    return st.publish(kind, name, d)
+
+
+CFG = DeploymentConfig.from_dict(
+    {
+        "router": {"adapter": "router", "labels": {0: "calendar", 1: "login-window"}},
+        "merged": {"adapters": [{"name": "calendar"}], "refresh_interval_s": 0.0},
+        "dynamic": {"adapters": ["login-window", "desktop"], "refresh_interval_s": 0.0},
+    }
+)
+LIVE = LiveSettings.of(CFG)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Storage:
+    st = Storage(str(tmp_path / "storage"))
+    for kind, name in (("expert", "calendar"), ("expert", "login-window"), ("router", "router")):
+        _publish(st, tmp_path, kind, name, "v1")
+    return st
+
+
+def _dynamic(store: Storage, configure: bool = True) -> tuple[DynamicLoRA, FakeEngine]:
+    engine = FakeEngine()
+
+    def factory(settings: EngineSettings, path: Path | None, name: str) -> FakeEngine:
+        return engine
+
+    d = DynamicLoRA(DynamicSettings.of(CFG), engine_factory=factory, storage=store)
+    if configure:
+        d.reconfigure(LIVE.dynamic.model_dump())
+    return d, engine
+
+
+@on_loop
+async def test_dynamic_batches_mixed_adapters_into_one_forward(store: Storage) -> None:
+    d, engine = _dynamic(store)
+    png = _png()
+    answers = await asyncio.gather(
+        d.generate(png, "a", "calendar"), d.generate(png, "b", "login-window"), d.generate(png, "c", None)
+    )
+    assert [a.text for a in answers] == ["calendar@v1:a", "login-window@v1:b", "None@-:c"]
+    assert all(isinstance(a, Answer) and a.mode == "dynamic" for a in answers)
+    assert engine.batches == [["calendar", "login-window", None]]  # one forward
+    assert answers[0].version == store.current_version("expert", "calendar") and answers[2].version is None
+    assert d.stats()["max_adapters_in_one_forward"] == 3
+
+
+@on_loop
+async def test_dynamic_one_missing_adapter_fails_only_its_row(store: Storage) -> None:
+    d, _ = _dynamic(store)
+    png = _png()
+    ok, missing = await asyncio.gather(
+        d.generate(png, "a", "calendar"), d.generate(png, "b", "desktop"), return_exceptions=True
+    )
+    assert isinstance(ok, Answer) and ok.text == "calendar@v1:a"
+    assert isinstance(missing, AdapterNotServed) and "no published version" in str(missing)
+    with pytest.raises(AdapterNotServed, match="not served"):
+        await d.generate(png, "x", "appointment")
+
+
+@on_loop
+async def test_dynamic_picks_up_a_new_version_without_restart(store: Storage, tmp_path: Path) -> None:
+    d, _ = _dynamic(store)
+    assert (await d.generate(_png(), "a", "calendar")).text == "calendar@v1:a"
+    v2 = _publish(store, tmp_path, "expert", "calendar", "v2")
+    answer = await d.generate(_png(), "a", "calendar")
+    assert answer.text == "calendar@v2:a" and answer.version == v2
+
+
+@on_loop
+async def test_dynamic_reconfigure_validates_and_applies(store: Storage) -> None:
+    d, engine = _dynamic(store)
+    await d.generate(_png(), "a", "login-window")
+    assert "login-window" in engine.loaded
+    for bad, field in (
+        ({"adapters": "calendar", "max_loaded_adapters": 2}, "adapters"),
+        ({"adapters": [], "max_loaded_adapters": 0}, "max_loaded_adapters"),
+        ({"adapters": ["Bad Name"], "max_loaded_adapters": 2}, "adapters.0"),
+        ({"adapters": []}, "max_loaded_adapters"),
+        ({"adapters": [], "max_loaded_adapters": 2, "lru": 3}, "lru"),
+    ):
+        with pytest.raises(ConfigError, match=rf"DynamicLoRA user_config: {field}"):
+            d.reconfigure(bad)
+    assert d.live == LIVE.dynamic  # a refused reconfigure changes nothing
+    d.reconfigure({"adapters": ["desktop"], "max_loaded_adapters": 1})
+    assert "login-window" not in engine.loaded and d.cache is not None and d.cache.capacity == 1
+    with pytest.raises(AdapterNotServed):
+        await d.generate(_png(), "a", "login-window")
+    assert (await d.generate(_png(), "a", "calendar")).text == "calendar@v1:a"  # merged: always served
+
+
+@on_loop
+async def test_dynamic_without_live_settings_is_unhealthy_and_refuses(store: Storage) -> None:
+    d, _ = _dynamic(store, configure=False)
+    with pytest.raises(NotConfigured):
+        d.check_health()
+    with pytest.raises(NotConfigured):
+        await d.generate(_png(), "a", "calendar")
+    d.reconfigure(LIVE.dynamic.model_dump())
+    d.check_health()
+
+
+def _policy(**live: Any) -> RoutingPolicy:
+    return RoutingPolicy(CFG.router.labels, {"calendar"}, LIVE.gateway.model_copy(update=live))
+
+
+@on_loop
+async def test_route_answers_in_place_only_when_the_decision_is_dynamic(store: Storage) -> None:
+    d, engine = _dynamic(store)
+    png = _png()
+    merged = await d.route(RouteRequest(png, "p", _policy()))
+    assert merged.decision.target == "merged" and merged.answer is None and engine.batches == []
+    here = await d.route(RouteRequest(png, "p", _policy(), prefer_merged=False))
+    assert here.answer is not None and here.answer.text == "calendar@v1:p"
+    engine.verdict = ClassifyResult("login-window", 0.3, {"login-window": 0.3, "calendar": 0.7})
+    rejected = await d.route(RouteRequest(png, "p", _policy()))
+    assert rejected.decision.action == "reject" and rejected.answer is None
+    base = await d.route(RouteRequest(png, "p", _policy(below_threshold="base")))
+    assert base.answer is not None and base.answer.adapter is None
+    assert base.decision.routed_via == "router-below-threshold"
+    assert engine.classified == 4
+
+
+@on_loop
+async def test_merged_waits_for_a_version_then_serves_it(store: Storage, tmp_path: Path) -> None:
+    engines: list[FakeEngine] = []
+
+    def factory(settings: EngineSettings, path: Path | None, name: str) -> FakeEngine:
+        engines.append(FakeEngine(path))
+        return engines[-1]
+
+    m = MergedModel(MergedSettings.of(CFG, "calendar"), engine_factory=factory, storage=store)
+    with pytest.raises(ModelUnavailable):
+        await m.generate(_png(), "a")
+    v1 = _publish(store, tmp_path, "merged", "calendar", "m1")
+    answer = await m.generate(_png(), "a")
+    assert (answer.mode, answer.adapter, answer.version) == ("merged", "calendar", v1)
+    assert engines[0].path is not None and (engines[0].path / "tag").read_text() == "m1"
+    assert m.status().version == v1 and m.status().ready
+
+
+class FakeHandle:
+    """A deployment handle whose methods run local coroutines (``handle.method.remote(...)``)."""
+
+    def __init__(self, target: Any = None, fail: bool = False) -> None:
+        self.target, self.fail, self.calls = target, fail, 0
+
+    def __getattr__(self, method: str) -> Any:
+        handle = self
+
+        class _Method:
+            def remote(self, *args: Any) -> asyncio.Task[Any]:
+                handle.calls += 1
+
+                async def run() -> Any:
+                    if handle.fail:
+                        raise RuntimeError("replica died")
+                    return await getattr(handle.target, method)(*args)
+
+                return asyncio.ensure_future(run())
+
+        return _Method()
+
+
+def _gateway(dynamic: DynamicLoRA, merged: FakeHandle, **live: Any) -> Gateway:
+    g = Gateway(GatewaySettings.of(CFG), FakeHandle(dynamic), {"calendar": merged})
+    g.reconfigure(LIVE.gateway.model_dump() | live)
+    return g
+
+
+def _req(**kw: Any) -> InferRequest:
+    return InferRequest(image_b64=base64.b64encode(_png()).decode(), prompt="p", **kw)
+
+
+@on_loop
+async def test_gateway_falls_back_to_dynamic_once_when_merged_fails(store: Storage) -> None:
+    d, engine = _dynamic(store)
+    broken = FakeHandle(fail=True)
+    r = await _gateway(d, broken)._infer(_req(expert="calendar"))
+    assert (r.mode, r.fallback, r.task_output, broken.calls) == ("dynamic", True, "calendar@v1:p", 1)
+    assert engine.batches == [["calendar"]]  # generated exactly once
+    with pytest.raises(ServiceUnavailable, match="replica died"):
+        await _gateway(d, broken, fallback_to_dynamic=False)._infer(_req(expert="calendar"))
+
+
+@on_loop
+async def test_gateway_routes_to_merged_and_rejects_when_unsure(store: Storage, tmp_path: Path) -> None:
+    d, engine = _dynamic(store)
+    _publish(store, tmp_path, "merged", "calendar", "m1")
+    merged = MergedModel(
+        MergedSettings.of(CFG, "calendar"), engine_factory=lambda s, p, n: FakeEngine(p), storage=store
+    )
+    r = await _gateway(d, FakeHandle(merged))._infer(_req())
+    assert (r.mode, r.adapter, r.routed_via, r.confidence) == ("merged", "calendar", "router", 0.9)
+    engine.verdict = ClassifyResult("calendar", 0.2, {"calendar": 0.2, "login-window": 0.1})
+    with pytest.raises(BadInput, match=r"below 0\.5.*candidates: calendar"):
+        await _gateway(d, FakeHandle(merged))._infer(_req())
+
+
+def test_gateway_reconfigure_refuses_bad_live_settings() -> None:
+    g = Gateway(GatewaySettings.of(CFG), None, {"calendar": FakeHandle()})
+    with pytest.raises(ServiceUnavailable, match="no live settings"):
+        _ = g.policy
+    with pytest.raises(ConfigError, match="Gateway user_config: confidence_threshold"):
+        g.reconfigure(LIVE.gateway.model_dump() | {"confidence_threshold": 2})
+    with pytest.raises(ConfigError, match="router labels name adapters \\['login-window'\\]"):
+        g.reconfigure(LIVE.gateway.model_dump() | {"dynamic_adapters": []})
+    g.reconfigure(LIVE.gateway.model_dump())
+    assert g.policy.live == GatewayLive.of(CFG)
+
+
+def test_static_settings_do_not_depend_on_live_fields() -> None:
+    """What the deployments are built with is the same whatever the live fields say."""
+    data = CFG.model_dump(mode="json")
+    data["gateway"]["prefer_merged"] = False
+    data["router"]["confidence_threshold"] = 0.9
+    data["dynamic"]["max_loaded_adapters"] = 2
+    other = DeploymentConfig.from_dict(data)
+    assert GatewaySettings.of(other) == GatewaySettings.of(CFG)
+    assert DynamicSettings.of(other) == DynamicSettings.of(CFG)
+    assert MergedSettings.of(other, "calendar") == MergedSettings.of(CFG, "calendar")
+    static, live = DeploymentConfig.from_static(CFG.static_dump())
+    assert live is None and GatewaySettings.of(static) == GatewaySettings.of(CFG)
+    assert DeploymentConfig.from_static(data)[1] == LiveSettings.of(other)

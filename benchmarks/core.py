@@ -81,10 +81,24 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def _fixed_generate(engine: Engine, reqs: list[GenerationRequest], new_tokens: int) -> None:
     """generate exactly ``new_tokens`` per row (no early stop), as a benchmark needs."""
-    inputs = engine.encode([r.image for r in reqs], [r.prompt for r in reqs])
-    with torch.inference_mode(), engine.adapter_context([r.adapter for r in reqs]) as kwargs:
-        engine.model.generate(
-            **inputs, **kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+    engine.generate(reqs, exact_tokens=new_tokens)
+
+
+def _full_hd_screenshot(rep: EngineReport, engine: Engine, image: Any, prompt: str, s: BenchSettings) -> None:
+    """A 1920x1080 screenshot at the Kubernetes config's pixel bounds: its image tokens and latency."""
+    from moe_core.vision import plan
+
+    k8s = DeploymentConfig.from_file(Path(__file__).resolve().parents[1] / "config" / "deployment.k8s.yaml")
+    shot = image.resize((1920, 1080))
+    p = plan(1920, 1080, k8s.engine.bounds, k8s.engine.image_factor)
+    rep.figures["1920x1080 at k8s bounds: model size"] = f"{p.model_width}x{p.model_height}"
+    rep.figures["1920x1080 at k8s bounds: image tokens"] = p.tokens
+    rep.figures["1920x1080 at k8s bounds: prompt tokens"] = engine.prompt_tokens(prompt, p.tokens)
+    reqs = [GenerationRequest(shot, prompt, None, bounds=k8s.engine.bounds)]
+    _fixed_generate(engine, reqs, s.new_tokens)  # warm-up
+    for _ in range(max(2, s.rounds // 2)):
+        rep.samples.setdefault("latency_base_1920x1080", []).append(
+            _timed(partial(_fixed_generate, engine, reqs, s.new_tokens))
         )
 
 
@@ -153,6 +167,7 @@ def engine_benchmarks(
             (full - first) / (s.new_tokens - 1)
             for full, first in zip(rep.samples[f"latency_{name}"], rep.samples[f"first_{name}"], strict=True)
         ]
+    _full_hd_screenshot(rep, base, images[0], prompt, s)
 
     def serial() -> None:  # the original design: one request at a time, switching the active adapter
         for r in mixed:

@@ -122,7 +122,9 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
         base_model=BaseModelConfig(),
         system_prompt=DEFAULT_SYSTEM_PROMPT,
         max_new_tokens=s.new_tokens,
-        image_size=image_size,
+        min_pixels=image_size * image_size,
+        max_pixels=image_size * image_size,
+        max_prompt_tokens=4096,
     )
     engine = Engine(base, processor, settings, name="gpu")
     for i in range(s.adapters_in_batch):
@@ -137,9 +139,7 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
     single = [GenerationRequest(r.image, prompt, "a0") for r in mixed]
 
     def gen(reqs: list[GenerationRequest], n: int) -> None:
-        inputs = engine.encode([r.image for r in reqs], [r.prompt for r in reqs])
-        with torch.inference_mode(), engine.adapter_context([r.adapter for r in reqs]) as kwargs:
-            engine.model.generate(**inputs, **kwargs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        engine.generate(reqs, exact_tokens=n)
 
     samples: Samples = {}
     for _ in range(2):

@@ -36,9 +36,18 @@ GATEWAY_MAX_ONGOING = 256
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    config: dict[str, Any] = Field(
-        description="config/deployment.yaml as a mapping; its live fields may be left out (see serve_config)."
+    config: dict[str, Any] | str = Field(
+        description="config/deployment.yaml as a mapping without its live fields (the generated Serve config, "
+        "whose deployments carry them as user_config), or the path of a whole config file "
+        "(`serve run deployments.app:build_app config=config/deployment.yaml`), whose live fields are used."
     )
+
+    def deployment_config(self) -> tuple[DeploymentConfig, LiveSettings | None]:
+        """Validated once: the config, and the live settings when the args hold them."""
+        if isinstance(self.config, str):
+            cfg = DeploymentConfig.from_file(self.config)
+            return cfg, LiveSettings.of(cfg)
+        return DeploymentConfig.from_static(self.config)
 
 
 def merged_name(adapter: str) -> str:
@@ -51,7 +60,7 @@ def _scaling(s: ScalingConfig) -> dict[str, Any]:
         "max_ongoing_requests": BATCHED_MAX_ONGOING,
         "autoscaling_config": {
             "min_replicas": s.min_replicas,
-            "initial_replicas": max(s.min_replicas, 1) if s.min_replicas > 0 else 0,
+            "initial_replicas": s.min_replicas,
             "max_replicas": s.max_replicas,
             "target_ongoing_requests": 8,
             "upscale_delay_s": 2.0,
@@ -68,7 +77,7 @@ def _user_config(live: BaseModel | None) -> dict[str, Any]:
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
     """Bind Gateway -> (one MergedModel per enabled merged adapter, DynamicLoRA)."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    cfg, live = DeploymentConfig.from_static(parsed.config)
+    cfg, live = parsed.deployment_config()
     merged = {
         a.name: serve.deployment(MergedModel)  # type: ignore[attr-defined]
         .options(name=merged_name(a.name), **_scaling(a))

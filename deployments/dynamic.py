@@ -21,7 +21,7 @@ from ray import serve
 
 from deployments.adapter_cache import AdapterCache, AdapterNotFound
 from deployments.engines import DeploymentEngine, ModelDeployment
-from deployments.messages import Answer, RouteRequest, RouteResult
+from deployments.messages import Answer, DynamicStats, Query, RouteRequest, RouteResult
 from deployments.routing import Classification, decide
 from deployments.schemas import open_image
 from deployments.settings import DynamicSettings
@@ -48,7 +48,7 @@ class NotConfigured(RuntimeError):
 @dataclass(frozen=True)
 class _Item:
     image: Image.Image  # decoded once per request, before batching
-    prompt: str
+    query: Query
     adapter: str | None
 
 
@@ -98,13 +98,14 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         return self.cache
 
     # ------------------------------------------------------------ requests
-    async def generate(self, image: bytes, prompt: str, adapter: str | None) -> Answer:
-        return await self._submit(open_image(image), prompt, adapter)
+    async def generate(self, query: Query, adapter: str | None) -> Answer:
+        return await self._submit(open_image(query.image), query, adapter)
 
-    async def _submit(self, image: Image.Image, prompt: str, adapter: str | None) -> Answer:
+    async def _submit(self, image: Image.Image, query: Query, adapter: str | None) -> Answer:
         if adapter is not None and adapter not in self.served:
             raise AdapterNotServed(f"adapter {adapter!r} is not served by the dynamic deployment")
-        result: Answer | BaseException = await self._batched(_Item(image, prompt, adapter))
+        self.check_prompt(self.engine, query)  # before the batch: a refused row never joins one
+        result: Answer | BaseException = await self._batched(_Item(image, query, adapter))
         if isinstance(result, BaseException):  # per-row failures come back as values
             raise result
         return result
@@ -141,50 +142,66 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
     ) -> None:
         if not rows:
             return
-        reqs = [GenerationRequest(items[i].image, items[i].prompt, items[i].adapter) for i in rows]
+        reqs = [
+            GenerationRequest(
+                items[i].image, items[i].query.prompt, items[i].adapter, bounds=items[i].query.bounds
+            )
+            for i in rows
+        ]
         results = await asyncio.to_thread(self.engine.generate, reqs)
         n_adapters = len({items[i].adapter for i in rows})
         self.batches[len(rows)] += 1
         self.mixed[n_adapters] += 1
         for i, r in zip(rows, results, strict=True):
             version = versions.get(r.adapter) if r.adapter else None
-            out[i] = Answer(r.text, r.adapter, "dynamic", version, r.batch_size, r.adapters_in_batch)
+            out[i] = Answer(
+                r.text,
+                r.adapter,
+                "dynamic",
+                version,
+                r.batch_size,
+                r.adapters_in_batch,
+                r.prompt_tokens,
+                r.num_tokens,
+            )
 
     async def route(self, req: RouteRequest) -> RouteResult:
         """Classify with the routing adapter (one forward), decide, and answer here when the decision
         is dynamic (one hop); a merged decision or a rejection goes back to the gateway unanswered."""
         name = self.settings.router
-        if self.router_cache is None or not name:
+        if self.router_cache is None or name is None:
             raise RoutingUnavailable("no routing adapter is configured (router.adapter)")
         try:
             await self.router_cache.ensure([name])
         except AdapterNotFound as e:
             raise RoutingUnavailable(str(e)) from e
-        img = open_image(req.image)
+        img = open_image(req.query.image)
         labels = req.policy.label_names()
-        res = await asyncio.to_thread(self.engine.classify, img, self.settings.router_prompt, labels, name)
+        res = await asyncio.to_thread(
+            self.engine.classify, img, self.settings.router_prompt, labels, name, bounds=req.query.bounds
+        )
         decision = decide(
             Classification(res.label, res.confidence, res.scores), req.policy, req.prefer_merged
         )
         answer = None
         if decision.action == "answer" and decision.target == "dynamic":
-            answer = await self._submit(img, req.prompt, decision.adapter)  # the image decoded once
+            answer = await self._submit(img, req.query, decision.adapter)  # the image decoded once
         return RouteResult(decision, answer)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> DynamicStats:
         cache = self._cache()
-        return {
-            "pid": os.getpid(),
-            "forwards": sum(self.batches.values()),
-            "batch_sizes": dict(self.batches),
-            "adapters_per_forward": dict(self.mixed),
-            "max_adapters_in_one_forward": max(self.mixed, default=0),
-            "resident": cache.resident,
-            "capacity": cache.capacity,
-            "loads": cache.loads,
-            "evictions": cache.evictions,
-            "served": sorted(self.served),
-        }
+        return DynamicStats(
+            pid=os.getpid(),
+            forwards=sum(self.batches.values()),
+            batch_sizes=dict(self.batches),
+            adapters_per_forward=dict(self.mixed),
+            max_adapters_in_one_forward=max(self.mixed, default=0),
+            resident=cache.resident,
+            capacity=cache.capacity,
+            loads=cache.loads,
+            evictions=cache.evictions,
+            served=tuple(sorted(self.served)),
+        )
 
     def check_health(self) -> None:
         """Unhealthy until the live settings arrive; the engine's own health is the hardening issue's."""

@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from PIL import Image
 
 from deployments.adapter_cache import AdapterStore
+from deployments.schemas import BadInput
 from moe_core.config import EngineSettings
 from moe_core.engine import ClassifyResult, Engine, GenerationRequest, GenerationResult
 from moe_core.storage import Storage
+from moe_core.vision import PixelBounds
 
 if TYPE_CHECKING:
+    from deployments.messages import Query
     from deployments.settings import ModelSettings
 
 __all__ = ["DeploymentEngine", "EngineFactory", "ModelDeployment", "load_engine"]
@@ -28,8 +31,15 @@ class DeploymentEngine(Protocol):
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
     def classify(
-        self, image: Image.Image, prompt: str, labels: Sequence[str], adapter: str | None
+        self,
+        image: Image.Image,
+        prompt: str,
+        labels: Sequence[str],
+        adapter: str | None,
+        system_prompt: str = "",
+        bounds: PixelBounds | None = None,
     ) -> ClassifyResult: ...
+    def prompt_tokens(self, prompt: str, image_tokens: int, system_prompt: str | None = None) -> int: ...
     def load_adapter(self, name: str, path: str | Path) -> None: ...
     def unload_adapter(self, name: str) -> None: ...
 
@@ -64,3 +74,15 @@ class ModelDeployment(Generic[S]):
 
     def _start(self) -> None:
         raise NotImplementedError
+
+    def check_prompt(self, engine: DeploymentEngine, query: Query) -> None:
+        """Refuse a prompt over ``max_prompt_tokens`` (its image's tokens included) with a 4xx."""
+        limit = self.settings.engine.max_prompt_tokens
+        n = engine.prompt_tokens(query.prompt, query.image_tokens)
+        if n > limit:
+            raise BadInput(
+                "prompt",
+                f"the prompt is {n} tokens with its image ({query.image_tokens} image tokens), over the limit "
+                f"of {limit}; shorten the prompt or send a lower max_pixels",
+                413,
+            )

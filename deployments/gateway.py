@@ -6,6 +6,7 @@ hop once; a request is generated exactly once (merged, or dynamic, or dynamic af
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -17,11 +18,21 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.messages import Answer, MergedStatus, RouteRequest, RouteResult
-from deployments.routing import RoutedVia, RoutingPolicy
-from deployments.schemas import AdapterStatus, BadInput, InferRequest, InferResponse, decode_image, error_body
+from deployments.messages import Answer, DynamicStats, MergedStatus, Query, RouteRequest, RouteResult
+from deployments.routing import RoutedVia, RoutingPolicy, Target
+from deployments.schemas import (
+    AdapterStatus,
+    BadInput,
+    ImageInfo,
+    InferRequest,
+    InferResponse,
+    Usage,
+    decode_image,
+    error_body,
+)
 from deployments.settings import GatewaySettings
 from moe_core.config import ConfigError, GatewayLive
+from moe_core.vision import ImagePlan, PixelBounds, plan
 
 __all__ = ["Gateway", "GatewayIngress", "ServiceUnavailable", "api"]
 
@@ -51,7 +62,9 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(status_code=422, content=body)
 
 
-def _response(out: Answer, via: RoutedVia, confidence: float | None, fallback: bool = False) -> InferResponse:
+def _response(
+    out: Answer, image: ImagePlan, via: RoutedVia, confidence: float | None, fallback: bool = False
+) -> InferResponse:
     return InferResponse(
         task_output=out.text,
         adapter=out.adapter,
@@ -62,6 +75,19 @@ def _response(out: Answer, via: RoutedVia, confidence: float | None, fallback: b
         fallback=fallback,
         batch_size=out.batch_size,
         adapters_in_batch=out.adapters_in_batch,
+        image=ImageInfo(
+            width=image.width,
+            height=image.height,
+            model_width=image.model_width,
+            model_height=image.model_height,
+            tokens=image.tokens,
+        ),
+        usage=Usage(
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            total_tokens=out.prompt_tokens + out.completion_tokens,
+            image_tokens=image.tokens,
+        ),
     )
 
 
@@ -129,12 +155,11 @@ class Gateway:
                 f"prompt is {len(req.prompt)} characters, over the limit of {limits.max_prompt_chars}",
             )
         policy = self.policy  # one snapshot per request, even across a reconfigure
-        image, _ = decode_image(
-            req.image_b64, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
-        )
+        query, image = self._query(req)
         if req.expert is not None:
             adapter = policy.resolve_expert(req.expert)
-            return await self._answer(policy, adapter, image, req, "explicit", None)
+            target = policy.target(adapter, req.prefer_merged)
+            return await self._answer(policy, adapter, target, query, image, "explicit", None)
         if self.dynamic is None:
             raise ServiceUnavailable(
                 "routing needs the dynamic deployment, which is disabled; name an expert"
@@ -142,40 +167,68 @@ class Gateway:
         if not policy.labels:
             raise BadInput("expert", "no router labels are configured; name an expert")
         routed: RouteResult = await self._call(
-            self.dynamic.route.remote(RouteRequest(image, req.prompt, policy, req.prefer_merged))
+            self.dynamic.route.remote(RouteRequest(query, policy, req.prefer_merged))
         )
         d = routed.decision
         if d.action == "reject":
             raise d.rejection(policy.live.confidence_threshold)
         confidence = d.classification.confidence
         if routed.answer is not None:
-            return _response(routed.answer, d.routed_via, confidence)
-        return await self._answer(policy, d.adapter, image, req, d.routed_via, confidence)
+            return _response(routed.answer, image, d.routed_via, confidence)
+        return await self._answer(policy, d.adapter, d.target, query, image, d.routed_via, confidence)
+
+    def _query(self, req: InferRequest) -> tuple[Query, ImagePlan]:
+        """Decode and check the image; resolve the pixels the model sees of it and what they cost in tokens."""
+        limits = self.settings.limits
+        data, img = decode_image(
+            req.image_b64, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
+        )
+        try:
+            bounds = PixelBounds(limits.min_pixels, limits.max_pixels).narrowed(
+                req.min_pixels, req.max_pixels
+            )
+        except ValueError as e:
+            raise BadInput(str(e).split(" ", 1)[0], str(e)) from e
+        try:
+            image = plan(img.width, img.height, bounds, self.settings.image_factor)
+        except ValueError as e:  # qwen-vl-utils refuses aspect ratios over 200:1
+            raise BadInput("image_b64", f"image is {img.width}x{img.height}: {e}") from e
+        if image.tokens > limits.max_prompt_tokens:
+            raise BadInput(
+                "image_b64",
+                f"image is {image.tokens} tokens at {image.model_width}x{image.model_height} (from "
+                f"{img.width}x{img.height}), over the prompt limit of {limits.max_prompt_tokens} tokens; "
+                "send a smaller image or a lower max_pixels",
+                413,
+            )
+        return Query(data, req.prompt, bounds, image.tokens), image
 
     async def _answer(
         self,
         policy: RoutingPolicy,
         adapter: str | None,
-        image: bytes,
-        req: InferRequest,
+        target: Target,
+        query: Query,
+        image: ImagePlan,
         via: RoutedVia,
         confidence: float | None,
     ) -> InferResponse:
-        if policy.target(adapter, req.prefer_merged) == "merged":
+        """Generate on ``target``, once; a failed merged deployment falls back to dynamic when allowed."""
+        if target == "merged":
             assert adapter is not None
             try:
-                out = await self._call(self.merged[adapter].generate.remote(image, req.prompt))
-                return _response(out, via, confidence)
+                out = await self._call(self.merged[adapter].generate.remote(query))
+                return _response(out, image, via, confidence)
             except ServiceUnavailable as e:
                 if not policy.live.fallback_to_dynamic or self.dynamic is None:
                     raise
                 logger.warning("gateway: merged %s failed (%s); answering from dynamic", adapter, e)
-                out = await self._call(self.dynamic.generate.remote(image, req.prompt, adapter))
-                return _response(out, via, confidence, fallback=True)
+                out = await self._call(self.dynamic.generate.remote(query, adapter))
+                return _response(out, image, via, confidence, fallback=True)
         if self.dynamic is None:
             raise ServiceUnavailable(f"adapter {adapter!r} has no merged deployment and dynamic is disabled")
-        out = await self._call(self.dynamic.generate.remote(image, req.prompt, adapter))
-        return _response(out, via, confidence)
+        out = await self._call(self.dynamic.generate.remote(query, adapter))
+        return _response(out, image, via, confidence)
 
     async def _call(self, response: Any, timeout_s: float | None = None) -> Any:
         """Await a deployment call; a failure or a timeout of the callee becomes ServiceUnavailable."""
@@ -186,10 +239,21 @@ class Gateway:
             response.cancel()  # never left running: a request is generated at most once
             raise ServiceUnavailable(f"no answer within {timeout_s:.0f}s") from e
         except Exception as e:  # the callee failed: model missing, replica died, bad adapter
+            cause = getattr(e, "cause", e)  # a RayTaskError carries what the deployment raised
+            if isinstance(cause, BadInput):  # the request's own fault, found where the model is (4xx)
+                raise cause from e
             raise ServiceUnavailable(f"{type(e).__name__}: {_first_line(e)}") from e
 
-    @api.get("/adapters", response_model=list[AdapterStatus])
-    async def adapters(self) -> list[AdapterStatus]:
+    def check_health(self) -> None:
+        """Unhealthy until the live settings arrive (a Serve config without user_config shows here)."""
+        _ = self.policy
+
+    @api.get("/adapters", response_model=list[AdapterStatus], responses={503: {}})
+    async def adapters(self) -> Any:
+        try:
+            policy = self.policy
+        except ServiceUnavailable as e:
+            return JSONResponse(status_code=503, content=error_body("service", str(e)))
         versions: dict[str, str | None] = {}
         for name, handle in self.merged.items():
             try:
@@ -197,7 +261,6 @@ class Gateway:
                 versions[name] = status.version
             except ServiceUnavailable:  # scaled to zero, starting or failing: no version to show
                 versions[name] = None
-        policy = self.policy
         rows = []
         for name in sorted(policy.experts):
             rows.append(
@@ -220,8 +283,8 @@ class Gateway:
         """Batching and cache counters of the dynamic deployment (one replica's view)."""
         if self.dynamic is None:
             return {}
-        result: dict[str, Any] = await self.dynamic.stats.remote()
-        return result
+        stats: DynamicStats = await self.dynamic.stats.remote()
+        return dataclasses.asdict(stats)
 
 
 GatewayIngress = serve.ingress(api)(Gateway)

@@ -15,7 +15,7 @@ from PIL import Image
 from ray import serve
 
 from deployments.engines import DeploymentEngine, ModelDeployment
-from deployments.messages import Answer, MergedStatus
+from deployments.messages import Answer, MergedStatus, Query
 from deployments.schemas import open_image
 from deployments.settings import MergedSettings
 from moe_core.engine import GenerationRequest
@@ -59,20 +59,24 @@ class MergedModel(ModelDeployment[MergedSettings]):
             if current is not None and current != self.version:
                 await asyncio.to_thread(self._load, current)
 
-    async def generate(self, image: bytes, prompt: str) -> Answer:
+    async def generate(self, query: Query) -> Answer:
         await self._refresh()
         if self.engine is None:
             raise ModelUnavailable(f"merged deployment {self.adapter!r} has no published model")
-        result: Answer = await self._batched((open_image(image), prompt))  # decoded before batching
+        self.check_prompt(self.engine, query)  # before the batch: a refused row never joins one
+        result: Answer = await self._batched((open_image(query.image), query))  # decoded before batching
         return result
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, items: list[tuple[Image.Image, str]]) -> list[Answer]:
+    async def _batched(self, items: list[tuple[Image.Image, Query]]) -> list[Answer]:
         engine, version = self.engine, self.version
         assert engine is not None
-        reqs = [GenerationRequest(img, prompt, None) for img, prompt in items]
+        reqs = [GenerationRequest(img, q.prompt, None, bounds=q.bounds) for img, q in items]
         results = await asyncio.to_thread(engine.generate, reqs)
-        return [Answer(r.text, self.adapter, "merged", version, r.batch_size, 1) for r in results]
+        return [
+            Answer(r.text, self.adapter, "merged", version, r.batch_size, 1, r.prompt_tokens, r.num_tokens)
+            for r in results
+        ]
 
     def status(self) -> MergedStatus:
         return MergedStatus(self.adapter, self.version, self.engine is not None)

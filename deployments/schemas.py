@@ -14,10 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = [
     "AdapterStatus",
     "BadInput",
+    "ImageInfo",
     "InferRequest",
     "InferResponse",
     "Mode",
     "RoutedVia",
+    "Usage",
     "decode_image",
     "error_body",
     "open_image",
@@ -40,6 +42,10 @@ class BadInput(ValueError):
         self.message = message
         self.status = status
 
+    def __reduce__(self) -> tuple[type[BadInput], tuple[str, str, int]]:
+        """Pickled whole: a deployment's BadInput reaches the gateway across the handle as itself."""
+        return (BadInput, (self.field, self.message, self.status))
+
 
 class InferRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -52,6 +58,18 @@ class InferRequest(BaseModel):
     prefer_merged: bool | None = Field(
         default=None, description="Override the config's gateway.prefer_merged for this request."
     )
+    min_pixels: int | None = Field(
+        default=None,
+        gt=0,
+        description="Qwen's per-image min_pixels: fewest pixels the model sees of the image, within the "
+        "configured limits.min_pixels..max_pixels.",
+    )
+    max_pixels: int | None = Field(
+        default=None,
+        gt=0,
+        description="Qwen's per-image max_pixels: most pixels the model sees of the image, within the configured "
+        "limits (fewer pixels: fewer image tokens, a faster answer, coarser detail).",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -59,6 +77,24 @@ class InferRequest(BaseModel):
         if not v.strip():
             raise ValueError("prompt must not be empty")
         return v
+
+
+class ImageInfo(BaseModel):
+    """The size the model saw: an action's coordinates refer to model_width x model_height; scale by
+    width / model_width and height / model_height to map them back to the screenshot's pixels."""
+
+    width: int = Field(description="The screenshot's width as sent.")
+    height: int = Field(description="The screenshot's height as sent.")
+    model_width: int = Field(description="Width after Qwen's aspect-preserving resize, as the model saw it.")
+    model_height: int = Field(description="Height after that resize.")
+    tokens: int = Field(description="Image tokens in the prompt: (model_width / 32) * (model_height / 32).")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Prompt tokens as the model read them: template, text and image.")
+    completion_tokens: int = Field(description="Tokens generated.")
+    total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
+    image_tokens: int = Field(description="The image's share of prompt_tokens.")
 
 
 class InferResponse(BaseModel):
@@ -75,6 +111,8 @@ class InferResponse(BaseModel):
         default=None, description="Rows in the forward that generated this answer."
     )
     adapters_in_batch: int | None = Field(default=None, description="Distinct adapters in that forward.")
+    image: ImageInfo = Field(description="The screenshot's size and the size the model saw it at.")
+    usage: Usage = Field(description="Tokens read and generated.")
 
 
 class AdapterStatus(BaseModel):

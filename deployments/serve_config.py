@@ -2,6 +2,7 @@
 
     python -m deployments.serve_config --config config/deployment.yaml --out config/serve.yaml
     python -m deployments.serve_config --config config/deployment.yaml --check config/serve.yaml
+    python -m deployments.serve_config --validate config/serve.yaml     # a hand-edited Serve config
 
 The app's ``args`` hold the config without its live fields; those go into each deployment's
 ``user_config``, so `serve deploy` after editing them reconfigures replicas in place.
@@ -17,10 +18,12 @@ from typing import Any
 
 import yaml
 
-from deployments.app import user_configs
-from moe_core.config import DeploymentConfig
+from deployments.app import DYNAMIC_NAME, GATEWAY_NAME, user_configs
+from moe_core.config import ConfigError, DeploymentConfig, DynamicLive, GatewayLive, LiveModel
 
-__all__ = ["APP_NAME", "render", "serve_config"]
+LIVE_MODELS: dict[str, type[LiveModel]] = {GATEWAY_NAME: GatewayLive, DYNAMIC_NAME: DynamicLive}
+
+__all__ = ["APP_NAME", "render", "serve_config", "validate"]
 
 APP_NAME = "moe"
 HEADER = (
@@ -63,8 +66,44 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--out", type=Path, help="write the Serve config here")
     g.add_argument("--check", type=Path, help="fail when this file differs from what would be generated")
+    g.add_argument("--validate", type=Path, help="validate a Serve config's app args and user_configs")
     args = p.parse_args(argv)
+    if args.validate:
+        problems = validate(yaml.safe_load(args.validate.read_text()))
+        for line in problems:
+            print(f"{args.validate}: {line}", file=sys.stderr)
+        return 1 if problems else 0
     return write_or_check(render(DeploymentConfig.from_file(args.config), source=args.config), args)
+
+
+def validate(doc: dict[str, Any]) -> list[str]:
+    """What a replica would refuse in a Serve config: bad app args, bad or inconsistent user_configs."""
+    problems: list[str] = []
+    for app in doc.get("applications") or []:
+        try:
+            DeploymentConfig.from_static(app.get("args", {}).get("config", {}))
+        except ConfigError as e:
+            problems.append(f"application {app.get('name')!r}: {e}")
+        live: dict[str, LiveModel] = {}
+        for d in app.get("deployments") or []:
+            model = LIVE_MODELS.get(d.get("name"))
+            if model is None:
+                continue
+            try:
+                live[d["name"]] = model.from_user_config(d.get("user_config"), d["name"])
+            except ConfigError as e:
+                problems.append(f"application {app.get('name')!r}: {e}")
+        gw, dyn = live.get(GATEWAY_NAME), live.get(DYNAMIC_NAME)
+        if (
+            isinstance(gw, GatewayLive)
+            and isinstance(dyn, DynamicLive)
+            and gw.dynamic_adapters != dyn.adapters
+        ):
+            problems.append(
+                f"application {app.get('name')!r}: {GATEWAY_NAME} dynamic_adapters {gw.dynamic_adapters} differ "
+                f"from {DYNAMIC_NAME} adapters {dyn.adapters} (both come from dynamic.adapters)"
+            )
+    return problems
 
 
 def write_or_check(text: str, args: argparse.Namespace) -> int:

@@ -34,8 +34,11 @@ class ModelSettings(StrictModel):
 
     @staticmethod
     def common(cfg: DeploymentConfig, section: BatchingConfig) -> dict[str, Any]:
-        """The model-deployment fields of ``cfg``, batching as its ``section`` (merged or dynamic) says."""
-        batching = BatchingConfig.model_validate(section.model_dump(include=set(BatchingConfig.model_fields)))
+        """The model-deployment fields of ``cfg``, batching as its ``section`` (merged or dynamic) says
+        (already validated with the config: taken as it is)."""
+        batching = BatchingConfig.model_construct(
+            **section.model_dump(include=set(BatchingConfig.model_fields))
+        )
         return {
             "engine": cfg.engine,
             "storage": cfg.storage,
@@ -77,6 +80,7 @@ class GatewaySettings(StrictModel):
     )
     dynamic: bool = Field(description="Whether the dynamic deployment runs.")
     limits: LimitsConfig = Field(description="Request limits checked at the gateway.")
+    image_factor: int = Field(ge=1, description="Side of one image token in pixels (patch x spatial merge).")
     request_timeout_s: float = Field(gt=0, description="Per-hop timeout for a request.")
 
     @classmethod
@@ -88,5 +92,6 @@ class GatewaySettings(StrictModel):
             merged_disabled=tuple(a.name for a in cfg.merged.adapters if a.name not in enabled),
             dynamic=cfg.dynamic.enabled,
             limits=cfg.limits,
+            image_factor=cfg.engine.image_factor,
             request_timeout_s=cfg.gateway.request_timeout_s,
         )

@@ -129,7 +129,7 @@ def merge_adapter(
             merged = engine.merge_adapter(name, safe_merge=safe)
         except EngineError as e:
             raise MergeRefused(f"adapter {name!r}: {e}; not published") from e
-        merged = merged.to(serve_dtype).eval()  # type: ignore[attr-defined]
+        merged = merged.to(serve_dtype).eval()
         processor = engine.processor
     with _stage(name, "verify", timings):
         engine = Engine(merged, processor, cfg.engine, name=f"merged-{name}")
@@ -152,7 +152,7 @@ def merge_adapter(
     with tempfile.TemporaryDirectory(prefix=f"merge-{name}-") as tmp:
         out = Path(tmp)
         with _stage(name, "save", timings):
-            merged.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
+            merged.save_pretrained(out, safe_serialization=True)
             processor.save_pretrained(out)
             metadata = {
                 "adapter_name": name,

@@ -14,6 +14,8 @@ from typing import Annotated, ClassVar, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from moe_core.vision import PixelBounds
+
 __all__ = [
     "ADAPTER_NAME_RE",
     "BUILTIN_TINY",
@@ -117,6 +119,11 @@ class StrictModel(BaseModel):
             raise ConfigError(f"{source}: {_describe(e)}") from e
 
 
+def _section(data: dict[str, object], name: str) -> dict[str, object]:
+    section = data.get(name)
+    return section if isinstance(section, dict) else {}
+
+
 def _describe(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
@@ -145,6 +152,12 @@ class BaseModelConfig(StrictModel):
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         default="sdpa", description="Attention kernel passed to transformers."
+    )
+    image_patch_size: int = Field(
+        default=16,
+        ge=1,
+        description="The vision tower's patch size (16 for Qwen3-VL, 14 for Qwen2.5-VL); images land on a grid "
+        "of twice this (the spatial merge). Checked against the processor at load.",
     )
 
 
@@ -239,11 +252,31 @@ class LimitsConfig(StrictModel):
     max_prompt_chars: int = Field(default=4000, ge=1, description="Longest prompt in characters.")
     max_new_tokens: int = Field(default=24, ge=1, description="Tokens generated per request.")
     max_batch_size: int = Field(default=16, ge=1, description="Largest batch one forward runs.")
-    image_size: int = Field(
-        default=224,
-        ge=32,
-        description="Images are resized to fit this many pixels per side before the model.",
+    min_pixels: int = Field(
+        default=64 * 32 * 32,
+        ge=1,
+        description="Fewest pixels the model sees of an image: smaller ones are scaled up, keeping their "
+        "aspect ratio (Qwen's min_pixels; a request may ask for more, within max_pixels).",
     )
+    max_pixels: int = Field(
+        default=1024 * 32 * 32,
+        ge=1,
+        description="Most pixels the model sees of an image: larger ones are scaled down, keeping their aspect "
+        "ratio (Qwen's max_pixels; a request may ask for fewer). Image tokens = pixels / (2 * patch)^2.",
+    )
+    max_prompt_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="Longest prompt in tokens, the image's tokens and the chat template included.",
+    )
+
+    @model_validator(mode="after")
+    def _pixels(self) -> Self:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"limits.min_pixels ({self.min_pixels}) must not exceed limits.max_pixels ({self.max_pixels})"
+            )
+        return self
 
 
 class MergeJobConfig(StrictModel):
@@ -317,22 +350,24 @@ class DeploymentConfig(StrictModel):
 
     @classmethod
     def from_static(cls, data: dict[str, object]) -> tuple[DeploymentConfig, LiveSettings | None]:
-        """Validate the app's args: a :meth:`static_dump`, or a whole config.
+        """Validate the app's args: a :meth:`static_dump` (no live field), or a whole config (every one).
 
-        Returns the config and, when ``data`` holds every live field, the live settings it gives.
-        Without them the returned config's live fields hold placeholders: read live values only
-        from the :class:`LiveSettings` a deployment receives as its user_config.
+        Returns the config and, for a whole config, its live settings. For a static dump the returned
+        config's live fields hold placeholders: live values reach a deployment only as its user_config.
+        A mapping with some live fields but not all is refused naming the missing ones.
         """
-        present = [
-            (s, k)
-            for s, k in LIVE_FIELDS
-            if isinstance(data.get(s), dict) and k in data[s]  # type: ignore[operator]
-        ]
+        present = [(s, k) for s, k in LIVE_FIELDS if k in _section(data, s)]
+        if present and len(present) < len(LIVE_FIELDS):
+            missing = [f"{s}.{k}" for s, k in LIVE_FIELDS if (s, k) not in present]
+            raise ConfigError(
+                f"app args: the config holds some live fields but not {missing}: pass a whole config, or "
+                "none of them (the generated Serve config carries them as user_config)"
+            )
         try:
-            cfg = cls.model_validate(data, context={"live_fields_external": len(present) < len(LIVE_FIELDS)})
+            cfg = cls.model_validate(data, context={"live_fields_external": not present})
         except ValidationError as e:
             raise ConfigError(f"app args: {_describe(e)}") from e
-        return cfg, LiveSettings.of(cfg) if len(present) == len(LIVE_FIELDS) else None
+        return cfg, LiveSettings.of(cfg) if present else None
 
     @property
     def engine(self) -> EngineSettings:
@@ -341,7 +376,9 @@ class DeploymentConfig(StrictModel):
             base_model=self.base_model,
             system_prompt=self.system_prompt,
             max_new_tokens=self.limits.max_new_tokens,
-            image_size=self.limits.image_size,
+            min_pixels=self.limits.min_pixels,
+            max_pixels=self.limits.max_pixels,
+            max_prompt_tokens=self.limits.max_prompt_tokens,
         )
 
     @property
@@ -360,7 +397,18 @@ class EngineSettings(StrictModel):
     base_model: BaseModelConfig = Field(description="The base VLM.")
     system_prompt: str = Field(description="System prompt put before each request.")
     max_new_tokens: int = Field(ge=1, description="Tokens generated per request, at most.")
-    image_size: int = Field(ge=32, description="Images are resized to this many pixels per side.")
+    min_pixels: int = Field(ge=1, description="Fewest pixels the model sees of an image.")
+    max_pixels: int = Field(ge=1, description="Most pixels the model sees of an image.")
+    max_prompt_tokens: int = Field(ge=1, description="Longest prompt in tokens, image tokens included.")
+
+    @property
+    def bounds(self) -> PixelBounds:
+        return PixelBounds(self.min_pixels, self.max_pixels)
+
+    @property
+    def image_factor(self) -> int:
+        """Side of one image token in pixels: the patch size times the spatial merge (2)."""
+        return self.base_model.image_patch_size * 2
 
 
 class LiveModel(StrictModel):

@@ -20,7 +20,9 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from moe_core import vision
 from moe_core.config import EngineSettings
+from moe_core.vision import PixelBounds
 
 __all__ = [
     "BASE",
@@ -49,6 +51,7 @@ class GenerationRequest:
     prompt: str
     adapter: str | None = None
     max_new_tokens: int | None = None
+    bounds: PixelBounds | None = None  # this image's pixel bounds; None: the engine's
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class GenerationResult:
     batch_size: int
     adapters_in_batch: int
     latency_s: float
+    prompt_tokens: int = 0  # the row's prompt, image tokens and chat template included
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,10 @@ class VisionLanguageModel(Protocol):
     def __call__(self, **inputs: Any) -> Any: ...
     def generate(self, **inputs: Any) -> torch.Tensor: ...
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
     def eval(self) -> Any: ...
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> Any: ...
 
 
 class ChatProcessor(Protocol):
@@ -104,7 +111,15 @@ class Engine:
         self.settings = settings
         self.system_prompt = settings.system_prompt
         self.max_new_tokens = settings.max_new_tokens
-        self.image_size = settings.image_size
+        self.bounds = settings.bounds
+        self.patch_size = settings.base_model.image_patch_size
+        ip = getattr(processor, "image_processor", None)
+        got = (getattr(ip, "patch_size", self.patch_size), getattr(ip, "merge_size", 2))
+        if got != (self.patch_size, 2):
+            raise EngineError(
+                f"the processor has patch size {got[0]} and spatial merge {got[1]}; the config says "
+                f"base_model.image_patch_size {self.patch_size} with qwen-vl-utils' merge of 2"
+            )
         self.name = name
         self._lock = threading.Lock()
         self.device = next(model.parameters()).device
@@ -200,7 +215,7 @@ class Engine:
             self._peft.delete_adapter(name)
 
     # ----------------------------------------------------------------- inputs
-    def _messages(self, image: Image.Image, prompt: str, system_prompt: str) -> list[dict[str, Any]]:
+    def _messages(self, image: Image.Image | None, prompt: str, system_prompt: str) -> list[dict[str, Any]]:
         return [
             {"role": "system", "content": [{"type": "text", "text": system_prompt}]},
             {
@@ -209,12 +224,18 @@ class Engine:
             },
         ]
 
-    def prepare_image(self, image: Image.Image) -> Image.Image:
-        """RGB, resized to the engine's square input size (keeps relative positions)."""
-        image = image.convert("RGB")
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        return image
+    def prepare_image(self, image: Image.Image, bounds: PixelBounds | None = None) -> Image.Image:
+        """RGB, resized as Qwen does (:mod:`moe_core.vision`): aspect kept, on the patch grid, within bounds."""
+        return vision.prepare(image, bounds or self.bounds, self.patch_size)
+
+    def prompt_tokens(self, prompt: str, image_tokens: int, system_prompt: str | None = None) -> int:
+        """Tokens of the chat prompt for ``prompt`` with an image of ``image_tokens`` tokens, counted
+        without the image's pixels (the processor expands the one image placeholder to that many)."""
+        system = self.system_prompt if system_prompt is None else system_prompt
+        text = self.processor.apply_chat_template(
+            self._messages(None, prompt, system), add_generation_prompt=True, tokenize=False
+        )
+        return len(self.processor.tokenizer(text)["input_ids"]) - 1 + image_tokens
 
     def encode(
         self,
@@ -223,10 +244,16 @@ class Engine:
         system_prompt: str | None = None,
         answers: Sequence[str] | None = None,
         padding_side: str = "left",
+        bounds: Sequence[PixelBounds | None] | None = None,
     ) -> Any:
-        """Tokenize chat prompts with images; with ``answers``, append them as the assistant turn."""
+        """Tokenize chat prompts with images; with ``answers``, append them as the assistant turn.
+
+        Each image is resized by :meth:`prepare_image` (within its ``bounds``, default the engine's) and
+        reaches the processor with resizing off: qwen-vl-utils is the one resizer.
+        """
         system = self.system_prompt if system_prompt is None else system_prompt
-        ready = [self.prepare_image(im) for im in images]
+        per_image = bounds if bounds is not None else [None] * len(images)
+        ready = [self.prepare_image(im, b) for im, b in zip(images, per_image, strict=True)]
         texts = [
             self.processor.apply_chat_template(
                 self._messages(im, p, system), add_generation_prompt=True, tokenize=False
@@ -237,7 +264,9 @@ class Engine:
             texts = [t + a for t, a in zip(texts, answers, strict=True)]
         self.processor.tokenizer.padding_side = padding_side
         try:
-            batch = self.processor(text=texts, images=ready, padding=True, return_tensors="pt")
+            batch = self.processor(
+                text=texts, images=ready, padding=True, do_resize=False, return_tensors="pt"
+            )
         finally:
             self.processor.tokenizer.padding_side = "left"
         return batch.to(self.device)
@@ -274,26 +303,35 @@ class Engine:
 
     # ------------------------------------------------------------- generation
     @torch.inference_mode()
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Run all requests in one ``generate`` call; rows may name different adapters."""
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, exact_tokens: int | None = None
+    ) -> list[GenerationResult]:
+        """Run all requests in one ``generate`` call; rows may name different adapters.
+
+        ``exact_tokens`` makes every row generate that many tokens, end of sequence or not (benchmarks).
+        """
         if not requests:
             return []
         t0 = time.perf_counter()
-        max_new = max(r.max_new_tokens or self.max_new_tokens for r in requests)
+        max_new = exact_tokens or max(r.max_new_tokens or self.max_new_tokens for r in requests)
+        fixed = {"min_new_tokens": exact_tokens} if exact_tokens else {}
         with self._lock, self.adapter_context([r.adapter for r in requests]) as kwargs:
-            inputs = self.encode([r.image for r in requests], [r.prompt for r in requests])
+            inputs = self.encode(
+                [r.image for r in requests], [r.prompt for r in requests], bounds=[r.bounds for r in requests]
+            )
             # inputs.input_ids: [batch, prompt_len] -> out: [batch, prompt_len + new]
-            out = self.model.generate(**inputs, **kwargs, max_new_tokens=max_new, do_sample=False)
+            out = self.model.generate(**inputs, **kwargs, **fixed, max_new_tokens=max_new, do_sample=False)
             self.forwards += 1
         new = out[:, inputs["input_ids"].shape[1] :]
         dt = time.perf_counter() - t0
         n_adapters = len({r.adapter for r in requests})
         results = []
-        for r, row in zip(requests, new, strict=True):
-            row = row[: r.max_new_tokens or self.max_new_tokens]
+        prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
+        for r, row, n_in in zip(requests, new, prompt_lengths, strict=True):
+            row = row[: exact_tokens or r.max_new_tokens or self.max_new_tokens]
             text = self.processor.tokenizer.decode(row, skip_special_tokens=True).strip()
             n = int((row != self.processor.tokenizer.pad_token_id).sum())
-            results.append(GenerationResult(text, r.adapter, n, len(requests), n_adapters, dt))
+            results.append(GenerationResult(text, r.adapter, n, len(requests), n_adapters, dt, int(n_in)))
         logger.debug(
             "%s: generated %d rows (%d adapters: %s) in %.3fs",
             self.name,
@@ -308,7 +346,9 @@ class Engine:
     def logits(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
         """Next-token logits over each request's prompt, in fp32: ``[batch, prompt_len, vocab]``."""
         with self._lock, self.adapter_context([r.adapter for r in requests]) as kwargs:
-            inputs = self.encode([r.image for r in requests], [r.prompt for r in requests])
+            inputs = self.encode(
+                [r.image for r in requests], [r.prompt for r in requests], bounds=[r.bounds for r in requests]
+            )
             out = self.model(**inputs, **kwargs).logits.float()
             self.forwards += 1
         return out
@@ -330,6 +370,7 @@ class Engine:
         labels: Sequence[str],
         adapter: str | None,
         system_prompt: str = "",
+        bounds: PixelBounds | None = None,
     ) -> ClassifyResult:
         """Score the label set as the assistant's answer; one forward pass.
 
@@ -343,11 +384,13 @@ class Engine:
         firsts = [ids[0] for ids in label_ids]
         with self._lock, self.adapter_context([adapter]) as kwargs:
             if len(set(firsts)) == len(firsts):
-                inputs = self.encode([image], [prompt], system_prompt)
+                inputs = self.encode([image], [prompt], system_prompt, bounds=[bounds])
                 logits = self.model(**inputs, **kwargs).logits[0, -1]  # [vocab]
                 scores = torch.log_softmax(logits.float(), -1)[firsts]
             else:
-                scores = self._score_sequences(image, prompt, labels, label_ids, kwargs, system_prompt)
+                scores = self._score_sequences(
+                    image, prompt, labels, label_ids, kwargs, system_prompt, bounds
+                )
             self.forwards += 1
         probs = torch.softmax(scores, -1).tolist()
         best = max(range(len(labels)), key=lambda i: probs[i])
@@ -361,9 +404,17 @@ class Engine:
         label_ids: list[list[int]],
         kwargs: dict[str, Any],
         system_prompt: str,
+        bounds: PixelBounds | None,
     ) -> torch.Tensor:
         n = len(labels)
-        inputs = self.encode([image] * n, [prompt] * n, system_prompt, answers=labels, padding_side="right")
+        inputs = self.encode(
+            [image] * n,
+            [prompt] * n,
+            system_prompt,
+            answers=labels,
+            padding_side="right",
+            bounds=[bounds] * n,
+        )
         if "adapter_names" in kwargs:
             kwargs = {"adapter_names": kwargs["adapter_names"] * n}
         logp = torch.log_softmax(self.model(**inputs, **kwargs).logits.float(), -1)  # [n, len, vocab]

@@ -88,10 +88,16 @@ def load_model(
     dtype = dtype or resolve_dtype(cfg, device)
     source = str(path or resolve_model_path(cfg))
     t0 = time.perf_counter()
+    # device_map puts each weight on the device as it is read (through accelerate): an 8B checkpoint
+    # never sits whole in host memory on the way to the GPU
     model = AutoModelForImageTextToText.from_pretrained(
-        source, dtype=dtype, attn_implementation=cfg.attn_implementation, **_hub_kwargs(cfg)
+        source,
+        dtype=dtype,
+        device_map=str(device),
+        attn_implementation=cfg.attn_implementation,
+        **_hub_kwargs(cfg),
     )
-    model.to(device).eval()  # type: ignore[arg-type]
+    model.eval()
     logger.info("loaded model %s (%s, %s) in %.2fs", source, dtype, device, time.perf_counter() - t0)
     return model
 

@@ -114,7 +114,7 @@ def _build_key(
         "kinds": kinds,
         "selection": {"attempts": attempts, "accept": ACCEPT[role], "stride": SEED_STRIDE},
         "base": [sha256_file(w) for w in weights] or cfg.base_model.id,
-        "image_size": cfg.limits.image_size,
+        "pixels": [cfg.limits.min_pixels, cfg.limits.max_pixels, cfg.base_model.image_patch_size],
         "system_prompt": cfg.system_prompt if role == "expert" else "",
         "router_prompt": cfg.router.prompt if role == "router" else "",
         "code": _code_digest(),

@@ -80,7 +80,9 @@ def make_screen(kind: str, seed: int, clutter: bool = True) -> Screen:
     if kind not in _DRAW:
         raise ValueError(f"unknown screen type {kind!r}; expected one of {list(_DRAW)}")
     rng = random.Random(f"{kind}:{seed}")
-    w, h = rng.randint(280, 480), rng.randint(210, 360)
+    # square, so that Qwen's aspect-preserving resize within the demo's bounds (min_pixels = max_pixels =
+    # 128^2) gives every screen the tiny model's 128 x 128 input: 4 x 4 image tokens, one per grid cell
+    w = h = rng.randint(240, 420)
     img = Image.new("RGB", (w, h), _light(rng))
     draw = ImageDraw.Draw(img)
     cell = (rng.randrange(GRID), rng.randrange(GRID))

@@ -21,7 +21,7 @@ def _small_cfg(root: Path) -> DeploymentConfig:
             "router": {"adapter": "router", "labels": {0: "calendar", 1: "login-window"}},
             "merged": {"adapters": [{"name": "calendar"}]},
             "dynamic": {"adapters": ["login-window"]},
-            "limits": {"image_size": 128},
+            "limits": {"min_pixels": 128 * 128, "max_pixels": 128 * 128},
         }
     )
 

@@ -17,13 +17,14 @@ from PIL import Image
 from deployments.dynamic import AdapterNotServed, DynamicLoRA, NotConfigured
 from deployments.gateway import Gateway, ServiceUnavailable
 from deployments.merged import MergedModel, ModelUnavailable
-from deployments.messages import Answer, RouteRequest
+from deployments.messages import Answer, Query, RouteRequest
 from deployments.routing import RoutingPolicy
 from deployments.schemas import BadInput, InferRequest
 from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings
 from moe_core.config import ConfigError, DeploymentConfig, EngineSettings, GatewayLive, LiveSettings
 from moe_core.engine import ClassifyResult, GenerationRequest, GenerationResult
 from moe_core.storage import Storage
+from moe_core.vision import PixelBounds
 
 #: One event loop for the module: @serve.batch keeps one queue per decorated method, bound to the loop
 #: it first ran on (a replica has one loop; these tests share one too).
@@ -68,10 +69,19 @@ class FakeEngine:
         return f"{r.adapter}@{self.loaded.get(r.adapter or '', '-')}:{r.prompt}"
 
     def classify(
-        self, image: Image.Image, prompt: str, labels: Sequence[str], adapter: str | None
+        self,
+        image: Image.Image,
+        prompt: str,
+        labels: Sequence[str],
+        adapter: str | None,
+        system_prompt: str = "",
+        bounds: PixelBounds | None = None,
     ) -> ClassifyResult:
         self.classified += 1
         return self.verdict
+
+    def prompt_tokens(self, prompt: str, image_tokens: int, system_prompt: str | None = None) -> int:
+        return len(prompt.split()) + image_tokens
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         self.loaded[name] = (Path(path) / "tag").read_text()
@@ -86,6 +96,10 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
+def _q(prompt: str) -> Query:
+    return Query(_png(), prompt, PixelBounds(1024, 4096), 4)
+
+
 def _publish(st: Storage, tmp: Path, kind: Any, name: str, tag: str) -> str:
     d = tmp / f"{kind}-{name}-{tag}"
     d.mkdir()
@@ -98,6 +112,7 @@ CFG = DeploymentConfig.from_dict(
         "router": {"adapter": "router", "labels": {0: "calendar", 1: "login-window"}},
         "merged": {"adapters": [{"name": "calendar"}], "refresh_interval_s": 0.0},
         "dynamic": {"adapters": ["login-window", "desktop"], "refresh_interval_s": 0.0},
+        "limits": {"max_image_pixels": 4 * 1024 * 1024},
     }
 )
 LIVE = LiveSettings.of(CFG)
@@ -126,43 +141,41 @@ def _dynamic(store: Storage, configure: bool = True) -> tuple[DynamicLoRA, FakeE
 @on_loop
 async def test_dynamic_batches_mixed_adapters_into_one_forward(store: Storage) -> None:
     d, engine = _dynamic(store)
-    png = _png()
     answers = await asyncio.gather(
-        d.generate(png, "a", "calendar"), d.generate(png, "b", "login-window"), d.generate(png, "c", None)
+        d.generate(_q("a"), "calendar"), d.generate(_q("b"), "login-window"), d.generate(_q("c"), None)
     )
     assert [a.text for a in answers] == ["calendar@v1:a", "login-window@v1:b", "None@-:c"]
     assert all(isinstance(a, Answer) and a.mode == "dynamic" for a in answers)
     assert engine.batches == [["calendar", "login-window", None]]  # one forward
     assert answers[0].version == store.current_version("expert", "calendar") and answers[2].version is None
-    assert d.stats()["max_adapters_in_one_forward"] == 3
+    assert d.stats().max_adapters_in_one_forward == 3
 
 
 @on_loop
 async def test_dynamic_one_missing_adapter_fails_only_its_row(store: Storage) -> None:
     d, _ = _dynamic(store)
-    png = _png()
     ok, missing = await asyncio.gather(
-        d.generate(png, "a", "calendar"), d.generate(png, "b", "desktop"), return_exceptions=True
+        d.generate(_q("a"), "calendar"), d.generate(_q("b"), "desktop"), return_exceptions=True
     )
     assert isinstance(ok, Answer) and ok.text == "calendar@v1:a"
     assert isinstance(missing, AdapterNotServed) and "no published version" in str(missing)
     with pytest.raises(AdapterNotServed, match="not served"):
-        await d.generate(png, "x", "appointment")
+        await d.generate(_q("x"), "appointment")
 
 
 @on_loop
 async def test_dynamic_picks_up_a_new_version_without_restart(store: Storage, tmp_path: Path) -> None:
     d, _ = _dynamic(store)
-    assert (await d.generate(_png(), "a", "calendar")).text == "calendar@v1:a"
+    assert (await d.generate(_q("a"), "calendar")).text == "calendar@v1:a"
     v2 = _publish(store, tmp_path, "expert", "calendar", "v2")
-    answer = await d.generate(_png(), "a", "calendar")
+    answer = await d.generate(_q("a"), "calendar")
     assert answer.text == "calendar@v2:a" and answer.version == v2
 
 
 @on_loop
 async def test_dynamic_reconfigure_validates_and_applies(store: Storage) -> None:
     d, engine = _dynamic(store)
-    await d.generate(_png(), "a", "login-window")
+    await d.generate(_q("a"), "login-window")
     assert "login-window" in engine.loaded
     for bad, field in (
         ({"adapters": "calendar", "max_loaded_adapters": 2}, "adapters"),
@@ -177,8 +190,8 @@ async def test_dynamic_reconfigure_validates_and_applies(store: Storage) -> None
     d.reconfigure({"adapters": ["desktop"], "max_loaded_adapters": 1})
     assert "login-window" not in engine.loaded and d.cache is not None and d.cache.capacity == 1
     with pytest.raises(AdapterNotServed):
-        await d.generate(_png(), "a", "login-window")
-    assert (await d.generate(_png(), "a", "calendar")).text == "calendar@v1:a"  # merged: always served
+        await d.generate(_q("a"), "login-window")
+    assert (await d.generate(_q("a"), "calendar")).text == "calendar@v1:a"  # merged: always served
 
 
 @on_loop
@@ -187,7 +200,7 @@ async def test_dynamic_without_live_settings_is_unhealthy_and_refuses(store: Sto
     with pytest.raises(NotConfigured):
         d.check_health()
     with pytest.raises(NotConfigured):
-        await d.generate(_png(), "a", "calendar")
+        await d.generate(_q("a"), "calendar")
     d.reconfigure(LIVE.dynamic.model_dump())
     d.check_health()
 
@@ -199,15 +212,14 @@ def _policy(**live: Any) -> RoutingPolicy:
 @on_loop
 async def test_route_answers_in_place_only_when_the_decision_is_dynamic(store: Storage) -> None:
     d, engine = _dynamic(store)
-    png = _png()
-    merged = await d.route(RouteRequest(png, "p", _policy()))
+    merged = await d.route(RouteRequest(_q("p"), _policy()))
     assert merged.decision.target == "merged" and merged.answer is None and engine.batches == []
-    here = await d.route(RouteRequest(png, "p", _policy(), prefer_merged=False))
+    here = await d.route(RouteRequest(_q("p"), _policy(), prefer_merged=False))
     assert here.answer is not None and here.answer.text == "calendar@v1:p"
     engine.verdict = ClassifyResult("login-window", 0.3, {"login-window": 0.3, "calendar": 0.7})
-    rejected = await d.route(RouteRequest(png, "p", _policy()))
+    rejected = await d.route(RouteRequest(_q("p"), _policy()))
     assert rejected.decision.action == "reject" and rejected.answer is None
-    base = await d.route(RouteRequest(png, "p", _policy(below_threshold="base")))
+    base = await d.route(RouteRequest(_q("p"), _policy(below_threshold="base")))
     assert base.answer is not None and base.answer.adapter is None
     assert base.decision.routed_via == "router-below-threshold"
     assert engine.classified == 4
@@ -223,9 +235,9 @@ async def test_merged_waits_for_a_version_then_serves_it(store: Storage, tmp_pat
 
     m = MergedModel(MergedSettings.of(CFG, "calendar"), engine_factory=factory, storage=store)
     with pytest.raises(ModelUnavailable):
-        await m.generate(_png(), "a")
+        await m.generate(_q("a"))
     v1 = _publish(store, tmp_path, "merged", "calendar", "m1")
-    answer = await m.generate(_png(), "a")
+    answer = await m.generate(_q("a"))
     assert (answer.mode, answer.adapter, answer.version) == ("merged", "calendar", v1)
     assert engines[0].path is not None and (engines[0].path / "tag").read_text() == "m1"
     assert m.status().version == v1 and m.status().ready
@@ -314,3 +326,69 @@ def test_static_settings_do_not_depend_on_live_fields() -> None:
     static, live = DeploymentConfig.from_static(CFG.static_dump())
     assert live is None and GatewaySettings.of(static) == GatewaySettings.of(CFG)
     assert DeploymentConfig.from_static(data)[1] == LiveSettings.of(other)
+
+
+@on_loop
+async def test_prompt_over_the_token_limit_is_refused_before_batching(store: Storage) -> None:
+    d, engine = _dynamic(store)
+    limit = CFG.limits.max_prompt_tokens
+    long = Query(_png(), "word " * limit, PixelBounds(1024, 4096), 4)
+    ok, refused = await asyncio.gather(
+        d.generate(_q("a"), "calendar"), d.generate(long, "calendar"), return_exceptions=True
+    )
+    assert isinstance(ok, Answer) and engine.batches == [["calendar"]]  # the refused row never joined
+    assert isinstance(refused, BadInput) and refused.field == "prompt" and refused.status == 413
+    assert f"over the limit of {limit}" in refused.message
+
+
+def test_bad_input_crosses_a_handle_whole() -> None:
+    """Ray pickles what a deployment raises; the gateway must get the same field, message and status."""
+    import pickle
+
+    from ray.exceptions import RayTaskError
+
+    e = pickle.loads(pickle.dumps(BadInput("prompt", "too long", 413)))
+    assert (e.field, e.message, e.status) == ("prompt", "too long", 413)
+    wrapped = RayTaskError("generate", "traceback", e)
+    assert wrapped.cause is e
+
+
+@on_loop
+async def test_gateway_reports_image_size_and_refuses_oversized_images(store: Storage) -> None:
+    d, _ = _dynamic(store)
+    g = _gateway(d, FakeHandle(fail=True))
+    buf = io.BytesIO()
+    Image.new("RGB", (1920, 1080)).save(buf, format="PNG")
+    wide = base64.b64encode(buf.getvalue()).decode()
+    r = await g._infer(InferRequest(image_b64=wide, prompt="p", expert="login-window"))
+    assert (r.image.width, r.image.height) == (1920, 1080)
+    assert r.image.model_width * r.image.model_height <= CFG.limits.max_pixels
+    assert (
+        r.image.tokens == (r.image.model_width // 32) * (r.image.model_height // 32) == r.usage.image_tokens
+    )
+    assert abs(r.image.model_width / r.image.model_height - 16 / 9) < 32 / r.image.model_height
+    small = await g._infer(
+        InferRequest(image_b64=wide, prompt="p", expert="login-window", max_pixels=64 * 32 * 32)
+    )
+    assert small.image.tokens <= 64 < r.image.tokens
+    for kw, field in (
+        ({"max_pixels": CFG.limits.max_pixels + 1}, "max_pixels"),
+        ({"min_pixels": 1}, "min_pixels"),
+    ):
+        with pytest.raises(BadInput) as e:
+            await g._infer(InferRequest(image_b64=wide, prompt="p", expert="login-window", **kw))
+        assert e.value.field == field and "outside the configured" in e.value.message
+    limits = CFG.limits.model_copy(update={"max_prompt_tokens": 100})
+    tight = Gateway(
+        GatewaySettings.of(CFG).model_copy(update={"limits": limits}),
+        FakeHandle(d),
+        {"calendar": FakeHandle()},
+    )
+    tight.reconfigure(LIVE.gateway.model_dump())
+    with pytest.raises(BadInput) as e:
+        await tight._infer(InferRequest(image_b64=wide, prompt="p", expert="login-window"))
+    assert (
+        e.value.field == "image_b64"
+        and e.value.status == 413
+        and "over the prompt limit of 100" in e.value.message
+    )

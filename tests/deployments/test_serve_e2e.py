@@ -166,6 +166,11 @@ BAD = [
     ({"image_b64": "@IMG", "prompt": "x", "prefer_merged": "often"}, 422, "prefer_merged"),
     ({"image_b64": "@IMG", "prompt": "x", "colour": "red"}, 422, "colour"),
     ({"image_b64": "@BIG", "prompt": "x"}, 413, "image_b64"),
+    ({"image_b64": "@IMG", "prompt": "x", "max_pixels": 10**9}, 422, "max_pixels"),
+    ({"image_b64": "@IMG", "prompt": "x", "min_pixels": 0}, 422, "min_pixels"),
+    # over limits.max_prompt_tokens, found where the tokenizer is: the dynamic and the merged replicas
+    ({"image_b64": "@IMG", "prompt": "@LONG", "expert": "login-window"}, 413, "prompt"),
+    ({"image_b64": "@IMG", "prompt": "@LONG", "expert": "calendar"}, 413, "prompt"),
 ]
 
 
@@ -175,7 +180,7 @@ def test_bad_input_gets_4xx_naming_the_field(service) -> None:  # type: ignore[n
     img = _b64(split("heldout", 1, ("calendar",))[0])
     big = io.BytesIO()
     Image.new("RGB", (2100, 2100)).save(big, format="PNG")  # 4.4 MP, over the 4 MP limit
-    subs = {"@IMG": img, "@BIG": base64.b64encode(big.getvalue()).decode()}
+    subs = {"@IMG": img, "@BIG": base64.b64encode(big.getvalue()).decode(), "@LONG": "click the day " * 250}
     for body, status, field in BAD:
         body = {k: subs.get(v, v) if isinstance(v, str) else v for k, v in body.items()}
         r = requests.post(f"{service['url']}/infer", json=body, timeout=60)
@@ -187,6 +192,33 @@ def test_bad_input_gets_4xx_naming_the_field(service) -> None:  # type: ignore[n
     )
     assert r.status_code == 422
     assert _infer(service["url"], split("heldout", 1, ("calendar",))[0]).status_code == 200  # still serving
+
+
+def test_response_reports_the_size_the_model_saw(service) -> None:  # type: ignore[no-untyped-def]
+    screen = split("heldout", 1, ("desktop",))[0]
+    wide = screen.image.resize((640, 360))
+    buf = io.BytesIO()
+    wide.save(buf, format="PNG")
+    body = {
+        "image_b64": base64.b64encode(buf.getvalue()).decode(),
+        "prompt": screen.prompt,
+        "expert": "desktop",
+    }
+    r = requests.post(f"{service['url']}/infer", json=body, timeout=60).json()
+    image, usage = r["image"], r["usage"]
+    assert (image["width"], image["height"]) == (640, 360)
+    assert image["model_width"] % 32 == 0 and abs(image["model_height"] - image["model_width"] * 9 / 16) <= 32
+    assert (
+        image["tokens"]
+        == (image["model_width"] // 32) * (image["model_height"] // 32)
+        == usage["image_tokens"]
+    )
+    assert (
+        usage["prompt_tokens"] > image["tokens"]
+        and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    )
+    square = _infer(service["url"], screen, expert="desktop").json()["image"]
+    assert (square["model_width"], square["model_height"]) == (128, 128)  # the demo's bounds
 
 
 def test_concurrent_requests_mix_adapters_in_one_forward(service) -> None:  # type: ignore[no-untyped-def]

@@ -132,9 +132,12 @@ def engine_benchmarks(
         return Engine(model, processor, settings, name=name)
 
     base = engine(load_model(cfg.base_model), "base")
-    dynamic = engine(load_model(cfg.base_model), "dynamic")
+    dynamic = engine(load_model(cfg.base_model), "dynamic")  # the served path: LoRA slots
+    dynamic.set_lora_slots(s.adapters_in_batch + 2, s.rank)
+    peft = engine(load_model(cfg.base_model), "peft")  # PEFT's mixed-batch path, for comparison
     for i in range(s.adapters_in_batch):
         dynamic.load_adapter(f"a{i}", loras[i])
+        peft.load_adapter(f"a{i}", loras[i])
     t0 = time.perf_counter()
     merging = Engine.load(settings, name="merge", dtype=torch.float32)
     merging.load_adapter("a0", loras[0])
@@ -147,6 +150,7 @@ def engine_benchmarks(
         "base": (base, one),
         "merged": (merged, one),
         "dynamic": (dynamic, [GenerationRequest(images[0], prompt, "a0")]),
+        "dynamic_peft": (peft, [GenerationRequest(images[0], prompt, "a0")]),
     }
     mixed = [
         GenerationRequest(images[i % len(images)], prompt, f"a{i % s.adapters_in_batch}")
@@ -171,7 +175,7 @@ def engine_benchmarks(
 
     def serial() -> None:  # the original design: one request at a time, switching the active adapter
         for r in mixed:
-            _fixed_generate(dynamic, [r], s.new_tokens)  # one adapter: PEFT's set_adapter path
+            _fixed_generate(peft, [r], s.new_tokens)  # one adapter: PEFT's set_adapter path
 
     for _ in range(max(2, s.rounds // 4)):  # item 2: throughput of 16 requests over 8 adapters
         rep.samples.setdefault("batch_mixed", []).append(
@@ -181,6 +185,12 @@ def engine_benchmarks(
             _timed(lambda: _fixed_generate(dynamic, single, s.new_tokens))
         )
         rep.samples.setdefault("serial_switching", []).append(_timed(serial))
+        rep.samples.setdefault("batch_mixed_peft", []).append(
+            _timed(lambda: _fixed_generate(peft, mixed, s.new_tokens))
+        )
+        rep.samples.setdefault("batch_single_peft", []).append(
+            _timed(lambda: _fixed_generate(peft, single, s.new_tokens))
+        )
     # item 3 (engine half): router classification against a whole expert request
     labels = [f"a{i}" for i in range(s.adapters_in_batch)]
     for _ in range(s.rounds):
@@ -213,6 +223,7 @@ def engine_benchmarks(
     gc.collect()
     # item 5: resident memory with 1, 8, 32 adapters
     mem = engine(load_model(cfg.base_model), "memory")
+    mem.set_lora_slots(max(s.memory_points), s.rank)  # allocated up front: memory is flat in adapters
     gc.collect()
     rss0 = _rss_mb()
     loaded = 0

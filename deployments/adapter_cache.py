@@ -82,12 +82,12 @@ class AdapterCache:
         if len(wanted) > self.capacity:
             raise ValueError(f"{len(wanted)} adapters requested at once, cache holds {self.capacity}")
         for name in wanted:
-            await self._ensure_one(name)
+            await self._ensure_one(name, keep=wanted)
             self._entries.move_to_end(name)
         self._evict(keep=wanted)
         return {n: self._entries[n].version for n in wanted}
 
-    async def _ensure_one(self, name: str) -> None:
+    async def _ensure_one(self, name: str, keep: Iterable[str] = ()) -> None:
         while (fut := self._inflight.get(name)) is not None:  # one in-flight load per adapter
             await asyncio.shield(fut)
         entry = self._entries.get(name)
@@ -103,6 +103,8 @@ class AdapterCache:
             if entry is not None and entry.version == current:
                 entry.checked_at = now
             else:
+                if entry is None:  # make room first: the engine's slots never hold more than the capacity
+                    self._evict(keep=keep, room=1)
                 await asyncio.to_thread(self._load, name, current)
             fut.set_result(None)
         except BaseException as e:
@@ -128,9 +130,10 @@ class AdapterCache:
             time.perf_counter() - t0,
         )
 
-    def _evict(self, keep: Iterable[str]) -> None:
+    def _evict(self, keep: Iterable[str], room: int = 0) -> None:
+        """Evict least recently used entries not in ``keep`` until ``room`` more fit in the capacity."""
         keep = set(keep)
-        while len(self._entries) > self.capacity:
+        while len(self._entries) + room > self.capacity:
             victim = next((n for n in self._entries if n not in keep), None)
             if victim is None:
                 return

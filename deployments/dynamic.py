@@ -70,12 +70,14 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live settings from `serve deploy` (validated; a bad value is refused naming the field)."""
         live = DynamicLive.from_user_config(user_config, "DynamicLoRA")
+        slots = live.max_loaded_adapters + (1 if self.router_cache is not None else 0)  # the router's own
         if self.cache is None:
             self.cache = AdapterCache(
                 self.engine, self.storage, live.max_loaded_adapters, self.settings.batching.refresh_interval_s
             )
         else:
-            self.cache.resize(live.max_loaded_adapters)
+            self.cache.resize(live.max_loaded_adapters)  # evicts first: the slots shrink after
+        self.engine.set_lora_slots(slots, self.settings.max_lora_rank)
         self.live = live
         served = self.served
         for name in [n for n in self.cache.resident if n not in served]:

@@ -6,6 +6,7 @@ unit-tested with a fake engine and no model; production and the end-to-end tests
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -41,6 +42,7 @@ class DeploymentEngine(Protocol):
     ) -> ClassifyResult: ...
     def prompt_tokens(self, prompt: str, image_tokens: int, system_prompt: str | None = None) -> int: ...
     def load_adapter(self, name: str, path: str | Path) -> None: ...
+    def set_lora_slots(self, slots: int, max_rank: int) -> None: ...
     def unload_adapter(self, name: str) -> None: ...
 
 
@@ -55,7 +57,7 @@ def load_engine(settings: EngineSettings, path: Path | None, name: str) -> Deplo
 S = TypeVar("S", bound="ModelSettings")
 
 
-class ModelDeployment(Generic[S]):
+class ModelDeployment(ABC, Generic[S]):
     """What the dynamic and merged deployments share: typed settings, an injectable engine factory and
     store, and the batch size and wait of their ``@serve.batch`` method ``_batched``. Subclasses set
     themselves up in :meth:`_start`."""
@@ -72,8 +74,9 @@ class ModelDeployment(Generic[S]):
         self._batched.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_s)
         self._start()
 
+    @abstractmethod
     def _start(self) -> None:
-        raise NotImplementedError
+        """Set up the deployment's own state (engine, caches) once settings and store are in place."""
 
     def check_prompt(self, engine: DeploymentEngine, query: Query) -> None:
         """Refuse a prompt over ``max_prompt_tokens`` (its image's tokens included) with a 4xx."""

@@ -53,6 +53,7 @@ class DynamicSettings(ModelSettings):
     merged: tuple[AdapterName, ...] = Field(
         description="Merged adapters: served here too, as their fallback (beside the live dynamic list)."
     )
+    max_lora_rank: int = Field(ge=1, description="Rank of the LoRA slots; higher-rank adapters are refused.")
 
     @classmethod
     def of(cls, cfg: DeploymentConfig) -> DynamicSettings:
@@ -60,6 +61,7 @@ class DynamicSettings(ModelSettings):
             **cls.common(cfg, cfg.dynamic),
             router=cfg.router.adapter,
             router_prompt=cfg.router.prompt,
+            max_lora_rank=cfg.dynamic.max_lora_rank,
             merged=tuple(a.name for a in cfg.merged.adapters),
         )
 

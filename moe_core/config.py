@@ -238,6 +238,13 @@ class DynamicConfig(ScalingConfig, BatchingConfig):
     min_replicas: int = Field(default=1, ge=0, description="Autoscaling floor; 0 allows scale to zero.")
     adapters: DynamicAdapters = Field(default_factory=list)
     max_loaded_adapters: MaxLoadedAdapters = 8
+    max_lora_rank: int = Field(
+        default=32,
+        ge=1,
+        le=512,
+        description="Largest LoRA rank served: each of the LRU's slots is this wide in every targeted layer "
+        "(memory: slots x rank x sum of in+out features); adapters of higher rank are refused at deploy.",
+    )
 
 
 class GatewayConfig(StrictModel):

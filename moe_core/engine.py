@@ -22,6 +22,7 @@ from PIL import Image
 
 from moe_core import vision
 from moe_core.config import EngineSettings
+from moe_core.lora_slots import LoraSlots, SlotError
 from moe_core.vision import PixelBounds
 
 __all__ = [
@@ -122,6 +123,7 @@ class Engine:
             )
         self.name = name
         self._lock = threading.Lock()
+        self.slots: LoraSlots | None = None  # stacked LoRA slots, when serving many adapters (set_lora_slots)
         self.device = next(model.parameters()).device
         self.forwards = 0  # generate/forward calls run, for metrics and tests
 
@@ -150,8 +152,32 @@ class Engine:
     @property
     def adapters(self) -> list[str]:
         """Names of the LoRA adapters attached to the model."""
+        if self.slots is not None:
+            return sorted(n for n in self.slots.names if n is not None)
         cfg = getattr(self.model, "peft_config", None)
         return sorted(cfg) if cfg else []
+
+    def set_lora_slots(self, slots: int, max_rank: int) -> None:
+        """Serve adapters from ``slots`` stacked slots of rank up to ``max_rank`` (:mod:`moe_core.lora_slots`):
+        a mixed batch costs two matmuls per layer instead of PEFT's loop over adapters. Called again,
+        it resizes; loaded adapters stay. PEFT's own layers (training, merging) are not used then."""
+        from moe_core.modeling import SERVED_TARGETS
+
+        with self._lock:
+            if self.slots is None:
+                if self.adapters:
+                    raise EngineError(
+                        f"{self.name}: PEFT adapters {self.adapters} are attached; unload them first"
+                    )
+                self.slots = LoraSlots(self.model, SERVED_TARGETS, slots, max_rank)  # type: ignore[arg-type]
+                logger.info("%s: %d LoRA slots of rank %d", self.name, slots, max_rank)
+            elif max_rank != self.slots.max_rank:
+                raise EngineError(
+                    f"{self.name}: slots have rank {self.slots.max_rank}; cannot change to {max_rank}"
+                )
+            elif slots != self.slots.slots:
+                self.slots.resize(slots)
+                logger.info("%s: LoRA slots resized to %d", self.name, slots)
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Attach a PEFT LoRA folder under ``name`` (replacing an attached adapter of that name)."""
@@ -159,6 +185,19 @@ class Engine:
 
         t0 = time.perf_counter()
         with self._lock:
+            if self.slots is not None:
+                try:
+                    slot = self.slots.load(name, path)
+                except SlotError as e:
+                    raise EngineError(str(e)) from e
+                logger.info(
+                    "%s: adapter %s loaded into slot %d in %.3fs",
+                    self.name,
+                    name,
+                    slot,
+                    time.perf_counter() - t0,
+                )
+                return
             if name in self.adapters:
                 self._delete(name)
             if isinstance(self.model, PeftModel):
@@ -176,7 +215,9 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         """Detach ``name``; safe to call twice or for a name never loaded."""
         with self._lock:
-            if name in self.adapters:
+            if self.slots is not None:
+                self.slots.unload(name)
+            elif name in self.adapters:
                 self._delete(name)
                 logger.info("%s: adapter %s unloaded", self.name, name)
 
@@ -188,6 +229,8 @@ class Engine:
         Merge in fp32 (load the engine that way) and cast afterwards: a bf16 merge drifts.
         """
         with self._lock:
+            if self.slots is not None:
+                raise EngineError(f"{self.name}: merging needs PEFT's layers; this engine serves from slots")
             if name not in self.adapters:
                 raise EngineError(f"adapter {name!r} is not loaded (loaded: {self.adapters})")
             if safe_merge:
@@ -285,9 +328,17 @@ class Engine:
     def adapter_context(self, adapters: Sequence[str | None]) -> Iterator[dict[str, Any]]:
         """Forward kwargs for rows using ``adapters``. Not thread-safe: hold the engine lock, or call from one thread.
 
-        One adapter for the whole batch takes PEFT's plain path (``set_adapter``), no adapter at all
-        runs with adapters disabled; only a batch that mixes adapters pays for per-row dispatch.
+        With LoRA slots every row reads its own slot in one pass. Otherwise (PEFT), one adapter for the
+        whole batch takes PEFT's plain path (``set_adapter``), no adapter at all runs with adapters
+        disabled, and only a batch that mixes adapters pays for PEFT's per-adapter dispatch.
         """
+        if self.slots is not None:
+            missing = sorted({a for a in adapters if a is not None and a not in self.slots.names})
+            if missing:
+                raise EngineError(f"adapters {missing} are not loaded (loaded: {self.adapters})")
+            with self.slots.rows(adapters):
+                yield {}
+            return
         kwargs = self._adapter_kwargs(adapters)
         distinct = set(adapters)
         if not kwargs or len(distinct) > 1:

@@ -13,6 +13,7 @@ from moe_core.config import BUILTIN_TINY, BaseModelConfig
 
 __all__ = [
     "LM_TARGETS",
+    "SERVED_TARGETS",
     "base_model_id",
     "load_model",
     "load_processor",
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 #: The language model's linears of Qwen3-VL: where the served LoRA adapters live (the engine mixes
 #: adapters per request row, which vision-tower LoRA cannot do: its rows are image patches).
 LM_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+#: Where served adapters may put LoRA weights: the language model's linears and the LM head.
+SERVED_TARGETS = LM_TARGETS + "|lm_head"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -180,7 +180,22 @@ def validate_adapter(cfg: DeploymentConfig, name: str, src: Path) -> ValidatedAd
         raise AdapterRejected(str(e)) from e
     config = _check_files(name, Path(src))
     _check_base(name, config, cfg)
+    _check_servable(name, config, cfg)
     return ValidatedAdapter(config, _check_tensors(name, Path(src), cfg))
+
+
+def _check_servable(name: str, config: dict[str, Any], cfg: DeploymentConfig) -> None:
+    """What the dynamic deployment's LoRA slots can hold: rank up to dynamic.max_lora_rank, no DoRA."""
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise AdapterRejected(f"adapter {name!r}: adapter_config.json has no valid rank r ({rank!r})")
+    if rank > cfg.dynamic.max_lora_rank:
+        raise AdapterRejected(
+            f"adapter {name!r}: rank {rank} is over the served maximum dynamic.max_lora_rank "
+            f"{cfg.dynamic.max_lora_rank}; retrain at a lower rank or raise the limit"
+        )
+    if config.get("use_dora"):
+        raise AdapterRejected(f"adapter {name!r}: DoRA adapters cannot share a mixed batch; not served")
 
 
 def deploy_adapter(

@@ -113,6 +113,18 @@ def _wrong_shape(tmp: Path, src: Path) -> tuple[str, Path]:
     return "ok-name", d
 
 
+def _config_edit(key: str, value: object, tag: str):  # type: ignore[no-untyped-def]
+    def make(tmp: Path, src: Path) -> tuple[str, Path]:
+        d = _copy(src, tmp / tag)
+        c = json.loads((d / "adapter_config.json").read_text())
+        c[key] = value
+        (d / "adapter_config.json").write_text(json.dumps(c))
+        return "ok-name", d
+
+    make.__name__ = f"_{tag}"
+    return make
+
+
 REFUSALS = [
     (_bad_name, "invalid adapter name"),
     (_pickle, "pickle weights"),
@@ -121,6 +133,11 @@ REFUSALS = [
     (_inf, "NaN or Inf"),
     (_unmapped, "does not have"),
     (_wrong_shape, "does not fit"),
+    (
+        _config_edit("r", 999, "rank_over_limit"),
+        "rank 999 is over the served maximum dynamic.max_lora_rank 32",
+    ),
+    (_config_edit("use_dora", True, "dora"), "DoRA"),
 ]
 
 

@@ -59,6 +59,7 @@ class FakeEngine:
         self.loaded: dict[str, str] = {}
         self.batches: list[list[str | None]] = []
         self.classified = 0
+        self.slots = (99, 16)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         self.batches.append([r.adapter for r in requests])
@@ -84,10 +85,16 @@ class FakeEngine:
         return len(prompt.split()) + image_tokens
 
     def load_adapter(self, name: str, path: str | Path) -> None:
+        if name not in self.loaded and len(self.loaded) >= self.slots[0]:  # as the real engine's slots
+            raise RuntimeError(f"all {self.slots[0]} slots are taken")
         self.loaded[name] = (Path(path) / "tag").read_text()
 
     def unload_adapter(self, name: str) -> None:
         self.loaded.pop(name, None)
+
+    def set_lora_slots(self, slots: int, max_rank: int) -> None:
+        assert len(self.loaded) <= slots
+        self.slots = (slots, max_rank)
 
 
 def _png() -> bytes:
@@ -189,9 +196,16 @@ async def test_dynamic_reconfigure_validates_and_applies(store: Storage) -> None
     assert d.live == LIVE.dynamic  # a refused reconfigure changes nothing
     d.reconfigure({"adapters": ["desktop"], "max_loaded_adapters": 1})
     assert "login-window" not in engine.loaded and d.cache is not None and d.cache.capacity == 1
+    assert engine.slots == (2, CFG.dynamic.max_lora_rank)  # the LRU's slot and the router's
     with pytest.raises(AdapterNotServed):
         await d.generate(_q("a"), "login-window")
     assert (await d.generate(_q("a"), "calendar")).text == "calendar@v1:a"  # merged: always served
+    # an LRU of one and the router: two slots; each new adapter evicts the last before it loads
+    d.reconfigure({"adapters": ["login-window"], "max_loaded_adapters": 1})
+    await d.route(RouteRequest(_q("p"), _policy()))  # the router takes its own slot
+    for name in ("login-window", "calendar", "login-window"):
+        assert (await d.generate(_q("b"), name)).text == f"{name}@v1:b"
+        assert sorted(engine.loaded) == sorted([name, "router"])
 
 
 @on_loop

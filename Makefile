@@ -7,6 +7,8 @@ CONFIG   ?= config/deployment.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_AUTH_MODE ?= disabled
+# Ray's Prometheus endpoint for `make serve` (ray_serve_* and our ray_moe_* metrics)
+METRICS_PORT ?= 8080
 
 .PHONY: install test lint typecheck pytest serve demo merge serve-config clean
 
@@ -44,8 +46,9 @@ serve-config: install
 
 serve: merge
 	$(BIN)/python -m deployments.serve_config --config $(CONFIG) --check config/serve.yaml
-	$(BIN)/python -m moe_demo.ready &
-	$(BIN)/serve run config/serve.yaml
+	$(BIN)/ray start --head --disable-usage-stats --dashboard-host=127.0.0.1 --metrics-export-port=$(METRICS_PORT)
+	$(BIN)/python -m moe_demo.ready --metrics http://127.0.0.1:$(METRICS_PORT)/metrics &
+	trap '$(BIN)/ray stop >/dev/null 2>&1' EXIT INT TERM; $(BIN)/serve run --address auto config/serve.yaml
 
 clean:
 	rm -rf storage .cache

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from moe_core.storage import Kind
 
-__all__ = ["AdapterCache", "AdapterEngine", "AdapterNotFound", "AdapterStore"]
+__all__ = ["AdapterCache", "AdapterEngine", "AdapterNotFound", "AdapterStore", "CacheEvents"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,14 @@ class AdapterNotFound(LookupError):
 class AdapterEngine(Protocol):
     def load_adapter(self, name: str, path: str | Path) -> None: ...
     def unload_adapter(self, name: str) -> None: ...
+
+
+class CacheEvents(Protocol):
+    """Where the cache reports loads, evictions and failures (the deployment's metrics)."""
+
+    def loaded(self, adapter: str, seconds: float, resident: int) -> None: ...
+    def evicted(self, adapter: str, resident: int) -> None: ...
+    def failed(self, adapter: str) -> None: ...
 
 
 class AdapterStore(Protocol):
@@ -56,12 +64,14 @@ class AdapterCache:
         capacity: int,
         refresh_interval_s: float = 5.0,
         kind: Kind = "expert",
+        events: CacheEvents | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
         self.capacity = capacity
         self.refresh_interval_s = refresh_interval_s
         self.kind = kind
+        self.events = events
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self.loads = 0
@@ -108,6 +118,8 @@ class AdapterCache:
                 await asyncio.to_thread(self._load, name, current)
             fut.set_result(None)
         except BaseException as e:
+            if self.events is not None and not isinstance(e, AdapterNotFound | asyncio.CancelledError):
+                self.events.failed(name)
             fut.set_exception(e)
             fut.exception()  # mark retrieved: waiters re-check and retry on their own
             raise
@@ -122,6 +134,8 @@ class AdapterCache:
         old = self._entries.get(name)
         self._entries[name] = _Entry(version, now, now)
         self.loads += 1
+        if self.events is not None:
+            self.events.loaded(name, time.perf_counter() - t0, len(self._entries))
         logger.info(
             "adapter %s: loaded version %s%s in %.3fs",
             name,
@@ -140,6 +154,8 @@ class AdapterCache:
             del self._entries[victim]
             self.engine.unload_adapter(victim)
             self.evictions += 1
+            if self.events is not None:
+                self.events.evicted(victim, len(self._entries))
             logger.info("adapter %s: evicted (LRU, capacity %d)", victim, self.capacity)
 
     def forget(self, name: str) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -22,6 +23,7 @@ from ray import serve
 from deployments.adapter_cache import AdapterCache, AdapterNotFound
 from deployments.engines import DeploymentEngine, ModelDeployment
 from deployments.messages import Answer, DynamicStats, Query, RouteRequest, RouteResult
+from deployments.observability import DynamicMetrics
 from deployments.routing import Classification, decide
 from deployments.schemas import open_image
 from deployments.settings import DynamicSettings
@@ -50,19 +52,27 @@ class _Item:
     image: Image.Image  # decoded once per request, before batching
     query: Query
     adapter: str | None
+    arrived: float = field(default_factory=time.perf_counter)
 
 
 class DynamicLoRA(ModelDeployment[DynamicSettings]):
     def _start(self) -> None:
         settings = self.settings
+        self.metrics = DynamicMetrics()
         self.engine: DeploymentEngine = self.engine_factory(settings.engine, None, "dynamic")
         self.live: DynamicLive | None = None  # set by reconfigure(), which Serve calls before traffic
         self.cache: AdapterCache | None = None
         self.router_cache: AdapterCache | None = None
         if settings.router:
             self.router_cache = AdapterCache(
-                self.engine, self.storage, 1, settings.batching.refresh_interval_s, kind="router"
+                self.engine,
+                self.storage,
+                1,
+                settings.batching.refresh_interval_s,
+                kind="router",
+                events=self.metrics,
             )
+        self.waiting = 0  # requests submitted, their forward not started
         self.batches: Counter[int] = Counter()  # batch size -> forwards
         self.mixed: Counter[int] = Counter()  # distinct adapters in one forward -> forwards
 
@@ -73,7 +83,11 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         slots = live.max_loaded_adapters + (1 if self.router_cache is not None else 0)  # the router's own
         if self.cache is None:
             self.cache = AdapterCache(
-                self.engine, self.storage, live.max_loaded_adapters, self.settings.batching.refresh_interval_s
+                self.engine,
+                self.storage,
+                live.max_loaded_adapters,
+                self.settings.batching.refresh_interval_s,
+                events=self.metrics,
             )
         else:
             self.cache.resize(live.max_loaded_adapters)  # evicts first: the slots shrink after
@@ -107,7 +121,13 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         if adapter is not None and adapter not in self.served:
             raise AdapterNotServed(f"adapter {adapter!r} is not served by the dynamic deployment")
         self.check_prompt(self.engine, query)  # before the batch: a refused row never joins one
-        result: Answer | BaseException = await self._batched(_Item(image, query, adapter))
+        self.waiting += 1
+        self.metrics.queue_depth.set(self.waiting)
+        try:
+            result: Answer | BaseException = await self._batched(_Item(image, query, adapter))
+        finally:
+            self.waiting -= 1
+            self.metrics.queue_depth.set(self.waiting)
         if isinstance(result, BaseException):  # per-row failures come back as values
             raise result
         return result
@@ -150,8 +170,21 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
             )
             for i in rows
         ]
-        results = await asyncio.to_thread(self.engine.generate, reqs)
         n_adapters = len({items[i].adapter for i in rows})
+        self.metrics.in_flight.set(len(rows))
+        self.metrics.rows.observe(len(rows))
+        self.metrics.adapters.observe(n_adapters)
+        started = time.perf_counter()
+        try:
+            results = await asyncio.to_thread(self.engine.generate, reqs)
+        finally:
+            self.metrics.in_flight.set(0)
+        self.metrics.forward(
+            "dynamic",
+            [(items[i].query.request_id, items[i].adapter or "base", items[i].arrived) for i in rows],
+            started,
+            [r.num_tokens for r in results],
+        )
         self.batches[len(rows)] += 1
         self.mixed[n_adapters] += 1
         for i, r in zip(rows, results, strict=True):

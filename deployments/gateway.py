@@ -7,7 +7,6 @@ hop once; a request is generated exactly once (merged, or dynamic, or dynamic af
 
 import asyncio
 import dataclasses
-import logging
 import os
 import time
 from typing import Any
@@ -19,6 +18,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.messages import Answer, DynamicStats, MergedStatus, Query, RouteRequest, RouteResult
+from deployments.observability import GatewayMetrics, RequestTrace, current_request_id, request_logger
 from deployments.routing import RoutedVia, RoutingPolicy, Target
 from deployments.schemas import (
     AdapterStatus,
@@ -36,7 +36,7 @@ from moe_core.vision import ImagePlan, PixelBounds, plan
 
 __all__ = ["Gateway", "GatewayIngress", "ServiceUnavailable", "api"]
 
-logger = logging.getLogger(__name__)
+logger = request_logger("gateway")
 
 api = FastAPI(
     title="moe-inference-server",
@@ -46,7 +46,15 @@ api = FastAPI(
 
 
 class ServiceUnavailable(RuntimeError):
-    """No deployment can answer (503)."""
+    """No deployment can answer (503); ``reason`` is a short label for metrics (timeout, error, ...)."""
+
+    def __init__(self, message: str, reason: str = "unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+#: The replica's gateway metrics, for the request-validation handler (which sees no Gateway instance).
+_METRICS: list[GatewayMetrics] = []
 
 
 @api.exception_handler(RequestValidationError)
@@ -55,17 +63,29 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     first = errors[0] if errors else {"loc": ["body"], "msg": "invalid request"}
     loc = [str(x) for x in first.get("loc", []) if x != "body"]
     field = ".".join(loc) or "body"
-    body = error_body(field, str(first.get("msg")))
+    trace = RequestTrace(current_request_id())
+    body = error_body(field, str(first.get("msg")), trace.request_id)
     body["error"]["details"] = [
         {"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in errors
     ]
+    for metrics in _METRICS:
+        metrics.record(trace, 422)
     return JSONResponse(status_code=422, content=body)
 
 
 def _response(
-    out: Answer, image: ImagePlan, via: RoutedVia, confidence: float | None, fallback: bool = False
+    out: Answer,
+    image: ImagePlan,
+    via: RoutedVia,
+    confidence: float | None,
+    trace: RequestTrace,
+    fallback: bool = False,
 ) -> InferResponse:
+    trace.adapter = out.adapter or "base"
+    trace.mode = out.mode if out.adapter else "base"
+    trace.prompt_tokens, trace.completion_tokens = out.prompt_tokens, out.completion_tokens
     return InferResponse(
+        request_id=trace.request_id,
         task_output=out.text,
         adapter=out.adapter,
         mode=out.mode,
@@ -115,6 +135,8 @@ class Gateway:
         self.merged = merged
         self._policy: RoutingPolicy | None = None  # set by reconfigure(), which Serve calls before traffic
         self.started_at = time.time()
+        self.metrics = GatewayMetrics()
+        _METRICS[:] = [self.metrics]
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live settings from `serve deploy`; validated, then swapped in one assignment."""
@@ -140,14 +162,27 @@ class Gateway:
     # ------------------------------------------------------------------ API
     @api.post("/infer", response_model=InferResponse, responses={404: {}, 413: {}, 422: {}, 503: {}})
     async def infer(self, req: InferRequest) -> Any:
+        trace = RequestTrace(
+            current_request_id(), routed_via="explicit" if req.expert is not None else "router"
+        )
         try:
-            return await self._infer(req)
+            response: Any = await self._infer(req, trace)
+            status = 200
         except BadInput as e:
-            return JSONResponse(status_code=e.status, content=error_body(e.field, e.message))
+            status = e.status
+            response = JSONResponse(
+                status_code=status, content=error_body(e.field, e.message, trace.request_id)
+            )
         except ServiceUnavailable as e:
-            return JSONResponse(status_code=503, content=error_body("service", str(e)))
+            status = 503
+            response = JSONResponse(
+                status_code=status, content=error_body("service", str(e), trace.request_id)
+            )
+        self.metrics.record(trace, status)
+        return response
 
-    async def _infer(self, req: InferRequest) -> InferResponse:
+    async def _infer(self, req: InferRequest, trace: RequestTrace | None = None) -> InferResponse:
+        trace = trace or RequestTrace(current_request_id())
         limits = self.settings.limits
         if len(req.prompt) > limits.max_prompt_chars:
             raise BadInput(
@@ -155,34 +190,43 @@ class Gateway:
                 f"prompt is {len(req.prompt)} characters, over the limit of {limits.max_prompt_chars}",
             )
         policy = self.policy  # one snapshot per request, even across a reconfigure
-        query, image = self._query(req)
+        query, image = self._query(req, trace)
         if req.expert is not None:
             adapter = policy.resolve_expert(req.expert)
+            trace.adapter = adapter
             target = policy.target(adapter, req.prefer_merged)
-            return await self._answer(policy, adapter, target, query, image, "explicit", None)
+            return await self._answer(policy, adapter, target, query, image, "explicit", None, trace)
         if self.dynamic is None:
             raise ServiceUnavailable(
                 "routing needs the dynamic deployment, which is disabled; name an expert"
             )
         if not policy.labels:
             raise BadInput("expert", "no router labels are configured; name an expert")
+        t0 = time.perf_counter()
         routed: RouteResult = await self._call(
             self.dynamic.route.remote(RouteRequest(query, policy, req.prefer_merged))
         )
+        trace.route_s = time.perf_counter() - t0
         d = routed.decision
+        c = d.classification
+        trace.routed_via, trace.confidence = d.routed_via, c.confidence
+        outcome = "reject" if d.action == "reject" else ("base" if d.adapter is None else "answer")
+        self.metrics.routed(c.label, c.confidence, outcome, below=d.routed_via == "router-below-threshold")
         if d.action == "reject":
             raise d.rejection(policy.live.confidence_threshold)
-        confidence = d.classification.confidence
         if routed.answer is not None:
-            return _response(routed.answer, image, d.routed_via, confidence)
-        return await self._answer(policy, d.adapter, d.target, query, image, d.routed_via, confidence)
+            return _response(routed.answer, image, d.routed_via, c.confidence, trace)
+        return await self._answer(
+            policy, d.adapter, d.target, query, image, d.routed_via, c.confidence, trace
+        )
 
-    def _query(self, req: InferRequest) -> tuple[Query, ImagePlan]:
+    def _query(self, req: InferRequest, trace: RequestTrace) -> tuple[Query, ImagePlan]:
         """Decode and check the image; resolve the pixels the model sees of it and what they cost in tokens."""
         limits = self.settings.limits
         data, img = decode_image(
             req.image_b64, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
         )
+        trace.pixels = img.width * img.height
         try:
             bounds = PixelBounds(limits.min_pixels, limits.max_pixels).narrowed(
                 req.min_pixels, req.max_pixels
@@ -201,7 +245,8 @@ class Gateway:
                 "send a smaller image or a lower max_pixels",
                 413,
             )
-        return Query(data, req.prompt, bounds, image.tokens), image
+        trace.image_tokens = image.tokens
+        return Query(data, req.prompt, bounds, image.tokens, trace.request_id), image
 
     async def _answer(
         self,
@@ -212,23 +257,37 @@ class Gateway:
         image: ImagePlan,
         via: RoutedVia,
         confidence: float | None,
+        trace: RequestTrace,
     ) -> InferResponse:
         """Generate on ``target``, once; a failed merged deployment falls back to dynamic when allowed."""
-        if target == "merged":
-            assert adapter is not None
-            try:
-                out = await self._call(self.merged[adapter].generate.remote(query))
-                return _response(out, image, via, confidence)
-            except ServiceUnavailable as e:
-                if not policy.live.fallback_to_dynamic or self.dynamic is None:
-                    raise
-                logger.warning("gateway: merged %s failed (%s); answering from dynamic", adapter, e)
-                out = await self._call(self.dynamic.generate.remote(query, adapter))
-                return _response(out, image, via, confidence, fallback=True)
-        if self.dynamic is None:
-            raise ServiceUnavailable(f"adapter {adapter!r} has no merged deployment and dynamic is disabled")
-        out = await self._call(self.dynamic.generate.remote(query, adapter))
-        return _response(out, image, via, confidence)
+        t0 = time.perf_counter()
+        try:
+            if target == "merged":
+                assert adapter is not None
+                try:
+                    out = await self._call(self.merged[adapter].generate.remote(query))
+                    return _response(out, image, via, confidence, trace)
+                except ServiceUnavailable as e:
+                    if not policy.live.fallback_to_dynamic or self.dynamic is None:
+                        raise
+                    trace.fallback = e.reason
+                    self.metrics.fallbacks.inc(tags={"adapter": adapter, "reason": e.reason})
+                    logger.warning(
+                        "gateway: %s: merged %s failed (%s); answering from dynamic",
+                        query.request_id,
+                        adapter,
+                        e,
+                    )
+                    out = await self._call(self.dynamic.generate.remote(query, adapter))
+                    return _response(out, image, via, confidence, trace, fallback=True)
+            if self.dynamic is None:
+                raise ServiceUnavailable(
+                    f"adapter {adapter!r} has no merged deployment and dynamic is disabled"
+                )
+            out = await self._call(self.dynamic.generate.remote(query, adapter))
+            return _response(out, image, via, confidence, trace)
+        finally:
+            trace.answer_s = time.perf_counter() - t0
 
     async def _call(self, response: Any, timeout_s: float | None = None) -> Any:
         """Await a deployment call; a failure or a timeout of the callee becomes ServiceUnavailable."""
@@ -237,12 +296,12 @@ class Gateway:
             return await asyncio.wait_for(_awaitable(response), timeout_s)
         except TimeoutError as e:
             response.cancel()  # never left running: a request is generated at most once
-            raise ServiceUnavailable(f"no answer within {timeout_s:.0f}s") from e
+            raise ServiceUnavailable(f"no answer within {timeout_s:.0f}s", "timeout") from e
         except Exception as e:  # the callee failed: model missing, replica died, bad adapter
             cause = getattr(e, "cause", e)  # a RayTaskError carries what the deployment raised
             if isinstance(cause, BadInput):  # the request's own fault, found where the model is (4xx)
                 raise cause from e
-            raise ServiceUnavailable(f"{type(e).__name__}: {_first_line(e)}") from e
+            raise ServiceUnavailable(f"{type(e).__name__}: {_first_line(e)}", "error") from e
 
     def check_health(self) -> None:
         """Unhealthy until the live settings arrive (a Serve config without user_config shows here)."""
@@ -253,7 +312,7 @@ class Gateway:
         try:
             policy = self.policy
         except ServiceUnavailable as e:
-            return JSONResponse(status_code=503, content=error_body("service", str(e)))
+            return JSONResponse(status_code=503, content=error_body("service", str(e), current_request_id()))
         versions: dict[str, str | None] = {}
         for name, handle in self.merged.items():
             try:

@@ -3,8 +3,8 @@
     python -m deployments.kube --config config/deployment.k8s.yaml --out k8s/
     python -m deployments.kube --config config/deployment.k8s.yaml --check k8s/
 
-``--out``/``--check`` name the directory holding rayservice.yaml and rayjob-merge.yaml; one invocation
-writes (or checks) both. The two manifests are built from the same pieces (image, env with the Hugging
+``--out``/``--check`` name the directory holding rayservice.yaml, rayjob-merge.yaml and podmonitor.yaml;
+one invocation writes (or checks) all three. The two manifests are built from the same pieces (image, env with the Hugging
 Face token secret, the shared volume, the H100 node selector and GPU toleration, rayVersion), so they
 cannot drift apart.
 
@@ -29,7 +29,7 @@ import yaml
 from deployments.serve_config import serve_config, write_or_check
 from moe_core.config import DeploymentConfig
 
-__all__ = ["FILES", "IMAGE", "rayjob", "rayservice", "render_rayjob", "render_rayservice"]
+__all__ = ["FILES", "IMAGE", "podmonitor", "rayjob", "rayservice", "render_rayjob", "render_rayservice"]
 
 NAME = "moe-inference-server"
 IMAGE = "ghcr.io/moe-inference-server/moe-inference-server:0.1.0"
@@ -41,6 +41,9 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 # An fp32 merge of the 8B model holds ~33 GB of weights in host memory while loading: its worker gets
 # 96 GiB, like a serving worker.
 MERGE_WORKER_MEMORY = "96Gi"
+#: Ray's metrics export port on every pod (KubeRay's default, set explicitly): the PodMonitor scrapes it.
+METRICS_PORT = 8080
+POD_LABELS = {"app.kubernetes.io/name": NAME}
 
 Resources = dict[str, dict[str, str]]
 
@@ -82,7 +85,7 @@ def _pod(container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool 
         spec["tolerations"] = [dict(GPU_TOLERATION)]
     spec["containers"] = [container]
     spec["volumes"] = volumes
-    return {"spec": spec}
+    return {"metadata": {"labels": dict(POD_LABELS)}, "spec": spec}
 
 
 def _container(
@@ -93,8 +96,7 @@ def _container(
     ports: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     c: dict[str, Any] = {"name": name, "image": IMAGE, "resources": resources}
-    if ports:
-        c["ports"] = ports
+    c["ports"] = [*(ports or []), {"containerPort": METRICS_PORT, "name": "metrics"}]
     c["env"] = env
     c["volumeMounts"] = mounts
     return c
@@ -109,7 +111,11 @@ def _head_group(
     """The head runs no replicas or tasks (num-cpus 0): only the GCS, dashboard and job server."""
     volumes, mounts = _storage(cfg)
     return {
-        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "rayStartParams": {
+            "num-cpus": "0",
+            "dashboard-host": "0.0.0.0",
+            "metrics-export-port": str(METRICS_PORT),
+        },
         "template": _pod(_container("ray-head", resources, env, mounts, ports), volumes),
     }
 
@@ -137,7 +143,7 @@ def _worker_group(
         "replicas": replicas,
         "minReplicas": min_replicas,
         "maxReplicas": max_replicas,
-        "rayStartParams": {"num-gpus": str(gpu)},
+        "rayStartParams": {"num-gpus": str(gpu), "metrics-export-port": str(METRICS_PORT)},
         "template": _pod(container, volumes, gpu=bool(gpu)),
     }
 
@@ -262,9 +268,34 @@ def render_rayjob(cfg: DeploymentConfig, source: str) -> str:
     return GENERATED.format(source=source) + RAYJOB_HEADER + _dump(rayjob(cfg, source))
 
 
+def podmonitor(name: str = NAME) -> dict[str, Any]:
+    """Prometheus Operator's PodMonitor for the Ray pods' metrics port (ray_serve_* and ray_moe_*)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": name}},
+        "spec": {
+            "selector": {"matchLabels": dict(POD_LABELS)},
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
+        },
+    }
+
+
+PODMONITOR_HEADER = (
+    "# Scrapes Ray's metrics port on the RayService and RayJob pods (Prometheus Operator). Optional:\n"
+    "#   kubectl apply -f k8s/podmonitor.yaml     (needs the monitoring.coreos.com CRDs); dashboard:\n"
+    "#   k8s/grafana-dashboard.json\n"
+)
+
+
+def render_podmonitor(cfg: DeploymentConfig, source: str) -> str:
+    return GENERATED.format(source=source) + PODMONITOR_HEADER + _dump(podmonitor())
+
+
 FILES: dict[str, Callable[[DeploymentConfig, str], str]] = {
     "rayservice.yaml": render_rayservice,
     "rayjob-merge.yaml": render_rayjob,
+    "podmonitor.yaml": render_podmonitor,
 }
 
 

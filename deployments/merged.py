@@ -16,6 +16,7 @@ from ray import serve
 
 from deployments.engines import DeploymentEngine, ModelDeployment
 from deployments.messages import Answer, MergedStatus, Query
+from deployments.observability import MergedMetrics
 from deployments.schemas import open_image
 from deployments.settings import MergedSettings
 from moe_core.engine import GenerationRequest
@@ -32,6 +33,7 @@ class ModelUnavailable(RuntimeError):
 class MergedModel(ModelDeployment[MergedSettings]):
     def _start(self) -> None:
         self.adapter = self.settings.adapter
+        self.metrics = MergedMetrics()
         self.engine: DeploymentEngine | None = None
         self.version: str | None = None
         self._checked = 0.0
@@ -45,6 +47,7 @@ class MergedModel(ModelDeployment[MergedSettings]):
         t0 = time.perf_counter()
         path, _ = self.storage.fetch("merged", self.adapter, version)
         self.engine = self.engine_factory(self.settings.engine, path, f"merged-{self.adapter}")
+        self.metrics.serving(self.adapter, version, self.version, time.perf_counter() - t0)
         self.version = version
         logger.info(
             "merged %s: serving version %s (loaded in %.2fs)", self.adapter, version, time.perf_counter() - t0
@@ -64,15 +67,23 @@ class MergedModel(ModelDeployment[MergedSettings]):
         if self.engine is None:
             raise ModelUnavailable(f"merged deployment {self.adapter!r} has no published model")
         self.check_prompt(self.engine, query)  # before the batch: a refused row never joins one
-        result: Answer = await self._batched((open_image(query.image), query))  # decoded before batching
+        item = (open_image(query.image), query, time.perf_counter())  # decoded before batching
+        result: Answer = await self._batched(item)
         return result
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, items: list[tuple[Image.Image, Query]]) -> list[Answer]:
+    async def _batched(self, items: list[tuple[Image.Image, Query, float]]) -> list[Answer]:
         engine, version = self.engine, self.version
         assert engine is not None
-        reqs = [GenerationRequest(img, q.prompt, None, bounds=q.bounds) for img, q in items]
+        reqs = [GenerationRequest(img, q.prompt, None, bounds=q.bounds) for img, q, _ in items]
+        started = time.perf_counter()
         results = await asyncio.to_thread(engine.generate, reqs)
+        self.metrics.forward(
+            "merged",
+            [(q.request_id, self.adapter, t) for _, q, t in items],
+            started,
+            [r.num_tokens for r in results],
+        )
         return [
             Answer(r.text, self.adapter, "merged", version, r.batch_size, 1, r.prompt_tokens, r.num_tokens)
             for r in results

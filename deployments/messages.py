@@ -32,6 +32,7 @@ class Query:
     prompt: str
     bounds: PixelBounds  # the pixels the model sees of the image: the config's, narrowed by the request
     image_tokens: int  # what the image costs in the prompt at those bounds, known before any batch
+    request_id: str = ""  # Serve's request id (the client's X-Request-Id), for log lines in every hop
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,9 @@ class Usage(BaseModel):
 
 
 class InferResponse(BaseModel):
+    request_id: str = Field(
+        description="This request's id: the client's X-Request-Id when it sent one (also the response header)."
+    )
     task_output: str = Field(description="The expert's answer (one action).")
     adapter: str | None = Field(description="Adapter that answered; null for the bare base model.")
     mode: Mode = Field(description="Which deployment generated the answer.")
@@ -158,5 +161,8 @@ def open_image(data: bytes) -> Image.Image:
     return img
 
 
-def error_body(field: str, message: str) -> dict[str, Any]:
-    return {"error": {"field": field, "message": message}}
+def error_body(field: str, message: str, request_id: str = "") -> dict[str, Any]:
+    body: dict[str, Any] = {"error": {"field": field, "message": message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body

@@ -42,7 +42,7 @@ def serve_config(cfg: DeploymentConfig, *, host: str = "0.0.0.0", port: int = 80
             "port": port,
             "request_timeout_s": cfg.gateway.request_timeout_s * 2,
         },
-        "logging_config": {"encoding": "TEXT", "log_level": "INFO", "enable_access_log": True},
+        "logging_config": {"encoding": "JSON", "log_level": "INFO", "enable_access_log": True},
         "applications": [
             {
                 "name": APP_NAME,

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--kind", default="calendar", help="screen type of the demo screenshot")
     p.add_argument("--out", type=Path, default=Path(".cache/demo/request.json"))
+    p.add_argument("--metrics", help="Ray's Prometheus endpoint, printed for the user")
     args = p.parse_args(argv)
     body = demo_request(args.kind, args.out)
     t0 = time.monotonic()
@@ -58,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n[ready] serving in {time.monotonic() - t0:.1f}s after start; first answer: {r.json()}\n"
         f"[ready] try:  curl -s {args.url}/infer -H 'content-type: application/json' -d @{body}\n"
-        f"[ready]       curl -s {args.url}/adapters ; open {args.url}/docs for the OpenAPI schema\n",
+        f"[ready]       curl -s {args.url}/adapters ; open {args.url}/docs for the OpenAPI schema\n"
+        + (
+            f"[ready] metrics: curl -s {args.metrics} | grep ray_moe_   (Grafana: k8s/grafana-dashboard.json)\n"
+            if args.metrics
+            else ""
+        ),
         flush=True,
     )
     return 0

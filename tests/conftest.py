@@ -65,11 +65,12 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
 
     import requests
 
-    port, dash = _free_port(), _free_port()
+    port, dash, metrics = _free_port(), _free_port(), _free_port()
     temp = tmp_path_factory.mktemp("ray")
     bin_dir = str(Path(sys.executable).parent)  # job entrypoints run `python` from this venv
     env = dict(
         os.environ,
+        RAY_metrics_report_interval_ms="1000",  # metrics reach the export port within seconds
         RAY_AUTH_MODE="disabled",
         RAY_USAGE_STATS_ENABLED="0",
         PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -86,6 +87,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
         "--num-cpus=6",
         f"--temp-dir={temp}",
         "--disable-usage-stats",
+        f"--metrics-export-port={metrics}",
     ]
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
@@ -97,7 +99,12 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
         except requests.RequestException:
             time.sleep(0.5)
     os.environ["RAY_ADDRESS"] = address
-    yield {"address": address, "dashboard": dashboard}
+    yield {
+        "address": address,
+        "dashboard": dashboard,
+        "metrics": f"http://127.0.0.1:{metrics}/metrics",
+        "logs": temp,
+    }
     os.environ.pop("RAY_ADDRESS", None)
     subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ import yaml
 from deployments.serve_config import render
 from moe_core.config import DeploymentConfig
 from moe_demo.screens import SCREEN_TYPES, Screen, split
-from tests.conftest import _free_port
+from tests.conftest import ROOT, _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +100,8 @@ def service(
         "dir": tmp,
         "port": port,
         "dashboard": ray_cluster["dashboard"],
+        "metrics": ray_cluster["metrics"],
+        "logs": ray_cluster["logs"],
     }
     subprocess.run(
         [str(Path(sys.executable).parent / "serve"), "shutdown", "-y", "-a", ray_cluster["dashboard"]],
@@ -266,3 +270,133 @@ def test_live_config_change_without_restart(service, demo_cfg) -> None:  # type:
     r = _infer(url, screen)  # below the new threshold: 422 naming candidates
     assert r.status_code == 422 and "candidates" in r.json()["error"]["message"]
     assert (requests.get(f"{url}/healthz").json()["pid"], requests.get(f"{url}/stats").json()["pid"]) == pids
+
+
+# ----------------------------------------------------------------------------- observability
+def _scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(requests.get(url, timeout=10).text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def _settled(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """A scrape after earlier traffic has been exported (two scrapes 2.5 s apart agree on the counts)."""
+    last = _scrape(url)
+    for _ in range(20):
+        time.sleep(2.5)
+        now = _scrape(url)
+        if _total(now, "ray_moe_requests_total") == _total(last, "ray_moe_requests_total"):
+            return now
+        last = now
+    return last
+
+
+def _total(scrape: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in scrape.items() if n == name and want <= set(lab))
+
+
+def test_metrics_count_what_was_sent_and_request_ids_reach_every_hop(service) -> None:  # type: ignore[no-untyped-def]
+    """Runs last: the live-config test left prefer_merged off, the threshold at 0.999 and an LRU of 3."""
+    import uuid
+
+    from deployments.observability import METRIC_NAMES
+
+    url, fb, metrics = service["url"], f"{service['url']}/fb", service["metrics"]
+    before = _settled(metrics)
+    kinds = ("login-window", "chart-screen", "appointment", "desktop", "login-window")  # 4 adapters, LRU 3
+    sent: dict[tuple[str, str, str, str, str], int] = {}
+
+    def expect(adapter: str, mode: str, via: str, status: str, app: str = "moe") -> None:
+        sent[(adapter, mode, via, status, app)] = sent.get((adapter, mode, via, status, app), 0) + 1
+
+    for i, kind in enumerate(kinds):
+        screen = split("heldout", 1, (kind,), offset=800 + i)[0]
+        assert _infer(url, screen, expert=kind).status_code == 200
+        expect(kind, "dynamic", "explicit", "2xx")
+    for i in range(2):
+        screen = split("heldout", 1, ("calendar",), offset=820 + i)[0]
+        assert _infer(url, screen, expert="calendar", prefer_merged=True).json()["mode"] == "merged"
+        expect("calendar", "merged", "explicit", "2xx")
+    for i in range(2):  # the threshold is 0.999: below it, rejected with candidates
+        assert _infer(url, split("heldout", 1, ("desktop",), offset=830 + i)[0]).status_code == 422
+        expect("none", "none", "router-below-threshold", "4xx")
+    r = _infer(fb, split("heldout", 1, ("desktop",))[0], expert="desktop")
+    assert r.json()["fallback"] is True  # merged desktop has nothing published
+    expect("desktop", "dynamic", "explicit", "2xx", "fb")
+    assert _infer(url, split("heldout", 1, ("desktop",))[0], expert="no-such").status_code == 404
+    expect("none", "none", "explicit", "4xx")
+    bad = requests.post(f"{url}/infer", json={"image_b64": "%%%", "prompt": "x"}, timeout=30)
+    assert bad.status_code == 422
+    expect("none", "none", "router", "4xx")
+    rid = f"test-{uuid.uuid4().hex[:12]}"
+    screen = split("heldout", 1, ("appointment",), offset=840)[0]
+    traced = requests.post(
+        f"{url}/infer",
+        json={"image_b64": _b64(screen), "prompt": screen.prompt, "expert": "appointment"},
+        headers={"X-Request-Id": rid},
+        timeout=60,
+    )
+    assert traced.headers["x-request-id"] == rid and traced.json()["request_id"] == rid
+    expect("appointment", "dynamic", "explicit", "2xx")
+    assert bad.json()["request_id"] == bad.headers["x-request-id"]
+
+    n_sent = sum(sent.values())
+    deadline = time.time() + 60
+    while True:  # metrics reach the export port within a few report intervals
+        after = _scrape(metrics)
+        got = _total(after, "ray_moe_requests_total") - _total(before, "ray_moe_requests_total")
+        if got >= n_sent or time.time() > deadline:
+            break
+        time.sleep(2)
+    for (adapter, mode, via, status, app), n in sent.items():
+        labels = {
+            "adapter": adapter,
+            "mode": mode,
+            "routed_via": via,
+            "status": status,
+            "api": "infer",
+            "application": app,
+        }
+        delta = _total(after, "ray_moe_requests_total", **labels) - _total(
+            before, "ray_moe_requests_total", **labels
+        )
+        assert delta == n, (labels, delta, n)
+        count = "ray_moe_request_latency_seconds_count"
+        assert _total(after, count, **labels) - _total(before, count, **labels) == n, labels
+    fallbacks = "ray_moe_fallbacks_total"
+    assert (
+        _total(after, fallbacks, adapter="desktop", application="fb")
+        - _total(before, fallbacks, adapter="desktop", application="fb")
+        == 1
+    )
+    below = "ray_moe_routing_below_threshold_total"
+    assert _total(after, below, outcome="reject") - _total(before, below, outcome="reject") == 2
+    assert _total(after, "ray_moe_adapter_evictions_total") > _total(
+        before, "ray_moe_adapter_evictions_total"
+    )
+    assert _total(after, "ray_moe_batch_rows_count") > _total(before, "ray_moe_batch_rows_count")
+    assert _total(after, "ray_moe_merged_version_info", adapter="calendar") == 1
+    scraped = {name for name, _ in after}
+    missing = sorted(set(METRIC_NAMES.values()) - scraped - {"ray_moe_adapter_load_failures_total"})
+    assert not missing, missing  # every metric (but load failures, none happened) is exported
+    dashboard = (ROOT / "k8s" / "grafana-dashboard.json").read_text()
+    used = set(re.findall(r"ray_moe_[a-z_]+", dashboard))
+    assert used and used <= scraped, sorted(used - scraped)
+
+    logs = list((Path(service["logs"]) / "session_latest" / "logs" / "serve").glob("replica_moe_*.log"))
+    hops = {p.name.split("_")[2] for p in logs if rid in p.read_text(errors="replace")}
+    assert {"Gateway", "DynamicLoRA"} <= hops, hops
+    gateway_line = next(
+        json.loads(line)
+        for p in logs
+        if "Gateway" in p.name
+        for line in p.read_text(errors="replace").splitlines()
+        if rid in line and '"moe"' in line
+    )
+    access = gateway_line["moe"]
+    assert access["adapter"] == "appointment" and access["status"] == 200 and access["image_tokens"] == 16

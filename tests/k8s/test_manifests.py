@@ -24,7 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 K8S_CONFIG = "config/deployment.k8s.yaml"
 CRDS = Path(__file__).parent / "crds"
-KINDS = {"RayService": "rayservices", "RayJob": "rayjobs", "RayCluster": "rayclusters"}
+KINDS = {
+    "RayService": "rayservices",
+    "RayJob": "rayjobs",
+    "RayCluster": "rayclusters",
+    "PodMonitor": "podmonitors",
+}
 
 
 def _schema(kind: str) -> dict[str, Any]:
@@ -320,3 +325,44 @@ def test_kube_cli_writes_and_checks_both_files(tmp_path: Path, capsys: pytest.Ca
     assert "rayjob-merge.yaml is out of date" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         kube.main(["--config", config, "--check", str(out / "rayservice.yaml")])
+
+
+def test_podmonitor_scrapes_the_metrics_port_of_every_ray_pod() -> None:
+    from deployments.kube import METRICS_PORT
+
+    monitor = yaml.safe_load((K8S / "podmonitor.yaml").read_text())
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    svc = _rayservice()["spec"]["rayClusterConfig"]
+    job = yaml.safe_load((K8S / "rayjob-merge.yaml").read_text())["spec"]["rayClusterSpec"]
+    for group in [
+        svc["headGroupSpec"],
+        *svc["workerGroupSpecs"],
+        job["headGroupSpec"],
+        *job["workerGroupSpecs"],
+    ]:
+        assert group["rayStartParams"]["metrics-export-port"] == str(METRICS_PORT)
+        template = group["template"]
+        assert selector.items() <= template["metadata"]["labels"].items()
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert ports[port] == METRICS_PORT
+
+
+def test_grafana_dashboard_queries_only_our_metric_names() -> None:
+    """Every ray_moe_* name the dashboard uses is one the deployments define (the e2e test checks the
+    scrape has them)."""
+    import re
+
+    from deployments import observability
+
+    for cls in (observability.GatewayMetrics, observability.DynamicMetrics, observability.MergedMetrics):
+        cls()  # registers its names
+    dashboard = json.loads((K8S / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"ray_moe_[a-z_]+", e)}
+    defined = set(observability.METRIC_NAMES.values())
+    known = defined | {n.removesuffix("_bucket") + s for n in defined for s in ("_bucket", "_count", "_sum")}
+    assert used and used <= known, sorted(used - known)
+    assert {n for n in defined if "load_failures" not in n} <= used | {
+        n for n in known if n.endswith(("_count", "_sum"))
+    }, "every metric but load failures is on the dashboard"

@@ -1,0 +1,285 @@
+"""Metrics, request ids and structured logs, through Ray Serve's own mechanisms.
+
+Metrics are ``ray.serve.metrics`` objects, exported on each Ray node's metrics port beside Serve's
+built-in ``ray_serve_*`` metrics (which count HTTP requests per route and status; these add what
+Serve cannot know: the adapter, the path, routing and the adapter cache). Ray prefixes every name
+with ``ray_`` and gives counters ``_total``, so ``moe_requests`` is scraped as
+``ray_moe_requests_total``; Serve adds the ``application``, ``deployment`` and ``replica`` labels.
+
+Request ids are Serve's: the proxy takes ``X-Request-Id`` from the client (or makes one), returns it
+as a response header and carries it through every handle call. Log lines about a request go to the
+``ray.serve`` logger tree, whose JSON records carry ``request_id`` themselves; the gateway writes one
+access-log line per request with the adapter, path, routing, status, tokens and latency split.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, cast
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+__all__ = [
+    "METRIC_NAMES",
+    "DynamicMetrics",
+    "ForwardMetrics",
+    "GatewayMetrics",
+    "MergedMetrics",
+    "RequestTrace",
+    "current_request_id",
+    "request_logger",
+]
+
+#: Seconds, from 1 ms to 60 s: latency, queue time, time per output token, adapter loads.
+LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+CONFIDENCE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
+COUNT_BUCKETS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
+PIXEL_BUCKETS = [float(2**k) for k in (14, 16, 18, 19, 20, 21, 22, 23)]
+
+#: Every metric this module defines, as it is scraped (for the dashboard's test).
+METRIC_NAMES: dict[str, str] = {}
+
+
+def request_logger(name: str) -> logging.Logger:
+    """A logger under ``ray.serve``: in a replica its JSON records carry the request id and deployment."""
+    return logging.getLogger(f"ray.serve.moe.{name}")
+
+
+def current_request_id() -> str:
+    """The id Serve gave this request (the client's ``X-Request-Id`` when it sent one); '' outside one."""
+    try:
+        from ray.serve.context import _get_serve_request_context  # Serve's own; no public getter yet
+
+        return str(_get_serve_request_context().request_id or "")
+    except Exception:  # outside a replica (unit tests)
+        return ""
+
+
+@dataclass
+class RequestTrace:
+    """What the gateway learns about one request on its way, for its metrics and its access-log line."""
+
+    request_id: str
+    api: str = "infer"
+    adapter: str = "none"  # the adapter that answered or was asked for; "base" for the bare model
+    mode: str = "none"  # merged, dynamic or base; none when nothing generated
+    routed_via: str = "none"
+    confidence: float | None = None
+    fallback: str | None = None  # why merged failed over to dynamic
+    pixels: int = 0
+    image_tokens: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    route_s: float = 0.0  # time in the routing hop (classify, and the answer when given in place)
+    answer_s: float = 0.0  # time in the answering hop(s)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def _counter(name: str, description: str, tags: tuple[str, ...]) -> Counter:
+    METRIC_NAMES[name] = f"ray_{name}_total"
+    return Counter(name, description=description, tag_keys=cast(Any, tags))  # Ray annotates tuple[str]
+
+
+def _histogram(name: str, description: str, buckets: list[float], tags: tuple[str, ...]) -> Histogram:
+    METRIC_NAMES[name] = f"ray_{name}_bucket"
+    return Histogram(name, description=description, boundaries=buckets, tag_keys=cast(Any, tags))
+
+
+class KeptGauge:
+    """A gauge whose last values are set again every ``interval`` seconds by a daemon thread: Ray drops
+    a gauge value that is not set again within two metrics report intervals, so a value set once (the
+    merged version a replica serves, an idle queue's depth) would otherwise vanish from the scrape."""
+
+    _lock = threading.Lock()
+    _kept: ClassVar[dict[tuple[int, frozenset[tuple[str, str]]], tuple[Gauge, float, dict[str, str]]]] = {}
+    _thread: ClassVar[threading.Thread | None] = None
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        tags = dict(tags or {})
+        with self._lock:
+            KeptGauge._kept[(id(self.gauge), frozenset(tags.items()))] = (self.gauge, value, tags)
+            if KeptGauge._thread is None:
+                KeptGauge._thread = threading.Thread(
+                    target=KeptGauge._refresh, name="moe-gauges", daemon=True
+                )
+                KeptGauge._thread.start()
+        self.gauge.set(value, tags=tags)
+
+    @staticmethod
+    def _refresh() -> None:
+        ms = os.environ.get("RAY_metrics_report_interval_ms", "10000")  # noqa: SIM112 (Ray spells it so)
+        interval = max(0.5, float(ms) / 2000)
+        while True:
+            time.sleep(interval)
+            with KeptGauge._lock:
+                kept = list(KeptGauge._kept.values())
+            for gauge, value, tags in kept:
+                gauge.set(value, tags=tags)
+
+
+def _gauge(name: str, description: str, tags: tuple[str, ...]) -> KeptGauge:
+    METRIC_NAMES[name] = f"ray_{name}"
+    return KeptGauge(Gauge(name, description=description, tag_keys=cast(Any, tags)))
+
+
+class GatewayMetrics:
+    """Per request: by adapter, mode (merged/dynamic/base), routed_via, status class and api."""
+
+    log = request_logger("gateway")
+
+    def record(self, t: RequestTrace, status: int) -> None:
+        """Count one finished request and write its access-log line."""
+        latency = time.perf_counter() - t.started
+        tags = {
+            "adapter": t.adapter,
+            "mode": t.mode,
+            "routed_via": t.routed_via,
+            "status": f"{status // 100}xx",
+            "api": t.api,
+        }
+        self.requests.inc(tags=tags)
+        self.latency.observe(latency, tags=tags)
+        if t.pixels:
+            self.image_pixels.observe(t.pixels, tags={"api": t.api})
+        if t.completion_tokens:
+            tokens = {"adapter": t.adapter, "mode": t.mode}
+            self.prompt_tokens.inc(t.prompt_tokens, tags=tokens)
+            self.generated_tokens.inc(t.completion_tokens, tags=tokens)
+        fields = asdict(t) | {"status": status, "latency_s": round(latency, 6)}
+        del fields["started"]
+        self.log.info(
+            "request %s %s adapter=%s mode=%s via=%s status=%d %.1f ms",
+            t.request_id,
+            t.api,
+            t.adapter,
+            t.mode,
+            t.routed_via,
+            status,
+            1000 * latency,
+            extra={"ray_serve_extra_fields": {"moe": fields}},
+        )
+
+    def routed(self, label: str, confidence: float, outcome: str, below: bool) -> None:
+        self.routing.inc(tags={"label": label, "outcome": outcome})
+        self.confidence.observe(confidence, tags={"label": label})
+        if below:
+            self.below_threshold.inc(tags={"outcome": outcome})
+
+    def __init__(self) -> None:
+        request_tags = ("adapter", "mode", "routed_via", "status", "api")
+        self.requests = _counter(
+            "moe_requests", "Requests answered, by adapter, path and status.", request_tags
+        )
+        self.latency = _histogram(
+            "moe_request_latency_seconds", "End-to-end latency at the gateway.", LATENCY_BUCKETS, request_tags
+        )
+        self.fallbacks = _counter(
+            "moe_fallbacks", "Merged requests answered by the dynamic deployment.", ("adapter", "reason")
+        )
+        self.prompt_tokens = _counter("moe_prompt_tokens", "Prompt tokens read.", ("adapter", "mode"))
+        self.generated_tokens = _counter("moe_generated_tokens", "Tokens generated.", ("adapter", "mode"))
+        self.image_pixels = _histogram(
+            "moe_image_pixels", "Pixels per request's image.", PIXEL_BUCKETS, ("api",)
+        )
+        self.routing = _counter(
+            "moe_routing_decisions",
+            "Routing adapter verdicts, by chosen label and outcome.",
+            ("label", "outcome"),
+        )
+        self.confidence = _histogram(
+            "moe_routing_confidence", "Routing confidence.", CONFIDENCE_BUCKETS, ("label",)
+        )
+        self.below_threshold = _counter(
+            "moe_routing_below_threshold", "Routed requests below the confidence threshold.", ("outcome",)
+        )
+
+
+class ForwardMetrics:
+    """Per row of a forward: time waited for it and time per output token, by adapter and path."""
+
+    def __init__(self) -> None:
+        tags = ("adapter", "mode")
+        self.queue_time = _histogram(
+            "moe_queue_seconds", "From arrival to its forward.", LATENCY_BUCKETS, tags
+        )
+        self.tpot = _histogram(
+            "moe_time_per_output_token_seconds",
+            "Forward time over tokens generated (whole-batch generation: no streaming yet).",
+            LATENCY_BUCKETS,
+            tags,
+        )
+        self.log = request_logger("forward")
+
+    def forward(
+        self, mode: str, rows: list[tuple[str, str, float]], started: float, tokens: list[int]
+    ) -> None:
+        """``rows``: (request id, adapter label, arrival time) of each row; ``tokens``: generated per row."""
+        seconds = time.perf_counter() - started
+        for (_, adapter, arrived), n in zip(rows, tokens, strict=True):
+            tags = {"adapter": adapter, "mode": mode}
+            self.queue_time.observe(max(0.0, started - arrived), tags=tags)
+            self.tpot.observe(seconds / max(1, n), tags=tags)
+        self.log.info(
+            "%s forward: %d rows in %.1f ms: %s",
+            mode,
+            len(rows),
+            1000 * seconds,
+            ", ".join(f"{rid}:{adapter}" for rid, adapter, _ in rows),
+            extra={"ray_serve_extra_fields": {"moe": {"request_ids": [r[0] for r in rows], "mode": mode}}},
+        )
+
+
+class DynamicMetrics(ForwardMetrics):
+    """Batching and the adapter cache of one dynamic replica (also the cache's event sink)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = _histogram("moe_batch_rows", "Rows per forward.", COUNT_BUCKETS, ())
+        self.adapters = _histogram("moe_batch_adapters", "Distinct adapters per forward.", COUNT_BUCKETS, ())
+        self.in_flight = _gauge("moe_rows_in_flight", "Rows in the running forward.", ())
+        self.queue_depth = _gauge("moe_queue_depth", "Requests waiting for a batch.", ())
+        self.resident = _gauge("moe_adapters_resident", "Adapters resident in the LRU.", ())
+        self.loads = _counter("moe_adapter_loads", "Adapter loads into the LRU.", ("adapter",))
+        self.evictions = _counter("moe_adapter_evictions", "Adapters evicted from the LRU.", ("adapter",))
+        self.load_failures = _counter("moe_adapter_load_failures", "Adapter loads that failed.", ("adapter",))
+        self.load_time = _histogram(
+            "moe_adapter_load_seconds", "Adapter load time.", LATENCY_BUCKETS, ("adapter",)
+        )
+
+    def loaded(self, adapter: str, seconds: float, resident: int) -> None:
+        self.loads.inc(tags={"adapter": adapter})
+        self.load_time.observe(seconds, tags={"adapter": adapter})
+        self.resident.set(resident)
+
+    def evicted(self, adapter: str, resident: int) -> None:
+        self.evictions.inc(tags={"adapter": adapter})
+        self.resident.set(resident)
+
+    def failed(self, adapter: str) -> None:
+        self.load_failures.inc(tags={"adapter": adapter})
+
+
+class MergedMetrics(ForwardMetrics):
+    """The merged model a replica serves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = _gauge(
+            "moe_merged_version_info", "1 for the merged version served.", ("adapter", "version")
+        )
+        self.load_time = _histogram(
+            "moe_model_load_seconds", "Merged model load time.", LATENCY_BUCKETS, ("adapter",)
+        )
+
+    def serving(self, adapter: str, version: str, old: str | None, seconds: float) -> None:
+        if old is not None:
+            self.version.set(0, tags={"adapter": adapter, "version": old})
+        self.version.set(1, tags={"adapter": adapter, "version": version})
+        self.load_time.observe(seconds, tags={"adapter": adapter})

@@ -81,7 +81,10 @@ class ModelDeployment(ABC, Generic[S]):
     def check_prompt(self, engine: DeploymentEngine, query: Query) -> None:
         """Refuse a prompt over ``max_prompt_tokens`` (its image's tokens included) with a 4xx."""
         limit = self.settings.engine.max_prompt_tokens
-        n = engine.prompt_tokens(query.prompt, query.image_tokens)
+        try:
+            n = engine.prompt_tokens(query.prompt, query.image_tokens)
+        except UnicodeEncodeError as e:
+            raise BadInput("prompt", f"prompt is not valid unicode ({e.reason} at position {e.start})") from e
         if n > limit:
             raise BadInput(
                 "prompt",

@@ -76,6 +76,10 @@ class InferRequest(BaseModel):
     def _prompt_not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("prompt must not be empty")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800") parses from JSON but is not text
+            raise ValueError(f"prompt is not valid unicode ({e.reason} at position {e.start})") from e
         return v
 
 

@@ -9,6 +9,7 @@ equals that row run alone. :meth:`Engine.classify` scores a label set in one for
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 import time
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: PEFT's name for "no adapter" in a mixed batch.
 BASE = "__base__"
+#: Where the user's text goes in the rendered chat template; a special token no processor expands.
+PROMPT_SLOT = "<|vision_pad|>"
 
 
 class EngineError(RuntimeError):
@@ -110,6 +113,10 @@ class Engine:
         self.processor = processor
         self.processor.tokenizer.padding_side = "left"
         self.settings = settings
+        # prompt_tokens() runs on the caller's thread while a forward tokenizes under the lock; a Rust
+        # tokenizer used from two threads at once fails ("Already borrowed"), so counting has its own copy
+        self._counting = copy.deepcopy(processor.tokenizer)
+        self._template_tokens: dict[str, int] = {}  # chat template length by system prompt
         self.system_prompt = settings.system_prompt
         self.max_new_tokens = settings.max_new_tokens
         self.bounds = settings.bounds
@@ -273,12 +280,30 @@ class Engine:
 
     def prompt_tokens(self, prompt: str, image_tokens: int, system_prompt: str | None = None) -> int:
         """Tokens of the chat prompt for ``prompt`` with an image of ``image_tokens`` tokens, counted
-        without the image's pixels (the processor expands the one image placeholder to that many)."""
+        without the image's pixels (the processor expands the one image placeholder to that many).
+        Raises ``UnicodeEncodeError`` for text that is not valid unicode (a lone surrogate).
+
+        Safe beside a running forward: it uses its own tokenizer copy and a template length counted
+        once (a Rust tokenizer must not be used from two threads at once)."""
         system = self.system_prompt if system_prompt is None else system_prompt
-        text = self.processor.apply_chat_template(
-            self._messages(None, prompt, system), add_generation_prompt=True, tokenize=False
-        )
-        return len(self.processor.tokenizer(text)["input_ids"]) - 1 + image_tokens
+        template = self._template_tokens.get(system)
+        if template is None:
+            with self._lock:
+                text = self.processor.apply_chat_template(
+                    self._messages(None, PROMPT_SLOT, system), add_generation_prompt=True, tokenize=False
+                )
+                template = self._template_tokens[system] = len(self._counting(text)["input_ids"])
+        prompt.encode("utf-8")  # a lone surrogate fails here, with the reason
+        ids = self._counting(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return template - 2 + len(ids) + image_tokens  # the prompt and image placeholders replaced
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """The user's text as text: a special-token string in it (``<|im_start|>``) is never a control token."""
+        prompt.encode("utf-8")  # a lone surrogate fails here, before the processor
+        ids: list[int] = self.processor.tokenizer(
+            prompt, add_special_tokens=False, split_special_tokens=True
+        )["input_ids"]
+        return ids
 
     def encode(
         self,
@@ -297,14 +322,13 @@ class Engine:
         system = self.system_prompt if system_prompt is None else system_prompt
         per_image = bounds if bounds is not None else [None] * len(images)
         ready = [self.prepare_image(im, b) for im, b in zip(images, per_image, strict=True)]
-        texts = [
-            self.processor.apply_chat_template(
-                self._messages(im, p, system), add_generation_prompt=True, tokenize=False
-            )
-            for im, p in zip(ready, prompts, strict=True)
-        ]
-        if answers is not None:
-            texts = [t + a for t, a in zip(texts, answers, strict=True)]
+        prompt_ids = [self._prompt_ids(p) for p in prompts]
+        text = self.processor.apply_chat_template(
+            self._messages(ready[0] if ready else None, PROMPT_SLOT, system),
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        texts = [text] * len(ready) if answers is None else [text + a for a in answers]
         self.processor.tokenizer.padding_side = padding_side
         try:
             batch = self.processor(
@@ -312,7 +336,42 @@ class Engine:
             )
         finally:
             self.processor.tokenizer.padding_side = "left"
-        return batch.to(self.device)
+        return self._splice(batch, prompt_ids, padding_side).to(self.device)
+
+    def _splice(self, batch: Any, prompt_ids: Sequence[list[int]], padding_side: str) -> Any:
+        """Put each row's prompt tokens where the template has its placeholder, and pad the rows again.
+
+        The chat template is rendered around :data:`PROMPT_SLOT` and the prompt is tokenized on its own
+        as text (:meth:`_prompt_ids`); the template ends at special tokens on both sides of the user's
+        text, so an ordinary prompt gets exactly the ids it would get inline.
+        """
+        tok = self.processor.tokenizer
+        slot = tok.convert_tokens_to_ids(PROMPT_SLOT)
+        rows: dict[str, list[torch.Tensor]] = {"input_ids": [], "mm_token_type_ids": []}
+        keys = [k for k in rows if k in batch]
+        for i, ids in enumerate(prompt_ids):
+            real = batch["attention_mask"][i].bool()
+            seq = batch["input_ids"][i][real]
+            (where,) = (seq == slot).nonzero(as_tuple=True)
+            p = int(where[0])
+            text = torch.tensor(ids, dtype=seq.dtype)
+            for k in keys:
+                row = batch[k][i][real]
+                insert = text if k == "input_ids" else torch.zeros(len(ids), dtype=row.dtype)
+                rows[k].append(torch.cat([row[:p], insert, row[p + 1 :]]))
+        width = max(len(r) for r in rows["input_ids"])
+        for k in keys:
+            fill = tok.pad_token_id if k == "input_ids" else 0
+            padded = torch.full((len(prompt_ids), width), fill, dtype=rows[k][0].dtype)
+            mask = torch.zeros((len(prompt_ids), width), dtype=batch["attention_mask"].dtype)
+            for i, r in enumerate(rows[k]):
+                if padding_side == "left":
+                    padded[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+                else:
+                    padded[i, : len(r)], mask[i, : len(r)] = r, 1
+            batch[k] = padded
+            batch["attention_mask"] = mask
+        return batch
 
     def _adapter_kwargs(self, adapters: Sequence[str | None]) -> dict[str, Any]:
         """PEFT's per-row ``adapter_names`` (the mixed-batch path); see :meth:`adapter_context`."""
@@ -431,9 +490,9 @@ class Engine:
         if not labels:
             raise EngineError("classify needs at least one label")
         tok = self.processor.tokenizer
-        label_ids = [tok.encode(lbl, add_special_tokens=False) for lbl in labels]
-        firsts = [ids[0] for ids in label_ids]
-        with self._lock, self.adapter_context([adapter]) as kwargs:
+        with self._lock, self.adapter_context([adapter]) as kwargs:  # the tokenizer is the lock holder's too
+            label_ids = [tok.encode(lbl, add_special_tokens=False) for lbl in labels]
+            firsts = [ids[0] for ids in label_ids]
             if len(set(firsts)) == len(firsts):
                 inputs = self.encode([image], [prompt], system_prompt, bounds=[bounds])
                 logits = self.model(**inputs, **kwargs).logits[0, -1]  # [vocab]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from moe_core.storage import Kind
+from moe_core.storage import Kind, StorageError
 
 __all__ = ["AdapterCache", "AdapterEngine", "AdapterNotFound", "AdapterStore", "CacheEvents"]
 
@@ -107,7 +107,10 @@ class AdapterCache:
         fut = asyncio.get_running_loop().create_future()
         self._inflight[name] = fut
         try:
-            current = await asyncio.to_thread(self.store.current_version, self.kind, name)
+            try:
+                current = await asyncio.to_thread(self.store.current_version, self.kind, name)
+            except StorageError as e:  # a broken pointer fails this adapter's rows, not the batch
+                raise AdapterNotFound(name, f"adapter {name!r} has no usable version: {e}") from e
             if current is None:
                 raise AdapterNotFound(name, f"adapter {name!r} has no published version in storage")
             if entry is not None and entry.version == current:

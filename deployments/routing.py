@@ -42,8 +42,10 @@ class RoutingPolicy:
         """An explicit expert: a router label id or an adapter name."""
         if isinstance(expert, bool):  # bool is an int in Python; never a label
             raise BadInput("expert", f"expected a label id or an adapter name, got {expert!r}")
-        if isinstance(expert, int) or (isinstance(expert, str) and expert.isdigit()):
-            label = int(expert)
+        if isinstance(expert, str) and expert.isascii() and expert.isdecimal() and len(expert) > 9:
+            raise BadInput("expert", f"unknown router label {expert[:12]}...; known: {sorted(self.labels)}")
+        if isinstance(expert, int) or (isinstance(expert, str) and expert.isascii() and expert.isdecimal()):
+            label = int(expert)  # ASCII digits only: "²" is a digit to str.isdigit, not to int()
             if label not in self.labels:
                 raise BadInput("expert", f"unknown router label {label}; known: {sorted(self.labels)}")
             name = self.labels[label]

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -50,6 +51,8 @@ _KIND_DIRS: dict[Kind, str] = {
     "probes": "probes",
 }
 POINTER = "CURRENT"
+#: What new_version_id() writes: "v", a UTC timestamp, "-", a short hash (checked on every read).
+VERSION_RE = re.compile(r"v[0-9A-Za-z][0-9A-Za-z-]{0,80}")
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
 
@@ -119,9 +122,12 @@ class Storage:
             data = json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
             return None
-        version = data.get("version")
-        if not isinstance(version, str):
-            raise StorageError(f"{path}: pointer holds no version: {data!r}")
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise StorageError(f"{path}: pointer is not JSON ({e})") from e
+        version = data.get("version") if isinstance(data, dict) else None
+        if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+            # joined into paths by every reader: never trusted as it stands ("../../x")
+            raise StorageError(f"{path}: pointer holds no valid version: {str(data)[:200]!r}")
         return version
 
     def versions(self, kind: Kind, name: str) -> list[str]:

@@ -171,6 +171,17 @@ async def test_dynamic_one_missing_adapter_fails_only_its_row(store: Storage) ->
 
 
 @on_loop
+async def test_a_broken_pointer_fails_only_its_adapters_rows(store: Storage) -> None:
+    d, _ = _dynamic(store)
+    (Path(store.slot("expert", "login-window")) / "CURRENT").write_text('{"version": "../../x"}')
+    ok, broken = await asyncio.gather(
+        d.generate(_q("a"), "calendar"), d.generate(_q("b"), "login-window"), return_exceptions=True
+    )
+    assert isinstance(ok, Answer) and ok.text == "calendar@v1:a"
+    assert isinstance(broken, AdapterNotServed) and "no usable version" in str(broken)
+
+
+@on_loop
 async def test_dynamic_picks_up_a_new_version_without_restart(store: Storage, tmp_path: Path) -> None:
     d, _ = _dynamic(store)
     assert (await d.generate(_q("a"), "calendar")).text == "calendar@v1:a"

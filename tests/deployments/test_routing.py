@@ -44,6 +44,8 @@ def test_explicit_expert_by_label_or_name(expert: int | str, name: str) -> None:
         ("desktop", 404, "unknown expert 'desktop'"),
         (True, 422, "True"),
         ("../etc", 404, "'../etc'"),
+        ("²", 404, "unknown expert '²'"),  # a digit to str.isdigit, not to int()
+        ("9" * 5000, 422, "unknown router label 999999999999..."),  # past int()'s digit limit
     ],
 )
 def test_unknown_expert_names_the_field(expert: int | str, status: int, words: str) -> None:

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 class AdapterNotFound(LookupError):
-    """No published version of the adapter in storage."""
+    """No usable version of the adapter: none published, a broken pointer, or it failed to load."""
 
     def __init__(self, name: str, message: str) -> None:
         super().__init__(message)
@@ -118,11 +118,28 @@ class AdapterCache:
             else:
                 if entry is None:  # make room first: the engine's slots never hold more than the capacity
                     self._evict(keep=keep, room=1)
-                await asyncio.to_thread(self._load, name, current)
+                try:
+                    await asyncio.to_thread(self._load, name, current)
+                except (
+                    Exception
+                ) as e:  # files or tensors the engine refuses: this adapter's rows fail, not the batch
+                    if self.events is not None:
+                        self.events.failed(name)
+                    if entry is None:
+                        raise AdapterNotFound(
+                            name, f"adapter {name!r} version {current} failed to load: {e}"
+                        ) from e
+                    # the engine refuses before it touches the loaded version: keep serving that one
+                    entry.checked_at = now
+                    logger.error(
+                        "adapter %s: version %s failed to load (%s); still serving %s",
+                        name,
+                        current,
+                        e,
+                        entry.version,
+                    )
             fut.set_result(None)
         except BaseException as e:
-            if self.events is not None and not isinstance(e, AdapterNotFound | asyncio.CancelledError):
-                self.events.failed(name)
             fut.set_exception(e)
             fut.exception()  # mark retrieved: waiters re-check and retry on their own
             raise

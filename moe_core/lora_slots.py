@@ -139,6 +139,16 @@ class LoraSlots:
         unknown = sorted(set(pairs) - set(self.layers))
         if unknown:
             raise SlotError(f"adapter {name!r}: modules {unknown[:3]} are not slotted; not loaded")
+        checked: list[tuple[SlottedLinear, torch.Tensor, torch.Tensor]] = []
+        for module, ab in pairs.items():  # every pair checked before a slot is touched: never half-loaded
+            layer = self.layers[module]
+            a, b = ab.get("A"), ab.get("B")
+            want_a, want_b = (rank, layer.base.in_features), (layer.base.out_features, rank)
+            if a is None or b is None or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise SlotError(
+                    f"adapter {name!r}: LoRA pair of {module} does not fit rank {rank}; not loaded"
+                )
+            checked.append((layer, a, b))
         slot = self.slot_of(name)
         if slot is None:
             if None not in self.names:
@@ -146,22 +156,7 @@ class LoraSlots:
             slot = self.names.index(None)
         self._clear(slot)
         with torch.no_grad():
-            for module, ab in pairs.items():
-                layer = self.layers[module]
-                a, b = ab.get("A"), ab.get("B")
-                if (
-                    a is None
-                    or b is None
-                    or a.shape != (rank, layer.base.in_features)
-                    or b.shape
-                    != (
-                        layer.base.out_features,
-                        rank,
-                    )
-                ):
-                    raise SlotError(
-                        f"adapter {name!r}: LoRA pair of {module} does not fit rank {rank}; not loaded"
-                    )
+            for layer, a, b in checked:
                 layer.lora_A[slot, :rank].copy_(a)
                 layer.lora_B[slot, :, :rank].copy_(b * scaling)
         self.names[slot] = name

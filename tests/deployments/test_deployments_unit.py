@@ -87,6 +87,8 @@ class FakeEngine:
     def load_adapter(self, name: str, path: str | Path) -> None:
         if name not in self.loaded and len(self.loaded) >= self.slots[0]:  # as the real engine's slots
             raise RuntimeError(f"all {self.slots[0]} slots are taken")
+        if (Path(path) / "tag").read_text() == "bad":  # as the slots refuse a rank mismatch: nothing touched
+            raise ValueError(f"adapter {name!r}: LoRA pair does not fit rank 16; not loaded")
         self.loaded[name] = (Path(path) / "tag").read_text()
 
     def unload_adapter(self, name: str) -> None:
@@ -179,6 +181,23 @@ async def test_a_broken_pointer_fails_only_its_adapters_rows(store: Storage) -> 
     )
     assert isinstance(ok, Answer) and ok.text == "calendar@v1:a"
     assert isinstance(broken, AdapterNotServed) and "no usable version" in str(broken)
+
+
+@on_loop
+async def test_an_adapter_that_fails_to_load_fails_only_its_rows(store: Storage, tmp_path: Path) -> None:
+    d, _ = _dynamic(store)
+    assert (await d.generate(_q("a"), "login-window")).text == "login-window@v1:a"
+    _publish(store, tmp_path, "expert", "login-window", "bad")  # a new version the engine refuses
+    _publish(store, tmp_path, "expert", "desktop", "bad")  # an adapter whose only version is refused
+    ok, kept, refused = await asyncio.gather(
+        d.generate(_q("b"), "calendar"),
+        d.generate(_q("c"), "login-window"),
+        d.generate(_q("d"), "desktop"),
+        return_exceptions=True,
+    )
+    assert isinstance(ok, Answer) and ok.text == "calendar@v1:b"
+    assert isinstance(kept, Answer) and kept.text == "login-window@v1:c"  # the loaded version stays
+    assert isinstance(refused, AdapterNotServed) and "failed to load" in str(refused)
 
 
 @on_loop

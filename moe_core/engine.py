@@ -118,6 +118,9 @@ class Engine:
         self._counting = copy.deepcopy(processor.tokenizer)
         self._template_tokens: dict[str, int] = {}  # chat template length by system prompt
         self.system_prompt = settings.system_prompt
+        self._template_length(
+            self.system_prompt
+        )  # counted now: the first request's check never waits for a forward
         self.max_new_tokens = settings.max_new_tokens
         self.bounds = settings.bounds
         self.patch_size = settings.base_model.image_patch_size
@@ -287,15 +290,20 @@ class Engine:
         once (a Rust tokenizer must not be used from two threads at once)."""
         system = self.system_prompt if system_prompt is None else system_prompt
         template = self._template_tokens.get(system)
-        if template is None:
+        if template is None:  # another system prompt than the engine's (counted in __init__)
             with self._lock:
-                text = self.processor.apply_chat_template(
-                    self._messages(None, PROMPT_SLOT, system), add_generation_prompt=True, tokenize=False
-                )
-                template = self._template_tokens[system] = len(self._counting(text)["input_ids"])
+                template = self._template_length(system)
         prompt.encode("utf-8")  # a lone surrogate fails here, with the reason
         ids = self._counting(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return template - 2 + len(ids) + image_tokens  # the prompt and image placeholders replaced
+
+    def _template_length(self, system: str) -> int:
+        """Tokens of the chat template around one prompt and one image placeholder (cached per system prompt)."""
+        text = self.processor.apply_chat_template(
+            self._messages(None, PROMPT_SLOT, system), add_generation_prompt=True, tokenize=False
+        )
+        n = self._template_tokens[system] = len(self._counting(text)["input_ids"])
+        return n
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         """The user's text as text: a special-token string in it (``<|im_start|>``) is never a control token."""

@@ -81,6 +81,17 @@ def summarise(samples: dict[str, list[float]], figures: dict[str, Any], s: Bench
         out["throughput_req_per_s"] = {
             k: round(s.batch / (ms[k] / 1000), 2) for k in ("batch_mixed", "batch_single", "serial_switching")
         }
+    if "mix_makespan_continuous" in ms:
+        ratios["continuous/whole-batch throughput (4+64-token mix)"] = (
+            ms["mix_makespan_whole_batch"] / ms["mix_makespan_continuous"]
+        )
+        p99_ms = out["p99_ms"]
+        ratios["continuous/whole-batch p99 latency (4+64-token mix)"] = (
+            p99_ms["mix_latency_continuous"] / p99_ms["mix_latency_whole_batch"]
+        )
+        ratios["continuous/whole-batch p50 latency (4+64-token mix)"] = (
+            ms["mix_latency_continuous"] / ms["mix_latency_whole_batch"]
+        )
     if "classify" in ms:
         ratios["routing/expert request"] = ms["classify"] / ms["expert_request"]
     if "cold_request" in ms:

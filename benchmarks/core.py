@@ -102,6 +102,67 @@ def _full_hd_screenshot(rep: EngineReport, engine: Engine, image: Any, prompt: s
         )
 
 
+def _continuous_batching(
+    rep: EngineReport, engine: Engine, images: list[Any], prompt: str, s: BenchSettings
+) -> None:
+    """Time to first token under 8 concurrent streams, and a mix of 4- and 64-token requests served by the
+    step scheduler against the old whole-batch path (one Hugging Face ``generate`` per batch of 8, every
+    row waiting for the batch's longest), all requests arriving at once."""
+    import asyncio
+
+    from moe_core.sampling import SamplingParams
+    from moe_core.scheduler import Scheduler
+
+    sched = Scheduler(engine, max_running=8, max_queued=64)
+    streams = [
+        GenerationRequest(images[i % len(images)], prompt, f"a{i % s.adapters_in_batch}") for i in range(8)
+    ]
+    lengths = [4, 64] * (s.batch // 2)
+    mix = [
+        GenerationRequest(images[i % len(images)], prompt, f"a{i % s.adapters_in_batch}")
+        for i in range(len(lengths))
+    ]
+
+    async def eight_streams() -> list[float]:
+        async def one(r: GenerationRequest) -> float:
+            async for d in sched.stream(r, SamplingParams(max_tokens=s.new_tokens, min_tokens=s.new_tokens)):
+                if d.timings is not None:
+                    return d.timings.ttft_s
+            raise RuntimeError("stream ended without timings")
+
+        return list(await asyncio.gather(*(one(r) for r in streams)))
+
+    async def continuous() -> list[float]:
+        t0 = time.perf_counter()
+
+        async def one(r: GenerationRequest, n: int) -> float:
+            await sched.generate(r, SamplingParams(max_tokens=n, min_tokens=n))
+            return time.perf_counter() - t0
+
+        return list(await asyncio.gather(*(one(r, n) for r, n in zip(mix, lengths, strict=True))))
+
+    def whole_batch() -> list[float]:
+        t0 = time.perf_counter()
+        done: list[float] = []
+        for k in range(0, len(mix), 8):
+            batch = mix[k : k + 8]
+            engine.generate_hf(batch, exact_tokens=max(lengths[k : k + 8]))
+            done += [time.perf_counter() - t0] * len(batch)
+        return done
+
+    asyncio.run(eight_streams())  # warm-up
+    for _ in range(max(2, s.rounds // 4)):
+        rep.samples.setdefault("ttft_8_streams", []).extend(asyncio.run(eight_streams()))
+        new = asyncio.run(continuous())
+        old = whole_batch()
+        rep.samples.setdefault("mix_latency_continuous", []).extend(new)
+        rep.samples.setdefault("mix_latency_whole_batch", []).extend(old)
+        rep.samples.setdefault("mix_makespan_continuous", []).append(max(new))
+        rep.samples.setdefault("mix_makespan_whole_batch", []).append(max(old))
+    rep.figures["mix: requests (4 and 64 tokens, alternating)"] = len(mix)
+    sched.close()
+
+
 def _rss_mb() -> float:
     import psutil
 
@@ -219,6 +280,7 @@ def engine_benchmarks(
             _timed(partial(_fixed_generate, dynamic, req, s.new_tokens))
         )
         dynamic.unload_adapter(name)
+    _continuous_batching(rep, dynamic, images, prompt, s)
     del base, merged, variants, merged_model
     gc.collect()
     # item 5: resident memory with 1, 8, 32 adapters

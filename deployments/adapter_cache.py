@@ -11,14 +11,14 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from moe_core.storage import Kind, StorageError
 
-__all__ = ["AdapterCache", "AdapterEngine", "AdapterNotFound", "AdapterStore", "CacheEvents"]
+__all__ = ["AdapterCache", "AdapterEngine", "AdapterNotFound", "AdapterStore", "CacheBusy", "CacheEvents"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ class AdapterNotFound(LookupError):
     def __init__(self, name: str, message: str) -> None:
         super().__init__(message)
         self.name = name
+
+
+class CacheBusy(RuntimeError):
+    """Every adapter slot serves running requests: a new adapter cannot be loaded now (a 503)."""
 
 
 class AdapterEngine(Protocol):
@@ -65,6 +69,8 @@ class AdapterCache:
         refresh_interval_s: float = 5.0,
         kind: Kind = "expert",
         events: CacheEvents | None = None,
+        busy: Callable[[], set[str]] | None = None,
+        wait_s: float = 30.0,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -72,6 +78,8 @@ class AdapterCache:
         self.refresh_interval_s = refresh_interval_s
         self.kind = kind
         self.events = events
+        self.busy = busy or set  # adapters with queued or running rows: never evicted or reloaded under them
+        self.wait_s = wait_s  # how long a load waits for a slot to free up before it gives up
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self.loads = 0
@@ -115,9 +123,11 @@ class AdapterCache:
                 raise AdapterNotFound(name, f"adapter {name!r} has no published version in storage")
             if entry is not None and entry.version == current:
                 entry.checked_at = now
+            elif entry is not None and name in self.busy():
+                pass  # rows decode with the loaded version: the new one is loaded once they are done
             else:
                 if entry is None:  # make room first: the engine's slots never hold more than the capacity
-                    self._evict(keep=keep, room=1)
+                    await self._make_room(name, keep)
                 try:
                     await asyncio.to_thread(self._load, name, current)
                 except (
@@ -164,9 +174,22 @@ class AdapterCache:
             time.perf_counter() - t0,
         )
 
+    async def _make_room(self, name: str, keep: Iterable[str]) -> None:
+        """Evict until one more adapter fits; while every resident adapter has running rows, wait."""
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            self._evict(keep=keep, room=1)
+            if len(self._entries) < self.capacity:
+                return
+            if time.monotonic() > deadline:
+                raise CacheBusy(
+                    f"adapter {name!r}: all {self.capacity} adapter slots serve running requests; retry later"
+                )
+            await asyncio.sleep(0.005)
+
     def _evict(self, keep: Iterable[str], room: int = 0) -> None:
-        """Evict least recently used entries not in ``keep`` until ``room`` more fit in the capacity."""
-        keep = set(keep)
+        """Evict least recently used entries not in ``keep`` (nor busy) until ``room`` more fit."""
+        keep = set(keep) | self.busy()
         while len(self._entries) + room > self.capacity:
             victim = next((n for n in self._entries if n not in keep), None)
             if victim is None:

@@ -1,34 +1,33 @@
-"""The shared dynamic-LoRA deployment: the base model once, adapters from storage in an LRU, and
-concurrent requests for different adapters batched into one forward.
+"""The shared dynamic-LoRA deployment: the base model once, adapters from storage in an LRU of LoRA
+slots, and every request, whatever its adapter, decoded in one running batch (continuous batching).
 
-``@serve.batch`` is used without ``@serve.multiplexed`` (which would split batches by model id), so a
-batch holds rows for any adapters and the engine runs them in one mixed-adapter ``generate``.
-The engine and the store are injectable (``engine_factory``, ``storage``) so that batching, refresh
-and reconfigure are unit-tested on a fake engine; the end-to-end tests run the real model.
+The engine's scheduler batches per decode step (no ``@serve.batch``, whose batches are per call and
+split by multiplexed model id): requests for different adapters join and leave the same forward.
+``stream`` is a generator method (Ray Serve streaming); ``generate`` returns the whole answer. The
+engine and the store are injectable (``engine_factory``, ``storage``) so that the deployment's logic
+is unit-tested on a fake engine; the end-to-end tests run the real model.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import logging
 import os
-import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
-
-from PIL import Image
-from ray import serve
 
 from deployments.adapter_cache import AdapterCache, AdapterNotFound
 from deployments.engines import DeploymentEngine, ModelDeployment
-from deployments.messages import Answer, DynamicStats, Query, RouteRequest, RouteResult
+from deployments.messages import Answer, Chunk, DynamicStats, Query, RouteRequest, RouteResult
 from deployments.observability import DynamicMetrics
 from deployments.routing import Classification, decide
-from deployments.schemas import open_image
+from deployments.schemas import BadInput, open_image
 from deployments.settings import DynamicSettings
 from moe_core.config import DynamicLive
-from moe_core.engine import GenerationRequest
+from moe_core.engine import ChatTurn, GenerationRequest
+from moe_core.sampling import SamplingParams
+from moe_core.scheduler import Completion, Delta, PromptTooLong, QueueFull
 
 __all__ = ["AdapterNotServed", "DynamicLoRA", "NotConfigured", "RoutingUnavailable"]
 
@@ -47,19 +46,11 @@ class NotConfigured(RuntimeError):
     """The replica has not received its live settings (its Serve user_config) yet."""
 
 
-@dataclass(frozen=True)
-class _Item:
-    image: Image.Image  # decoded once per request, before batching
-    query: Query
-    adapter: str | None
-    arrived: float = field(default_factory=time.perf_counter)
-
-
 class DynamicLoRA(ModelDeployment[DynamicSettings]):
     def _start(self) -> None:
         settings = self.settings
         self.metrics = DynamicMetrics()
-        self.engine: DeploymentEngine = self.engine_factory(settings.engine, None, "dynamic")
+        self.engine: DeploymentEngine = self.make_engine(None, "dynamic")
         self.live: DynamicLive | None = None  # set by reconfigure(), which Serve calls before traffic
         self.cache: AdapterCache | None = None
         self.router_cache: AdapterCache | None = None
@@ -71,10 +62,10 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
                 settings.batching.refresh_interval_s,
                 kind="router",
                 events=self.metrics,
+                busy=self.engine.in_use,
             )
-        self.waiting = 0  # requests submitted, their forward not started
-        self.batches: Counter[int] = Counter()  # batch size -> forwards
-        self.mixed: Counter[int] = Counter()  # distinct adapters in one forward -> forwards
+        self.batches: Counter[int] = Counter()  # most rows in a step while a request ran -> requests
+        self.mixed: Counter[int] = Counter()  # most adapters in a step while a request ran -> requests
 
     # --------------------------------------------------------------- config
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -88,6 +79,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
                 live.max_loaded_adapters,
                 self.settings.batching.refresh_interval_s,
                 events=self.metrics,
+                busy=self.engine.in_use,
             )
         else:
             self.cache.resize(live.max_loaded_adapters)  # evicts first: the slots shrink after
@@ -115,90 +107,86 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
 
     # ------------------------------------------------------------ requests
     async def generate(self, query: Query, adapter: str | None) -> Answer:
-        return await self._submit(open_image(query.image), query, adapter)
+        """The whole answer of ``adapter`` (None: the bare base model) to ``query``."""
+        request, params, version = await self._prepare(query, adapter)
+        try:
+            done = await self.engine.generate(request, params, request_id=query.request_id)
+        except Exception as e:
+            raise self._failed(e) from e
+        self._finished(query, adapter, done)
+        return Answer(
+            done.text,
+            adapter,
+            "dynamic",
+            version,
+            done.batch_size,
+            done.adapters_in_batch,
+            done.prompt_tokens,
+            done.completion_tokens,
+            done.finish_reason,
+            done.timings.ttft_s,
+        )
 
-    async def _submit(self, image: Image.Image, query: Query, adapter: str | None) -> Answer:
+    async def stream(self, query: Query, adapter: str | None) -> AsyncIterator[Chunk]:
+        """The answer as it is decoded (Ray Serve streaming: ``handle.options(stream=True)``)."""
+        request, params, version = await self._prepare(query, adapter)
+        try:
+            async for d in self.engine.stream(request, params, request_id=query.request_id):
+                if d.timings is not None:
+                    self._finished(query, adapter, d)
+                yield Chunk(
+                    d.text, adapter, "dynamic", version, d.finish_reason, d.prompt_tokens, d.completion_tokens
+                )
+        except Exception as e:
+            raise self._failed(e) from e
+
+    async def _prepare(
+        self, query: Query, adapter: str | None
+    ) -> tuple[GenerationRequest, SamplingParams, str | None]:
+        """Check the request on its own and make its adapter resident; nothing is queued yet."""
         if adapter is not None and adapter not in self.served:
             raise AdapterNotServed(f"adapter {adapter!r} is not served by the dynamic deployment")
         self.check_prompt(self.engine, query)  # before the batch: a refused row never joins one
-        self.waiting += 1
-        self.metrics.queue_depth.set(self.waiting)
-        try:
-            result: Answer | BaseException = await self._batched(_Item(image, query, adapter))
-        finally:
-            self.waiting -= 1
-            self.metrics.queue_depth.set(self.waiting)
-        if isinstance(result, BaseException):  # per-row failures come back as values
-            raise result
-        return result
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, items: list[_Item]) -> list[Answer | BaseException]:
-        """One forward per group of at most LRU-capacity adapters (usually the whole batch)."""
-        cache = self._cache()
-        out: list[Answer | BaseException] = [RuntimeError("row not run")] * len(items)
-        adapters = sorted({i.adapter for i in items if i.adapter is not None})
-        base_rows = [k for k, i in enumerate(items) if i.adapter is None]
-        for n, group in enumerate(_chunks(adapters, cache.capacity)):
-            versions, missing = await self._ensure(cache, group)
-            for k, item in enumerate(items):
-                if item.adapter in missing:
-                    out[k] = AdapterNotServed(missing[item.adapter])
-            rows = [k for k, i in enumerate(items) if i.adapter in versions] + (base_rows if n == 0 else [])
-            await self._run(rows, items, out, versions)
-        return out
-
-    @staticmethod
-    async def _ensure(cache: AdapterCache, group: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-        """Load ``group``; adapters that have no published version are reported, not fatal."""
-        missing: dict[str, str] = {}
-        while True:
-            todo = [a for a in group if a not in missing]
+        request, params = self.request(query, adapter)
+        version = None
+        if adapter is not None:
             try:
-                return await cache.ensure(todo), missing
+                version = (await self._cache().ensure([adapter]))[adapter]
             except AdapterNotFound as e:
-                missing[e.name] = str(e)
+                raise AdapterNotServed(str(e)) from e
+        self.metrics.engine_state(*self._engine_state())
+        return request, params, version  # queued by the caller with no await between: the adapter stays
 
-    async def _run(
-        self, rows: list[int], items: list[_Item], out: list[Any], versions: dict[str, str]
-    ) -> None:
-        if not rows:
-            return
-        reqs = [
-            GenerationRequest(
-                items[i].image, items[i].query.prompt, items[i].adapter, bounds=items[i].query.bounds
-            )
-            for i in rows
-        ]
-        n_adapters = len({items[i].adapter for i in rows})
-        self.metrics.in_flight.set(len(rows))
-        self.metrics.rows.observe(len(rows))
-        self.metrics.adapters.observe(n_adapters)
-        started = time.perf_counter()
-        try:
-            results = await asyncio.to_thread(self.engine.generate, reqs)
-        finally:
-            self.metrics.in_flight.set(0)
-        self.metrics.forward(
+    def _engine_state(self) -> tuple[int, int]:
+        sched = getattr(self.engine, "scheduler", None)
+        return (sched.queued, sched.running) if sched is not None else (0, 0)
+
+    def _failed(self, e: Exception) -> Exception:
+        """An engine refusal as the client's error (4xx), a full queue as is (503)."""
+        if isinstance(e, QueueFull):
+            self.metrics.rejected.inc()
+            return e
+        if isinstance(e, PromptTooLong):
+            return BadInput("prompt", str(e), 413)
+        if isinstance(e, UnicodeEncodeError):
+            return BadInput("prompt", f"prompt is not valid unicode ({e.reason} at position {e.start})")
+        return e
+
+    def _finished(self, query: Query, adapter: str | None, done: Completion | Delta) -> None:
+        assert done.timings is not None
+        self.metrics.finished(
             "dynamic",
-            [(items[i].query.request_id, items[i].adapter or "base", items[i].arrived) for i in rows],
-            started,
-            [r.num_tokens for r in results],
+            adapter or "base",
+            query.request_id,
+            done.timings,
+            done.prompt_tokens,
+            done.completion_tokens,
         )
-        self.batches[len(rows)] += 1
-        self.mixed[n_adapters] += 1
-        for i, r in zip(rows, results, strict=True):
-            version = versions.get(r.adapter) if r.adapter else None
-            out[i] = Answer(
-                r.text,
-                r.adapter,
-                "dynamic",
-                version,
-                r.batch_size,
-                r.adapters_in_batch,
-                r.prompt_tokens,
-                r.num_tokens,
-            )
+        self.metrics.rows.observe(done.batch_size)
+        self.metrics.adapters.observe(done.adapters_in_batch)
+        self.batches[done.batch_size] += 1
+        self.mixed[done.adapters_in_batch] += 1
+        self.metrics.engine_state(*self._engine_state())
 
     async def route(self, req: RouteRequest) -> RouteResult:
         """Classify with the routing adapter (one forward), decide, and answer here when the decision
@@ -210,17 +198,31 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
             await self.router_cache.ensure([name])
         except AdapterNotFound as e:
             raise RoutingUnavailable(str(e)) from e
-        img = open_image(req.query.image)
-        labels = req.policy.label_names()
-        res = await asyncio.to_thread(
-            self.engine.classify, img, self.settings.router_prompt, labels, name, bounds=req.query.bounds
+        q = req.query
+        if q.image is None:
+            raise BadInput("messages", "routing needs a screenshot: send an image, or name an expert")
+        system = ChatTurn("system", ("",), inline=True)  # the routing adapter's prompt has no system text
+        image = open_image(q.image)
+        request = GenerationRequest(
+            None,
+            self.settings.router_prompt,
+            name,
+            bounds=q.bounds,
+            turns=(system, ChatTurn("user", (image, self.settings.router_prompt))),
+            image_key=hashlib.blake2b(
+                q.image, digest_size=16
+            ).hexdigest(),  # the features serve the answer too
         )
+        try:
+            res = await self.engine.classify(request, req.policy.label_names(), request_id=q.request_id)
+        except Exception as e:
+            raise self._failed(e) from e
         decision = decide(
             Classification(res.label, res.confidence, res.scores), req.policy, req.prefer_merged
         )
         answer = None
-        if decision.action == "answer" and decision.target == "dynamic":
-            answer = await self._submit(img, req.query, decision.adapter)  # the image decoded once
+        if req.answer_in_place and decision.action == "answer" and decision.target == "dynamic":
+            answer = await self.generate(q, decision.adapter)
         return RouteResult(decision, answer)
 
     def stats(self) -> DynamicStats:
@@ -241,7 +243,3 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
     def check_health(self) -> None:
         """Unhealthy until the live settings arrive; the engine's own health is the hardening issue's."""
         self._live()
-
-
-def _chunks(names: list[str], size: int) -> list[list[str]]:
-    return [names[i : i + size] for i in range(0, len(names), size)] or [[]]

@@ -6,52 +6,79 @@ unit-tested with a fake engine and no model; production and the end-to-end tests
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from PIL import Image
 
 from deployments.adapter_cache import AdapterStore
-from deployments.schemas import BadInput
+from deployments.schemas import BadInput, open_image
 from moe_core.config import EngineSettings
-from moe_core.engine import ClassifyResult, Engine, GenerationRequest, GenerationResult
+from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest
+from moe_core.sampling import SamplingParams
+from moe_core.scheduler import Completion, Delta, Scheduler
 from moe_core.storage import Storage
-from moe_core.vision import PixelBounds
 
 if TYPE_CHECKING:
     from deployments.messages import Query
     from deployments.settings import ModelSettings
 
-__all__ = ["DeploymentEngine", "EngineFactory", "ModelDeployment", "load_engine"]
+__all__ = ["DeploymentEngine", "EngineFactory", "ModelDeployment", "ScheduledEngine", "load_engine"]
+
+#: Stands for an image in a conversation whose tokens are counted apart (``Query.image_tokens``).
+_IMAGE = Image.new("RGB", (1, 1))
 
 
 class DeploymentEngine(Protocol):
-    """What a deployment calls on its engine (:class:`moe_core.engine.Engine` satisfies it)."""
+    """What a deployment calls on its engine: :class:`ScheduledEngine` (the real engine behind its
+    continuous-batching scheduler) satisfies it; unit tests pass a fake."""
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
-    def classify(
-        self,
-        image: Image.Image,
-        prompt: str,
-        labels: Sequence[str],
-        adapter: str | None,
-        system_prompt: str = "",
-        bounds: PixelBounds | None = None,
+    def stream(
+        self, request: GenerationRequest, params: SamplingParams, *, request_id: str = ""
+    ) -> AsyncIterator[Delta]: ...
+    async def generate(
+        self, request: GenerationRequest, params: SamplingParams, *, request_id: str = ""
+    ) -> Completion: ...
+    async def classify(
+        self, request: GenerationRequest, labels: Sequence[str], *, request_id: str = ""
     ) -> ClassifyResult: ...
-    def prompt_tokens(self, prompt: str, image_tokens: int, system_prompt: str | None = None) -> int: ...
+    def prompt_tokens(
+        self, prompt: str, image_tokens: int, system_prompt: str | None = None, turns: Sequence[ChatTurn] = ()
+    ) -> int: ...
     def load_adapter(self, name: str, path: str | Path) -> None: ...
     def set_lora_slots(self, slots: int, max_rank: int) -> None: ...
     def unload_adapter(self, name: str) -> None: ...
+    def in_use(self) -> set[str]: ...
 
 
-#: (engine settings, model folder or None for the base model, engine name) -> engine
-EngineFactory = Callable[[EngineSettings, Path | None, str], DeploymentEngine]
+class ScheduledEngine:
+    """An :class:`~moe_core.engine.Engine` behind its :class:`~moe_core.scheduler.Scheduler`: requests
+    join the running batch per decode step; adapter loads run between steps (the engine's lock)."""
+
+    def __init__(self, engine: Engine, max_running: int, max_queued: int) -> None:
+        self.engine = engine
+        self.scheduler = Scheduler(engine, max_running=max_running, max_queued=max_queued)
+        self.stream = self.scheduler.stream
+        self.generate = self.scheduler.generate
+        self.classify = self.scheduler.classify
+        self.in_use = self.scheduler.in_use
+        self.prompt_tokens = engine.prompt_tokens
+        self.load_adapter = engine.load_adapter
+        self.unload_adapter = engine.unload_adapter
+        self.set_lora_slots = engine.set_lora_slots
 
 
-def load_engine(settings: EngineSettings, path: Path | None, name: str) -> DeploymentEngine:
-    return Engine.load(settings, path, name=name)
+#: (engine settings, model folder or None for the base model, engine name, rows, queue) -> engine
+EngineFactory = Callable[[EngineSettings, Path | None, str, int, int], DeploymentEngine]
+
+
+def load_engine(
+    settings: EngineSettings, path: Path | None, name: str, max_running: int = 16, max_queued: int = 64
+) -> DeploymentEngine:
+    return ScheduledEngine(Engine.load(settings, path, name=name), max_running, max_queued)
 
 
 S = TypeVar("S", bound="ModelSettings")
@@ -59,10 +86,8 @@ S = TypeVar("S", bound="ModelSettings")
 
 class ModelDeployment(ABC, Generic[S]):
     """What the dynamic and merged deployments share: typed settings, an injectable engine factory and
-    store, and the batch size and wait of their ``@serve.batch`` method ``_batched``. Subclasses set
-    themselves up in :meth:`_start`."""
-
-    _batched: Any  # the subclass's @serve.batch method
+    store, and the translation of a :class:`~deployments.messages.Query` into an engine request.
+    Subclasses set themselves up in :meth:`_start`."""
 
     def __init__(
         self, settings: S, *, engine_factory: EngineFactory = load_engine, storage: AdapterStore | None = None
@@ -70,19 +95,48 @@ class ModelDeployment(ABC, Generic[S]):
         self.settings = settings
         self.engine_factory = engine_factory
         self.storage: AdapterStore = storage or Storage(settings.storage.url, settings.storage.cache_dir)
-        self._batched.set_max_batch_size(settings.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_s)
         self._start()
+
+    def make_engine(self, path: Path | None, name: str) -> DeploymentEngine:
+        s = self.settings
+        return self.engine_factory(s.engine, path, name, s.max_batch_size, s.max_queued_requests)
 
     @abstractmethod
     def _start(self) -> None:
         """Set up the deployment's own state (engine, caches) once settings and store are in place."""
 
-    def check_prompt(self, engine: DeploymentEngine, query: Query) -> None:
-        """Refuse a prompt over ``max_prompt_tokens`` (its image's tokens included) with a 4xx."""
-        limit = self.settings.engine.max_prompt_tokens
+    def request(self, query: Query, adapter: str | None) -> tuple[GenerationRequest, SamplingParams]:
+        """The engine's request for ``query``: images decoded, the conversation built, sampling checked."""
+        images = [open_image(b) for b in query.images]
+        turns = tuple(
+            ChatTurn(t.role, tuple(p if isinstance(p, str) else images[p] for p in t.parts))
+            for t in query.turns
+        )
+        image = open_image(query.image) if query.image is not None and not turns else None
+        key = hashlib.blake2b(query.image, digest_size=16).hexdigest() if query.image is not None else None
+        request = GenerationRequest(
+            image, query.prompt, adapter, bounds=query.bounds, turns=turns, image_key=None if turns else key
+        )
+        s = query.sampling
+        limit = self.settings.engine.max_completion_tokens
+        if s.max_tokens is not None and s.max_tokens > limit:
+            raise BadInput(
+                "max_tokens", f"max_tokens {s.max_tokens} is over this server's limit of {limit}", 400
+            )
         try:
-            n = engine.prompt_tokens(query.prompt, query.image_tokens)
+            params = SamplingParams(s.max_tokens, s.temperature, s.top_p, s.seed, s.stop)
+        except ValueError as e:
+            raise BadInput(str(e).split(" ", 1)[0], str(e), 400) from e
+        return request, params
+
+    def check_prompt(self, engine: DeploymentEngine, query: Query) -> None:
+        """Refuse a prompt over ``max_prompt_tokens`` (its images' tokens included) with a 4xx."""
+        limit = self.settings.engine.max_prompt_tokens
+        turns = tuple(
+            ChatTurn(t.role, tuple(p if isinstance(p, str) else _IMAGE for p in t.parts)) for t in query.turns
+        )
+        try:
+            n = engine.prompt_tokens(query.prompt, query.image_tokens, turns=turns)
         except UnicodeEncodeError as e:
             raise BadInput("prompt", f"prompt is not valid unicode ({e.reason} at position {e.start})") from e
         if n > limit:

@@ -1,7 +1,8 @@
 """One merged-model deployment class, bound once per merged adapter by the app builder.
 
-Each replica loads the current published version from ``merged/<name>/`` and answers with plain
-(single-model) batches; a newer published version is picked up without a restart. With nothing
+Each replica loads the current published version from ``merged/<name>/`` and answers through the
+engine's continuous-batching scheduler (``generate``, or ``stream`` as a Ray Serve streaming method);
+a newer published version is picked up without a restart. With nothing
 published it stays up and answers :class:`ModelUnavailable`, so the gateway can fall back.
 """
 
@@ -9,17 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-
-from PIL import Image
-from ray import serve
+from collections.abc import AsyncIterator
+from typing import Any
 
 from deployments.engines import DeploymentEngine, ModelDeployment
-from deployments.messages import Answer, MergedStatus, Query
+from deployments.messages import Answer, Chunk, MergedStatus, Query
 from deployments.observability import MergedMetrics
-from deployments.schemas import open_image
 from deployments.settings import MergedSettings
 from moe_core.engine import GenerationRequest
+from moe_core.sampling import SamplingParams
 
 __all__ = ["MergedModel", "ModelUnavailable"]
 
@@ -46,7 +47,11 @@ class MergedModel(ModelDeployment[MergedSettings]):
             return
         t0 = time.perf_counter()
         path, _ = self.storage.fetch("merged", self.adapter, version)
-        self.engine = self.engine_factory(self.settings.engine, path, f"merged-{self.adapter}")
+        old = self.engine
+        self.engine = self.make_engine(path, f"merged-{self.adapter}")
+        close = getattr(getattr(old, "scheduler", None), "close", None)
+        if close is not None:  # the old version's running rows finish; its thread ends when idle
+            close_when_idle(old, close)
         self.metrics.serving(self.adapter, version, self.version, time.perf_counter() - t0)
         self.version = version
         logger.info(
@@ -62,32 +67,59 @@ class MergedModel(ModelDeployment[MergedSettings]):
             if current is not None and current != self.version:
                 await asyncio.to_thread(self._load, current)
 
-    async def generate(self, query: Query) -> Answer:
+    async def _prepare(
+        self, query: Query
+    ) -> tuple[DeploymentEngine, str | None, GenerationRequest, SamplingParams]:
         await self._refresh()
-        if self.engine is None:
-            raise ModelUnavailable(f"merged deployment {self.adapter!r} has no published model")
-        self.check_prompt(self.engine, query)  # before the batch: a refused row never joins one
-        item = (open_image(query.image), query, time.perf_counter())  # decoded before batching
-        result: Answer = await self._batched(item)
-        return result
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, items: list[tuple[Image.Image, Query, float]]) -> list[Answer]:
         engine, version = self.engine, self.version
-        assert engine is not None
-        reqs = [GenerationRequest(img, q.prompt, None, bounds=q.bounds) for img, q, _ in items]
-        started = time.perf_counter()
-        results = await asyncio.to_thread(engine.generate, reqs)
-        self.metrics.forward(
-            "merged",
-            [(q.request_id, self.adapter, t) for _, q, t in items],
-            started,
-            [r.num_tokens for r in results],
+        if engine is None:
+            raise ModelUnavailable(f"merged deployment {self.adapter!r} has no published model")
+        self.check_prompt(engine, query)  # before the batch: a refused row never joins one
+        request, params = self.request(query, None)
+        return engine, version, request, params
+
+    async def generate(self, query: Query) -> Answer:
+        engine, version, request, params = await self._prepare(query)
+        done = await engine.generate(request, params, request_id=query.request_id)
+        self.metrics.finished(
+            "merged", self.adapter, query.request_id, done.timings, done.prompt_tokens, done.completion_tokens
         )
-        return [
-            Answer(r.text, self.adapter, "merged", version, r.batch_size, 1, r.prompt_tokens, r.num_tokens)
-            for r in results
-        ]
+        return Answer(
+            done.text,
+            self.adapter,
+            "merged",
+            version,
+            done.batch_size,
+            1,
+            done.prompt_tokens,
+            done.completion_tokens,
+            done.finish_reason,
+            done.timings.ttft_s,
+        )
+
+    async def stream(self, query: Query) -> AsyncIterator[Chunk]:
+        """The answer as it is decoded (Ray Serve streaming: ``handle.options(stream=True)``)."""
+        engine, version, request, params = await self._prepare(query)
+        async for d in engine.stream(request, params, request_id=query.request_id):
+            if d.timings is not None:
+                self.metrics.finished(
+                    "merged", self.adapter, query.request_id, d.timings, d.prompt_tokens, d.completion_tokens
+                )
+            yield Chunk(
+                d.text, self.adapter, "merged", version, d.finish_reason, d.prompt_tokens, d.completion_tokens
+            )
 
     def status(self) -> MergedStatus:
         return MergedStatus(self.adapter, self.version, self.engine is not None)
+
+
+def close_when_idle(engine: Any, close: Any) -> None:
+    """Close a replaced engine's scheduler once its queued and running requests are done."""
+
+    def wait() -> None:
+        sched = engine.scheduler
+        while sched.queued or sched.running:
+            time.sleep(0.05)
+        close()
+
+    threading.Thread(target=wait, name="close-old-engine", daemon=True).start()

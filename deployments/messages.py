@@ -6,33 +6,69 @@ Ray pickles them between replicas; none holds a model or a Ray object.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from deployments.routing import Classification, Decision, RoutingPolicy
 from deployments.schemas import Mode
 from moe_core.vision import PixelBounds
 
+#: Why generation ended, as OpenAI names it.
+FinishReason = Literal["stop", "length"]
+
 __all__ = [
     "Answer",
+    "Chunk",
     "Classification",
     "DynamicStats",
+    "FinishReason",
     "MergedStatus",
     "Mode",
     "Query",
     "RouteRequest",
     "RouteResult",
+    "Sampling",
+    "Turn",
 ]
 
 
 @dataclass(frozen=True)
-class Query:
-    """One request as the model deployments get it: validated at the gateway, image still encoded."""
+class Turn:
+    """One chat message: ``parts`` are text (``str``) and images (``int``: an index into ``Query.images``)."""
 
-    image: bytes  # the screenshot file, verified readable
+    role: Literal["system", "user", "assistant"]
+    parts: tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Query:
+    """One request as the model deployments get it: validated at the gateway, images still encoded.
+
+    ``/infer`` sends one screenshot and one instruction (``image``, ``prompt``); the chat API may send a
+    whole conversation (``turns``, whose images are ``images``), which then replaces the default
+    "system prompt, then the user's image and prompt". ``image`` is the screenshot the routing adapter
+    classifies (the conversation's last image); ``image_tokens`` counts all images at ``bounds``.
+    """
+
+    image: bytes | None  # the screenshot file, verified readable; None: a conversation without images
     prompt: str
-    bounds: PixelBounds  # the pixels the model sees of the image: the config's, narrowed by the request
-    image_tokens: int  # what the image costs in the prompt at those bounds, known before any batch
+    bounds: PixelBounds  # the pixels the model sees of each image: the config's, narrowed by the request
+    image_tokens: int  # what the images cost in the prompt at those bounds, known before any batch
     request_id: str = ""  # Serve's request id (the client's X-Request-Id), for log lines in every hop
+    sampling: Sampling = field(default_factory=lambda: Sampling())
+    turns: tuple[Turn, ...] = ()  # a whole conversation (chat API); empty: ``image`` + ``prompt``
+    images: tuple[bytes, ...] = ()  # the conversation's images, in order of appearance
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-request generation settings; the defaults are greedy decoding up to the engine's limit."""
+
+    max_tokens: int | None = None  # None: the engine's max_new_tokens
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None  # with temperature > 0: the same seed, the same text
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
 
 
 @dataclass(frozen=True)
@@ -47,6 +83,21 @@ class Answer:
     adapters_in_batch: int  # distinct adapters in that forward
     prompt_tokens: int  # the prompt as the model read it: chat template and image tokens included
     completion_tokens: int
+    finish_reason: FinishReason = "stop"  # stop: end of sequence or a stop string; length: max_tokens
+    ttft_s: float | None = None  # from arrival at the deployment to the first token
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a streamed answer: new ``text``; the last chunk has ``finish_reason`` and the usage."""
+
+    text: str
+    adapter: str | None
+    mode: Mode
+    version: str | None
+    finish_reason: FinishReason | None = None  # set on the last chunk only
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # tokens generated so far
 
 
 @dataclass(frozen=True)
@@ -56,6 +107,7 @@ class RouteRequest:
     query: Query
     policy: RoutingPolicy  # the gateway's snapshot: the decision uses its rules and values
     prefer_merged: bool | None = None
+    answer_in_place: bool = True  # False: decide only (a streamed request is answered by a stream call)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from typing import Any, ClassVar, cast
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from moe_core.scheduler import Timings
+
 __all__ = [
     "METRIC_NAMES",
     "DynamicMetrics",
@@ -202,38 +204,65 @@ class GatewayMetrics:
 
 
 class ForwardMetrics:
-    """Per row of a forward: time waited for it and time per output token, by adapter and path."""
+    """Per request, as the scheduler measured it: queue time, time to first token, time per output
+    token and tokens in and out, by adapter and path; the engine's queue and running rows."""
 
     def __init__(self) -> None:
         tags = ("adapter", "mode")
         self.queue_time = _histogram(
-            "moe_queue_seconds", "From arrival to its forward.", LATENCY_BUCKETS, tags
+            "moe_queue_seconds", "From arrival at the replica to its prefill.", LATENCY_BUCKETS, tags
         )
-        self.tpot = _histogram(
-            "moe_time_per_output_token_seconds",
-            "Forward time over tokens generated (whole-batch generation: no streaming yet).",
+        self.ttft = _histogram(
+            "moe_time_to_first_token_seconds",
+            "From arrival at the replica to the first token.",
             LATENCY_BUCKETS,
             tags,
         )
+        self.tpot = _histogram(
+            "moe_time_per_output_token_seconds",
+            "Decode time per output token after the first.",
+            LATENCY_BUCKETS,
+            tags,
+        )
+        self.queue_depth = _gauge("moe_queue_depth", "Requests waiting to join the running batch.", ())
+        self.in_flight = _gauge("moe_rows_in_flight", "Requests decoding in the running batch.", ())
+        self.rejected = _counter("moe_queue_full", "Requests refused because the queue was full.", ())
         self.log = request_logger("forward")
 
-    def forward(
-        self, mode: str, rows: list[tuple[str, str, float]], started: float, tokens: list[int]
+    def finished(
+        self,
+        mode: str,
+        adapter: str,
+        request_id: str,
+        timings: Timings,
+        prompt_tokens: int,
+        completion_tokens: int,
     ) -> None:
-        """``rows``: (request id, adapter label, arrival time) of each row; ``tokens``: generated per row."""
-        seconds = time.perf_counter() - started
-        for (_, adapter, arrived), n in zip(rows, tokens, strict=True):
-            tags = {"adapter": adapter, "mode": mode}
-            self.queue_time.observe(max(0.0, started - arrived), tags=tags)
-            self.tpot.observe(seconds / max(1, n), tags=tags)
+        tags = {"adapter": adapter, "mode": mode}
+        self.queue_time.observe(timings.queued_s, tags=tags)
+        self.ttft.observe(timings.ttft_s, tags=tags)
+        if completion_tokens > 1:
+            self.tpot.observe(timings.tpot_s, tags=tags)
         self.log.info(
-            "%s forward: %d rows in %.1f ms: %s",
+            "%s %s: %s: %d+%d tokens, queued %.1f ms, first token %.1f ms, total %.1f ms",
             mode,
-            len(rows),
-            1000 * seconds,
-            ", ".join(f"{rid}:{adapter}" for rid, adapter, _ in rows),
-            extra={"ray_serve_extra_fields": {"moe": {"request_ids": [r[0] for r in rows], "mode": mode}}},
+            adapter,
+            request_id,
+            prompt_tokens,
+            completion_tokens,
+            1000 * timings.queued_s,
+            1000 * timings.ttft_s,
+            1000 * timings.total_s,
+            extra={
+                "ray_serve_extra_fields": {
+                    "moe": {"request_id": request_id, "adapter": adapter, "mode": mode}
+                }
+            },
         )
+
+    def engine_state(self, queued: int, running: int) -> None:
+        self.queue_depth.set(queued)
+        self.in_flight.set(running)
 
 
 class DynamicMetrics(ForwardMetrics):
@@ -241,10 +270,15 @@ class DynamicMetrics(ForwardMetrics):
 
     def __init__(self) -> None:
         super().__init__()
-        self.rows = _histogram("moe_batch_rows", "Rows per forward.", COUNT_BUCKETS, ())
-        self.adapters = _histogram("moe_batch_adapters", "Distinct adapters per forward.", COUNT_BUCKETS, ())
-        self.in_flight = _gauge("moe_rows_in_flight", "Rows in the running forward.", ())
-        self.queue_depth = _gauge("moe_queue_depth", "Requests waiting for a batch.", ())
+        self.rows = _histogram(
+            "moe_batch_rows", "Most rows in a decode step while a request ran.", COUNT_BUCKETS, ()
+        )
+        self.adapters = _histogram(
+            "moe_batch_adapters",
+            "Most distinct adapters in a decode step while a request ran.",
+            COUNT_BUCKETS,
+            (),
+        )
         self.resident = _gauge("moe_adapters_resident", "Adapters resident in the LRU.", ())
         self.loads = _counter("moe_adapter_loads", "Adapter loads into the LRU.", ("adapter",))
         self.evictions = _counter("moe_adapter_evictions", "Adapters evicted from the LRU.", ("adapter",))

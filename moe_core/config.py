@@ -21,6 +21,7 @@ __all__ = [
     "BUILTIN_TINY",
     "LIVE_FIELDS",
     "AdapterName",
+    "ApiConfig",
     "BaseModelConfig",
     "ConfigError",
     "DeploymentConfig",
@@ -208,14 +209,8 @@ class ScalingConfig(StrictModel):
 
 
 class BatchingConfig(StrictModel):
-    """How a model deployment forms batches and looks for new versions in storage."""
+    """How a model deployment looks for new versions in storage (batches form per decode step)."""
 
-    batch_wait_timeout_s: float = Field(
-        default=0.002,
-        ge=0.0,
-        le=1.0,
-        description="How long a batch waits to fill before it runs (batches also form while a forward runs).",
-    )
     refresh_interval_s: float = Field(
         default=5.0, ge=0.0, description="Minimum seconds between storage checks for a new version."
     )
@@ -258,7 +253,17 @@ class LimitsConfig(StrictModel):
     max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1, description="Largest decoded image file.")
     max_prompt_chars: int = Field(default=4000, ge=1, description="Longest prompt in characters.")
     max_new_tokens: int = Field(default=24, ge=1, description="Tokens generated per request.")
-    max_batch_size: int = Field(default=16, ge=1, description="Largest batch one forward runs.")
+    max_batch_size: int = Field(
+        default=16, ge=1, description="Most requests decoding at once in one replica (rows of one forward)."
+    )
+    max_queued_requests: int = Field(
+        default=64,
+        ge=0,
+        description="Requests a replica queues beyond the running ones; more are refused with a 503 at once.",
+    )
+    max_completion_tokens: int = Field(
+        default=512, ge=1, description="The most tokens a request may ask to generate (max_tokens)."
+    )
     min_pixels: int = Field(
         default=64 * 32 * 32,
         ge=1,
@@ -284,6 +289,63 @@ class LimitsConfig(StrictModel):
                 f"limits.min_pixels ({self.min_pixels}) must not exceed limits.max_pixels ({self.max_pixels})"
             )
         return self
+
+
+#: An environment variable's name.
+ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
+#: A host name, lower case, or a wildcard for its subdomains (``*.example.com``).
+HOST_RE = r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+
+
+class ApiConfig(StrictModel):
+    """The OpenAI-compatible API (``/v1``): the model names it lists, image limits, and API keys."""
+
+    base_model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        pattern=r"^\S+$",
+        description="Model id under which /v1 lists and accepts the base model without an adapter; "
+        "null: base_model.id.",
+    )
+    routed_model_name: str = Field(
+        default="auto",
+        min_length=1,
+        pattern=r"^\S+$",
+        description="Model id that lets the routing adapter choose the expert for each request's last "
+        "screenshot (the below_threshold rule applies).",
+    )
+    max_images: int = Field(
+        default=8, ge=1, le=64, description="Most images in one chat request, earlier screenshots included."
+    )
+    image_url_hosts: list[Annotated[str, Field(pattern=HOST_RE)]] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs the gateway fetches (exact names, or *.example.com for "
+        "subdomains; redirects are not followed); empty: only data: URLs are accepted.",
+    )
+    image_fetch_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="Time limit for fetching one image URL from an allowed host (size: limits.max_image_bytes).",
+    )
+    key_env: str | None = Field(
+        default=None,
+        pattern=ENV_NAME_RE,
+        description="Environment variable holding an API key. With key_env or key_file set, /v1/*, /infer, "
+        "/adapters and /stats need `Authorization: Bearer <key>` (401 otherwise); null with key_file null: "
+        "no keys.",
+    )
+    key_file: str | None = Field(
+        default=None,
+        min_length=1,
+        description="File holding API keys, one per line ('#' comments and blank lines skipped), e.g. a "
+        "mounted Kubernetes Secret; re-read when it changes, so keys rotate without a restart.",
+    )
+
+    @property
+    def keys_required(self) -> bool:
+        """Whether a key source is configured (requests then need a key)."""
+        return self.key_env is not None or self.key_file is not None
 
 
 class MergeJobConfig(StrictModel):
@@ -315,6 +377,7 @@ class DeploymentConfig(StrictModel):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Routing between the two.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
     merge: MergeJobConfig = Field(default_factory=MergeJobConfig, description="Merge job settings.")
+    api: ApiConfig = Field(default_factory=ApiConfig, description="The OpenAI-compatible API (/v1).")
 
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> Self:
@@ -347,6 +410,24 @@ class DeploymentConfig(StrictModel):
         if dup_targets:
             raise ValueError(f"router.labels maps several labels to {dup_targets}")
         return self
+
+    @model_validator(mode="after")
+    def _api_names(self) -> Self:
+        """The /v1 model names must not shadow each other or an expert adapter."""
+        base, routed = self.api_base_model_name, self.api.routed_model_name
+        if routed == base:
+            raise ValueError(
+                f"api.routed_model_name {routed!r} is also the base model's name; give it another name"
+            )
+        for field, name in (("api.routed_model_name", routed), ("api.base_model_name", base)):
+            if name in self.all_adapters:
+                raise ValueError(f"{field} {name!r} is also an expert adapter's name; rename one")
+        return self
+
+    @property
+    def api_base_model_name(self) -> str:
+        """The base model's id in the OpenAI-compatible API."""
+        return self.api.base_model_name or self.base_model.id
 
     def static_dump(self) -> dict[str, object]:
         """The config without its live fields: the app's args (live fields travel as user_config)."""
@@ -386,6 +467,7 @@ class DeploymentConfig(StrictModel):
             min_pixels=self.limits.min_pixels,
             max_pixels=self.limits.max_pixels,
             max_prompt_tokens=self.limits.max_prompt_tokens,
+            max_completion_tokens=self.limits.max_completion_tokens,
         )
 
     @property
@@ -407,6 +489,7 @@ class EngineSettings(StrictModel):
     min_pixels: int = Field(ge=1, description="Fewest pixels the model sees of an image.")
     max_pixels: int = Field(ge=1, description="Most pixels the model sees of an image.")
     max_prompt_tokens: int = Field(ge=1, description="Longest prompt in tokens, image tokens included.")
+    max_completion_tokens: int = Field(default=512, ge=1, description="Most tokens a request may ask for.")
 
     @property
     def bounds(self) -> PixelBounds:

@@ -44,9 +44,7 @@ class _Batch:
     """The current batch's slot use, shared by every slotted layer (computed once per batch)."""
 
     active: torch.Tensor  # [k] slot ids used by some row
-    mask: (
-        torch.Tensor | None
-    )  # [batch, 1, k * rank]: 1 on the row's own slot's columns; None: one slot for all
+    mask: torch.Tensor | None  # [batch, 1, k*rank] (or [tokens, k*rank]): 1 on the row's own slot's columns
     weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict
     )  # per layer, per batch
@@ -67,6 +65,7 @@ class SlottedLinear(nn.Module):
             torch.zeros(slots, base.out_features, rank, dtype=w.dtype, device=w.device), False
         )
         self._owner = [owner]  # a list: not registered as a submodule
+        self.vision = False  # a vision-tower layer: its rows are image patches (LoraSlots.vision_batch)
 
     def resize(self, slots: int, keep: torch.Tensor) -> None:
         """``slots`` slots from now on, the first ``len(keep)`` holding the old slots ``keep``."""
@@ -78,7 +77,8 @@ class SlottedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        batch = self._owner[0].batch
+        owner = self._owner[0]
+        batch = owner.vision_batch if self.vision else owner.batch
         if batch is None:
             return y
         ab = batch.weights.get(id(self))
@@ -100,7 +100,8 @@ class LoraSlots:
         if slots < 1 or max_rank < 1:
             raise ValueError(f"need at least one slot and rank 1, got {slots} slots of rank {max_rank}")
         self.slots, self.max_rank = slots, max_rank
-        self.batch: _Batch | None = None
+        self.batch: _Batch | None = None  # the language model's rows
+        self.vision_batch: _Batch | None = None  # the vision tower's rows (patches of each image)
         self.layers: dict[str, SlottedLinear] = {}
         pattern = re.compile(targets)
         for name, module in list(model.named_modules()):
@@ -108,11 +109,15 @@ class LoraSlots:
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 slotted = SlottedLinear(module, slots, max_rank, self)
+                slotted.vision = ".visual." in f".{name}."
                 setattr(parent, child, slotted)
                 self.layers[name] = slotted
         if not self.layers:
             raise ValueError(f"no linear layer of the model matches {targets!r}")
         self.names: list[str | None] = [None] * slots  # adapter held by each slot
+        self.vision: set[str] = set()  # loaded adapters with weights in the vision tower
+        self._generation = 0  # bumped on every change of slot contents: cached batches are stale then
+        self._cached: tuple[tuple[int, ...], tuple[int, ...] | None, int, _Batch] | None = None
 
     # ------------------------------------------------------------------ slots
     def slot_of(self, name: str) -> int | None:
@@ -160,6 +165,10 @@ class LoraSlots:
                 layer.lora_A[slot, :rank].copy_(a)
                 layer.lora_B[slot, :, :rank].copy_(b * scaling)
         self.names[slot] = name
+        if any(".visual." in f".{layer_name}." for layer_name in pairs):
+            self.vision.add(name)
+        else:
+            self.vision.discard(name)
         return slot
 
     def unload(self, name: str) -> None:
@@ -168,6 +177,7 @@ class LoraSlots:
         if slot is not None:
             self._clear(slot)
             self.names[slot] = None
+            self.vision.discard(name)
 
     def resize(self, slots: int) -> None:
         """Hold ``slots`` adapters from now on; the loaded ones keep their weights (moved to the first slots)."""
@@ -179,8 +189,10 @@ class LoraSlots:
             layer.resize(slots, keep)
         self.names = [n for _, n in loaded] + [None] * (slots - len(loaded))
         self.slots = slots
+        self._generation += 1
 
     def _clear(self, slot: int) -> None:
+        self._generation += 1
         with torch.no_grad():
             for layer in self.layers.values():
                 layer.lora_A[slot].zero_()
@@ -188,16 +200,35 @@ class LoraSlots:
 
     # ---------------------------------------------------------------- batches
     @contextlib.contextmanager
-    def rows(self, adapters: Sequence[str | None]) -> Iterator[None]:
-        """Every forward inside applies row ``i``'s adapter (``None``: the base model) to row ``i``."""
+    def rows(self, adapters: Sequence[str | None], tokens: Sequence[int] | None = None) -> Iterator[None]:
+        """Every forward inside applies row ``i``'s adapter (``None``: the base model) to row ``i``.
+
+        With ``tokens``, the layers see flat ``[tokens, features]`` inputs (the vision tower's patches):
+        row ``i`` is the next ``tokens[i]`` of them. The gathered weights are kept while the same rows
+        come back (a running batch's decode steps) and the slots' contents do not change.
+        """
         missing = sorted({a for a in adapters if a is not None and a not in self.names})
         if missing:
             raise SlotError(f"adapters {missing} are not loaded")
-        slots = [self.names.index(a) if a is not None else -1 for a in adapters]
+        slots = tuple(self.names.index(a) if a is not None else -1 for a in adapters)
         used = sorted({s for s in slots if s >= 0})
         if not used:
             yield
             return
+        key = (slots, tuple(tokens) if tokens is not None else None, self._generation)
+        if self._cached is not None and self._cached[:3] == key:
+            batch = self._cached[3]
+        else:
+            batch = self._batch(slots, used, tokens)
+            self._cached = (*key, batch)
+        attr = "batch" if tokens is None else "vision_batch"
+        setattr(self, attr, batch)
+        try:
+            yield
+        finally:
+            setattr(self, attr, None)
+
+    def _batch(self, slots: tuple[int, ...], used: list[int], tokens: Sequence[int] | None) -> _Batch:
         first = next(iter(self.layers.values())).lora_A
         mask: torch.Tensor | None = None
         if len(set(slots)) > 1:  # several adapters, or adapters and the base model
@@ -208,8 +239,7 @@ class LoraSlots:
                 if s >= 0:
                     j = used.index(s)
                     mask[i, 0, j * self.max_rank : (j + 1) * self.max_rank] = 1.0
-        self.batch = _Batch(torch.tensor(used, device=first.device), mask)
-        try:
-            yield
-        finally:
-            self.batch = None
+            if tokens is not None:  # one mask row per token of each row
+                counts = torch.tensor(list(tokens), device=first.device)
+                mask = mask[:, 0].repeat_interleave(counts, dim=0)
+        return _Batch(torch.tensor(used, device=first.device), mask)

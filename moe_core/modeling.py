@@ -14,6 +14,7 @@ from moe_core.config import BUILTIN_TINY, BaseModelConfig
 __all__ = [
     "LM_TARGETS",
     "SERVED_TARGETS",
+    "VISION_TARGETS",
     "base_model_id",
     "load_model",
     "load_processor",
@@ -25,11 +26,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The language model's linears of Qwen3-VL: where the served LoRA adapters live (the engine mixes
-#: adapters per request row, which vision-tower LoRA cannot do: its rows are image patches).
+#: The language model's linears of Qwen3-VL.
 LM_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-#: Where served adapters may put LoRA weights: the language model's linears and the LM head.
-SERVED_TARGETS = LM_TARGETS + "|lm_head"
+#: The vision tower's linears (its blocks; not the patch merger), where an adapter may also adapt
+#: how the screen is seen: the engine applies them per image, so such adapters share mixed batches too.
+VISION_TARGETS = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(linear_fc1|linear_fc2))"
+#: Where served adapters may put LoRA weights: the language model's and the vision tower's linears
+#: and the LM head.
+SERVED_TARGETS = LM_TARGETS + "|" + VISION_TARGETS + "|lm_head"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

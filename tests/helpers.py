@@ -9,18 +9,19 @@ import torch
 from PIL import Image, ImageDraw
 
 from moe_core.config import BUILTIN_TINY, BaseModelConfig
-from moe_core.modeling import LM_TARGETS
+from moe_core.modeling import LM_TARGETS, VISION_TARGETS
 
 
-def make_lora(out: Path, seed: int, lm_head: bool = False, rank: int = 4) -> Path:
-    """Save a PEFT LoRA with random, non-zero A and B (so it changes the outputs) on the tiny model."""
+def make_lora(out: Path, seed: int, lm_head: bool = False, rank: int = 4, vision: bool = False) -> Path:
+    """Save a PEFT LoRA with random, non-zero A and B (so it changes the outputs) on the tiny model;
+    ``vision`` adapts the vision tower's linears too."""
     from peft import LoraConfig, get_peft_model
 
     from moe_core.modeling import load_model
 
     torch.manual_seed(seed)
     model = load_model(BaseModelConfig())
-    targets = LM_TARGETS + ("|lm_head" if lm_head else "")
+    targets = LM_TARGETS + ("|lm_head" if lm_head else "") + ("|" + VISION_TARGETS if vision else "")
     peft = get_peft_model(
         model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
     )

@@ -28,10 +28,12 @@ def test_mixed_adapter_batch_equals_solo_rows(engine: Engine) -> None:
     ]
     before = engine.forwards
     mixed = engine.generate(reqs)
-    assert engine.forwards == before + 1
+    assert engine.forwards - before <= 12  # one prefill and at most 11 decode steps, each for all rows
     assert {r.batch_size for r in mixed} == {6} and mixed[0].adapters_in_batch == 4
     solo = [engine.generate([r])[0] for r in reqs]
     assert [m.text for m in mixed] == [s.text for s in solo]
+    # and Hugging Face's own generate gives the same greedy text
+    assert [m.text for m in mixed] == [r.text for r in engine.generate_hf(reqs)]
     # the adapters really change the output (otherwise the equality above proves little)
     texts = {
         a: engine.generate([GenerationRequest(reqs[0].image, reqs[0].prompt, a)])[0].text for a in adapters

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.adapter_cache import AdapterCache, AdapterNotFound
+from deployments.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
 from moe_core.storage import Storage
 
 
@@ -56,5 +56,36 @@ def test_lru_eviction_single_flight_and_new_versions(tmp_path: Path) -> None:
         assert len(eng.loaded) == 1
         cache.forget("b")
         cache.forget("b")  # idempotent
+
+    asyncio.run(scenario())
+
+
+def test_adapters_with_running_rows_are_never_evicted_or_reloaded(tmp_path: Path) -> None:
+    """With continuous batching a load runs while other rows decode: it must not take their slots."""
+    st = Storage(str(tmp_path / "s"))
+    for n in ("a", "b", "c"):
+        _publish(st, tmp_path, n, "v1")
+    eng = RecordingEngine()
+    running: set[str] = set()
+    cache = AdapterCache(eng, st, capacity=2, refresh_interval_s=0.0, busy=lambda: set(running), wait_s=0.5)
+
+    async def scenario() -> None:
+        await cache.ensure(["a"])
+        await cache.ensure(["b"])
+        running.update({"a", "b"})
+        with pytest.raises(CacheBusy, match="all 2 adapter slots"):
+            await cache.ensure(["c"])  # waits for a slot, then gives up: a and b stay loaded
+        assert set(eng.loaded) == {"a", "b"}
+        _publish(st, tmp_path, "a", "v2")
+        await cache.ensure(["a"])  # a new version waits until a's rows are done
+        assert eng.loaded["a"] == "v1"
+        loading = asyncio.create_task(cache.ensure(["c"]))
+        await asyncio.sleep(0.05)
+        running.discard("b")  # b's rows finished: c takes its slot
+        await loading
+        assert set(eng.loaded) == {"a", "c"}
+        running.clear()
+        await cache.ensure(["a"])
+        assert eng.loaded["a"] == "v2"
 
     asyncio.run(scenario())

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import functools
 import io
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,13 @@ from deployments.routing import RoutingPolicy
 from deployments.schemas import BadInput, InferRequest
 from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings
 from moe_core.config import ConfigError, DeploymentConfig, EngineSettings, GatewayLive, LiveSettings
-from moe_core.engine import ClassifyResult, GenerationRequest, GenerationResult
+from moe_core.engine import ClassifyResult, GenerationRequest
+from moe_core.sampling import SamplingParams
+from moe_core.scheduler import Completion, Delta, Timings
 from moe_core.storage import Storage
 from moe_core.vision import PixelBounds
 
-#: One event loop for the module: @serve.batch keeps one queue per decorated method, bound to the loop
-#: it first ran on (a replica has one loop; these tests share one too).
+#: One event loop for the module (a replica has one loop; these tests share one too).
 _LOOP = asyncio.new_event_loop()
 
 
@@ -39,16 +40,6 @@ def on_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Non
     return run
 
 
-@pytest.fixture(autouse=True)
-def _outside_a_replica(monkeypatch: pytest.MonkeyPatch) -> None:
-    """@serve.batch reads the replica context only to warn about max_ongoing_requests; there is none here."""
-    from ray.serve import batching
-
-    monkeypatch.setattr(
-        batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None
-    )
-
-
 class FakeEngine:
     """Answers '<adapter>@<tag>:<prompt>' where tag is the loaded adapter file's content."""
 
@@ -58,30 +49,47 @@ class FakeEngine:
         self.path = path
         self.loaded: dict[str, str] = {}
         self.batches: list[list[str | None]] = []
+        self._pending: list[GenerationRequest] = []
+        self._last = (0, 0)
         self.classified = 0
         self.slots = (99, 16)
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        self.batches.append([r.adapter for r in requests])
-        n = len({r.adapter for r in requests})
-        return [GenerationResult(self._text(r), r.adapter, 1, len(requests), n, 0.0) for r in requests]
+    async def generate(
+        self, request: GenerationRequest, params: SamplingParams, *, request_id: str = ""
+    ) -> Completion:
+        """Requests that arrive together form one batch, as the scheduler's running batch does."""
+        self._pending.append(request)
+        await asyncio.sleep(0.001)
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self.batches.append([r.adapter for r in batch])
+            self._last = (len(batch), len({r.adapter for r in batch}))
+        rows, adapters = self._last
+        return Completion(self._text(request), "stop", 3, 1, rows, adapters, Timings(0.0, 0.0, 0.0, 0.0))
+
+    async def stream(
+        self, request: GenerationRequest, params: SamplingParams, *, request_id: str = ""
+    ) -> AsyncIterator[Delta]:
+        done = await self.generate(request, params, request_id=request_id)
+        half = len(done.text) // 2
+        yield Delta(done.text[:half])
+        yield Delta(done.text[half:], "stop", 3, 1, 1, 1, done.timings)
+
+    def in_use(self) -> set[str]:
+        return set()
 
     def _text(self, r: GenerationRequest) -> str:
         return f"{r.adapter}@{self.loaded.get(r.adapter or '', '-')}:{r.prompt}"
 
-    def classify(
-        self,
-        image: Image.Image,
-        prompt: str,
-        labels: Sequence[str],
-        adapter: str | None,
-        system_prompt: str = "",
-        bounds: PixelBounds | None = None,
+    async def classify(
+        self, request: GenerationRequest, labels: Sequence[str], *, request_id: str = ""
     ) -> ClassifyResult:
         self.classified += 1
         return self.verdict
 
-    def prompt_tokens(self, prompt: str, image_tokens: int, system_prompt: str | None = None) -> int:
+    def prompt_tokens(
+        self, prompt: str, image_tokens: int, system_prompt: str | None = None, turns: Sequence[Any] = ()
+    ) -> int:
         return len(prompt.split()) + image_tokens
 
     def load_adapter(self, name: str, path: str | Path) -> None:
@@ -138,7 +146,7 @@ def store(tmp_path: Path) -> Storage:
 def _dynamic(store: Storage, configure: bool = True) -> tuple[DynamicLoRA, FakeEngine]:
     engine = FakeEngine()
 
-    def factory(settings: EngineSettings, path: Path | None, name: str) -> FakeEngine:
+    def factory(settings: EngineSettings, path: Path | None, name: str, rows: int, queue: int) -> FakeEngine:
         return engine
 
     d = DynamicLoRA(DynamicSettings.of(CFG), engine_factory=factory, storage=store)
@@ -155,7 +163,7 @@ async def test_dynamic_batches_mixed_adapters_into_one_forward(store: Storage) -
     )
     assert [a.text for a in answers] == ["calendar@v1:a", "login-window@v1:b", "None@-:c"]
     assert all(isinstance(a, Answer) and a.mode == "dynamic" for a in answers)
-    assert engine.batches == [["calendar", "login-window", None]]  # one forward
+    assert [set(b) for b in engine.batches] == [{"calendar", "login-window", None}]  # one forward
     assert answers[0].version == store.current_version("expert", "calendar") and answers[2].version is None
     assert d.stats().max_adapters_in_one_forward == 3
 
@@ -273,7 +281,7 @@ async def test_route_answers_in_place_only_when_the_decision_is_dynamic(store: S
 async def test_merged_waits_for_a_version_then_serves_it(store: Storage, tmp_path: Path) -> None:
     engines: list[FakeEngine] = []
 
-    def factory(settings: EngineSettings, path: Path | None, name: str) -> FakeEngine:
+    def factory(settings: EngineSettings, path: Path | None, name: str, rows: int, queue: int) -> FakeEngine:
         engines.append(FakeEngine(path))
         return engines[-1]
 
@@ -336,7 +344,7 @@ async def test_gateway_routes_to_merged_and_rejects_when_unsure(store: Storage, 
     d, engine = _dynamic(store)
     _publish(store, tmp_path, "merged", "calendar", "m1")
     merged = MergedModel(
-        MergedSettings.of(CFG, "calendar"), engine_factory=lambda s, p, n: FakeEngine(p), storage=store
+        MergedSettings.of(CFG, "calendar"), engine_factory=lambda s, p, n, r, q: FakeEngine(p), storage=store
     )
     r = await _gateway(d, FakeHandle(merged))._infer(_req())
     assert (r.mode, r.adapter, r.routed_via, r.confidence) == ("merged", "calendar", "router", 0.9)

@@ -3,22 +3,63 @@ here only.
 
 No model and no GPU. The image is decoded once to validate it and forwarded as bytes, crossing each
 hop once; a request is generated exactly once (merged, or dynamic, or dynamic after a merged failure).
+Two APIs over the same deployments: ``POST /infer`` (one screenshot, one instruction) and the
+OpenAI-compatible ``/v1`` (:mod:`deployments.openai_api`: chat completions, streamed or not, and the
+model list), each with its own error shape.
 """
 
 import asyncio
 import dataclasses
 import os
 import time
-from typing import Any
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.messages import Answer, DynamicStats, MergedStatus, Query, RouteRequest, RouteResult
+from deployments.messages import (
+    Answer,
+    Chunk,
+    DynamicStats,
+    MergedStatus,
+    Query,
+    RouteRequest,
+    RouteResult,
+)
 from deployments.observability import GatewayMetrics, RequestTrace, current_request_id, request_logger
+from deployments.openai_api import (
+    DONE,
+    ApiError,
+    ApiKeyMiddleware,
+    ApiKeys,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChunkWriter,
+    CompletionUsage,
+    Conversation,
+    ErrorResponse,
+    ModelCard,
+    ModelChoice,
+    ModelList,
+    MoeInfo,
+    build_conversation,
+    chat_completion,
+    check_request,
+    completion_id,
+    model_list,
+    moe_headers,
+    on_refused,
+    resolve_model,
+    routing_available,
+    set_api_keys,
+    validation_error,
+)
 from deployments.routing import RoutedVia, RoutingPolicy, Target
 from deployments.schemas import (
     AdapterStatus,
@@ -40,17 +81,32 @@ logger = request_logger("gateway")
 
 api = FastAPI(
     title="moe-inference-server",
-    description="Many LoRA experts of one vision-language model: merged, dynamic and routed.",
+    description="Many LoRA experts of one vision-language model: merged, dynamic and routed. `POST /infer`, "
+    "and the OpenAI-compatible `/v1/chat/completions` and `/v1/models` (the model is an expert adapter, "
+    "the base model or the routed model `auto`).",
     version="0.1.0",
 )
+api.add_middleware(ApiKeyMiddleware)
+#: OpenAI's error shape, for the OpenAPI schema of the /v1 routes.
+_V1_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)
+}
 
 
 class ServiceUnavailable(RuntimeError):
-    """No deployment can answer (503); ``reason`` is a short label for metrics (timeout, error, ...)."""
+    """No deployment can answer (503); ``reason`` is a short label for metrics (timeout, error, ...);
+    ``overloaded`` (a deployment's queue is full) is a 429 on the /v1 routes."""
 
     def __init__(self, message: str, reason: str = "unavailable") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ChunkStream(Protocol):
+    """A streaming handle call's chunks (Serve's ``DeploymentResponseGenerator``)."""
+
+    def __anext__(self) -> Any: ...
+    def cancel(self) -> None: ...
 
 
 #: The replica's gateway metrics, for the request-validation handler (which sees no Gateway instance).
@@ -58,8 +114,13 @@ _METRICS: list[GatewayMetrics] = []
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
+    if "/v1/" in request.url.path:  # the OpenAI API: a 400 in OpenAI's shape, naming the field
+        trace = RequestTrace(current_request_id(), api=_api_label(request.url.path))
+        for metrics in _METRICS:
+            metrics.record(trace, 400)
+        return validation_error(list(errors)).response()
     first = errors[0] if errors else {"loc": ["body"], "msg": "invalid request"}
     loc = [str(x) for x in first.get("loc", []) if x != "body"]
     field = ".".join(loc) or "body"
@@ -120,6 +181,77 @@ def _first_line(e: BaseException) -> str:
     return text[-1] if text else ""
 
 
+def _translated(e: BaseException) -> BadInput | ServiceUnavailable:
+    """What a deployment call raised, as the gateway reports it: the request's own fault (a 4xx found where
+    the model is), a full queue, or the callee failing (model missing, replica died, bad adapter)."""
+    cause = getattr(e, "cause", e)  # a RayTaskError carries what the deployment raised
+    if isinstance(cause, BadInput):
+        return cause
+    # Serve's full handle queue, or the engine's (moe_core.scheduler.QueueFull, named here: that module
+    # imports torch, which the gateway does not)
+    if isinstance(cause, BackPressureError) or type(cause).__name__ == "QueueFull":
+        return ServiceUnavailable(f"overloaded: {_first_line(cause)}", "overloaded")
+    return ServiceUnavailable(f"{type(e).__name__}: {_first_line(e)}", "error")
+
+
+def _api_error(e: ApiError | BadInput | ServiceUnavailable) -> ApiError:
+    """Any failure of a /v1 request in OpenAI's terms."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, BadInput):
+        return ApiError.of(e)
+    if e.reason == "overloaded":
+        return ApiError(429, str(e), None, "overloaded")
+    return ApiError(503, str(e), None, "timeout" if e.reason == "timeout" else "unavailable")
+
+
+def _api_label(path: str) -> str:
+    """The ``api`` label of a request's metrics."""
+    if "/v1/chat/" in path:
+        return "chat"
+    if "/v1/" in path:
+        return "models"
+    return "infer"
+
+
+def _request_id() -> str:
+    return current_request_id() or uuid.uuid4().hex
+
+
+class _Answered:
+    """A stream that has nothing after its first chunk (an answer the routing hop gave in place)."""
+
+    async def __anext__(self) -> Chunk:
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        pass
+
+
+def _whole(answer: Answer) -> Chunk:
+    """A whole answer as the one and last chunk of a stream."""
+    return Chunk(
+        answer.text,
+        answer.adapter,
+        answer.mode,
+        answer.version,
+        answer.finish_reason,
+        answer.prompt_tokens,
+        answer.completion_tokens,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    """Who answers a chat request, and how that was decided."""
+
+    adapter: str | None
+    target: Target
+    via: RoutedVia
+    confidence: float | None = None
+    answer: Answer | None = None  # the routing hop's answer, when it answered in place
+
+
 class Gateway:
     """The gateway's logic; :data:`GatewayIngress` is this class bound to the FastAPI app for Serve
     (kept apart so the logic is unit-tested without Serve, on fake deployment handles)."""
@@ -137,6 +269,8 @@ class Gateway:
         self.started_at = time.time()
         self.metrics = GatewayMetrics()
         _METRICS[:] = [self.metrics]
+        set_api_keys(ApiKeys.of(settings.api))  # refuses to start when keys are on and none is found
+        on_refused(self._refused)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live settings from `serve deploy`; validated, then swapped in one assignment."""
@@ -147,6 +281,12 @@ class Gateway:
         if unknown:
             raise ConfigError(
                 f"Gateway user_config: router labels name adapters {unknown} that no deployment serves"
+            )
+        shadowed = sorted(policy.experts & {s.api.routed_model_name, s.base_model_name})
+        if shadowed:
+            raise ConfigError(
+                f"Gateway user_config: dynamic_adapters: {shadowed} is also the name of the base or the routed "
+                "model in the OpenAI API (api.base_model_name, api.routed_model_name); rename one"
             )
         self._policy = policy
         logger.info("gateway: reconfigured: %s", live.model_dump())
@@ -196,6 +336,25 @@ class Gateway:
             trace.adapter = adapter
             target = policy.target(adapter, req.prefer_merged)
             return await self._answer(policy, adapter, target, query, image, "explicit", None, trace)
+        routed = await self._route(policy, query, req.prefer_merged, trace)
+        d = routed.decision
+        c = d.classification
+        if routed.answer is not None:
+            return _response(routed.answer, image, d.routed_via, c.confidence, trace)
+        return await self._answer(
+            policy, d.adapter, d.target, query, image, d.routed_via, c.confidence, trace
+        )
+
+    async def _route(
+        self,
+        policy: RoutingPolicy,
+        query: Query,
+        prefer_merged: bool | None,
+        trace: RequestTrace,
+        answer_in_place: bool = True,
+    ) -> RouteResult:
+        """Classify on the dynamic deployment and decide (answered there when the decision is dynamic and
+        ``answer_in_place``); a rejection below the threshold is raised as the 422 naming candidates."""
         if self.dynamic is None:
             raise ServiceUnavailable(
                 "routing needs the dynamic deployment, which is disabled; name an expert"
@@ -203,9 +362,8 @@ class Gateway:
         if not policy.labels:
             raise BadInput("expert", "no router labels are configured; name an expert")
         t0 = time.perf_counter()
-        routed: RouteResult = await self._call(
-            self.dynamic.route.remote(RouteRequest(query, policy, req.prefer_merged))
-        )
+        request = RouteRequest(query, policy, prefer_merged, answer_in_place)
+        routed: RouteResult = await self._call(self.dynamic.route.remote(request))
         trace.route_s = time.perf_counter() - t0
         d = routed.decision
         c = d.classification
@@ -214,11 +372,7 @@ class Gateway:
         self.metrics.routed(c.label, c.confidence, outcome, below=d.routed_via == "router-below-threshold")
         if d.action == "reject":
             raise d.rejection(policy.live.confidence_threshold)
-        if routed.answer is not None:
-            return _response(routed.answer, image, d.routed_via, c.confidence, trace)
-        return await self._answer(
-            policy, d.adapter, d.target, query, image, d.routed_via, c.confidence, trace
-        )
+        return routed
 
     def _query(self, req: InferRequest, trace: RequestTrace) -> tuple[Query, ImagePlan]:
         """Decode and check the image; resolve the pixels the model sees of it and what they cost in tokens."""
@@ -260,34 +414,43 @@ class Gateway:
         trace: RequestTrace,
     ) -> InferResponse:
         """Generate on ``target``, once; a failed merged deployment falls back to dynamic when allowed."""
+        out, fallback = await self._generate(policy, adapter, target, query, trace)
+        return _response(out, image, via, confidence, trace, fallback=fallback)
+
+    async def _generate(
+        self, policy: RoutingPolicy, adapter: str | None, target: Target, query: Query, trace: RequestTrace
+    ) -> tuple[Answer, bool]:
+        """The answer from ``target``, generated once, and whether it is a fallback from merged."""
         t0 = time.perf_counter()
         try:
             if target == "merged":
                 assert adapter is not None
                 try:
-                    out = await self._call(self.merged[adapter].generate.remote(query))
-                    return _response(out, image, via, confidence, trace)
+                    return await self._call(self.merged[adapter].generate.remote(query)), False
                 except ServiceUnavailable as e:
-                    if not policy.live.fallback_to_dynamic or self.dynamic is None:
-                        raise
-                    trace.fallback = e.reason
-                    self.metrics.fallbacks.inc(tags={"adapter": adapter, "reason": e.reason})
-                    logger.warning(
-                        "gateway: %s: merged %s failed (%s); answering from dynamic",
-                        query.request_id,
-                        adapter,
-                        e,
-                    )
-                    out = await self._call(self.dynamic.generate.remote(query, adapter))
-                    return _response(out, image, via, confidence, trace, fallback=True)
-            if self.dynamic is None:
-                raise ServiceUnavailable(
-                    f"adapter {adapter!r} has no merged deployment and dynamic is disabled"
-                )
-            out = await self._call(self.dynamic.generate.remote(query, adapter))
-            return _response(out, image, via, confidence, trace)
+                    dynamic = self._fall_back(policy, adapter, query, e, trace)
+                    return await self._call(dynamic.generate.remote(query, adapter)), True
+            return await self._call(self._dynamic(adapter).generate.remote(query, adapter)), False
         finally:
             trace.answer_s = time.perf_counter() - t0
+
+    def _dynamic(self, adapter: str | None) -> DeploymentHandle:
+        if self.dynamic is None:
+            raise ServiceUnavailable(f"adapter {adapter!r} has no merged deployment and dynamic is disabled")
+        return self.dynamic
+
+    def _fall_back(
+        self, policy: RoutingPolicy, adapter: str, query: Query, e: ServiceUnavailable, trace: RequestTrace
+    ) -> DeploymentHandle:
+        """The dynamic deployment, to answer for a failed merged one; re-raises ``e`` when not allowed."""
+        if not policy.live.fallback_to_dynamic or self.dynamic is None:
+            raise e
+        trace.fallback = e.reason
+        self.metrics.fallbacks.inc(tags={"adapter": adapter, "reason": e.reason})
+        logger.warning(
+            "gateway: %s: merged %s failed (%s); answering from dynamic", query.request_id, adapter, e
+        )
+        return self.dynamic
 
     async def _call(self, response: Any, timeout_s: float | None = None) -> Any:
         """Await a deployment call; a failure or a timeout of the callee becomes ServiceUnavailable."""
@@ -297,11 +460,224 @@ class Gateway:
         except TimeoutError as e:
             response.cancel()  # never left running: a request is generated at most once
             raise ServiceUnavailable(f"no answer within {timeout_s:.0f}s", "timeout") from e
-        except Exception as e:  # the callee failed: model missing, replica died, bad adapter
-            cause = getattr(e, "cause", e)  # a RayTaskError carries what the deployment raised
-            if isinstance(cause, BadInput):  # the request's own fault, found where the model is (4xx)
-                raise cause from e
-            raise ServiceUnavailable(f"{type(e).__name__}: {_first_line(e)}", "error") from e
+        except Exception as e:  # the callee failed, or refused the request (4xx)
+            raise _translated(e) from e
+
+    # ------------------------------------------------------------ OpenAI API
+    @api.get("/v1/models", response_model=ModelList, responses=_V1_ERRORS)
+    async def list_models(self) -> Any:
+        """The base model, every expert adapter and the routed model (OpenAI's model list)."""
+        try:
+            policy = self.policy
+        except ServiceUnavailable as e:
+            return _api_error(e).response()
+        return model_list(policy, self.settings, self._routing(policy), int(self.started_at))
+
+    @api.get("/v1/models/{model:path}", response_model=ModelCard, responses=_V1_ERRORS)
+    async def retrieve_model(self, model: str) -> Any:
+        try:
+            policy = self.policy
+            resolve_model(model, policy, self.settings, self._routing(policy))
+        except (ApiError, ServiceUnavailable) as e:
+            return _api_error(e).response()
+        cards = model_list(policy, self.settings, self._routing(policy), int(self.started_at)).data
+        return next(c for c in cards if c.id == model)
+
+    @api.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses=_V1_ERRORS | {200: {"content": {"text/event-stream": {}}}},
+    )
+    async def chat_completions(self, req: ChatCompletionRequest) -> Any:
+        """OpenAI's chat completion: streamed as Server-Sent Events with ``stream: true``."""
+        trace = RequestTrace(_request_id(), api="chat")
+        try:
+            if req.stream:
+                return await self._chat_stream(req, trace)  # the stream records its own metrics
+            response: Any = await self._chat(req, trace)
+            status = 200
+        except (ApiError, BadInput, ServiceUnavailable) as e:
+            err = _api_error(e)
+            status, response = err.status, err.response()
+        self.metrics.record(trace, status)
+        return response
+
+    def _routing(self, policy: RoutingPolicy) -> bool:
+        return routing_available(policy, self.settings, self.dynamic is not None)
+
+    async def _conversation(
+        self, req: ChatCompletionRequest, trace: RequestTrace
+    ) -> tuple[RoutingPolicy, ModelChoice, Conversation]:
+        """Check the request, resolve its model and convert its messages (images decoded once, here)."""
+        check_request(req)
+        policy = self.policy  # one snapshot per request, even across a reconfigure
+        choice = resolve_model(req.model, policy, self.settings, self._routing(policy))
+        trace.adapter = choice.adapter or "none"
+        conv = await build_conversation(
+            req, self.settings, trace.request_id, needs_image=choice.kind == "routed"
+        )
+        trace.pixels = sum(p.width * p.height for p in conv.images)
+        trace.image_tokens = conv.query.image_tokens
+        return policy, choice, conv
+
+    async def _decide(
+        self,
+        policy: RoutingPolicy,
+        choice: ModelChoice,
+        query: Query,
+        prefer_merged: bool | None,
+        trace: RequestTrace,
+        stream: bool,
+    ) -> _Route:
+        """Who answers: the named adapter, the base model, or the routing adapter's choice."""
+        if choice.kind == "adapter":
+            trace.routed_via = "explicit"
+            return _Route(choice.adapter, policy.target(choice.adapter, prefer_merged), "explicit")
+        if choice.kind == "base":
+            trace.routed_via = "explicit"
+            return _Route(None, "dynamic", "explicit")
+        trace.routed_via = "router"
+        routed = await self._route(policy, query, prefer_merged, trace, answer_in_place=not stream)
+        d = routed.decision
+        return _Route(d.adapter, d.target, d.routed_via, d.classification.confidence, routed.answer)
+
+    def _info(
+        self, trace: RequestTrace, route: _Route, conv: Conversation, out: Answer | Chunk, fallback: bool
+    ) -> MoeInfo:
+        """The ``moe`` object, and the trace's record of who answered."""
+        trace.adapter = out.adapter or "base"
+        trace.mode = out.mode if out.adapter else "base"
+        return MoeInfo(
+            request_id=trace.request_id,
+            adapter=out.adapter,
+            mode=out.mode,
+            routed_via=route.via,
+            confidence=route.confidence,
+            fallback=fallback,
+            merged_version=out.version if out.mode == "merged" else None,
+            images=conv.image_info,
+        )
+
+    async def _chat(self, req: ChatCompletionRequest, trace: RequestTrace) -> JSONResponse:
+        policy, choice, conv = await self._conversation(req, trace)
+        route = await self._decide(policy, choice, conv.query, req.prefer_merged, trace, stream=False)
+        out, fallback = route.answer, False
+        if out is None:
+            out, fallback = await self._generate(policy, route.adapter, route.target, conv.query, trace)
+        info = self._info(trace, route, conv, out, fallback)
+        trace.prompt_tokens, trace.completion_tokens = out.prompt_tokens, out.completion_tokens
+        usage = CompletionUsage.of(out.prompt_tokens, out.completion_tokens)
+        body = chat_completion(req.model, out.text, out.finish_reason, usage, info)
+        return JSONResponse(body.model_dump(mode="json"), headers=moe_headers(info))
+
+    async def _chat_stream(self, req: ChatCompletionRequest, trace: RequestTrace) -> StreamingResponse:
+        """Route, then wait for the first chunk (a failure until then is an ordinary error response, and
+        a merged deployment down by then falls back); the rest streams as Server-Sent Events."""
+        policy, choice, conv = await self._conversation(req, trace)
+        route = await self._decide(policy, choice, conv.query, req.prefer_merged, trace, stream=True)
+        t0 = time.perf_counter()
+        if route.answer is not None:  # the routing hop answered in place: one chunk
+            stream: ChunkStream = _Answered()
+            first, fallback = _whole(route.answer), False
+        else:
+            stream, first, fallback = await self._open_stream(policy, route, conv.query, trace)
+        info = self._info(trace, route, conv, first, fallback)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        writer = ChunkWriter(completion_id(trace.request_id), int(time.time()), req.model, include_usage)
+        events = self._events(writer, info, first, stream, trace, t0)
+        headers = moe_headers(info) | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    async def _open_stream(
+        self, policy: RoutingPolicy, route: _Route, query: Query, trace: RequestTrace
+    ) -> tuple[ChunkStream, Chunk, bool]:
+        """Start streaming from the route's target: the stream, its first chunk, and whether it fell back."""
+        adapter = route.adapter
+        if route.target == "merged":
+            assert adapter is not None
+            try:
+                return (
+                    *await self._first(self.merged[adapter].options(stream=True).stream.remote(query)),
+                    False,
+                )
+            except ServiceUnavailable as e:  # nothing was sent yet: answered once, by dynamic
+                dynamic = self._fall_back(policy, adapter, query, e, trace)
+                return (*await self._first(dynamic.options(stream=True).stream.remote(query, adapter)), True)
+        handle = self._dynamic(adapter).options(stream=True)
+        return (*await self._first(handle.stream.remote(query, adapter)), False)
+
+    async def _first(self, response: Any) -> tuple[ChunkStream, Chunk]:
+        """A streaming call (``handle.options(stream=True).stream.remote(...)``) and its first chunk."""
+        stream: ChunkStream = response
+        try:
+            first = await self._next(stream)
+        except BaseException:
+            stream.cancel()
+            raise
+        if first is None:
+            raise ServiceUnavailable("the stream ended before its first chunk")
+        return stream, first
+
+    async def _next(self, stream: ChunkStream) -> Chunk | None:
+        """The next chunk (None at the end), within the per-hop timeout."""
+        timeout_s = self.settings.request_timeout_s
+        try:
+            chunk: Chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+            return chunk
+        except StopAsyncIteration:
+            return None
+        except TimeoutError as e:
+            raise ServiceUnavailable(f"no chunk within {timeout_s:.0f}s", "timeout") from e
+        except Exception as e:
+            raise _translated(e) from e
+
+    async def _events(
+        self,
+        writer: ChunkWriter,
+        info: MoeInfo,
+        first: Chunk,
+        stream: ChunkStream,
+        trace: RequestTrace,
+        started: float,
+    ) -> AsyncIterator[str]:
+        """The Server-Sent Events of one answer: role, text deltas, finish reason, usage, ``[DONE]``; an
+        error after the first chunk is an error event before ``[DONE]`` (the answer is never restarted)."""
+        status, chunk, done = 500, first, False
+        try:
+            yield writer.role(info)
+            while True:
+                if chunk.text:
+                    yield writer.content(chunk.text)
+                trace.prompt_tokens, trace.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                if chunk.finish_reason is not None:
+                    done = True
+                    break
+                nxt = await self._next(stream)
+                if nxt is None:
+                    raise ServiceUnavailable("the stream ended without a finish reason")
+                chunk = nxt
+            yield writer.finish(chunk.finish_reason)
+            if writer.include_usage:
+                yield writer.usage(CompletionUsage.of(chunk.prompt_tokens, chunk.completion_tokens))
+            status = 200
+        except (BadInput, ServiceUnavailable) as e:
+            err = _api_error(e)
+            status = err.status
+            logger.warning("gateway: %s: stream failed after its first chunk: %s", trace.request_id, e)
+            yield writer.error(err)
+        except (asyncio.CancelledError, GeneratorExit):
+            status = 499  # the client went away
+            raise
+        finally:
+            if not done:
+                stream.cancel()  # never left generating for nobody
+            trace.answer_s = time.perf_counter() - started
+            self.metrics.record(trace, status)
+        yield DONE
+
+    def _refused(self, path: str, status: int) -> None:
+        """Count a request the API-key middleware refused."""
+        self.metrics.record(RequestTrace(current_request_id(), api=_api_label(path)), status)
 
     def check_health(self) -> None:
         """Unhealthy until the live settings arrive (a Serve config without user_config shows here)."""

@@ -6,7 +6,9 @@
 ``--out``/``--check`` name the directory holding rayservice.yaml, rayjob-merge.yaml and podmonitor.yaml;
 one invocation writes (or checks) all three. The two manifests are built from the same pieces (image, env with the Hugging
 Face token secret, the shared volume, the H100 node selector and GPU toleration, rayVersion), so they
-cannot drift apart.
+cannot drift apart. With API keys on in the config (``api.key_file``/``api.key_env``), every RayService
+pod gets them from the Secret ``moe-api-keys`` (a mounted folder, so a rotated key applies without a
+restart; an environment variable for ``key_env``); the Secret itself is never in the repository.
 
 Sizing assumptions (Qwen3-VL-8B-Instruct in bf16 on H100 80 GB): ~17 GB of weights per replica, one
 replica per GPU; worker pods of 1 GPU, 12 CPUs and 96 GiB of memory (model load, image decoding,
@@ -36,6 +38,10 @@ IMAGE = "ghcr.io/moe-inference-server/moe-inference-server:0.1.0"
 APP_DIR = "/home/ray/app"  # the image's WORKDIR; config/ is copied there (Dockerfile)
 STORAGE_CLAIM = "moe-storage"
 HF_SECRET = "hf-token"
+#: The Secret holding the API keys (one per line under the data key named by api.key_file's file name).
+API_KEY_SECRET = "moe-api-keys"
+#: Its data key for api.key_env.
+API_KEY_ENV_KEY = "key"
 H100_LABEL = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 # An fp32 merge of the 8B model holds ~33 GB of weights in host memory while loading: its worker gets
@@ -65,6 +71,26 @@ def _storage(cfg: DeploymentConfig) -> tuple[list[dict[str, Any]], list[dict[str
     volumes = [{"name": "storage", "persistentVolumeClaim": {"claimName": STORAGE_CLAIM}}]
     mounts = [{"name": "storage", "mountPath": mount}]
     return volumes, mounts
+
+
+Volumes = tuple[list[dict[str, Any]], list[dict[str, Any]]]
+
+
+def _api_keys(cfg: DeploymentConfig) -> Volumes:
+    """The API-key Secret as a read-only folder at api.key_file's parent (no subPath: updates reach it)."""
+    if cfg.api.key_file is None:
+        return [], []
+    folder = str(PurePath(cfg.api.key_file).parent)
+    volume = {"name": "api-keys", "secret": {"secretName": API_KEY_SECRET, "optional": False}}
+    return [volume], [{"name": "api-keys", "mountPath": folder, "readOnly": True}]
+
+
+def _api_key_env(cfg: DeploymentConfig) -> list[dict[str, Any]]:
+    """api.key_env from the Secret (required: a pod without its key does not start)."""
+    if cfg.api.key_env is None:
+        return []
+    ref = {"name": API_KEY_SECRET, "key": API_KEY_ENV_KEY, "optional": False}
+    return [{"name": cfg.api.key_env, "valueFrom": {"secretKeyRef": ref}}]
 
 
 def _env(*extra: dict[str, Any]) -> list[dict[str, Any]]:
@@ -107,9 +133,11 @@ def _head_group(
     resources: Resources,
     env: list[dict[str, Any]],
     ports: list[dict[str, Any]] | None = None,
+    extra: Volumes = ([], []),
 ) -> dict[str, Any]:
     """The head runs no replicas or tasks (num-cpus 0): only the GCS, dashboard and job server."""
     volumes, mounts = _storage(cfg)
+    volumes, mounts = volumes + extra[0], mounts + extra[1]
     return {
         "rayStartParams": {
             "num-cpus": "0",
@@ -131,9 +159,11 @@ def _worker_group(
     min_replicas: int,
     max_replicas: int,
     shm: str | None = None,
+    extra: Volumes = ([], []),
 ) -> dict[str, Any]:
     """One worker group; with GPUs its pods go to the H100 nodes (node selector, taint toleration)."""
     volumes, mounts = _storage(cfg)
+    volumes, mounts = volumes + extra[0], mounts + extra[1]
     if shm:
         volumes = [*volumes, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}}]
         mounts = [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}]
@@ -161,7 +191,9 @@ def min_gpu_replicas(cfg: DeploymentConfig) -> int:
 
 
 def rayservice(cfg: DeploymentConfig, name: str = NAME) -> dict[str, Any]:
-    env = _env({"name": "RAY_SERVE_ENABLE_TASK_EVENTS", "value": "0"})
+    """The serving cluster; the gateway may run on any of its pods, so each gets the API keys."""
+    env = _env({"name": "RAY_SERVE_ENABLE_TASK_EVENTS", "value": "0"}, *_api_key_env(cfg))
+    keys = _api_keys(cfg)
     ports = [
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": 8265, "name": "dashboard"},
@@ -178,6 +210,7 @@ def rayservice(cfg: DeploymentConfig, name: str = NAME) -> dict[str, Any]:
         min_replicas=min_gpu_replicas(cfg),
         max_replicas=max_gpu_replicas(cfg),
         shm="16Gi",
+        extra=keys,
     )
     return {
         "apiVersion": "ray.io/v1",
@@ -191,7 +224,7 @@ def rayservice(cfg: DeploymentConfig, name: str = NAME) -> dict[str, Any]:
                 "rayVersion": ray.__version__,
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 600},
-                "headGroupSpec": _head_group(cfg, _resources(4, "16Gi"), env, ports),
+                "headGroupSpec": _head_group(cfg, _resources(4, "16Gi"), env, ports, keys),
                 "workerGroupSpecs": [gpu_worker],
             },
         },

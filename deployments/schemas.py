@@ -23,6 +23,7 @@ __all__ = [
     "decode_image",
     "error_body",
     "open_image",
+    "verify_image",
 ]
 
 #: Which deployment generated an answer.
@@ -130,23 +131,33 @@ class AdapterStatus(BaseModel):
     router_labels: list[int] = Field(description="Router labels that select it.")
 
 
-def decode_image(data: str, *, max_bytes: int, max_pixels: int) -> tuple[bytes, Image.Image]:
-    """Decode base64 (or a data URL) into image bytes and a verified PIL image; raise :class:`BadInput`."""
+def decode_image(
+    data: str, *, max_bytes: int, max_pixels: int, field: str = "image_b64"
+) -> tuple[bytes, Image.Image]:
+    """Decode base64 (or a data URL) into image bytes and a verified PIL image; raise :class:`BadInput`
+    naming ``field``."""
     raw_b64 = _DATA_URL.sub("", data.strip(), count=1)
     if len(raw_b64) > (max_bytes * 4) // 3 + 8:
-        raise BadInput("image_b64", f"image is larger than {max_bytes} bytes", 413)
+        raise BadInput(field, f"image is larger than {max_bytes} bytes", 413)
     try:
         raw = base64.b64decode(raw_b64, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise BadInput("image_b64", f"not valid base64: {e}") from e
+        raise BadInput(field, f"not valid base64: {e}") from e
+    return raw, verify_image(raw, max_bytes=max_bytes, max_pixels=max_pixels, field=field)
+
+
+def verify_image(raw: bytes, *, max_bytes: int, max_pixels: int, field: str = "image_b64") -> Image.Image:
+    """Image file bytes to a verified, loaded PIL image; raise :class:`BadInput` naming ``field``."""
     if not raw:
-        raise BadInput("image_b64", "empty image")
+        raise BadInput(field, "empty image")
+    if len(raw) > max_bytes:
+        raise BadInput(field, f"image is larger than {max_bytes} bytes", 413)
     try:
         with Image.open(io.BytesIO(raw)) as probe:
             w, h = probe.size
             if w * h > max_pixels:
                 raise BadInput(
-                    "image_b64", f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}", 413
+                    field, f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}", 413
                 )
             probe.verify()
         image = Image.open(io.BytesIO(raw))
@@ -154,8 +165,8 @@ def decode_image(data: str, *, max_bytes: int, max_pixels: int) -> tuple[bytes, 
     except BadInput:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadInput("image_b64", f"bytes are not a readable image: {e}") from e
-    return raw, image
+        raise BadInput(field, f"bytes are not a readable image: {e}") from e
+    return image
 
 
 def open_image(data: bytes) -> Image.Image:

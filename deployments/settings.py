@@ -13,6 +13,7 @@ from pydantic import Field
 
 from moe_core.config import (
     AdapterName,
+    ApiConfig,
     BatchingConfig,
     DeploymentConfig,
     EngineSettings,
@@ -30,7 +31,8 @@ class ModelSettings(StrictModel):
     engine: EngineSettings = Field(description="Model and generation settings.")
     storage: StorageConfig = Field(description="Shared storage the deployment reads from.")
     batching: BatchingConfig = Field(description="Batch forming and storage refresh.")
-    max_batch_size: int = Field(ge=1, description="Largest batch one forward runs.")
+    max_batch_size: int = Field(ge=1, description="Most requests decoding at once (rows of one forward).")
+    max_queued_requests: int = Field(ge=0, description="Requests queued beyond those; more get a 503.")
 
     @staticmethod
     def common(cfg: DeploymentConfig, section: BatchingConfig) -> dict[str, Any]:
@@ -44,6 +46,7 @@ class ModelSettings(StrictModel):
             "storage": cfg.storage,
             "batching": batching,
             "max_batch_size": cfg.limits.max_batch_size,
+            "max_queued_requests": cfg.limits.max_queued_requests,
         }
 
 
@@ -84,6 +87,11 @@ class GatewaySettings(StrictModel):
     limits: LimitsConfig = Field(description="Request limits checked at the gateway.")
     image_factor: int = Field(ge=1, description="Side of one image token in pixels (patch x spatial merge).")
     request_timeout_s: float = Field(gt=0, description="Per-hop timeout for a request.")
+    api: ApiConfig = Field(description="The OpenAI-compatible API: model names, image limits, API keys.")
+    base_model_name: str = Field(description="The base model's id in the OpenAI-compatible API.")
+    base_model_id: str = Field(description="The base model as the config names it (base_model.id).")
+    storage_url: str = Field(description="Storage root: where /v1/models says each adapter is stored.")
+    router: AdapterName | None = Field(description="The routing adapter; None: no routed model.")
 
     @classmethod
     def of(cls, cfg: DeploymentConfig) -> GatewaySettings:
@@ -96,4 +104,9 @@ class GatewaySettings(StrictModel):
             limits=cfg.limits,
             image_factor=cfg.engine.image_factor,
             request_timeout_s=cfg.gateway.request_timeout_s,
+            api=cfg.api,
+            base_model_name=cfg.api_base_model_name,
+            base_model_id=cfg.base_model.id,
+            storage_url=cfg.storage.url,
+            router=cfg.router.adapter,
         )

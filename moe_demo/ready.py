@@ -1,4 +1,5 @@
-"""Wait for the service to answer, then print a ready-to-paste curl line with a demo screenshot.
+"""Wait for the service to answer, then print a ready-to-paste curl line and an OpenAI SDK example, both
+with a demo screenshot.
 
 Run beside `serve run` by `make serve`.
 """
@@ -15,6 +16,27 @@ from pathlib import Path
 
 import requests
 
+#: The OpenAI SDK example `make serve` writes beside the curl request (``{url}``, ``{png}``, ``{prompt}``).
+SDK_EXAMPLE = """\
+# The OpenAI SDK against this server: `model` is an expert adapter, the base model, or "auto" (routed).
+import base64, os
+from openai import OpenAI
+
+client = OpenAI(base_url="{url}/v1", api_key=os.environ.get("MOE_API_KEY", "unused"))
+print([m.id for m in client.models.list()])
+image = "data:image/png;base64," + base64.b64encode(open({png!r}, "rb").read()).decode()
+messages = [{{"role": "user", "content": [
+    {{"type": "image_url", "image_url": {{"url": image}}}},
+    {{"type": "text", "text": {prompt!r}}},
+]}}]
+out = client.chat.completions.create(model="auto", messages=messages)
+print(out.choices[0].message.content, out.model_extra["moe"])   # which expert answered, and how
+for chunk in client.chat.completions.create(model="calendar", messages=messages, stream=True):
+    for choice in chunk.choices:
+        print(choice.delta.content or "", end="", flush=True)
+print()
+"""
+
 
 def demo_request(kind: str, out: Path) -> Path:
     from moe_demo.screens import split
@@ -26,6 +48,14 @@ def demo_request(kind: str, out: Path) -> Path:
     out.write_text(
         json.dumps({"image_b64": base64.b64encode(buf.getvalue()).decode(), "prompt": screen.prompt})
     )
+    out.with_suffix(".png").write_bytes(buf.getvalue())
+    return out
+
+
+def sdk_example(url: str, request: Path, out: Path) -> Path:
+    """An OpenAI SDK script for the demo screenshot of ``request`` (written by :func:`demo_request`)."""
+    prompt = json.loads(request.read_text())["prompt"]
+    out.write_text(SDK_EXAMPLE.format(url=url, png=str(request.with_suffix(".png")), prompt=prompt))
     return out
 
 
@@ -38,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", help="Ray's Prometheus endpoint, printed for the user")
     args = p.parse_args(argv)
     body = demo_request(args.kind, args.out)
+    example = sdk_example(args.url, body, args.out.with_name("openai_example.py"))
     t0 = time.monotonic()
     while time.monotonic() - t0 < args.timeout:
         try:
@@ -60,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\n[ready] serving in {time.monotonic() - t0:.1f}s after start; first answer: {r.json()}\n"
         f"[ready] try:  curl -s {args.url}/infer -H 'content-type: application/json' -d @{body}\n"
         f"[ready]       curl -s {args.url}/adapters ; open {args.url}/docs for the OpenAPI schema\n"
+        f"[ready] OpenAI SDK: {sys.executable} {example}   (chat with the screenshot, then streamed):\n"
+        + "".join(f"[ready]   {line}\n" for line in example.read_text().splitlines())
         + (
             f"[ready] metrics: curl -s {args.metrics} | grep ray_moe_   (Grafana: k8s/grafana-dashboard.json)\n"
             if args.metrics

@@ -1,8 +1,9 @@
 """The whole graph through HTTP on a real local Ray Serve, the built-in model and the demo adapters.
 
 Deployed like production: config/serve.yaml-style files rendered from the deployment config and
-applied with `serve deploy`. Two applications: "moe" (the shipped config) and "fb" (a merged adapter
-with nothing published, and one disabled) for the fallback rules.
+applied with `serve deploy`. Three applications: "moe" (the shipped config), "fb" (a merged adapter
+with nothing published, and one disabled) for the fallback rules, and "keyed" (a gateway alone, API keys
+on) for the keys. The OpenAI-compatible API is driven with the official ``openai`` SDK.
 """
 
 from __future__ import annotations
@@ -67,6 +68,19 @@ def _wait_ready(url: str, body: dict[str, Any], timeout: float = 180) -> None:
     raise AssertionError(f"{url} not ready: {last}")
 
 
+#: The API key of the "keyed" application.
+API_KEY = "sk-e2e-not-a-secret"
+
+
+def _keyed_cfg(cfg: DeploymentConfig, key_file: Path) -> DeploymentConfig:
+    """A gateway alone (no model deployments) with API keys on, read from ``key_file``."""
+    data = cfg.model_dump(mode="json")
+    data["merged"]["enabled"] = False
+    data["dynamic"]["enabled"] = False
+    data["api"]["key_file"] = str(key_file)
+    return DeploymentConfig.from_dict(data)
+
+
 def _fallback_cfg(cfg: DeploymentConfig) -> DeploymentConfig:
     data = cfg.model_dump(mode="json")
     # desktop: a merged deployment with nothing published; claim-window: merged but disabled
@@ -85,7 +99,10 @@ def service(
     port = _free_port()
     tmp = tmp_path_factory.mktemp("serve")
     fb = _fallback_cfg(demo_cfg)
-    path = _serve_file([("moe", "/", demo_cfg), ("fb", "/fb", fb)], port, tmp / "serve.yaml")
+    (tmp / "api-keys").write_text(f"# test keys\n{API_KEY}\n")
+    keyed = _keyed_cfg(demo_cfg, tmp / "api-keys")
+    apps = [("moe", "/", demo_cfg), ("fb", "/fb", fb), ("keyed", "/keyed", keyed)]
+    path = _serve_file(apps, port, tmp / "serve.yaml")
     t0 = time.time()
     _deploy(path, ray_cluster["dashboard"])
     url = f"http://127.0.0.1:{port}"
@@ -97,6 +114,7 @@ def service(
         "url": url,
         "cfg": demo_cfg,
         "fb": fb,
+        "keyed": keyed,
         "dir": tmp,
         "port": port,
         "dashboard": ray_cluster["dashboard"],
@@ -269,6 +287,247 @@ def test_concurrent_requests_mix_adapters_in_one_forward(service) -> None:  # ty
     )
 
 
+# ----------------------------------------------------------------------------- OpenAI-compatible API
+def _sdk(url: str, key: str = "unused") -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _messages(screen: Screen, prompt: str | None = None) -> list[dict[str, Any]]:
+    """One user message as /infer sends it: the screenshot, then the instruction."""
+    image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{_b64(screen)}"}}
+    return [{"role": "user", "content": [image, {"type": "text", "text": prompt or screen.prompt}]}]
+
+
+def _chat(url: str, screen: Screen, model: str) -> tuple[int, dict[str, Any]]:
+    r = requests.post(
+        f"{url}/v1/chat/completions", json={"model": model, "messages": _messages(screen)}, timeout=120
+    )
+    return r.status_code, r.json()
+
+
+def test_openai_models_list_shows_base_experts_and_auto(service) -> None:  # type: ignore[no-untyped-def]
+    cfg: DeploymentConfig = service["cfg"]
+    models = {m.id: m for m in _sdk(service["url"]).models.list()}
+    assert set(models) == {cfg.base_model.id, *cfg.all_adapters, "auto"}
+    assert all(m.object == "model" and m.owned_by for m in models.values())
+    raw = {m["id"]: m for m in requests.get(f"{service['url']}/v1/models", timeout=30).json()["data"]}
+    assert raw["calendar"]["parent"] == cfg.base_model.id
+    assert raw["calendar"]["root"].endswith("/experts/calendar")
+    schema = requests.get(f"{service['url']}/openapi.json", timeout=30).json()
+    assert {"/infer", "/v1/chat/completions", "/v1/models"} <= set(schema["paths"])
+
+
+def test_openai_chat_per_expert_equals_infer(service) -> None:  # type: ignore[no-untyped-def]
+    sdk, merged = _sdk(service["url"]), {a.name for a in service["cfg"].merged_enabled}
+    for screen in split("heldout", 1, SCREEN_TYPES, offset=900):
+        want = _infer(service["url"], screen, expert=screen.kind).json()
+        raw = sdk.chat.completions.with_raw_response.create(model=screen.kind, messages=_messages(screen))
+        out = raw.parse()
+        moe = out.model_extra["moe"]
+        assert out.choices[0].message.content == want["task_output"], (screen.kind, out, want)
+        assert out.model == screen.kind and out.choices[0].finish_reason in ("stop", "length")
+        assert (moe["adapter"], moe["mode"]) == (
+            screen.kind,
+            "merged" if screen.kind in merged else "dynamic",
+        )
+        assert out.usage is not None
+        assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (
+            want["usage"]["prompt_tokens"],
+            want["usage"]["completion_tokens"],
+        )
+        assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+        assert moe["images"] == [want["image"]]
+        assert raw.headers["x-moe-adapter"] == screen.kind and raw.headers["x-moe-mode"] == moe["mode"]
+        assert raw.headers["x-request-id"] == moe["request_id"]
+
+
+def test_openai_auto_routes_as_infer_does(service) -> None:  # type: ignore[no-untyped-def]
+    screens = split("heldout", 10, SCREEN_TYPES, offset=500)  # the screens of the /infer accuracy test
+    with ThreadPoolExecutor(8) as pool:
+        infer = list(pool.map(lambda s: _infer(service["url"], s), screens))
+        chat = list(pool.map(lambda s: _chat(service["url"], s, "auto"), screens))
+
+    def routed(status: int, adapter: str | None, screen: Screen) -> bool:
+        return status == 200 and adapter == screen.kind
+
+    by_infer = [
+        routed(r.status_code, r.json().get("adapter"), s) for r, s in zip(infer, screens, strict=True)
+    ]
+    by_chat = [
+        routed(st, body.get("moe", {}).get("adapter"), s) for (st, body), s in zip(chat, screens, strict=True)
+    ]
+    print(
+        f"routing accuracy: /infer {sum(by_infer) / len(screens):.3f}, auto {sum(by_chat) / len(screens):.3f}"
+    )
+    assert by_chat == by_infer  # the same routing adapter, the same decision on every screen
+    for (status, body), r in zip(chat, infer, strict=True):
+        assert status == r.status_code
+        if status == 200:
+            assert body["choices"][0]["message"]["content"] == r.json()["task_output"]
+            assert (
+                body["moe"]["routed_via"] == "router"
+                and abs(body["moe"]["confidence"] - r.json()["confidence"]) < 1e-3  # batch-order float noise
+            )
+        else:  # below the threshold: a 422 naming candidates, in OpenAI's shape
+            assert body["error"]["param"] == "model" and "candidates" in body["error"]["message"]
+
+
+def _stream(sdk: Any, model: str, messages: list[dict[str, Any]]) -> tuple[list[str], Any, float, float]:
+    """The text pieces, the usage, time to the first text and total time of one streamed chat."""
+    t0 = time.perf_counter()
+    parts: list[str] = []
+    usage, first = None, 0.0
+    for chunk in sdk.chat.completions.create(
+        model=model, messages=messages, stream=True, stream_options={"include_usage": True}
+    ):
+        for choice in chunk.choices:
+            if choice.delta.content:
+                first = first or time.perf_counter() - t0
+                parts.append(choice.delta.content)
+        usage = chunk.usage or usage
+    return parts, usage, first, time.perf_counter() - t0
+
+
+def test_openai_streamed_chunks_join_to_the_answer(service) -> None:  # type: ignore[no-untyped-def]
+    sdk = _sdk(service["url"])
+    for screen in split("heldout", 1, ("calendar", "login-window"), offset=910):  # merged, dynamic
+        whole = sdk.chat.completions.create(model=screen.kind, messages=_messages(screen))
+        parts, usage, _, _ = _stream(sdk, screen.kind, _messages(screen))
+        assert "".join(parts) == whole.choices[0].message.content, (screen.kind, parts, whole)
+        assert len(parts) > 1, parts  # streamed as decoded, not in one piece
+        assert usage == whole.usage
+    r = requests.post(
+        f"{service['url']}/v1/chat/completions",
+        json={"model": "calendar", "messages": _messages(screen), "stream": True},
+        timeout=120,
+    )
+    assert r.headers["content-type"].startswith("text/event-stream") and r.text.endswith("data: [DONE]\n\n")
+    assert r.headers["x-moe-adapter"] == "calendar"
+
+
+def test_openai_latency_streamed_vs_whole(service) -> None:  # type: ignore[no-untyped-def]
+    """Time to first token and total latency, p50 through the SDK (printed for the issue's closing note)."""
+    import statistics
+
+    sdk, n = _sdk(service["url"]), 8
+    screens = split("heldout", n, ("login-window",), offset=920)
+    whole, streamed, ttft = [], [], []
+    for s in screens:
+        t0 = time.perf_counter()
+        sdk.chat.completions.create(model=s.kind, messages=_messages(s))
+        whole.append(time.perf_counter() - t0)
+        _, _, first, total = _stream(sdk, s.kind, _messages(s))
+        ttft.append(first)
+        streamed.append(total)
+    p50 = statistics.median
+    print(
+        f"OpenAI SDK, {n} requests each (login-window, dynamic, CPU tiny model): non-streamed total p50 "
+        f"{1000 * p50(whole):.0f} ms; streamed time to first token p50 {1000 * p50(ttft):.0f} ms, "
+        f"total p50 {1000 * p50(streamed):.0f} ms"
+    )
+    assert 0 < p50(ttft) <= p50(streamed)
+
+
+def test_openai_stream_falls_back_before_the_first_chunk(service) -> None:  # type: ignore[no-untyped-def]
+    screen = split("heldout", 1, ("desktop",))[0]  # fb: merged desktop has nothing published
+    want = _infer(f"{service['url']}/fb", screen, expert="desktop").json()["task_output"]
+    r = requests.post(
+        f"{service['url']}/fb/v1/chat/completions",
+        json={"model": "desktop", "messages": _messages(screen), "stream": True},
+        timeout=120,
+    )
+    assert r.status_code == 200 and r.headers["x-moe-fallback"] == "true"
+    events = [json.loads(e[6:]) for e in r.text.strip().split("\n\n") if e != "data: [DONE]"]
+    assert events[0]["moe"]["fallback"] is True and events[0]["moe"]["mode"] == "dynamic"
+    assert "".join(c["delta"].get("content", "") for e in events for c in e["choices"]) == want
+
+
+def test_openai_conversations_and_the_base_model(service) -> None:  # type: ignore[no-untyped-def]
+    """An agent's history (earlier screenshots and actions) and a text-only chat go through the template."""
+    sdk = _sdk(service["url"])
+    first, second = split("heldout", 1, ("calendar", "login-window"), offset=930)
+    history = [
+        {"role": "system", "content": "Computer-use agent: answer with one action."},
+        *_messages(first),
+        {"role": "assistant", "content": first.answer},
+        *_messages(second),
+    ]
+    out = sdk.chat.completions.create(model="auto", messages=history)
+    assert out.model_extra["moe"]["adapter"] == "login-window"  # routed on the last screenshot
+    assert len(out.model_extra["moe"]["images"]) == 2 and out.choices[0].message.content
+    base = sdk.chat.completions.create(
+        model=service["cfg"].base_model.id, messages=[{"role": "user", "content": "Say hello"}], max_tokens=4
+    )
+    assert base.model_extra["moe"]["adapter"] is None and base.usage is not None
+    assert base.usage.completion_tokens <= 4
+
+
+def test_openai_errors(service) -> None:  # type: ignore[no-untyped-def]
+    import openai
+
+    sdk, screen = _sdk(service["url"]), split("heldout", 1, ("calendar",))[0]
+    with pytest.raises(openai.NotFoundError) as nf:
+        sdk.chat.completions.create(model="gpt-4o", messages=_messages(screen))
+    assert nf.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as n2:
+        sdk.chat.completions.create(model="calendar", messages=_messages(screen), n=2)
+    assert n2.value.param == "n"
+    bad_image = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+        }
+    ]
+    remote = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "https://example.com/s.png"}}],
+        }
+    ]
+    for messages, code in ((bad_image, "invalid_image"), (remote, "image_url_not_allowed")):
+        with pytest.raises(openai.BadRequestError) as e:
+            sdk.chat.completions.create(model="calendar", messages=messages)
+        assert e.value.code == code and e.value.param == "messages.0.content.0.image_url.url"
+    r = requests.post(
+        f"{service['url']}/v1/chat/completions",
+        json={"model": "calendar", "messages": _messages(screen), "temperature": "hot"},
+        timeout=30,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = requests.post(
+        f"{service['url']}/v1/chat/completions", json={"model": "auto", "messages": "hi"}, timeout=30
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert _infer(service["url"], screen).status_code == 200  # still serving
+
+
+def test_openai_api_keys(service) -> None:  # type: ignore[no-untyped-def]
+    import openai
+
+    url = f"{service['url']}/keyed"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the gateway-only app deploys beside the others
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).ok:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    with pytest.raises(openai.AuthenticationError):
+        _sdk(url).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        _sdk(url, "sk-wrong").models.list()
+    r = requests.post(f"{url}/infer", json={"prompt": "x"}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["field"] == "authorization"
+    assert requests.get(f"{url}/healthz", timeout=30).ok
+    ids = {m.id for m in _sdk(url, API_KEY).models.list()}
+    assert service["cfg"].base_model.id in ids and "calendar" in ids and "auto" not in ids  # no dynamic here
+    r = requests.post(f"{url}/infer", json={"prompt": "x"}, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 422  # past the key: /infer's own validation
+
+
 def test_live_config_change_without_restart(service, demo_cfg) -> None:  # type: ignore[no-untyped-def]
     url = service["url"]
     screen = split("heldout", 1, ("calendar",))[0]
@@ -279,9 +538,8 @@ def test_live_config_change_without_restart(service, demo_cfg) -> None:  # type:
     data["router"]["confidence_threshold"] = 0.999
     data["dynamic"]["max_loaded_adapters"] = 3
     changed = DeploymentConfig.from_dict(data)
-    path = _serve_file(
-        [("moe", "/", changed), ("fb", "/fb", service["fb"])], service["port"], service["dir"] / "live.yaml"
-    )
+    apps = [("moe", "/", changed), ("fb", "/fb", service["fb"]), ("keyed", "/keyed", service["keyed"])]
+    path = _serve_file(apps, service["port"], service["dir"] / "live.yaml")
     _deploy(path, service["dashboard"])
     deadline = time.time() + 60
     while time.time() < deadline and requests.get(f"{url}/stats").json()["capacity"] != 3:
@@ -406,11 +664,12 @@ def test_metrics_count_what_was_sent_and_request_ids_reach_every_hop(service) ->
     assert _total(after, "ray_moe_batch_rows_count") > _total(before, "ray_moe_batch_rows_count")
     assert _total(after, "ray_moe_merged_version_info", adapter="calendar") == 1
     scraped = {name for name, _ in after}
-    missing = sorted(set(METRIC_NAMES.values()) - scraped - {"ray_moe_adapter_load_failures_total"})
-    assert not missing, missing  # every metric (but load failures, none happened) is exported
+    never = {"ray_moe_adapter_load_failures_total", "ray_moe_queue_full_total"}  # no such event happened
+    missing = sorted(set(METRIC_NAMES.values()) - scraped - never)
+    assert not missing, missing  # every other metric is exported
     dashboard = (ROOT / "k8s" / "grafana-dashboard.json").read_text()
     used = set(re.findall(r"ray_moe_[a-z_]+", dashboard))
-    assert used and used <= scraped, sorted(used - scraped)
+    assert used and used <= scraped | never, sorted(used - scraped)
 
     logs = list((Path(service["logs"]) / "session_latest" / "logs" / "serve").glob("replica_moe_*.log"))
     hops = {p.name.split("_")[2] for p in logs if rid in p.read_text(errors="replace")}

@@ -366,3 +366,31 @@ def test_grafana_dashboard_queries_only_our_metric_names() -> None:
     assert {n for n in defined if "load_failures" not in n} <= used | {
         n for n in known if n.endswith(("_count", "_sum"))
     }, "every metric but load failures is on the dashboard"
+
+
+def test_api_keys_come_from_a_secret_on_every_rayservice_pod() -> None:
+    """Keys on in production: the gateway may run on any pod, each mounts the Secret (never in the repo)."""
+    from pathlib import PurePath
+
+    key_file = _cfg().api.key_file
+    assert key_file is not None and _cfg().api.keys_required
+    svc = _rayservice()["spec"]["rayClusterConfig"]
+    for pod in _pods(svc):
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "api-keys"]
+        assert volume["secret"] == {"secretName": kube.API_KEY_SECRET, "optional": False}
+    for container in _containers(svc):
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "api-keys"]
+        assert mount == {"name": "api-keys", "mountPath": str(PurePath(key_file).parent), "readOnly": True}
+        assert "subPath" not in mount  # a rotated Secret reaches the file
+    job = _rayjob()["spec"]["rayClusterSpec"]
+    assert all(v["name"] != "api-keys" for p in _pods(job) for v in p["volumes"])
+    with_env = _cfg().model_copy(update={"api": _cfg().api.model_copy(update={"key_env": "MOE_API_KEY"})})
+    env = {
+        e["name"]: e
+        for e in kube.rayservice(with_env)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
+            "containers"
+        ][0]["env"]
+    }
+    assert env["MOE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == kube.API_KEY_SECRET
+    local = DeploymentConfig.from_file(ROOT / "config" / "deployment.yaml")
+    assert not local.api.keys_required  # off on the embedded default

@@ -1,0 +1,853 @@
+"""The OpenAI-compatible API's side of the gateway: request and response models, model names, the
+conversion of chat messages to a :class:`Query`, OpenAI's error shape, Server-Sent Events and API keys.
+
+No Ray and no model here: the gateway (:mod:`deployments.gateway`) serves the routes and carries out the
+calls; everything it needs to speak OpenAI is a value or a pure function of this module, unit-tested on
+its own.
+
+What a client sees beyond OpenAI's schema (a plain OpenAI client ignores it):
+
+- ``moe`` in each ``chat.completion`` and in the first ``chat.completion.chunk``: :class:`MoeInfo`
+  (request id, adapter, mode, routed_via, confidence, fallback, merged_version, and the size the model saw
+  each image at, to map an action's coordinates back to the screenshot).
+- Response headers: ``X-Moe-Adapter`` (absent when the base model answered), ``X-Moe-Mode``,
+  ``X-Moe-Routed-Via``, ``X-Moe-Fallback``, ``X-Moe-Confidence`` (routed requests) and
+  ``X-Moe-Merged-Version`` (merged answers), beside Serve's ``X-Request-Id``.
+- Extension fields of a chat request, as ``/infer`` has them: ``prefer_merged``, ``min_pixels``,
+  ``max_pixels``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from deployments.messages import FinishReason, Query, Sampling, Turn
+from deployments.routing import RoutedVia, RoutingPolicy
+from deployments.schemas import BadInput, ImageInfo, Mode, error_body, verify_image
+from deployments.settings import GatewaySettings
+from moe_core.config import ApiConfig, ConfigError
+from moe_core.vision import ImagePlan, PixelBounds, plan
+
+__all__ = [
+    "DONE",
+    "ApiError",
+    "ApiKeyMiddleware",
+    "ApiKeys",
+    "ChatCompletion",
+    "ChatCompletionRequest",
+    "ChunkWriter",
+    "Conversation",
+    "ErrorResponse",
+    "ModelCard",
+    "ModelChoice",
+    "ModelList",
+    "MoeInfo",
+    "build_conversation",
+    "chat_completion",
+    "check_request",
+    "model_list",
+    "moe_headers",
+    "resolve_model",
+    "set_api_keys",
+    "validation_error",
+]
+
+logger = logging.getLogger(__name__)
+
+OWNED_BY = "moe-inference-server"
+#: The end of every stream, after the last chunk (or after an error object).
+DONE = "data: [DONE]\n\n"
+#: The ``seed`` range OpenAI documents (a signed 64-bit integer).
+SEED_RANGE = (-(2**63), 2**63 - 1)
+MAX_STOP = 16
+#: Paths that never need a key: liveness and the API's own description.
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+_DATA_IMAGE = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+
+
+# ----------------------------------------------------------------------------- errors
+_ERROR_TYPES = {401: "invalid_request_error", 429: "rate_limit_error"}
+#: /infer's field names, as the OpenAI request names what they stand for.
+_PARAMS = {"expert": "model", "image_b64": "messages", "prompt": "messages"}
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, naming the field.")
+    type: str = Field(
+        description="invalid_request_error, rate_limit_error or server_error, as OpenAI has them."
+    )
+    param: str | None = Field(description="The request field at fault (dotted path), when one is.")
+    code: str | None = Field(description="A short machine-readable reason, e.g. model_not_found.")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, on every /v1 error status and as the error event of a stream."""
+
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """A /v1 request that cannot be answered: its HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @classmethod
+    def of(cls, e: BadInput) -> ApiError:
+        """A :class:`BadInput` from the shared code (routing, deployments): its field as a /v1 param."""
+        param = _PARAMS.get(e.field, e.field)
+        code = {404: "model_not_found" if param == "model" else "not_found", 413: "too_large"}.get(
+            e.status, "invalid_value"
+        )
+        if e.status == 422 and e.field == "expert" and "below" in e.message:
+            code = "below_confidence_threshold"
+        return cls(e.status, e.message, param, code)
+
+    @property
+    def detail(self) -> ErrorDetail:
+        kind = _ERROR_TYPES.get(
+            self.status, "server_error" if self.status >= 500 else "invalid_request_error"
+        )
+        return ErrorDetail(message=self.message, type=kind, param=self.param, code=self.code)
+
+    def body(self) -> dict[str, Any]:
+        return ErrorResponse(error=self.detail).model_dump(mode="json")
+
+    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content=self.body(), headers=dict(headers or {}))
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """pydantic's error location as a dotted request path, without its union-member labels."""
+    parts: list[str] = []
+    for x in loc:
+        s = str(x)
+        if x == "body" and not parts:
+            continue
+        if isinstance(x, str) and ("[" in s or s[:1].isupper() or s in {"str", "int", "float", "bool"}):
+            continue  # a union member's label (``str``, ``list[tagged-union[...]]``, ``ImageURL``)
+        if parts and parts[-1] == s:
+            continue  # a tagged union repeats the tag (``image_url.image_url``)
+        parts.append(s)
+    return ".".join(parts) or None
+
+
+def validation_error(errors: list[Any]) -> ApiError:
+    """FastAPI's request-validation errors as one 400 naming the most specific field, as OpenAI does."""
+    if not errors:
+        return ApiError(400, "invalid request", None, "invalid_request")
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return ApiError(400, "the request body is not valid JSON", None, "invalid_json")
+    located = [(_param(tuple(e.get("loc", ()))), e) for e in errors]
+    param = max((p for p, _ in located), key=lambda p: len(p.split(".")) if p else 0)
+    msgs = list(dict.fromkeys(str(e.get("msg", "")) for p, e in located if p == param))
+    kind = next(str(e.get("type", "")) for p, e in located if p == param)
+    code = "missing" if kind == "missing" else "invalid_type" if kind.endswith("_type") else "invalid_value"
+    return ApiError(400, f"{param or 'body'}: {', or '.join(msgs)}", param, code)
+
+
+# ----------------------------------------------------------------------------- requests
+class _Lenient(BaseModel):
+    """OpenAI's request objects: unknown fields are ignored, types are checked strictly (no coercion)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str = Field(description="Text of the message.")
+
+
+class ImageURL(_Lenient):
+    url: str = Field(
+        description="A data URL (data:image/png;base64,...); http(s) URLs only from the hosts in "
+        "api.image_url_hosts."
+    )
+    detail: Literal["auto", "low", "high"] | None = Field(
+        default=None, description="Accepted and ignored: min_pixels/max_pixels set the detail."
+    )
+
+
+class ImagePart(_Lenient):
+    type: Literal["image_url"]
+    image_url: ImageURL | str = Field(description="The image: {url: ...} (a bare URL string is accepted).")
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="developer is read as system; tool messages are not supported."
+    )
+    content: str | list[ContentPart] | None = Field(
+        default=None, description="Text, or parts: text and (user messages only) image_url."
+    )
+    name: str | None = Field(default=None, description="Accepted and ignored.")
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool | None = Field(
+        default=None, description="Send a last chunk with the usage (choices empty) before [DONE]."
+    )
+
+
+class ChatCompletionRequest(_Lenient):
+    """OpenAI's chat completion request, as the official SDK sends it; unknown fields are ignored."""
+
+    model: str = Field(
+        description="An expert adapter's name, the base model's id, or the routed model (auto)."
+    )
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Most tokens to generate (capped by the server)."
+    )
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, description="Same as max_tokens; wins over it."
+    )
+    temperature: float | None = Field(
+        default=None, ge=0.0, le=2.0, description="Sampling temperature; default 0 (greedy, as /infer)."
+    )
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling; default 1.")
+    seed: int | None = Field(
+        default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Same seed, same sampled text."
+    )
+    stop: str | list[str] | None = Field(default=None, description="Generation ends before any of these.")
+    n: int | None = Field(default=None, description="Choices to generate: only 1 is supported.")
+    stream: bool | None = Field(default=None, description="Answer as Server-Sent Events.")
+    stream_options: StreamOptions | None = Field(default=None, description="With stream: include_usage.")
+    user: str | None = Field(default=None, description="Accepted and ignored.")
+    logprobs: bool | None = Field(default=None, description="Not supported: true is refused.")
+    top_logprobs: int | None = Field(default=None, description="Not supported.")
+    tools: list[Any] | None = Field(default=None, description="Not supported: a non-empty list is refused.")
+    response_format: dict[str, Any] | None = Field(default=None, description="Only {type: text}.")
+    prefer_merged: bool | None = Field(
+        default=None, description="Extension, as /infer: override gateway.prefer_merged for this request."
+    )
+    min_pixels: int | None = Field(
+        default=None, gt=0, description="Extension, as /infer: Qwen's per-image min_pixels for every image."
+    )
+    max_pixels: int | None = Field(
+        default=None, gt=0, description="Extension, as /infer: Qwen's per-image max_pixels for every image."
+    )
+
+
+def check_request(req: ChatCompletionRequest) -> None:
+    """What the schema cannot say: n=1 only, stream_options only with stream, no unsupported features."""
+    if req.n is not None and req.n != 1:
+        raise ApiError(400, f"n: only n=1 is supported (got {req.n})", "n", "unsupported_value")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(
+            400, "stream_options: only allowed with stream: true", "stream_options", "invalid_value"
+        )
+    if req.logprobs or req.top_logprobs:
+        param = "logprobs" if req.logprobs else "top_logprobs"
+        raise ApiError(400, f"{param}: log probabilities are not supported", param, "unsupported_value")
+    if req.tools:
+        raise ApiError(400, "tools: tool calling is not supported", "tools", "unsupported_value")
+    fmt = (req.response_format or {}).get("type", "text")
+    if fmt != "text":
+        raise ApiError(400, f"response_format: only type text is supported (got {fmt!r})", "response_format")
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise ApiError(400, f"stop: at most {MAX_STOP} non-empty strings", "stop", "invalid_value")
+
+
+def sampling_of(req: ChatCompletionRequest, max_completion_tokens: int) -> Sampling:
+    """The request's sampling (temperature 0, greedy, unless asked); asking for more tokens than the
+    server's ``limits.max_completion_tokens`` is a 400 naming the field (none asked: the engine's
+    ``limits.max_new_tokens``)."""
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if asked is not None and asked > max_completion_tokens:
+        raise ApiError(
+            400,
+            f"{param}: {asked} is over this server's limit of {max_completion_tokens} tokens",
+            param,
+            "invalid_value",
+        )
+    return Sampling(
+        max_tokens=asked,
+        temperature=0.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed,
+        stop=(req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ()),
+    )
+
+
+# ----------------------------------------------------------------------------- models
+class ModelCard(BaseModel):
+    """One model of ``/v1/models``: the base, an expert adapter (parent: the base), or the routed model."""
+
+    id: str = Field(description="What to send as `model`.")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the gateway started serving it.")
+    owned_by: str = OWNED_BY
+    root: str = Field(
+        description="Where it comes from: the base model's id, or the adapter's storage folder."
+    )
+    parent: str | None = Field(
+        default=None, description="The base model's id, for adapters and the routed model."
+    )
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What a request's ``model`` names: an expert adapter, the bare base model, or routing."""
+
+    kind: Literal["adapter", "base", "routed"]
+    adapter: str | None = None
+
+
+def routing_available(policy: RoutingPolicy, settings: GatewaySettings, dynamic: bool) -> bool:
+    """The routed model exists when a routing adapter, its labels and the dynamic deployment do."""
+    return dynamic and settings.router is not None and bool(policy.labels)
+
+
+def model_list(policy: RoutingPolicy, settings: GatewaySettings, routed: bool, created: int) -> ModelList:
+    """The base, every expert the live policy serves (adapters published later appear as the live
+    config names them), and the routed model when routing is available."""
+    base = settings.base_model_name
+    root = settings.storage_url.rstrip("/")
+    cards = [ModelCard(id=base, created=created, root=settings.base_model_id)]
+    cards += [
+        ModelCard(id=name, created=created, root=f"{root}/experts/{name}", parent=base)
+        for name in sorted(policy.experts)
+    ]
+    if routed:
+        cards.append(
+            ModelCard(
+                id=settings.api.routed_model_name,
+                created=created,
+                root=f"{root}/router/{settings.router}",
+                parent=base,
+            )
+        )
+    return ModelList(data=cards)
+
+
+def resolve_model(model: str, policy: RoutingPolicy, settings: GatewaySettings, routed: bool) -> ModelChoice:
+    """``model`` to what answers; an unknown name is a 404 listing the known ones."""
+    if model == settings.api.routed_model_name and routed:
+        return ModelChoice("routed")
+    if model == settings.base_model_name:
+        return ModelChoice("base")
+    if model in policy.experts:
+        return ModelChoice("adapter", model)
+    known = [c.id for c in model_list(policy, settings, routed, 0).data]
+    raise ApiError(404, f"model {model[:80]!r} does not exist; known: {known}", "model", "model_not_found")
+
+
+# ----------------------------------------------------------------------------- messages -> Query
+#: Fetches an allowed image URL: (url, max_bytes, timeout_s) -> the file's bytes.
+Fetcher = Callable[[str, int, float], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat request as the model deployments get it, and what the model sees of each image."""
+
+    query: Query
+    images: tuple[ImagePlan, ...]
+
+    @property
+    def image_info(self) -> list[ImageInfo]:
+        return [
+            ImageInfo(
+                width=p.width,
+                height=p.height,
+                model_width=p.model_width,
+                model_height=p.model_height,
+                tokens=p.tokens,
+            )
+            for p in self.images
+        ]
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """``host`` is named in ``allowed``, exactly or under a ``*.domain`` wildcard."""
+    host = host.lower().rstrip(".")
+    for a in allowed:
+        if a.startswith("*.") and host.endswith(a[1:]) and host != a[2:]:
+            return True
+        if host == a:
+            return True
+    return False
+
+
+async def fetch_url(url: str, max_bytes: int, timeout_s: float) -> bytes:
+    """GET an image from an allowed host: no redirects, at most ``max_bytes``, within ``timeout_s``."""
+    import requests
+
+    def get() -> bytes:
+        deadline = time.monotonic() + timeout_s
+        with requests.get(url, stream=True, timeout=timeout_s, allow_redirects=False) as r:
+            if r.status_code != 200:
+                raise ValueError(f"HTTP {r.status_code} (redirects are not followed)")
+            size = int(r.headers.get("content-length") or 0)
+            if size > max_bytes:
+                raise OverflowError(f"image is {size} bytes, larger than {max_bytes}")
+            data = bytearray()
+            for block in r.iter_content(64 * 1024):
+                data += block
+                if len(data) > max_bytes:
+                    raise OverflowError(f"image is larger than {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not fetched within {timeout_s:g}s")
+            return bytes(data)
+
+    return await asyncio.wait_for(asyncio.to_thread(get), timeout_s + 1.0)
+
+
+async def _image_bytes(url: str, param: str, api: ApiConfig, max_bytes: int, fetch: Fetcher) -> bytes:
+    """A data URL's bytes, or an allowed host's image; anything else is a 400 naming ``param``."""
+    if url.startswith("data:"):
+        if not _DATA_IMAGE.match(url):
+            raise ApiError(400, f"{param}: expected data:image/<type>;base64,...", param, "invalid_image_url")
+        b64 = url.split(",", 1)[1]
+        if len(b64) > (max_bytes * 4) // 3 + 8:
+            raise ApiError(413, f"{param}: image is larger than {max_bytes} bytes", param, "too_large")
+        try:
+            return base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ApiError(400, f"{param}: not valid base64: {e}", param, "invalid_image") from e
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ApiError(400, f"{param}: expected a data: URL (or an http(s) URL)", param, "invalid_image_url")
+    if not host_allowed(parts.hostname, api.image_url_hosts):
+        raise ApiError(
+            400,
+            f"{param}: image URLs from {parts.hostname!r} are not fetched; send the image as a data URL "
+            "(data:image/png;base64,...)"
+            + ("" if not api.image_url_hosts else f" or from an allowed host {api.image_url_hosts}"),
+            param,
+            "image_url_not_allowed",
+        )
+    try:
+        return await fetch(url, max_bytes, api.image_fetch_timeout_s)
+    except OverflowError as e:
+        raise ApiError(413, f"{param}: {e}", param, "too_large") from e
+    except (TimeoutError, ValueError, OSError) as e:
+        raise ApiError(400, f"{param}: could not fetch the image: {e}", param, "image_fetch_failed") from e
+    except Exception as e:  # requests' own errors (connection refused, bad URL, ...)
+        raise ApiError(400, f"{param}: could not fetch the image: {e}", param, "image_fetch_failed") from e
+
+
+def _parts(message: ChatMessage) -> list[TextPart | ImagePart]:
+    if message.content is None:
+        return []
+    if isinstance(message.content, str):
+        return [TextPart(type="text", text=message.content)]
+    return list(message.content)
+
+
+def _check_text(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate parses from JSON but is not text
+        raise ApiError(
+            400, f"{param}: not valid unicode ({e.reason} at position {e.start})", param, "invalid_value"
+        ) from e
+
+
+def _bounds(req: ChatCompletionRequest, settings: GatewaySettings) -> PixelBounds:
+    limits = settings.limits
+    try:
+        return PixelBounds(limits.min_pixels, limits.max_pixels).narrowed(req.min_pixels, req.max_pixels)
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        raise ApiError(400, str(e), field, "invalid_value") from e
+
+
+async def build_conversation(
+    req: ChatCompletionRequest,
+    settings: GatewaySettings,
+    request_id: str,
+    *,
+    needs_image: bool = False,
+    fetch: Fetcher = fetch_url,
+) -> Conversation:
+    """The messages as a :class:`Query`: checked, images decoded and verified, their tokens planned.
+
+    One user message holding a screenshot and then text is the ``/infer`` request (``turns`` empty, so
+    the engine adds the configured system prompt, as for ``/infer``); anything else is sent whole as
+    ``turns``. ``image`` is the conversation's last image (what the routing adapter classifies), and
+    ``prompt`` the last user message's text.
+    """
+    api, limits = settings.api, settings.limits
+    contents = [_parts(m) for m in req.messages]
+    count = sum(isinstance(p, ImagePart) for parts in contents for p in parts)
+    chars = sum(len(p.text) for parts in contents for p in parts if isinstance(p, TextPart))
+    if chars > limits.max_prompt_chars:
+        raise ApiError(
+            413,
+            f"messages: {chars} characters of text, over the limit of {limits.max_prompt_chars}",
+            "messages",
+            "too_large",
+        )
+    if count > api.max_images:
+        raise ApiError(
+            400,
+            f"messages: {count} images, over the limit of {api.max_images}",
+            "messages",
+            "too_many_images",
+        )
+    if needs_image and count == 0:
+        raise ApiError(
+            400,
+            f"messages: model {api.routed_model_name!r} routes on a screenshot, and the conversation has none; "
+            "send an image or name a model",
+            "messages",
+            "image_required",
+        )
+    if not any(m.role == "user" for m in req.messages):
+        raise ApiError(400, "messages: at least one user message is required", "messages", "invalid_value")
+    bounds = _bounds(req, settings)
+    turns: list[Turn] = []
+    images: list[bytes] = []
+    plans: list[ImagePlan] = []
+    prompt = ""
+    for i, (message, parts) in enumerate(zip(req.messages, contents, strict=True)):
+        role: Literal["system", "user", "assistant"] = (
+            "system" if message.role == "developer" else message.role
+        )
+        out: list[str | int] = []
+        for j, part in enumerate(parts):
+            param = f"messages.{i}.content" + (f".{j}" if isinstance(message.content, list) else "")
+            if isinstance(part, TextPart):
+                _check_text(part.text, param)
+                if part.text:
+                    out.append(part.text)
+                continue
+            if role != "user":
+                raise ApiError(
+                    400, f"{param}: images are only allowed in user messages", param, "invalid_value"
+                )
+            url_param = (
+                f"{param}.image_url.url" if isinstance(part.image_url, ImageURL) else f"{param}.image_url"
+            )
+            raw = await _image_bytes(part.url, url_param, api, limits.max_image_bytes, fetch)
+            plans.append(_plan(raw, url_param, bounds, settings))
+            out.append(len(images))
+            images.append(raw)
+        if role == "user":
+            prompt = "".join(p for p in out if isinstance(p, str))
+        turns.append(Turn(role, tuple(out)))
+    image_tokens = sum(p.tokens for p in plans)
+    if image_tokens > limits.max_prompt_tokens:
+        raise ApiError(
+            413,
+            f"messages: the images are {image_tokens} tokens, over the prompt limit of "
+            f"{limits.max_prompt_tokens} tokens; send fewer or smaller images, or a lower max_pixels",
+            "messages",
+            "context_length_exceeded",
+        )
+    sampling = sampling_of(req, limits.max_completion_tokens)
+    last = images[-1] if images else None
+    query = Query(last, prompt, bounds, image_tokens, request_id, sampling)
+    if not _is_infer_request(turns, prompt):
+        query = Query(last, prompt, bounds, image_tokens, request_id, sampling, tuple(turns), tuple(images))
+    return Conversation(query, tuple(plans))
+
+
+def _is_infer_request(turns: list[Turn], prompt: str) -> bool:
+    """One user message: one image, then non-blank text (what /infer sends the engine)."""
+    if len(turns) != 1 or turns[0].role != "user":
+        return False
+    parts = turns[0].parts
+    return (
+        bool(parts) and parts[0] == 0 and all(isinstance(p, str) for p in parts[1:]) and bool(prompt.strip())
+    )
+
+
+def _plan(raw: bytes, param: str, bounds: PixelBounds, settings: GatewaySettings) -> ImagePlan:
+    """Verify the image and plan what the model sees of it (its size on the patch grid, its tokens)."""
+    limits = settings.limits
+    try:
+        img = verify_image(
+            raw, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, field=param
+        )
+    except BadInput as e:
+        raise ApiError(
+            e.status if e.status == 413 else 400,
+            f"{param}: {e.message}",
+            param,
+            "too_large" if e.status == 413 else "invalid_image",
+        ) from e
+    try:
+        return plan(img.width, img.height, bounds, settings.image_factor)
+    except ValueError as e:  # qwen-vl-utils refuses aspect ratios over 200:1
+        raise ApiError(400, f"{param}: image is {img.width}x{img.height}: {e}", param, "invalid_image") from e
+
+
+# ----------------------------------------------------------------------------- responses
+class MoeInfo(BaseModel):
+    """The ``moe`` object: who answered and how; a plain OpenAI client ignores it."""
+
+    request_id: str = Field(description="This request's id (also the X-Request-Id header).")
+    adapter: str | None = Field(description="Adapter that answered; null for the bare base model.")
+    mode: Mode = Field(description="Which deployment generated the answer.")
+    routed_via: RoutedVia = Field(
+        description="How the adapter was chosen: explicit (the model named it) or by the router."
+    )
+    confidence: float | None = Field(
+        description="Routing confidence (null unless the routed model was asked)."
+    )
+    fallback: bool = Field(description="True when the merged deployment failed and dynamic answered.")
+    merged_version: str | None = Field(description="Merged model version, when mode is merged.")
+    images: list[ImageInfo] = Field(
+        description="Each image as sent and as the model saw it: scale an action's coordinates by "
+        "width / model_width and height / model_height."
+    )
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: FinishReason = Field(description="stop: end of text or a stop string; length: max_tokens.")
+    logprobs: None = None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int = Field(description="Prompt tokens as the model read them: template, text and images.")
+    completion_tokens: int = Field(description="Tokens generated.")
+    total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
+
+    @classmethod
+    def of(cls, prompt: int, completion: int) -> CompletionUsage:
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class ChatCompletion(BaseModel):
+    """OpenAI's ``chat.completion``, plus the ``moe`` object."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str = Field(description="The model as the request named it.")
+    choices: list[Choice]
+    usage: CompletionUsage
+    system_fingerprint: str | None = None
+    moe: MoeInfo
+
+
+def completion_id(request_id: str) -> str:
+    return f"chatcmpl-{request_id}"
+
+
+def chat_completion(
+    model: str,
+    text: str,
+    finish_reason: FinishReason,
+    usage: CompletionUsage,
+    info: MoeInfo,
+) -> ChatCompletion:
+    return ChatCompletion(
+        id=completion_id(info.request_id),
+        created=int(time.time()),
+        model=model,
+        choices=[Choice(message=ChatMessageOut(content=text), finish_reason=finish_reason)],
+        usage=usage,
+        moe=info,
+    )
+
+
+def moe_headers(info: MoeInfo) -> dict[str, str]:
+    """The ``moe`` object's routing facts as response headers (known before a stream's first byte)."""
+    headers = {
+        "X-Moe-Mode": info.mode,
+        "X-Moe-Routed-Via": info.routed_via,
+        "X-Moe-Fallback": "true" if info.fallback else "false",
+    }
+    if info.adapter is not None:
+        headers["X-Moe-Adapter"] = info.adapter
+    if info.confidence is not None:
+        headers["X-Moe-Confidence"] = f"{info.confidence:.4f}"
+    if info.merged_version is not None:
+        headers["X-Moe-Merged-Version"] = info.merged_version
+    return headers
+
+
+def sse(data: Mapping[str, Any]) -> str:
+    """One Server-Sent Event carrying ``data`` as JSON."""
+    return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+@dataclass(frozen=True)
+class ChunkWriter:
+    """The ``chat.completion.chunk`` events of one stream: the role first (with ``moe``), then the text,
+    then the finish reason, then (with ``include_usage``) a usage chunk whose choices are empty."""
+
+    id: str
+    created: int
+    model: str
+    include_usage: bool = False
+
+    def _chunk(self, delta: dict[str, Any] | None, finish: FinishReason | None = None) -> dict[str, Any]:
+        choices = (
+            [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        )
+        out: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def role(self, info: MoeInfo) -> str:
+        return sse(self._chunk({"role": "assistant", "content": ""}) | {"moe": info.model_dump(mode="json")})
+
+    def content(self, text: str) -> str:
+        return sse(self._chunk({"content": text}))
+
+    def finish(self, reason: FinishReason) -> str:
+        return sse(self._chunk({}, reason))
+
+    def usage(self, usage: CompletionUsage) -> str:
+        return sse(self._chunk(None) | {"usage": usage.model_dump(mode="json")})
+
+    @staticmethod
+    def error(e: ApiError) -> str:
+        return sse(e.body())
+
+
+# ----------------------------------------------------------------------------- API keys
+class ApiKeys:
+    """The accepted API keys: ``api.key_env``'s value and ``api.key_file``'s lines (re-read when the file
+    changes, so a rotated Kubernetes Secret applies without a restart). Compared in constant time."""
+
+    def __init__(self, env: str | None, file: str | None) -> None:
+        self.env, self.file = env, file
+        self._stamp: tuple[int, int] | None = None
+        self._file_keys: tuple[bytes, ...] = ()
+        if not self.keys():
+            raise ConfigError(
+                f"api: no API key found (api.key_env {env!r}: "
+                f"{'set' if env and os.environ.get(env) else 'unset or empty'}; api.key_file {file!r}: "
+                f"{'no key in it' if file and Path(file).is_file() else 'missing'}); set one, or unset both "
+                "to serve without keys"
+            )
+
+    @classmethod
+    def of(cls, api: ApiConfig) -> ApiKeys | None:
+        return cls(api.key_env, api.key_file) if api.keys_required else None
+
+    def keys(self) -> tuple[bytes, ...]:
+        env = os.environ.get(self.env, "").strip() if self.env else ""
+        return ((env.encode(),) if env else ()) + self._read_file()
+
+    def _read_file(self) -> tuple[bytes, ...]:
+        if self.file is None:
+            return ()
+        try:
+            st = os.stat(self.file)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                lines = Path(self.file).read_text().splitlines()
+                self._file_keys = tuple(
+                    s.encode() for s in (x.strip() for x in lines) if s and not s.startswith("#")
+                )
+                self._stamp = stamp
+        except OSError as e:  # a missing file holds no key: fail closed
+            logger.warning("api: cannot read api.key_file %s: %s", self.file, e)
+            self._stamp, self._file_keys = None, ()
+        return self._file_keys
+
+    def accepts(self, authorization: str | None) -> bool:
+        """``Authorization: Bearer <key>`` with one of the keys."""
+        if not authorization:
+            return False
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        given = token.strip().encode()
+        ok = False
+        for key in self.keys():
+            ok |= hmac.compare_digest(given, key)  # no early exit: every key is compared
+        return ok
+
+
+_KEYS: list[ApiKeys | None] = [None]
+
+
+def set_api_keys(keys: ApiKeys | None) -> None:
+    """The replica's keys, for :class:`ApiKeyMiddleware` (the gateway sets them when it starts)."""
+    _KEYS[0] = keys
+
+
+#: Called with (path, status) for each request the middleware refuses (the gateway's metrics).
+Refused = Callable[[str, int], None]
+_REFUSED: list[Refused] = []
+
+
+class ApiKeyMiddleware:
+    """ASGI middleware: with keys on, every path but :data:`OPEN_PATHS` needs ``Authorization: Bearer``;
+    a refusal is a 401 before the body is read (OpenAI's shape under /v1, ``/infer``'s elsewhere)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        keys = _KEYS[0]
+        if scope["type"] != "http" or keys is None:
+            await self.app(scope, receive, send)
+            return
+        root, path = scope.get("root_path", ""), scope.get("path", "")
+        path = path[len(root) :] if root and path.startswith(root) else path
+        if path in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        if keys.accepts(header):
+            await self.app(scope, receive, send)
+            return
+        message = "missing or wrong API key: send Authorization: Bearer <key>"
+        if path.startswith("/v1/"):
+            response = ApiError(401, message, None, "invalid_api_key").response()
+        else:
+            response = JSONResponse(status_code=401, content=error_body("authorization", message))
+        response.headers["WWW-Authenticate"] = "Bearer"
+        for refused in _REFUSED:
+            refused(path, 401)
+        await response(scope, receive, send)
+
+
+def on_refused(callback: Refused) -> None:
+    """Count the middleware's refusals (the gateway's metrics); the last callback set wins."""
+    _REFUSED[:] = [callback]

@@ -126,6 +126,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._admitting = 0  # jobs taken off the queue whose prefill runs now
+        self._admitted: list[_Job] = []  # those jobs: their adapters are in use too
         self._eos = set(engine.eos_token_ids)
         self.steps = 0  # decode steps run
         self.prefills = 0
@@ -143,7 +144,7 @@ class Scheduler:
     def in_use(self) -> set[str]:
         """Adapters of queued and running requests: their slots must not change under them."""
         with self._cond:
-            jobs = [r.job for r in self._rows] + list(self._waiting)
+            jobs = [r.job for r in self._rows] + list(self._waiting) + self._admitted
         return {j.request.adapter for j in jobs if j.request.adapter is not None}
 
     def resize(self, max_running: int, max_queued: int) -> None:
@@ -280,11 +281,12 @@ class Scheduler:
                     job = self._waiting.popleft()
                     if not job.cancelled:
                         admitted.append(job)
-                self._admitting = len(admitted)
+                self._admitting, self._admitted = len(admitted), admitted
             try:
                 if admitted:
                     self._admit(admitted)
-                self._admitting = 0
+                with self._cond:
+                    self._admitting, self._admitted = 0, []
                 self._drop_cancelled()
                 if self._rows:
                     self._step()

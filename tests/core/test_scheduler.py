@@ -207,3 +207,21 @@ def test_a_routed_request_runs_the_vision_tower_once(engine: Engine) -> None:
     again = asyncio.run(sched.generate(answer, SamplingParams(max_tokens=6))).text
     assert fresh == again
     sched.close()
+
+
+def test_adapters_of_rows_being_prefilled_count_as_in_use(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter cache evicts only adapters not in use: a row in its prefill is neither queued nor running."""
+    sched = Scheduler(engine)
+    seen: list[set[str]] = []
+    prefill = engine.prefill
+
+    def spy(rows: list[GenerationRequest]) -> object:
+        seen.append(sched.in_use())
+        return prefill(rows)
+
+    monkeypatch.setattr(engine, "prefill", spy)
+    asyncio.run(sched.generate(_req(1, "beta"), SamplingParams(max_tokens=2)))
+    assert seen == [{"beta"}]
+    sched.close()

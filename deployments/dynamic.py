@@ -241,5 +241,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         )
 
     def check_health(self) -> None:
-        """Unhealthy until the live settings arrive; the engine's own health is the hardening issue's."""
+        """Unhealthy until the live settings arrive, and when the engine cannot run (its device fails,
+        its scheduler thread died): Serve then replaces the replica."""
         self._live()
+        self.engine.check_health()

@@ -52,6 +52,7 @@ class DeploymentEngine(Protocol):
     def set_lora_slots(self, slots: int, max_rank: int) -> None: ...
     def unload_adapter(self, name: str) -> None: ...
     def in_use(self) -> set[str]: ...
+    def check_health(self) -> None: ...
 
 
 class ScheduledEngine:
@@ -69,6 +70,12 @@ class ScheduledEngine:
         self.load_adapter = engine.load_adapter
         self.unload_adapter = engine.unload_adapter
         self.set_lora_slots = engine.set_lora_slots
+
+    def check_health(self) -> None:
+        """Raise when this engine cannot serve: its scheduler thread died, or its device fails a tiny op."""
+        if not self.scheduler.healthy():
+            raise RuntimeError(f"{self.engine.name}: the scheduler thread is not running")
+        self.engine.check_device()
 
 
 #: (engine settings, model folder or None for the base model, engine name, rows, queue) -> engine

@@ -9,6 +9,7 @@ published it stays up and answers :class:`ModelUnavailable`, so the gateway can 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -39,6 +40,9 @@ class MergedModel(ModelDeployment[MergedSettings]):
         self.version: str | None = None
         self._checked = 0.0
         self._swap = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.source: dict[str, Any] = {}  # the served version's merge metadata
+        self.stale: str | None = None  # why the served version no longer matches the published adapter
         self._load(self.storage.current_version("merged", self.adapter))
 
     def _load(self, version: str | None) -> None:
@@ -46,32 +50,74 @@ class MergedModel(ModelDeployment[MergedSettings]):
             logger.warning("merged %s: no published version; requests fall back", self.adapter)
             return
         t0 = time.perf_counter()
-        path, _ = self.storage.fetch("merged", self.adapter, version)
-        old = self.engine
-        self.engine = self.make_engine(path, f"merged-{self.adapter}")
+        path, _ = self.storage.fetch("merged", self.adapter, version)  # verified against its manifest
+        try:
+            meta = json.loads((path / "merge_metadata.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        engine = self.make_engine(path, f"merged-{self.adapter}")
+        old, self.engine = self.engine, engine
         close = getattr(getattr(old, "scheduler", None), "close", None)
         if close is not None:  # the old version's running rows finish; its thread ends when idle
             close_when_idle(old, close)
         self.metrics.serving(self.adapter, version, self.version, time.perf_counter() - t0)
-        self.version = version
+        self.version, self.source = version, meta
+        self._check_source()
         logger.info(
             "merged %s: serving version %s (loaded in %.2fs)", self.adapter, version, time.perf_counter() - t0
         )
 
+    def _check_source(self) -> None:
+        """Stale when the merged model was built from another adapter version than the one now
+        published (or from another base model): dynamic answers then, so the two never disagree."""
+        from moe_core.modeling import base_model_id
+
+        meta, stale = self.source, None
+        base = base_model_id(self.settings.engine.base_model)
+        if meta.get("base_model") not in (None, base):
+            stale = f"merged from base {meta.get('base_model')}, not {base}"
+        else:
+            merged_from = meta.get("source_version")
+            current = self.storage.current_version("expert", self.adapter)
+            if merged_from is not None and current is not None and merged_from != current:
+                stale = f"merged from adapter version {merged_from}; {current} is published"
+        if stale != self.stale:
+            (logger.warning if stale else logger.info)(
+                "merged %s: %s",
+                self.adapter,
+                f"stale ({stale}): requests fall back" if stale else "up to date",
+            )
+        self.stale = stale
+
     async def _refresh(self) -> None:
+        """Look for a new version now and then, in the background: requests never wait for a load."""
         if time.monotonic() - self._checked < self.settings.batching.refresh_interval_s:
             return
+        if self._swap.locked():
+            return
+        self._checked = time.monotonic()
+        self._task = asyncio.create_task(self._check())
+
+    async def _check(self) -> None:
         async with self._swap:
-            self._checked = time.monotonic()
-            current = await asyncio.to_thread(self.storage.current_version, "merged", self.adapter)
-            if current is not None and current != self.version:
-                await asyncio.to_thread(self._load, current)
+            try:
+                current = await asyncio.to_thread(self.storage.current_version, "merged", self.adapter)
+                if current is not None and current != self.version:
+                    await asyncio.to_thread(self._load, current)
+                elif self.engine is not None:
+                    await asyncio.to_thread(self._check_source)
+            except Exception as e:  # storage unreadable or a version that fails to verify: keep serving
+                logger.error(
+                    "merged %s: refresh failed (%s); still serving %s", self.adapter, e, self.version
+                )
 
     async def _prepare(
         self, query: Query
     ) -> tuple[DeploymentEngine, str | None, GenerationRequest, SamplingParams]:
         await self._refresh()
         engine, version = self.engine, self.version
+        if self.stale is not None:
+            raise ModelUnavailable(f"merged deployment {self.adapter!r} is stale: {self.stale}")
         if engine is None:
             raise ModelUnavailable(f"merged deployment {self.adapter!r} has no published model")
         self.check_prompt(engine, query)  # before the batch: a refused row never joins one
@@ -110,7 +156,13 @@ class MergedModel(ModelDeployment[MergedSettings]):
             )
 
     def status(self) -> MergedStatus:
-        return MergedStatus(self.adapter, self.version, self.engine is not None)
+        return MergedStatus(self.adapter, self.version, self.engine is not None and self.stale is None)
+
+    def check_health(self) -> None:
+        """Unhealthy when the engine cannot run (its device fails, its scheduler thread died); a replica
+        with nothing published is healthy (it answers ModelUnavailable and the gateway falls back)."""
+        if self.engine is not None:
+            self.engine.check_health()
 
 
 def close_when_idle(engine: Any, close: Any) -> None:

@@ -172,7 +172,8 @@ def merge_adapter(
             }
             (out / MERGE_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True))
         with _stage(name, "publish", timings):
-            version = storage.publish("merged", name, out, progress=_progress_logger(name))
+            # compare-and-swap: a merge that started before another one finished never replaces it
+            version = storage.publish("merged", name, out, progress=_progress_logger(name), expect=current)
             storage.prune("merged", name, cfg.storage.keep_versions)
     logger.info("merge %s: published version %s in %.2fs total", name, version, time.perf_counter() - t_all)
     return MergeResult(name, version, True, max_diff, agreement, timings)

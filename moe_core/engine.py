@@ -741,6 +741,12 @@ class Engine:
             for r, c in zip(requests, done, strict=True)
         ]
 
+    def check_device(self) -> None:
+        """Raise when the model's device cannot run a tiny computation (a lost or faulted GPU)."""
+        x = torch.ones(8, device=self.device)
+        if float((x * 2).sum().item()) != 16.0:
+            raise EngineError(f"{self.name}: device {self.device} computes wrong results")
+
     @property
     def eos_token_ids(self) -> list[int]:
         """Tokens that end an answer: the generation config's (``<|im_end|>``, ``<|endoftext|>``)."""

@@ -147,6 +147,10 @@ class Scheduler:
             jobs = [r.job for r in self._rows] + list(self._waiting) + self._admitted
         return {j.request.adapter for j in jobs if j.request.adapter is not None}
 
+    def healthy(self) -> bool:
+        """The loop thread runs (or has not been needed yet) and the scheduler is not closed."""
+        return not self._closed and (self._thread is None or self._thread.is_alive())
+
     def resize(self, max_running: int, max_queued: int) -> None:
         with self._cond:
             self.max_running, self.max_queued = max_running, max_queued

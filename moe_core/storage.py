@@ -17,6 +17,8 @@ A writer killed at any moment therefore leaves the old version current and no ve
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -26,7 +28,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +56,8 @@ POINTER = "CURRENT"
 #: What new_version_id() writes: "v", a UTC timestamp, "-", a short hash (checked on every read).
 VERSION_RE = re.compile(r"v[0-9A-Za-z][0-9A-Za-z-]{0,80}")
 MANIFEST = "MANIFEST.json"
+#: ``expect`` left out: set the pointer whatever it holds.
+ANY = object()
 _CHUNK = 1 << 20
 
 
@@ -164,8 +168,14 @@ class Storage:
         """
         version = version or self._require_current(kind, name)
         remote = f"{self.slot(kind, name)}/{version}"
-        if self.local:
-            return Path(remote), version
+        if self.local:  # read in place: every file checked against the manifest first
+            folder = Path(remote)
+            try:
+                manifest = json.loads((folder / MANIFEST).read_text())
+            except (OSError, ValueError) as e:
+                raise StorageError(f"{kind} {name!r} version {version}: no readable manifest ({e})") from e
+            _verify(folder, manifest)
+            return folder, version
         target = self.cache_dir / _KIND_DIRS[kind] / name / version
         if (target / MANIFEST).exists():
             return target, version
@@ -198,8 +208,10 @@ class Storage:
         version: str | None = None,
         make_current: bool = True,
         progress: Progress | None = None,
+        expect: str | object | None = ANY,
     ) -> str:
-        """Copy the files of ``src`` into a new version and (by default) make it current atomically."""
+        """Copy the files of ``src`` into a new version and (by default) make it current atomically
+        (only if the current version is still ``expect``, when given: see :meth:`set_current`)."""
         files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MANIFEST)
         if not files:
             raise StorageError(f"{src}: nothing to publish for {kind} {name!r}")
@@ -226,16 +238,45 @@ class Storage:
             time.perf_counter() - t0,
         )
         if make_current:
-            self.set_current(kind, name, version)
+            self.set_current(kind, name, version, expect=expect)
         return version
 
-    def set_current(self, kind: Kind, name: str, version: str) -> None:
-        """Point ``CURRENT`` at a complete version, atomically."""
+    def set_current(self, kind: Kind, name: str, version: str, *, expect: str | object | None = ANY) -> None:
+        """Point ``CURRENT`` at a complete version, atomically.
+
+        With ``expect`` (a version, or None for "nothing published yet") it is a compare-and-swap: the
+        pointer moves only if it still names ``expect``, so a writer that started from an older state
+        (a merge that began before a newer one finished) cannot win by finishing last. Writers on one
+        machine or a shared POSIX volume are serialised by a lock file; on object stores the compare
+        is a read before the single PUT (use one writer per name there, as the merge jobs do).
+        """
         if version not in self.versions(kind, name):
             raise StorageError(f"{kind} {name!r} has no complete version {version!r}")
         data = json.dumps({"version": version, "updated_at": _now()}).encode()
-        self._write_bytes(f"{self.slot(kind, name)}/{POINTER}", data)
+        with self._writer_lock(kind, name):
+            if expect is not ANY:
+                now = self.current_version(kind, name)
+                if now != expect:
+                    raise StorageError(
+                        f"{kind} {name!r}: current version is {now}, not {expect} as this writer expected; "
+                        f"{version} is not made current (a newer write won)"
+                    )
+            self._write_bytes(f"{self.slot(kind, name)}/{POINTER}", data)
         logger.info("%s %s: current version is now %s", kind, name, version)
+
+    @contextlib.contextmanager
+    def _writer_lock(self, kind: Kind, name: str) -> Iterator[None]:
+        if not self.local:
+            yield
+            return
+        slot = Path(self.slot(kind, name))
+        slot.mkdir(parents=True, exist_ok=True)
+        with open(slot / ".lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def rollback(self, kind: Kind, name: str, to: str | None = None) -> str:
         """Make the previous complete version (or ``to``) current; return it."""
@@ -249,11 +290,18 @@ class Storage:
         self.set_current(kind, name, to)
         return to
 
-    def prune(self, kind: Kind, name: str, keep: int) -> list[str]:
-        """Delete all but the newest ``keep`` versions, never the current one."""
+    def prune(self, kind: Kind, name: str, keep: int, *, writer_grace_s: float = 3600.0) -> list[str]:
+        """Delete old versions, keeping the newest ``keep``. Never deleted: the current version, the one
+        current just before it (replicas may still be loading it), and a version newer than the current
+        one written within ``writer_grace_s`` (another writer's, about to be made current)."""
         cur = self.current_version(kind, name)
         versions = self.versions(kind, name)
-        doomed = [v for v in versions[:-keep] if v != cur] if keep > 0 else []
+        if cur is None or keep <= 0:
+            return []
+        older = [v for v in versions if v < cur]
+        protected = {cur, *older[-1:]}
+        protected |= {v for v in versions if v > cur and _age_s(v) < writer_grace_s}
+        doomed = [v for v in versions[:-keep] if v not in protected]
         for v in doomed:
             self.fs.rm(f"{self.slot(kind, name)}/{v}", recursive=True)
             logger.info("%s %s: pruned version %s", kind, name, v)
@@ -308,7 +356,19 @@ class Storage:
 
 
 def _verify(folder: Path, manifest: dict[str, Any]) -> None:
-    for rel, digest in manifest["files"].items():
+    """Every file the manifest names has its sha256, and no other file is there (verified on read)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise StorageError(f"{folder}: manifest lists no files")
+    present = {
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+    }
+    extra, missing = sorted(present - set(files)), sorted(set(files) - present)
+    if extra or missing:
+        raise StorageError(
+            f"{folder}: files differ from the manifest (extra {extra[:3]}, missing {missing[:3]})"
+        )
+    for rel, digest in files.items():
         got = sha256_file(folder / rel)
         if got != digest:
             raise StorageError(f"{folder / rel}: sha256 {got} does not match manifest {digest}")
@@ -322,6 +382,15 @@ def _verify_remote(fs: Any, folder: str, manifest: dict[str, Any]) -> None:
                 h.update(chunk)
         if h.hexdigest() != digest:
             raise StorageError(f"{folder}/{rel}: sha256 {h.hexdigest()} does not match manifest {digest}")
+
+
+def _age_s(version: str) -> float:
+    """Seconds since ``version`` was written, from its id (:func:`new_version_id`); 0 if it has no stamp."""
+    try:
+        stamp = datetime.strptime(version[1:21], "%Y%m%dT%H%M%S%f").replace(tzinfo=UTC)
+    except ValueError:
+        return 0.0
+    return (datetime.now(UTC) - stamp).total_seconds()
 
 
 def _now() -> str:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import functools
 import io
+import json
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class FakeEngine:
         self.loaded: dict[str, str] = {}
         self.batches: list[list[str | None]] = []
         self._pending: list[GenerationRequest] = []
+        self.broken = False
         self._last = (0, 0)
         self.classified = 0
         self.slots = (99, 16)
@@ -59,7 +61,7 @@ class FakeEngine:
     ) -> Completion:
         """Requests that arrive together form one batch, as the scheduler's running batch does."""
         self._pending.append(request)
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # requests arriving within this window share the "forward"
         if self._pending:
             batch, self._pending = self._pending, []
             self.batches.append([r.adapter for r in batch])
@@ -77,6 +79,10 @@ class FakeEngine:
 
     def in_use(self) -> set[str]:
         return set()
+
+    def check_health(self) -> None:
+        if self.broken:
+            raise RuntimeError("device lost")
 
     def _text(self, r: GenerationRequest) -> str:
         return f"{r.adapter}@{self.loaded.get(r.adapter or '', '-')}:{r.prompt}"
@@ -289,10 +295,44 @@ async def test_merged_waits_for_a_version_then_serves_it(store: Storage, tmp_pat
     with pytest.raises(ModelUnavailable):
         await m.generate(_q("a"))
     v1 = _publish(store, tmp_path, "merged", "calendar", "m1")
+    with pytest.raises(ModelUnavailable):  # the load runs in the background: this request falls back
+        await m.generate(_q("a"))
+    assert m._task is not None
+    await m._task
     answer = await m.generate(_q("a"))
     assert (answer.mode, answer.adapter, answer.version) == ("merged", "calendar", v1)
     assert engines[0].path is not None and (engines[0].path / "tag").read_text() == "m1"
     assert m.status().version == v1 and m.status().ready
+    m.check_health()
+    engines[0].broken = True  # a lost device makes the replica unhealthy: Serve replaces it
+    with pytest.raises(RuntimeError, match="device lost"):
+        m.check_health()
+
+
+@on_loop
+async def test_a_merged_model_of_an_older_adapter_version_is_stale_and_falls_back(
+    store: Storage, tmp_path: Path
+) -> None:
+    """Merged and dynamic must not disagree: a merge of an older adapter version is not served."""
+
+    def factory(settings: EngineSettings, path: Path | None, name: str, rows: int, queue: int) -> FakeEngine:
+        return FakeEngine(path)
+
+    merged_from = store.current_version("expert", "calendar")
+    src = tmp_path / "merged-src"
+    src.mkdir()
+    (src / "tag").write_text("m1")
+    (src / "merge_metadata.json").write_text(json.dumps({"source_version": merged_from}))
+    store.publish("merged", "calendar", src)
+    m = MergedModel(MergedSettings.of(CFG, "calendar"), engine_factory=factory, storage=store)
+    assert (await m.generate(_q("a"))).mode == "merged" and m.status().ready
+    _publish(store, tmp_path, "expert", "calendar", "v2")  # a new adapter version is deployed
+    if m._task is not None:
+        await m._task
+    await m._check()  # what the next refresh runs in the background
+    with pytest.raises(ModelUnavailable, match="stale: merged from adapter version"):
+        await m.generate(_q("a"))
+    assert not m.status().ready
 
 
 class FakeHandle:

@@ -27,7 +27,6 @@ from deployments.messages import (
     Answer,
     Chunk,
     DynamicStats,
-    MergedStatus,
     Query,
     RouteRequest,
     RouteResult,
@@ -267,6 +266,7 @@ class Gateway:
         self.merged = merged
         self._policy: RoutingPolicy | None = None  # set by reconfigure(), which Serve calls before traffic
         self.started_at = time.time()
+        self._storage: Any = None  # opened on first use by /adapters (published merged versions)
         self.metrics = GatewayMetrics()
         _METRICS[:] = [self.metrics]
         set_api_keys(ApiKeys.of(settings.api))  # refuses to start when keys are on and none is found
@@ -330,7 +330,7 @@ class Gateway:
                 f"prompt is {len(req.prompt)} characters, over the limit of {limits.max_prompt_chars}",
             )
         policy = self.policy  # one snapshot per request, even across a reconfigure
-        query, image = self._query(req, trace)
+        query, image = await asyncio.to_thread(self._query, req, trace)  # decoding never stalls the loop
         if req.expert is not None:
             adapter = policy.resolve_expert(req.expert)
             trace.adapter = adapter
@@ -689,13 +689,7 @@ class Gateway:
             policy = self.policy
         except ServiceUnavailable as e:
             return JSONResponse(status_code=503, content=error_body("service", str(e), current_request_id()))
-        versions: dict[str, str | None] = {}
-        for name, handle in self.merged.items():
-            try:
-                status: MergedStatus = await self._call(handle.status.remote(), timeout_s=2.0)
-                versions[name] = status.version
-            except ServiceUnavailable:  # scaled to zero, starting or failing: no version to show
-                versions[name] = None
+        versions = await self._merged_versions()
         rows = []
         for name in sorted(policy.experts):
             rows.append(
@@ -709,16 +703,43 @@ class Gateway:
             )
         return rows
 
+    async def _merged_versions(self) -> dict[str, str | None]:
+        """Each merged adapter's published version, read from storage: asking the deployments would wake
+        the ones scaled to zero (and wait on each in turn)."""
+        if self._storage is None:
+            from moe_core.storage import Storage
+
+            self._storage = Storage(self.settings.storage_url)
+        store = self._storage
+
+        def read(name: str) -> str | None:
+            try:
+                return store.current_version("merged", name)
+            except Exception:  # an unreadable pointer: no version to show, the rest of the table stands
+                return None
+
+        names = sorted(self.merged)
+        try:
+            found = await asyncio.wait_for(
+                asyncio.gather(*(asyncio.to_thread(read, n) for n in names)), timeout=2.0
+            )
+        except TimeoutError:
+            found = [None] * len(names)
+        return dict(zip(names, found, strict=True))
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "uptime_s": round(time.time() - self.started_at, 1), "pid": os.getpid()}
 
     @api.get("/stats")
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> Any:
         """Batching and cache counters of the dynamic deployment (one replica's view)."""
         if self.dynamic is None:
             return {}
-        stats: DynamicStats = await self.dynamic.stats.remote()
+        try:
+            stats: DynamicStats = await self._call(self.dynamic.stats.remote(), timeout_s=2.0)
+        except ServiceUnavailable as e:
+            return JSONResponse(status_code=503, content=error_body("service", str(e), current_request_id()))
         return dataclasses.asdict(stats)
 
 

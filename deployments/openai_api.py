@@ -554,7 +554,7 @@ async def build_conversation(
                 f"{param}.image_url.url" if isinstance(part.image_url, ImageURL) else f"{param}.image_url"
             )
             raw = await _image_bytes(part.url, url_param, api, limits.max_image_bytes, fetch)
-            plans.append(_plan(raw, url_param, bounds, settings))
+            plans.append(await asyncio.to_thread(_plan, raw, url_param, bounds, settings))  # off the loop
             out.append(len(images))
             images.append(raw)
         if role == "user":

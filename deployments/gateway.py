@@ -37,6 +37,7 @@ from deployments.openai_api import (
     ApiError,
     ApiKeyMiddleware,
     ApiKeys,
+    BodyLimitMiddleware,
     ChatCompletion,
     ChatCompletionRequest,
     ChunkWriter,
@@ -57,6 +58,7 @@ from deployments.openai_api import (
     resolve_model,
     routing_available,
     set_api_keys,
+    set_body_limit,
     validation_error,
 )
 from deployments.routing import RoutedVia, RoutingPolicy, Target
@@ -86,6 +88,7 @@ api = FastAPI(
     version="0.1.0",
 )
 api.add_middleware(ApiKeyMiddleware)
+api.add_middleware(BodyLimitMiddleware)  # outermost: an oversized body is refused before anything reads it
 #: OpenAI's error shape, for the OpenAPI schema of the /v1 routes.
 _V1_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)
@@ -269,6 +272,7 @@ class Gateway:
         self._storage: Any = None  # opened on first use by /adapters (published merged versions)
         self.metrics = GatewayMetrics()
         _METRICS[:] = [self.metrics]
+        set_body_limit(settings.limits.max_body_bytes)
         set_api_keys(ApiKeys.of(settings.api))  # refuses to start when keys are on and none is found
         on_refused(self._refused)
 

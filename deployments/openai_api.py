@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.messages import FinishReason, Query, Sampling, Turn
 from deployments.routing import RoutedVia, RoutingPolicy
@@ -846,6 +846,64 @@ class ApiKeyMiddleware:
         for refused in _REFUSED:
             refused(path, 401)
         await response(scope, receive, send)
+
+
+#: The largest request body the gateway reads (``limits.max_body_bytes``), set by the gateway at start.
+_BODY_LIMIT: list[int | None] = [None]
+
+
+def set_body_limit(max_bytes: int | None) -> None:
+    _BODY_LIMIT[0] = max_bytes
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: a body over ``limits.max_body_bytes`` is refused with a 413 before it is read
+    whole (by its Content-Length, or while it streams in when it has none), so no request can push the
+    gateway out of memory."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = _BODY_LIMIT[0]
+        if scope["type"] != "http" or limit is None:
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await _too_large(path, limit)(scope, receive, send)
+            return
+        seen, refused = 0, False
+
+        async def counted() -> Message:
+            """The body as it streams in; past the limit, the client gets the 413 and the app a disconnect."""
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    refused = True
+                    await _too_large(path, limit)(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message: Message) -> None:
+            if not refused:  # the app's own answer to a body it never got whole is dropped
+                await send(message)
+
+        await self.app(scope, counted, guarded)
+
+
+def _too_large(path: str, limit: int) -> JSONResponse:
+    message = f"request body is over the limit of {limit} bytes (limits.max_body_bytes)"
+    for refused in _REFUSED:
+        refused(path, 413)
+    if "/v1/" in path:
+        return ApiError(413, message, None, "too_large").response()
+    return JSONResponse(status_code=413, content=error_body("body", message))
 
 
 def on_refused(callback: Refused) -> None:

@@ -251,6 +251,12 @@ class GatewayConfig(StrictModel):
 class LimitsConfig(StrictModel):
     max_image_pixels: int = Field(default=1024 * 1024, ge=1, description="Largest image (width*height).")
     max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1, description="Largest decoded image file.")
+    max_body_bytes: int = Field(
+        default=24 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body the gateway reads (a base64 image is 4/3 of its file); larger "
+        "bodies get a 413 before they are read.",
+    )
     max_prompt_chars: int = Field(default=4000, ge=1, description="Longest prompt in characters.")
     max_new_tokens: int = Field(default=24, ge=1, description="Tokens generated per request.")
     max_batch_size: int = Field(

@@ -50,6 +50,20 @@ MERGE_WORKER_MEMORY = "96Gi"
 #: Ray's metrics export port on every pod (KubeRay's default, set explicitly): the PodMonitor scrapes it.
 METRICS_PORT = 8080
 POD_LABELS = {"app.kubernetes.io/name": NAME}
+#: Local scratch disk per pod (logs, /tmp, Ray's session dir): bounded, so a runaway writer is evicted.
+EPHEMERAL_STORAGE = "20Gi"
+#: The Ray image's user (uid 1000, "ray"); nothing runs as root.
+RAY_UID = 1000
+#: Ray's token authentication, with the token in a Secret KubeRay generates and hands to its own calls
+#: (serveConfigV2 deploys, job submission) and to every Ray pod: the dashboard and job API answer nobody else.
+AUTH_OPTIONS = {"mode": "token"}
+#: Pods allowed to reach the Ray ports of the cluster besides its own: the KubeRay operator (deploys,
+#: health) and Prometheus (metrics); everything else reaches only Serve's HTTP port.
+OPERATOR_PODS = {"app.kubernetes.io/name": "kuberay-operator"}
+PROMETHEUS_PODS = {"app.kubernetes.io/name": "prometheus"}
+SERVE_PORT = 8000
+DASHBOARD_PORT = 8265
+DASHBOARD_AGENT_PORT = 52365
 
 Resources = dict[str, dict[str, str]]
 
@@ -58,8 +72,10 @@ def _quantity(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def _resources(cpu: float, memory: str, gpu: int = 0) -> Resources:
-    amounts = {"cpu": _quantity(cpu), "memory": memory}
+def _resources(cpu: float, memory: str, gpu: int = 0, scratch: str = EPHEMERAL_STORAGE) -> Resources:
+    """Requests equal to limits (Guaranteed QoS), local scratch disk bounded too (model files live on the
+    shared volume, so a pod writing past ``scratch`` is evicted instead of filling the node)."""
+    amounts = {"cpu": _quantity(cpu), "memory": memory, "ephemeral-storage": scratch}
     if gpu:
         amounts["nvidia.com/gpu"] = str(gpu)
     return {"requests": dict(amounts), "limits": dict(amounts)}
@@ -105,7 +121,16 @@ def _env(*extra: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _pod(container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool = False) -> dict[str, Any]:
-    spec: dict[str, Any] = {}
+    spec: dict[str, Any] = {
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RAY_UID,
+            "runAsGroup": RAY_UID,
+            "fsGroup": RAY_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "automountServiceAccountToken": False,  # Ray pods never call the Kubernetes API
+    }
     if gpu:
         spec["nodeSelector"] = dict(H100_LABEL)
         spec["tolerations"] = [dict(GPU_TOLERATION)]
@@ -122,6 +147,12 @@ def _container(
     ports: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     c: dict[str, Any] = {"name": name, "image": IMAGE, "resources": resources}
+    c["securityContext"] = {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+    }
     c["ports"] = [*(ports or []), {"containerPort": METRICS_PORT, "name": "metrics"}]
     c["env"] = env
     c["volumeMounts"] = mounts
@@ -222,6 +253,7 @@ def rayservice(cfg: DeploymentConfig, name: str = NAME) -> dict[str, Any]:
             "serveConfigV2": yaml.safe_dump(serve_config(cfg), sort_keys=False, width=120),
             "rayClusterConfig": {
                 "rayVersion": ray.__version__,
+                "authOptions": dict(AUTH_OPTIONS),
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 600},
                 "headGroupSpec": _head_group(cfg, _resources(4, "16Gi"), env, ports, keys),
@@ -266,6 +298,7 @@ def rayjob(
             "submissionMode": "K8sJobMode",
             "rayClusterSpec": {
                 "rayVersion": ray.__version__,
+                "authOptions": dict(AUTH_OPTIONS),
                 "headGroupSpec": _head_group(cfg, _resources(2, "8Gi"), _env()),
                 "workerGroupSpecs": [worker],
             },
@@ -314,6 +347,46 @@ def podmonitor(name: str = NAME) -> dict[str, Any]:
     }
 
 
+def networkpolicy(name: str = NAME) -> dict[str, Any]:
+    """Ingress to the Ray pods: from each other (GCS, object transfer, replicas), Serve's HTTP port from
+    anywhere, the dashboard (and its agent) from the KubeRay operator, the metrics port from Prometheus.
+    The dashboard's job API (code execution) is reachable from nothing else, and needs Ray's token too."""
+    own = {"podSelector": {"matchLabels": dict(POD_LABELS)}}
+    operator = {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(OPERATOR_PODS)}}
+    prometheus = {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(PROMETHEUS_PODS)}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": name}},
+        "spec": {
+            "podSelector": {"matchLabels": dict(POD_LABELS)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [own]},
+                {"ports": [{"port": SERVE_PORT, "protocol": "TCP"}]},
+                {
+                    "from": [operator],
+                    "ports": [
+                        {"port": DASHBOARD_PORT, "protocol": "TCP"},
+                        {"port": DASHBOARD_AGENT_PORT, "protocol": "TCP"},
+                    ],
+                },
+                {"from": [prometheus], "ports": [{"port": METRICS_PORT, "protocol": "TCP"}]},
+            ],
+        },
+    }
+
+
+NETWORKPOLICY_HEADER = (
+    "# Only Serve's port (8000) is open beyond the Ray pods; the dashboard and job API (8265) only to the\n"
+    "# KubeRay operator, metrics (8080) only to Prometheus. Applied by `kubectl apply -k k8s/`.\n"
+)
+
+
+def render_networkpolicy(cfg: DeploymentConfig, source: str) -> str:
+    return GENERATED.format(source=source) + NETWORKPOLICY_HEADER + _dump(networkpolicy())
+
+
 PODMONITOR_HEADER = (
     "# Scrapes Ray's metrics port on the RayService and RayJob pods (Prometheus Operator). Optional:\n"
     "#   kubectl apply -f k8s/podmonitor.yaml     (needs the monitoring.coreos.com CRDs); dashboard:\n"
@@ -329,6 +402,7 @@ FILES: dict[str, Callable[[DeploymentConfig, str], str]] = {
     "rayservice.yaml": render_rayservice,
     "rayjob-merge.yaml": render_rayjob,
     "podmonitor.yaml": render_podmonitor,
+    "networkpolicy.yaml": render_networkpolicy,
 }
 
 

@@ -31,6 +31,8 @@ DYNAMIC_NAME = "DynamicLoRA"
 #: Ray's default of 5 ongoing requests throttles batching; the batched deployments take this many.
 BATCHED_MAX_ONGOING = 64
 GATEWAY_MAX_ONGOING = 256
+#: Requests the gateway queues beyond GATEWAY_MAX_ONGOING before the proxy refuses more with a 503.
+GATEWAY_MAX_QUEUED = 512
 
 
 class AppArgs(BaseModel):
@@ -54,10 +56,12 @@ def merged_name(adapter: str) -> str:
     return f"Merged-{adapter}"
 
 
-def _scaling(s: ScalingConfig) -> dict[str, Any]:
-    """Autoscaling and resources of one model deployment."""
+def _scaling(s: ScalingConfig, max_queued: int) -> dict[str, Any]:
+    """Autoscaling, resources and backpressure of one model deployment: beyond ``max_queued`` waiting
+    calls a caller gets Serve's BackPressureError at once (the gateway's 503/429), never a long wait."""
     return {
         "max_ongoing_requests": BATCHED_MAX_ONGOING,
+        "max_queued_requests": max_queued,
         "autoscaling_config": {
             "min_replicas": s.min_replicas,
             "initial_replicas": s.min_replicas,
@@ -80,7 +84,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     cfg, live = parsed.deployment_config()
     merged = {
         a.name: serve.deployment(MergedModel)  # type: ignore[attr-defined]
-        .options(name=merged_name(a.name), **_scaling(a))
+        .options(name=merged_name(a.name), **_scaling(a, cfg.limits.max_queued_requests))
         .bind(MergedSettings.of(cfg, a.name))
         for a in cfg.merged_enabled
     }
@@ -91,7 +95,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             .options(
                 name=DYNAMIC_NAME,
                 health_check_period_s=10,
-                **_scaling(cfg.dynamic),
+                **_scaling(cfg.dynamic, cfg.limits.max_queued_requests),
                 **_user_config(live.dynamic if live else None),
             )
             .bind(DynamicSettings.of(cfg))
@@ -101,6 +105,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         .options(
             name=GATEWAY_NAME,
             max_ongoing_requests=GATEWAY_MAX_ONGOING,
+            max_queued_requests=GATEWAY_MAX_QUEUED,  # past it the proxy answers 503 at once
             ray_actor_options={"num_cpus": 0},
             **_user_config(live.gateway if live else None),
         )

@@ -627,6 +627,66 @@ def test_a_merged_replica_killed_under_load_fails_no_request(service) -> None:  
     assert merged_back, "the merged deployment never answered again"
 
 
+def test_the_dynamic_replica_killed_under_load_fails_fast_and_recovers(service) -> None:  # type: ignore[no-untyped-def]
+    """Faults under load (hardening issue): 4 clients on dynamic experts; the DynamicLoRA replica is
+    SIGKILLed. Requests in flight fail fast with a 503 (never a hang), and the service answers again
+    within 30 s once Serve has restarted the replica."""
+    import os
+    import signal
+    import threading
+
+    from ray.util.state import list_actors
+
+    url = service["url"]
+    screens = split("heldout", 2, ("login-window", "desktop"))
+    results: list[tuple[float, float, int]] = []  # (sent, took, status)
+    lock = threading.Lock()
+    killed_at = [0.0]
+    stop = [time.time() + 120.0]
+
+    def client(k: int) -> None:
+        n = k
+        with requests.Session() as session:
+            while time.time() < stop[0]:
+                screen = screens[n % len(screens)]
+                n += 1
+                body = {"image_b64": _b64(screen), "prompt": screen.prompt, "expert": screen.kind}
+                t0 = time.time()
+                try:
+                    status = session.post(f"{url}/infer", json=body, timeout=90).status_code
+                except requests.RequestException:
+                    status = 0
+                with lock:
+                    results.append((t0, time.time() - t0, status))
+                    if killed_at[0] and status == 200 and t0 > killed_at[0] + 1:
+                        stop[0] = min(stop[0], time.time() + 3.0)  # answered again: a little more, then stop
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(5.0)
+    (victim,) = list_actors(
+        address=service["dashboard"],
+        filters=[("class_name", "=", "ServeReplica:moe:DynamicLoRA"), ("state", "=", "ALIVE")],
+    )
+    killed_at[0] = time.time()
+    os.kill(int(victim.pid), signal.SIGKILL)
+    for t in threads:
+        t.join()
+    after = [(sent, took, code) for sent, took, code in results if sent + took > killed_at[0]]
+    failed = [(took, code) for _, took, code in after if code != 200]
+    back = [sent + took for sent, took, code in after if code == 200 and sent > killed_at[0]]
+    recovery = min(back) - killed_at[0] if back else None
+    print(
+        f"dynamic replica killed under load: {len(results)} requests, {len(failed)} failed "
+        f"(statuses {sorted({c for _, c in failed})}, slowest failure {max((t for t, _ in failed), default=0):.1f} s), "
+        f"answering again after {recovery if recovery is None else round(recovery, 1)} s"
+    )
+    assert all(code == 503 for _, code in failed), failed  # a clear 503, never a 500 or a dropped connection
+    assert all(took < 60 for took, _ in failed)  # failing fast, not waiting out the timeout
+    assert recovery is not None and recovery < 30
+
+
 def test_live_config_change_without_restart(service, demo_cfg) -> None:  # type: ignore[no-untyped-def]
     url = service["url"]
     screen = split("heldout", 1, ("calendar",))[0]

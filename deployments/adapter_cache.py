@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +82,8 @@ class AdapterCache:
         self.wait_s = wait_s  # how long a load waits for a slot to free up before it gives up
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._reserved: set[str] = set()  # new adapters whose load runs: they hold a slot already
+        self._pinned: Counter[str] = Counter()  # adapters an ensure() in progress returns to its caller
         self.loads = 0
         self.evictions = 0
 
@@ -99,11 +101,18 @@ class AdapterCache:
         wanted = list(dict.fromkeys(names))
         if len(wanted) > self.capacity:
             raise ValueError(f"{len(wanted)} adapters requested at once, cache holds {self.capacity}")
-        for name in wanted:
-            await self._ensure_one(name, keep=wanted)
-            self._entries.move_to_end(name)
-        self._evict(keep=wanted)
-        return {n: self._entries[n].version for n in wanted}
+        self._pinned.update(wanted)  # no other request evicts them before this one has used them
+        try:
+            for name in wanted:
+                await self._ensure_one(name, keep=wanted)
+                while name not in self._entries:  # evicted while this request awaited (it was not pinned yet)
+                    await self._ensure_one(name, keep=wanted)
+                self._entries.move_to_end(name)
+            self._evict(keep=wanted)
+            return {n: self._entries[n].version for n in wanted}
+        finally:
+            self._pinned.subtract(wanted)
+            self._pinned += Counter()  # drop the zero counts
 
     async def _ensure_one(self, name: str, keep: Iterable[str] = ()) -> None:
         while (fut := self._inflight.get(name)) is not None:  # one in-flight load per adapter
@@ -155,6 +164,7 @@ class AdapterCache:
             raise
         finally:
             del self._inflight[name]
+            self._reserved.discard(name)
 
     def _load(self, name: str, version: str) -> None:
         t0 = time.perf_counter()
@@ -179,7 +189,8 @@ class AdapterCache:
         deadline = time.monotonic() + self.wait_s
         while True:
             self._evict(keep=keep, room=1)
-            if len(self._entries) < self.capacity:
+            if len(self._entries) + len(self._reserved) < self.capacity:
+                self._reserved.add(name)  # held while the load runs: concurrent loads never overfill
                 return
             if time.monotonic() > deadline:
                 raise CacheBusy(
@@ -189,8 +200,8 @@ class AdapterCache:
 
     def _evict(self, keep: Iterable[str], room: int = 0) -> None:
         """Evict least recently used entries not in ``keep`` (nor busy) until ``room`` more fit."""
-        keep = set(keep) | self.busy()
-        while len(self._entries) + room > self.capacity:
+        keep = set(keep) | self.busy() | set(self._pinned)
+        while len(self._entries) + len(self._reserved) + room > self.capacity:
             victim = next((n for n in self._entries if n not in keep), None)
             if victim is None:
                 return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,27 @@ def test_adapters_with_running_rows_are_never_evicted_or_reloaded(tmp_path: Path
         assert eng.loaded["a"] == "v2"
 
     asyncio.run(scenario())
+
+
+def test_concurrent_loads_of_new_adapters_never_overfill_the_slots(tmp_path: Path) -> None:
+    """Found by the soak: two new adapters loading at once each saw one free slot and both loaded."""
+    st = Storage(str(tmp_path / "s"))
+    names = [f"a{i}" for i in range(6)]
+    for n in names:
+        _publish(st, tmp_path, n, "v1")
+
+    class SlotEngine(RecordingEngine):
+        def load_adapter(self, name: str, path: str | Path) -> None:
+            time.sleep(0.02)  # a load takes time: other requests arrive meanwhile
+            if name not in self.loaded and len(self.loaded) >= 2:
+                raise ValueError(f"adapter {name!r}: all 2 slots are taken; unload one first")
+            super().load_adapter(name, path)
+
+    eng = SlotEngine()
+    cache = AdapterCache(eng, st, capacity=2, refresh_interval_s=60.0)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(cache.ensure([n]) for n in names * 3))
+
+    asyncio.run(scenario())
+    assert len(eng.loaded) <= 2

@@ -43,7 +43,7 @@ def _replica_rss_mb() -> dict[str, float]:
     for proc in psutil.process_iter(["pid", "cmdline"]):
         title = " ".join(proc.info.get("cmdline") or [])
         if "ServeReplica:" in title:
-            name = title.split("ServeReplica:", 1)[1].split()[0]
+            name = title.split("ServeReplica:", 1)[1].split()[0].split(".")[0]  # the title adds the method
             try:
                 out[f"{name}:{proc.info['pid']}"] = proc.memory_info().rss / 2**20
             except psutil.NoSuchProcess:

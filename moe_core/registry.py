@@ -118,13 +118,14 @@ def _check_base(name: str, config: dict[str, Any], cfg: DeploymentConfig) -> Non
         )
 
 
-def _check_tensors(name: str, src: Path, cfg: DeploymentConfig) -> int:
+def _check_tensors(name: str, src: Path, cfg: DeploymentConfig, config: dict[str, Any]) -> int:
     """NaN/Inf and placement checks; returns the number of tensors."""
     import torch
     from safetensors import safe_open
 
     modules = module_shapes(cfg.base_model)
     params = {f"{m}.weight": shape for m, (_, shape) in modules.items() if shape}
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
     n = 0
     with safe_open(str(src / "adapter_model.safetensors"), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -133,9 +134,57 @@ def _check_tensors(name: str, src: Path, cfg: DeploymentConfig) -> int:
             if not torch.isfinite(t.float()).all():
                 raise AdapterRejected(f"adapter {name!r}: tensor {key} holds NaN or Inf values")
             _check_placement(name, key, tuple(t.shape), modules, params)
+            _check_slottable(name, key, tuple(t.shape), modules, pairs)
     if n == 0:
         raise AdapterRejected(f"adapter {name!r}: adapter_model.safetensors holds no tensors")
+    _check_ranks(name, config, pairs)
     return n
+
+
+def _check_slottable(
+    name: str,
+    key: str,
+    shape: tuple[int, ...],
+    modules: dict[str, tuple[str, tuple[int, ...]]],
+    pairs: dict[str, dict[str, tuple[int, ...]]],
+) -> None:
+    """What the dynamic deployment's LoRA slots hold: LoRA A/B pairs on linear layers, nothing else
+    (no embedding LoRA, no full replacement weights, no DoRA magnitudes), so an adapter that deploys is
+    one that every mixed batch can serve."""
+    rel = key[len(_PREFIX) :]
+    m = _LORA_KEY.match(rel)
+    if m is None:
+        raise AdapterRejected(
+            f"adapter {name!r}: tensor {key} is not a LoRA A/B weight (embedding LoRA, modules_to_save and "
+            "DoRA cannot share a mixed batch); not served"
+        )
+    kind, wshape = modules[m["module"]]
+    if kind != "Linear" or len(wshape) != 2:
+        raise AdapterRejected(
+            f"adapter {name!r}: tensor {key} adapts {kind} {m['module']} (weight shape {wshape}); only "
+            "linear layers are served"
+        )
+    pairs.setdefault(m["module"], {})[m["part"]] = shape
+
+
+def _check_ranks(name: str, config: dict[str, Any], pairs: dict[str, dict[str, tuple[int, ...]]]) -> None:
+    """Every module's lora_A and lora_B both present and of the config's rank ``r`` (the slots scale
+    and place each pair by ``r``; a per-module ``rank_pattern`` or ``alpha_pattern`` is not served)."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        if config.get(field):
+            raise AdapterRejected(
+                f"adapter {name!r}: adapter_config.json sets {field}; per-module ranks are not served"
+            )
+    rank = config["r"]
+    for module, parts in sorted(pairs.items()):
+        a, b = parts.get("lora_A"), parts.get("lora_B")
+        if a is None or b is None:
+            raise AdapterRejected(f"adapter {name!r}: module {module} has only one of lora_A and lora_B")
+        if a[0] != rank or b[1] != rank:
+            raise AdapterRejected(
+                f"adapter {name!r}: module {module} has lora_A {a} and lora_B {b}, which do not fit the "
+                f"config's rank r = {rank}"
+            )
 
 
 def _check_placement(
@@ -181,7 +230,7 @@ def validate_adapter(cfg: DeploymentConfig, name: str, src: Path) -> ValidatedAd
     config = _check_files(name, Path(src))
     _check_base(name, config, cfg)
     _check_servable(name, config, cfg)
-    return ValidatedAdapter(config, _check_tensors(name, Path(src), cfg))
+    return ValidatedAdapter(config, _check_tensors(name, Path(src), cfg, config))
 
 
 def _check_servable(name: str, config: dict[str, Any], cfg: DeploymentConfig) -> None:

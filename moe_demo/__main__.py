@@ -1,7 +1,8 @@
 """The embedded demo: synthetic screens, a routing adapter and expert adapters on the tiny model.
 
 python -m moe_demo build [--config config/deployment.yaml]   # no-op when up to date
-python -m moe_demo eval                                       # accuracy table from storage
+python -m moe_demo eval                                       # accuracy table from storage (exact match,
+                                                              # and character accuracy for ocr)
 python -m moe_demo screenshot calendar out.png                # one held-out screen
 """
 
@@ -52,11 +53,22 @@ def main(argv: list[str] | None = None) -> int:
         from moe_demo.build import evaluate_demo
 
         rows = evaluate_demo(cfg, args.heldout)
-        print(f"{'adapter':<14} {'role':<8} {'n':>5} {'accuracy':>9} {'base (no adapter)':>18}")
+        print(
+            f"{'adapter':<14} {'role':<8} {'n':>5} {'accuracy':>9} {'characters':>10} "
+            f"{'base (no adapter)':>18} {'base characters':>16}"
+        )
         for r in rows:
-            base = r.get("base_accuracy")
-            base_s = f"{base:.3f}" if isinstance(base, float) else "-"
-            print(f"{r['name']!s:<14} {r['role']!s:<8} {r['n']!s:>5} {r['accuracy']:>9.3f} {base_s:>18}")
+            cells = [
+                f"{v:.3f}" if isinstance(v, float) else "-"
+                for v in (r.get("char_accuracy"), r.get("base_accuracy"), r.get("base_char_accuracy"))
+            ]
+            print(
+                f"{r['name']!s:<14} {r['role']!s:<8} {r['n']!s:>5} {r['accuracy']:>9.3f} {cells[0]:>10} "
+                f"{cells[1]:>18} {cells[2]:>16}"
+            )
+        print(
+            "accuracy: routing, or the expert's exact match; characters: 1 - character error rate (reading)"
+        )
     else:
         from moe_demo.screens import split
 

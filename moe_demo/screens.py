@@ -1,24 +1,30 @@
-"""Synthetic screenshots of six screen types, each with one target element.
+"""Synthetic screenshots of seven screen types, each with one target element.
 
-Each type is recognisable by its layout (a month grid, a form, a login box, bars, a slot list, icons
-on a wallpaper); sizes, colours, offsets and noise are random so that no single pixel gives it away.
-The target element (drawn in an accent colour shared by all types) sits in one cell of a coarse
-``GRID`` x ``GRID`` grid over the image; the expert's answer is ``click(col, row)`` of that cell.
+Six types are clicked: each is recognisable by its layout (a month grid, a form, a login box, bars, a
+slot list, icons on a wallpaper); sizes, colours, offsets and noise are random so that no single pixel
+gives it away. The target element (drawn in an accent colour shared by all types) sits in one cell of
+a coarse ``GRID`` x ``GRID`` grid over the image; the expert's answer is ``click(col, row)`` of that cell.
+The seventh, ``ocr``, is read: a form of two text fields, one highlighted, and the expert's answer is
+the highlighted field's text (:func:`make_screen` documents its layout).
 Everything is deterministic from a seed; the train, validation and held-out splits use disjoint
 seed ranges.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "GRID",
+    "OCR_ALPHABETS",
+    "OCR_LAYOUT",
     "PROMPTS",
+    "READING_TYPES",
     "SCREEN_TYPES",
     "Screen",
     "action",
@@ -37,9 +43,22 @@ PROMPTS: dict[str, str] = {
     "chart-screen": "Click the highlighted bar",
     "appointment": "Click the free slot",
     "desktop": "Click the Open icon",
+    "ocr": "Read the highlighted field",
 }
 
 SCREEN_TYPES: tuple[str, ...] = tuple(PROMPTS)
+
+#: Screen types whose answer is text read off the screen, not an action (scored by exact match and
+#: character accuracy).
+READING_TYPES: frozenset[str] = frozenset({"ocr"})
+
+#: The ocr screen in image tokens, (columns, rows): a 4:1 screen that the demo's pixel bounds
+#: (128 x 128 pixels) show the model at 256 x 64 pixels, 8 x 2 image tokens of 32 x 32 pixels.
+OCR_LAYOUT = (8, 2)
+
+#: The ocr strings' characters: digits, or digits and capitals. I and O are left out: they read as 1
+#: and 0, and the tiny model's tokenizer has "OK" as one token (every other character is its own token).
+OCR_ALPHABETS = ("0123456789", "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ")
 
 #: Disjoint seed ranges: training, validation (picks among training attempts), held-out (reported).
 _SPLITS = {"train": 0, "heldout": 1_000_000, "validation": 2_000_000}
@@ -53,6 +72,8 @@ class Screen:
     seed: int
     image: Image.Image
     cell: tuple[int, int]  # (col, row) of the target on the GRID
+    text: str = ""  # a reading screen's answer: the highlighted field's text
+    glyphs: tuple[tuple[float, float], ...] = ()  # centre of each character of text, as fractions of (w, h)
 
     @property
     def prompt(self) -> str:
@@ -60,7 +81,7 @@ class Screen:
 
     @property
     def answer(self) -> str:
-        return action(*self.cell)
+        return self.text if self.kind in READING_TYPES else action(*self.cell)
 
 
 def action(col: int, row: int) -> str:
@@ -76,10 +97,13 @@ def split(name: str, n: int, kinds: tuple[str, ...] = SCREEN_TYPES, offset: int 
 
 
 def make_screen(kind: str, seed: int, clutter: bool = True) -> Screen:
-    """One screen; ``clutter=False`` draws only the background and the target (a training warm-up)."""
-    if kind not in _DRAW:
-        raise ValueError(f"unknown screen type {kind!r}; expected one of {list(_DRAW)}")
+    """One screen; ``clutter=False`` draws only the background and the target (a training warm-up; an
+    ocr screen keeps its layout and leaves the field that is not read empty)."""
+    if kind not in PROMPTS:
+        raise ValueError(f"unknown screen type {kind!r}; expected one of {list(PROMPTS)}")
     rng = random.Random(f"{kind}:{seed}")
+    if kind == "ocr":
+        return _ocr(rng, seed, clutter)
     # square, so that Qwen's aspect-preserving resize within the demo's bounds (min_pixels = max_pixels =
     # 128^2) gives every screen the tiny model's 128 x 128 input: 4 x 4 image tokens, one per grid cell
     w = h = rng.randint(240, 420)
@@ -211,6 +235,80 @@ def _desktop(d: ImageDraw.ImageDraw, rng: random.Random, w: int, h: int, cell: t
         x, y = rng.randint(0, w - 32), rng.randint(0, h - 50)
         d.rounded_rectangle([x, y, x + 28, y + 28], radius=5, fill=_light(rng))
     d.rounded_rectangle(_cell_box(rng, w, h, cell), radius=5, fill=_accent(rng))
+
+
+# ---------------------------------------------------------------- reading
+def _ocr(rng: random.Random, seed: int, clutter: bool) -> Screen:
+    """Two rows, each a label bar and a text field; one field is highlighted; the answer is its text.
+
+    Drawn on a grid of :data:`OCR_LAYOUT` cells of ``u`` x ``u`` pixels (``u`` from 32 to 64, so the
+    screen is 256 x 64 to 512 x 128, always 4:1), one cell per image token at the demo's pixel bounds:
+    the labels fill the first column, each field the other seven, and its text (2 to 6 characters,
+    digits or digits and capitals) is set one character per cell from the second column, centred, at a
+    font size of 70-90% of a cell, in one of three faces (Pillow's built-in Aileron: regular, bold,
+    oblique). Glyphs sit on the token grid on purpose: the tiny model's vision tower is random and
+    frozen, and is not shift invariant; a glyph that straddles two tokens, or moves a pixel or two
+    within one, is much harder to tell apart (a linear probe on one token's features: 99% for glyphs on
+    the grid, 80% when they move +-1.6 model pixels). Which field is highlighted, the screen's size,
+    the glyph size, the font and the colours vary. ``clutter=False`` leaves the other field empty.
+    """
+    cols, rows = OCR_LAYOUT
+    u = rng.randint(32, 64)
+    w, h = cols * u, rows * u
+    img = Image.new("RGB", (w, h), _light(rng))
+    draw = ImageDraw.Draw(img)
+    font = rng.randrange(3)
+    size = int(u * rng.uniform(0.7, 0.9))
+    ink = _dark(rng)
+    target = rng.randrange(rows)
+    text = ""
+    glyphs: tuple[tuple[float, float], ...] = ()
+    for row in range(rows):
+        y = row * u
+        draw.rectangle([int(u * 0.1), y + int(u * 0.35), int(u * 0.85), y + int(u * 0.65)], fill=_mid(rng))
+        alphabet = OCR_ALPHABETS[rng.randrange(2)]
+        chars = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6)))
+        box = [u - 3, y + 2, w - 3, y + u - 3]
+        if row == target:
+            pale = (255, rng.randint(225, 245), rng.randint(200, 230))
+            draw.rectangle(box, fill=pale, outline=_accent(rng), width=max(2, u // 12))
+            text = chars
+            glyphs = tuple(((1.5 + i) / cols, (row + 0.5) / rows) for i in range(len(chars)))
+        else:
+            draw.rectangle(box, fill=(255, 255, 255), outline=_mid(rng), width=1)
+            if not clutter:
+                continue
+        for i, ch in enumerate(chars):
+            mask = _glyph(ch, size, font)
+            x, yy = int((1.5 + i) * u - mask.width / 2), int(y + u / 2 - mask.height / 2)
+            img.paste(Image.new("RGB", mask.size, ink), (x, yy), mask)
+    _noise(img, rng)
+    centre = (
+        min(GRID - 1, int(GRID * (1 + len(text) / 2) / cols)),
+        min(GRID - 1, int(GRID * (target + 0.5) / rows)),
+    )
+    return Screen("ocr", seed, img, centre, text, glyphs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _glyph(ch: str, size: int, font: int) -> Image.Image:
+    """``ch`` as a mask (mode L) cropped to its ink, in Pillow's built-in Aileron at ``size``: regular
+    (0), bold (1) or oblique (2)."""
+    face = ImageFont.load_default(size=size)
+    stroke = 1 if font == 1 else 0
+    x0, y0, x1, y1 = face.getbbox(ch, stroke_width=stroke)
+    mask = Image.new("L", (int(x1 - x0) + 2, int(y1 - y0) + 2), 0)
+    ImageDraw.Draw(mask).text((1 - x0, 1 - y0), ch, font=face, fill=255, stroke_width=stroke, stroke_fill=255)
+    if font == 2:  # slanted right by a fifth of its height
+        w, h = mask.size
+        slant = 0.2
+        mask = mask.transform(
+            (w + int(slant * h), h),
+            Image.Transform.AFFINE,
+            (1, slant, -slant * (h - 1), 0, 1, 0),
+            resample=Image.Resampling.BILINEAR,
+        )
+    return mask
 
 
 _DRAW: dict[str, Callable[[ImageDraw.ImageDraw, random.Random, int, int, tuple[int, int]], None]] = {

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from moe_core.storage import Kind, StorageError
+from moe_core.storage import Kind, StorageError, StorageUnavailable
 
 __all__ = ["AdapterCache", "AdapterEngine", "AdapterNotFound", "AdapterStore", "CacheBusy", "CacheEvents"]
 
@@ -51,6 +51,7 @@ class CacheEvents(Protocol):
 class AdapterStore(Protocol):
     def current_version(self, kind: Kind, name: str) -> str | None: ...
     def fetch(self, kind: Kind, name: str, version: str | None = None) -> tuple[Path, str]: ...
+    def check_reachable(self) -> None: ...
 
 
 @dataclass
@@ -125,7 +126,14 @@ class AdapterCache:
         self._inflight[name] = fut
         try:
             try:
-                current = await asyncio.to_thread(self.store.current_version, self.kind, name)
+                current = await asyncio.to_thread(self._current_version, name)
+            except StorageUnavailable as e:
+                if entry is None:
+                    raise  # nothing to serve it with: a 503 that names the storage
+                # an outage is not a new version: the loaded one keeps answering until storage is back
+                entry.checked_at = now
+                logger.warning("adapter %s: %s; still serving %s", name, e, entry.version)
+                current = entry.version
             except StorageError as e:  # a broken pointer fails this adapter's rows, not the batch
                 raise AdapterNotFound(name, f"adapter {name!r} has no usable version: {e}") from e
             if current is None:
@@ -165,6 +173,13 @@ class AdapterCache:
         finally:
             del self._inflight[name]
             self._reserved.discard(name)
+
+    def _current_version(self, name: str) -> str | None:
+        """The published version; raises StorageUnavailable when the storage, not the name, is missing."""
+        current = self.store.current_version(self.kind, name)
+        if current is None:
+            self.store.check_reachable()
+        return current
 
     def _load(self, name: str, version: str) -> None:
         t0 = time.perf_counter()

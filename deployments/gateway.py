@@ -193,7 +193,7 @@ def _translated(e: BaseException) -> BadInput | ServiceUnavailable:
     # imports torch, which the gateway does not)
     if isinstance(cause, BackPressureError) or type(cause).__name__ == "QueueFull":
         return ServiceUnavailable(f"overloaded: {_first_line(cause)}", "overloaded")
-    return ServiceUnavailable(f"{type(e).__name__}: {_first_line(e)}", "error")
+    return ServiceUnavailable(f"{type(cause).__name__}: {_first_line(cause)}", "error")
 
 
 def _api_error(e: ApiError | BadInput | ServiceUnavailable) -> ApiError:

@@ -39,7 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from moe_core.config import validate_adapter_name
 
-__all__ = ["Kind", "Progress", "Storage", "StorageError", "VersionInfo", "sha256_file"]
+__all__ = ["Kind", "Progress", "Storage", "StorageError", "StorageUnavailable", "VersionInfo", "sha256_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ _CHUNK = 1 << 20
 
 class StorageError(RuntimeError):
     """Storage is missing something or holds something inconsistent."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage itself cannot be read (a volume unmounted, a bucket unreachable): unlike a name with
+    no published version, this says nothing about the adapter. Readers keep serving what they hold."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,19 @@ class Storage:
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
 
+    def check_reachable(self) -> None:
+        """Raise :class:`StorageUnavailable` unless the root can be listed. A serving replica asks when a
+        name it serves reads as unpublished: a store it has served from has a root, so a root that is
+        gone (an unmounted volume, a bucket out of reach) is an outage, not a deletion."""
+        try:
+            if self.fs.exists(self.root) and self.fs.isdir(self.root):
+                self.fs.ls(self.root, detail=False)
+                return
+            problem = "its root is missing"
+        except OSError as e:
+            problem = str(e)
+        raise StorageUnavailable(f"storage {self.url} cannot be read: {problem}")
+
     # ----------------------------------------------------------------- layout
     def slot(self, kind: Kind, name: str) -> str:
         """The folder holding every version of one adapter or merged model."""
@@ -126,6 +144,8 @@ class Storage:
             data = json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
             return None
+        except OSError as e:  # permissions, I/O, the network: the storage, not the name
+            raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
         except ValueError as e:  # not JSON, or not UTF-8
             raise StorageError(f"{path}: pointer is not JSON ({e})") from e
         version = data.get("version") if isinstance(data, dict) else None

@@ -1,0 +1,49 @@
+"""Storage made unreadable (a volume unmounted, a bucket out of reach): what a replica holds keeps
+answering, what it would have to load is a 503 naming the storage, and it recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from deployments.adapter_cache import AdapterCache, AdapterNotFound
+from moe_core.storage import Storage, StorageUnavailable
+from tests.deployments.test_adapter_cache import RecordingEngine, _publish
+
+
+def test_an_outage_keeps_loaded_adapters_and_refuses_loads_naming_the_storage(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    st = Storage(str(root))
+    for n in ("a", "b"):
+        _publish(st, tmp_path, n, "v1")
+    eng = RecordingEngine()
+    cache = AdapterCache(eng, st, capacity=2, refresh_interval_s=0.0)
+
+    async def scenario() -> None:
+        await cache.ensure(["a"])
+        root.rename(tmp_path / "away")  # the storage goes: every read fails
+        assert await cache.ensure(["a"]) == {"a": cache._entries["a"].version}  # still served, no reload
+        assert eng.events == [("load", "a")]
+        with pytest.raises(StorageUnavailable, match="cannot be read"):
+            await cache.ensure(["b"])  # nothing to serve b with: the storage's fault, not b's
+        (tmp_path / "away").rename(root)  # back
+        await cache.ensure(["b"])
+        _publish(st, tmp_path, "a", "v2")
+        await cache.ensure(["a"])  # new versions are seen again
+        assert eng.loaded == {"a": "v2", "b": "v1"}
+        with pytest.raises(AdapterNotFound, match="no published version"):  # a real absence still is one
+            await cache.ensure(["nope"])
+
+    asyncio.run(scenario())
+
+
+def test_an_unreadable_pointer_is_an_outage_not_an_absence(tmp_path: Path) -> None:
+    st = Storage(str(tmp_path / "s"))
+    _publish(st, tmp_path, "a", "v1")
+    pointer = Path(st.slot("expert", "a")) / "CURRENT"
+    pointer.unlink()
+    pointer.mkdir()  # reading it fails with an OSError that is not "no such file"
+    with pytest.raises(StorageUnavailable, match="cannot be read"):
+        st.current_version("expert", "a")

@@ -91,3 +91,4 @@ class _Screen:
 
     def __init__(self, image: Image.Image) -> None:
         self.image, self.kind, self.seed = image, "calendar", 0
+        self.text, self.glyphs = "", ()  # not a reading screen

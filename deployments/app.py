@@ -21,10 +21,26 @@ from ray.serve import Application
 from deployments.dynamic import DynamicLoRA
 from deployments.gateway import GatewayIngress
 from deployments.merged import MergedModel
-from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings
+from deployments.promotion import CONTROLLER_NAME, PromotionController
+from deployments.settings import (
+    DynamicSettings,
+    GatewaySettings,
+    MergedSettings,
+    PromotionSettings,
+    SlotSettings,
+)
+from deployments.slots import MergedSlot
 from moe_core.config import DeploymentConfig, LiveSettings, ScalingConfig
 
-__all__ = ["DYNAMIC_NAME", "GATEWAY_NAME", "AppArgs", "build_app", "merged_name"]
+__all__ = [
+    "CONTROLLER_NAME",
+    "DYNAMIC_NAME",
+    "GATEWAY_NAME",
+    "AppArgs",
+    "build_app",
+    "merged_name",
+    "slot_name",
+]
 
 GATEWAY_NAME = "Gateway"
 DYNAMIC_NAME = "DynamicLoRA"
@@ -56,6 +72,10 @@ def merged_name(adapter: str) -> str:
     return f"Merged-{adapter}"
 
 
+def slot_name(slot: int) -> str:
+    return f"MergedSlot-{slot}"
+
+
 def _scaling(s: ScalingConfig, max_queued: int) -> dict[str, Any]:
     """Autoscaling, resources and backpressure of one model deployment: beyond ``max_queued`` waiting
     calls a caller gets Serve's BackPressureError at once (the gateway's 503/429), never a long wait."""
@@ -79,7 +99,8 @@ def _user_config(live: BaseModel | None) -> dict[str, Any]:
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
-    """Bind Gateway -> (one MergedModel per enabled merged adapter, DynamicLoRA)."""
+    """Bind Gateway -> (one MergedModel per enabled merged adapter, DynamicLoRA, and with promotion on:
+    ``promotion.slots`` MergedSlot deployments and the PromotionController that assigns them)."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     cfg, live = parsed.deployment_config()
     merged = {
@@ -100,6 +121,24 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             )
             .bind(DynamicSettings.of(cfg))
         )
+    slots, controller = [], None
+    if cfg.promotion.slots > 0 and dynamic is not None:  # slots are static; "enabled" is live
+        slots = [
+            serve.deployment(MergedSlot)  # type: ignore[attr-defined]
+            .options(name=slot_name(k), **_scaling(cfg.promotion, cfg.limits.max_queued_requests))
+            .bind(SlotSettings.of(cfg, k))
+            for k in range(cfg.promotion.slots)
+        ]
+        controller = (
+            serve.deployment(PromotionController)  # type: ignore[attr-defined]
+            .options(
+                name=CONTROLLER_NAME,
+                num_replicas=1,  # the one writer of the assignments
+                ray_actor_options={"num_cpus": 0},
+                **_user_config(live.promotion if live else None),
+            )
+            .bind(PromotionSettings.of(cfg), slots)
+        )
     return (
         serve.deployment(GatewayIngress)  # type: ignore[attr-defined]
         .options(
@@ -109,7 +148,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             ray_actor_options={"num_cpus": 0},
             **_user_config(live.gateway if live else None),
         )
-        .bind(GatewaySettings.of(cfg), dynamic, merged)
+        .bind(GatewaySettings.of(cfg), dynamic, merged, slots, controller)
     )
 
 
@@ -119,4 +158,6 @@ def user_configs(cfg: DeploymentConfig) -> dict[str, dict[str, Any]]:
     out = {GATEWAY_NAME: live.gateway.model_dump(mode="json")}
     if cfg.dynamic.enabled:
         out[DYNAMIC_NAME] = live.dynamic.model_dump(mode="json")
+    if cfg.promotion.slots > 0 and cfg.dynamic.enabled:
+        out[CONTROLLER_NAME] = live.promotion.model_dump(mode="json")
     return out

@@ -13,7 +13,8 @@ import dataclasses
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -263,10 +264,18 @@ class Gateway:
         settings: GatewaySettings,
         dynamic: DeploymentHandle | None,
         merged: dict[str, DeploymentHandle],
+        slots: Sequence[DeploymentHandle] = (),
+        controller: DeploymentHandle | None = None,
     ) -> None:
         self.settings = settings
         self.dynamic = dynamic
-        self.merged = merged
+        self.merged = merged  # pinned: one merged deployment per adapter the config names
+        self.slots = list(slots)  # promotion slots (deployments.slots), assigned by the controller
+        self.controller = controller
+        self.promoted: dict[str, int] = {}  # adapter -> slot, as the stored assignments say (ready ones)
+        self._counts: Counter[str] = Counter()  # requests per adapter since the last report
+        self._promotion: asyncio.Task[None] | None = None
+        self._live: GatewayLive | None = None
         self._policy: RoutingPolicy | None = None  # set by reconfigure(), which Serve calls before traffic
         self.started_at = time.time()
         self._storage: Any = None  # opened on first use by /adapters (published merged versions)
@@ -280,7 +289,7 @@ class Gateway:
         """Live settings from `serve deploy`; validated, then swapped in one assignment."""
         live = GatewayLive.from_user_config(user_config, "Gateway")
         s = self.settings
-        policy = RoutingPolicy(s.labels, set(self.merged), live, set(s.merged_disabled))
+        policy = self._policy_for(live, self.promoted)
         unknown = sorted(set(s.labels.values()) - policy.experts)
         if unknown:
             raise ConfigError(
@@ -292,8 +301,61 @@ class Gateway:
                 f"Gateway user_config: dynamic_adapters: {shadowed} is also the name of the base or the routed "
                 "model in the OpenAI API (api.base_model_name, api.routed_model_name); rename one"
             )
-        self._policy = policy
+        self._policy, self._live = policy, live
         logger.info("gateway: reconfigured: %s", live.model_dump())
+
+    def _policy_for(self, live: GatewayLive, promoted: Mapping[str, int]) -> RoutingPolicy:
+        """Routing with the pinned merged adapters and the promoted ones (both answered as merged)."""
+        s = self.settings
+        return RoutingPolicy(s.labels, set(self.merged) | set(promoted), live, set(s.merged_disabled))
+
+    # ------------------------------------------------------------ promotion
+    def _merged_handle(self, adapter: str) -> DeploymentHandle:
+        """The merged deployment that answers ``adapter``: its own, or the slot it is promoted to. Raised
+        inside the caller's fallback: an adapter demoted since its policy was read goes to dynamic."""
+        if adapter in self.merged:
+            return self.merged[adapter]
+        k = self.promoted.get(adapter)
+        if k is None:
+            raise ServiceUnavailable(f"adapter {adapter!r} is no longer promoted", "demoted")
+        return self.slots[k]
+
+    def _served(self, adapter: str | None) -> None:
+        """Count a request for the promotion controller, and make sure the reporting loop runs."""
+        if self.controller is None:
+            return
+        if adapter is not None:
+            self._counts[adapter] += 1
+        if self._promotion is None or self._promotion.done():
+            self._promotion = asyncio.get_running_loop().create_task(self._promotion_loop())
+
+    async def _promotion_loop(self) -> None:
+        """Each report interval: send the counts to the controller, and route by the stored assignments."""
+        from deployments.slots import read_assignments
+        from moe_core.storage import Storage
+
+        assert self.controller is not None
+        store = Storage(self.settings.storage_url)
+        while True:
+            counts, self._counts = dict(self._counts), Counter()
+            try:
+                await asyncio.wait_for(_awaitable(self.controller.report.remote(counts)), 5.0)
+            except Exception as e:  # the controller restarting: these counts are lost, routing goes on
+                logger.warning("gateway: promotion controller did not take the counts (%s)", _first_line(e))
+            try:
+                assignments = await asyncio.to_thread(read_assignments, store, len(self.slots))
+                self._route_promoted({a: k for a, k in assignments.routed().items() if a not in self.merged})
+            except Exception as e:  # storage unreadable: keep routing as before
+                logger.warning("gateway: promotion assignments unreadable (%s)", _first_line(e))
+            await asyncio.sleep(self.settings.report_interval_s)
+
+    def _route_promoted(self, promoted: dict[str, int]) -> None:
+        if promoted == self.promoted:
+            return
+        logger.info("gateway: promoted adapters now %s (were %s)", promoted, self.promoted)
+        self.promoted = promoted
+        if self._live is not None:
+            self._policy = self._policy_for(self._live, promoted)
 
     @property
     def policy(self) -> RoutingPolicy:
@@ -426,11 +488,13 @@ class Gateway:
     ) -> tuple[Answer, bool]:
         """The answer from ``target``, generated once, and whether it is a fallback from merged."""
         t0 = time.perf_counter()
+        self._served(adapter)
         try:
             if target == "merged":
                 assert adapter is not None
                 try:
-                    return await self._call(self.merged[adapter].generate.remote(query)), False
+                    handle = self._merged_handle(adapter)
+                    return await self._call(handle.generate.remote(query, adapter)), False
                 except ServiceUnavailable as e:
                     dynamic = self._fall_back(policy, adapter, query, e, trace)
                     return await self._call(dynamic.generate.remote(query, adapter)), True
@@ -597,13 +661,12 @@ class Gateway:
     ) -> tuple[ChunkStream, Chunk, bool]:
         """Start streaming from the route's target: the stream, its first chunk, and whether it fell back."""
         adapter = route.adapter
+        self._served(adapter)
         if route.target == "merged":
             assert adapter is not None
             try:
-                return (
-                    *await self._first(self.merged[adapter].options(stream=True).stream.remote(query)),
-                    False,
-                )
+                handle = self._merged_handle(adapter).options(stream=True)
+                return (*await self._first(handle.stream.remote(query, adapter)), False)
             except ServiceUnavailable as e:  # nothing was sent yet: answered once, by dynamic
                 dynamic = self._fall_back(policy, adapter, query, e, trace)
                 return (*await self._first(dynamic.options(stream=True).stream.remote(query, adapter)), True)
@@ -693,13 +756,20 @@ class Gateway:
             policy = self.policy
         except ServiceUnavailable as e:
             return JSONResponse(status_code=503, content=error_body("service", str(e), current_request_id()))
-        versions = await self._merged_versions()
+        promoted = dict(self.promoted)
+        versions = await self._merged_versions(sorted(set(self.merged) | set(promoted)))
         rows = []
         for name in sorted(policy.experts):
             rows.append(
                 AdapterStatus(
                     name=name,
                     merged=name in self.merged,
+                    serving="pinned"
+                    if name in self.merged
+                    else "promoted"
+                    if name in promoted
+                    else "dynamic",
+                    slot=promoted.get(name),
                     merged_version=versions.get(name),
                     dynamic=self.dynamic is not None,
                     router_labels=sorted(k for k, v in policy.labels.items() if v == name),
@@ -707,7 +777,7 @@ class Gateway:
             )
         return rows
 
-    async def _merged_versions(self) -> dict[str, str | None]:
+    async def _merged_versions(self, names: list[str]) -> dict[str, str | None]:
         """Each merged adapter's published version, read from storage: asking the deployments would wake
         the ones scaled to zero (and wait on each in turn)."""
         if self._storage is None:
@@ -722,7 +792,6 @@ class Gateway:
             except Exception:  # an unreadable pointer: no version to show, the rest of the table stands
                 return None
 
-        names = sorted(self.merged)
         try:
             found = await asyncio.wait_for(
                 asyncio.gather(*(asyncio.to_thread(read, n) for n in names)), timeout=2.0

@@ -13,13 +13,15 @@ import json
 import logging
 import threading
 import time
+from abc import abstractmethod
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from deployments.engines import DeploymentEngine, ModelDeployment
 from deployments.messages import Answer, Chunk, MergedStatus, Query
 from deployments.observability import MergedMetrics
-from deployments.settings import MergedSettings
+from deployments.settings import MergedSettings, ModelSettings
 from moe_core.engine import GenerationRequest
 from moe_core.sampling import SamplingParams
 
@@ -27,14 +29,35 @@ __all__ = ["MergedModel", "ModelUnavailable"]
 
 logger = logging.getLogger(__name__)
 
+S = TypeVar("S", bound=ModelSettings)
+
 
 class ModelUnavailable(RuntimeError):
     """This merged deployment has no published model to serve."""
 
 
-class MergedModel(ModelDeployment[MergedSettings]):
+@dataclass(frozen=True)
+class _Loaded:
+    """A merged model opened off the event loop, to be put in service on it (:meth:`_MergedBase._install`)."""
+
+    adapter: str
+    version: str
+    engine: DeploymentEngine
+    source: dict[str, Any]  # its merge metadata
+    stale: str | None
+    seconds: float
+
+
+class _MergedBase(ModelDeployment[S]):
+    """A deployment serving one merged adapter at a time: the pinned :class:`MergedModel`, or a
+    promotion slot (:class:`deployments.slots.MergedSlot`) whose adapter changes without a redeploy.
+
+    What it serves (adapter, version, engine) changes only on the event loop, in :meth:`_install`, with no
+    await in between: a request reads the three together and never pairs one adapter's name with another's
+    engine."""
+
     def _start(self) -> None:
-        self.adapter = self.settings.adapter
+        self.adapter: str | None = None
         self.metrics = MergedMetrics()
         self.engine: DeploymentEngine | None = None
         self.version: str | None = None
@@ -43,44 +66,61 @@ class MergedModel(ModelDeployment[MergedSettings]):
         self._task: asyncio.Task[None] | None = None
         self.source: dict[str, Any] = {}  # the served version's merge metadata
         self.stale: str | None = None  # why the served version no longer matches the published adapter
-        self._load(self.storage.current_version("merged", self.adapter))
 
-    def _load(self, version: str | None) -> None:
-        if version is None:
-            logger.warning("merged %s: no published version; requests fall back", self.adapter)
-            return
+    @abstractmethod
+    async def _wanted(self) -> str | None:
+        """The adapter this replica should serve now (None: none)."""
+
+    def _open(self, adapter: str, version: str) -> _Loaded:
+        """Fetch (verified against its manifest) and load ``adapter``'s merged ``version``; blocking."""
         t0 = time.perf_counter()
-        path, _ = self.storage.fetch("merged", self.adapter, version)  # verified against its manifest
+        path, _ = self.storage.fetch("merged", adapter, version)
         try:
             meta = json.loads((path / "merge_metadata.json").read_text())
         except (OSError, ValueError):
             meta = {}
-        engine = self.make_engine(path, f"merged-{self.adapter}")
-        old, self.engine = self.engine, engine
-        close = getattr(getattr(old, "scheduler", None), "close", None)
-        if close is not None:  # the old version's running rows finish; its thread ends when idle
-            close_when_idle(old, close)
-        self.metrics.serving(self.adapter, version, self.version, time.perf_counter() - t0)
-        self.version, self.source = version, meta
-        self._check_source()
-        logger.info(
-            "merged %s: serving version %s (loaded in %.2fs)", self.adapter, version, time.perf_counter() - t0
+        engine = self.make_engine(path, f"merged-{adapter}")
+        return _Loaded(
+            adapter, version, engine, meta, self._staleness(adapter, meta), time.perf_counter() - t0
         )
 
-    def _check_source(self) -> None:
-        """Stale when the merged model was built from another adapter version than the one now
-        published (or from another base model): dynamic answers then, so the two never disagree."""
+    def _install(self, new: _Loaded) -> None:
+        old, old_adapter, old_version = self.engine, self.adapter, self.version
+        self.engine, self.adapter, self.version, self.source = (
+            new.engine,
+            new.adapter,
+            new.version,
+            new.source,
+        )
+        self._set_stale(new.stale)
+        _retire(old)
+        self.metrics.serving(
+            new.adapter, new.version, old_version if old_adapter == new.adapter else None, new.seconds
+        )
+        logger.info("merged %s: serving version %s (loaded in %.2fs)", new.adapter, new.version, new.seconds)
+
+    def _release(self) -> None:
+        """Serve nothing (a slot that was freed): the engine's running rows finish, then it is dropped."""
+        old, adapter = self.engine, self.adapter
+        self.engine, self.adapter, self.version, self.source, self.stale = None, None, None, {}, None
+        _retire(old)
+        logger.info("merged slot: released %s", adapter)
+
+    def _staleness(self, adapter: str, meta: dict[str, Any]) -> str | None:
+        """Why a merged model is stale, or None: built from another adapter version than the one now
+        published (or from another base model). Dynamic answers then, so the two never disagree."""
         from moe_core.modeling import base_model_id
 
-        meta, stale = self.source, None
         base = base_model_id(self.settings.engine.base_model)
         if meta.get("base_model") not in (None, base):
-            stale = f"merged from base {meta.get('base_model')}, not {base}"
-        else:
-            merged_from = meta.get("source_version")
-            current = self.storage.current_version("expert", self.adapter)
-            if merged_from is not None and current is not None and merged_from != current:
-                stale = f"merged from adapter version {merged_from}; {current} is published"
+            return f"merged from base {meta.get('base_model')}, not {base}"
+        merged_from = meta.get("source_version")
+        current = self.storage.current_version("expert", adapter)
+        if merged_from is not None and current is not None and merged_from != current:
+            return f"merged from adapter version {merged_from}; {current} is published"
+        return None
+
+    def _set_stale(self, stale: str | None) -> None:
         if stale != self.stale:
             (logger.warning if stale else logger.info)(
                 "merged %s: %s",
@@ -101,38 +141,48 @@ class MergedModel(ModelDeployment[MergedSettings]):
     async def _check(self) -> None:
         async with self._swap:
             try:
-                current = await asyncio.to_thread(self.storage.current_version, "merged", self.adapter)
-                if current is not None and current != self.version:
-                    await asyncio.to_thread(self._load, current)
-                elif self.engine is not None:
-                    await asyncio.to_thread(self._check_source)
+                adapter = await self._wanted()
+                if adapter is None:
+                    if self.adapter is not None:
+                        self._release()
+                    return
+                current = await asyncio.to_thread(self.storage.current_version, "merged", adapter)
+                if current is not None and (current != self.version or adapter != self.adapter):
+                    self._install(await asyncio.to_thread(self._open, adapter, current))
+                elif self.engine is not None and adapter == self.adapter:
+                    self._set_stale(await asyncio.to_thread(self._staleness, adapter, self.source))
             except Exception as e:  # storage unreadable or a version that fails to verify: keep serving
                 logger.error(
                     "merged %s: refresh failed (%s); still serving %s", self.adapter, e, self.version
                 )
 
     async def _prepare(
-        self, query: Query
-    ) -> tuple[DeploymentEngine, str | None, GenerationRequest, SamplingParams]:
+        self, query: Query, adapter: str | None
+    ) -> tuple[DeploymentEngine, str, str | None, GenerationRequest, SamplingParams]:
+        """The engine, the adapter it serves and its version, read together (a slot changes adapter),
+        and the request; refuses when this replica does not serve ``adapter`` (None: whatever it serves)."""
         await self._refresh()
-        engine, version = self.engine, self.version
+        engine, served, version = self.engine, self.adapter, self.version
+        if adapter is not None and adapter != served:
+            raise ModelUnavailable(f"merged deployment serves {served!r}, not {adapter!r}")
         if self.stale is not None:
-            raise ModelUnavailable(f"merged deployment {self.adapter!r} is stale: {self.stale}")
-        if engine is None:
-            raise ModelUnavailable(f"merged deployment {self.adapter!r} has no published model")
+            raise ModelUnavailable(f"merged deployment {served!r} is stale: {self.stale}")
+        if engine is None or served is None:
+            raise ModelUnavailable(f"merged deployment {served!r} has no published model")
         self.check_prompt(engine, query)  # before the batch: a refused row never joins one
         request, params = self.request(query, None)
-        return engine, version, request, params
+        return engine, served, version, request, params
 
-    async def generate(self, query: Query) -> Answer:
-        engine, version, request, params = await self._prepare(query)
+    async def generate(self, query: Query, adapter: str | None = None) -> Answer:
+        """The whole answer; ``adapter`` names the adapter the caller expects (a slot may have moved on)."""
+        engine, served, version, request, params = await self._prepare(query, adapter)
         done = await engine.generate(request, params, request_id=query.request_id)
         self.metrics.finished(
-            "merged", self.adapter, query.request_id, done.timings, done.prompt_tokens, done.completion_tokens
+            "merged", served, query.request_id, done.timings, done.prompt_tokens, done.completion_tokens
         )
         return Answer(
             done.text,
-            self.adapter,
+            served,
             "merged",
             version,
             done.batch_size,
@@ -143,16 +193,16 @@ class MergedModel(ModelDeployment[MergedSettings]):
             done.timings.ttft_s,
         )
 
-    async def stream(self, query: Query) -> AsyncIterator[Chunk]:
+    async def stream(self, query: Query, adapter: str | None = None) -> AsyncIterator[Chunk]:
         """The answer as it is decoded (Ray Serve streaming: ``handle.options(stream=True)``)."""
-        engine, version, request, params = await self._prepare(query)
+        engine, served, version, request, params = await self._prepare(query, adapter)
         async for d in engine.stream(request, params, request_id=query.request_id):
             if d.timings is not None:
                 self.metrics.finished(
-                    "merged", self.adapter, query.request_id, d.timings, d.prompt_tokens, d.completion_tokens
+                    "merged", served, query.request_id, d.timings, d.prompt_tokens, d.completion_tokens
                 )
             yield Chunk(
-                d.text, self.adapter, "merged", version, d.finish_reason, d.prompt_tokens, d.completion_tokens
+                d.text, served, "merged", version, d.finish_reason, d.prompt_tokens, d.completion_tokens
             )
 
     def status(self) -> MergedStatus:
@@ -163,6 +213,30 @@ class MergedModel(ModelDeployment[MergedSettings]):
         with nothing published is healthy (it answers ModelUnavailable and the gateway falls back)."""
         if self.engine is not None:
             self.engine.check_health()
+
+
+class MergedModel(_MergedBase[MergedSettings]):
+    """The merged deployment of one pinned adapter (``merged.adapters`` in the config)."""
+
+    def _start(self) -> None:
+        super()._start()
+        adapter = self.settings.adapter
+        self.adapter = adapter
+        version = self.storage.current_version("merged", adapter)
+        if version is None:
+            logger.warning("merged %s: no published version; requests fall back", adapter)
+        else:
+            self._install(self._open(adapter, version))
+
+    async def _wanted(self) -> str | None:
+        return self.settings.adapter
+
+
+def _retire(engine: DeploymentEngine | None) -> None:
+    """Close a replaced engine's scheduler once its running rows are done (its thread ends when idle)."""
+    close = getattr(getattr(engine, "scheduler", None), "close", None)
+    if close is not None:
+        close_when_idle(engine, close)
 
 
 def close_when_idle(engine: Any, close: Any) -> None:

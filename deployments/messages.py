@@ -118,7 +118,7 @@ class RouteResult:
 
 @dataclass(frozen=True)
 class MergedStatus:
-    adapter: str
+    adapter: str | None  # None: a promotion slot with nothing assigned
     version: str | None  # the published merged version the replica serves; None: nothing published
     ready: bool
 

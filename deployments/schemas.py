@@ -125,7 +125,11 @@ class InferResponse(BaseModel):
 
 class AdapterStatus(BaseModel):
     name: str
-    merged: bool = Field(description="Has an enabled merged deployment.")
+    merged: bool = Field(description="Has an enabled merged deployment of its own (pinned in the config).")
+    serving: Literal["pinned", "promoted", "dynamic"] = Field(
+        description="Who answers it: its own merged deployment, a promotion slot, or the dynamic deployment."
+    )
+    slot: int | None = Field(default=None, description="The promotion slot serving it, when promoted.")
     merged_version: str | None = Field(description="Published merged version the deployment serves.")
     dynamic: bool = Field(description="Served by the dynamic-LoRA deployment.")
     router_labels: list[int] = Field(description="Router labels that select it.")

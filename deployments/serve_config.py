@@ -18,10 +18,14 @@ from typing import Any
 
 import yaml
 
-from deployments.app import DYNAMIC_NAME, GATEWAY_NAME, user_configs
-from moe_core.config import ConfigError, DeploymentConfig, DynamicLive, GatewayLive, LiveModel
+from deployments.app import CONTROLLER_NAME, DYNAMIC_NAME, GATEWAY_NAME, user_configs
+from moe_core.config import ConfigError, DeploymentConfig, DynamicLive, GatewayLive, LiveModel, PromotionLive
 
-LIVE_MODELS: dict[str, type[LiveModel]] = {GATEWAY_NAME: GatewayLive, DYNAMIC_NAME: DynamicLive}
+LIVE_MODELS: dict[str, type[LiveModel]] = {
+    GATEWAY_NAME: GatewayLive,
+    DYNAMIC_NAME: DynamicLive,
+    CONTROLLER_NAME: PromotionLive,
+}
 
 __all__ = ["APP_NAME", "render", "serve_config", "validate"]
 

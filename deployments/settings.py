@@ -22,7 +22,14 @@ from moe_core.config import (
     StrictModel,
 )
 
-__all__ = ["DynamicSettings", "GatewaySettings", "MergedSettings", "ModelSettings"]
+__all__ = [
+    "DynamicSettings",
+    "GatewaySettings",
+    "MergedSettings",
+    "ModelSettings",
+    "PromotionSettings",
+    "SlotSettings",
+]
 
 
 class ModelSettings(StrictModel):
@@ -77,6 +84,55 @@ class MergedSettings(ModelSettings):
         return cls(**cls.common(cfg, cfg.merged), adapter=adapter)
 
 
+class SlotSettings(ModelSettings):
+    slot: int = Field(ge=0, description="The promotion slot this deployment is (MergedSlot-<slot>).")
+
+    @classmethod
+    def of(cls, cfg: DeploymentConfig, slot: int) -> SlotSettings:
+        return cls(**cls.common(cfg, cfg.merged), slot=slot)
+
+
+class PromotionSettings(StrictModel):
+    """The promotion controller's static settings (its thresholds are live: ``PromotionLive``)."""
+
+    slots: int = Field(ge=0, description="Promotion slots bound by the app builder.")
+    pinned: tuple[AdapterName, ...] = Field(
+        description="Adapters with their own merged deployment: never moved."
+    )
+    storage: StorageConfig = Field(description="Where the assignments and the merged models are stored.")
+    interval_s: float = Field(gt=0, description="Seconds between decisions.")
+    drain_s: float = Field(
+        ge=0, description="Seconds between routing an adapter back to dynamic and freeing its slot."
+    )
+    load_timeout_s: float = Field(gt=0, description="Longest wait for a slot to load its merged model.")
+    merge_cpu: float = Field(ge=0, description="CPUs of a merge task.")
+    merge_gpu: float = Field(ge=0, description="GPUs of a merge task.")
+    config_json: str = Field(
+        description="What a merge task (merge_jobs) needs of the config: base model, storage, prompt, limits, "
+        "merge settings (no adapter lists: the app's static args hold placeholders for those live fields)."
+    )
+
+    @classmethod
+    def of(cls, cfg: DeploymentConfig) -> PromotionSettings:
+        p = cfg.promotion
+        return cls(
+            slots=p.slots,
+            pinned=tuple(a.name for a in cfg.merged.adapters),
+            storage=cfg.storage,
+            interval_s=p.interval_s,
+            drain_s=p.drain_s,
+            load_timeout_s=max(60.0, 10 * cfg.gateway.request_timeout_s),
+            merge_cpu=cfg.merge.cpu,
+            merge_gpu=cfg.merge.gpu,
+            config_json=DeploymentConfig.from_dict(
+                cfg.model_dump(
+                    mode="json",
+                    include={"version", "base_model", "storage", "system_prompt", "limits", "merge"},
+                )
+            ).model_dump_json(),
+        )
+
+
 class GatewaySettings(StrictModel):
     labels: dict[int, AdapterName] = Field(description="Router label ids and the adapters they select.")
     merged: tuple[AdapterName, ...] = Field(description="Adapters with an enabled merged deployment.")
@@ -90,8 +146,14 @@ class GatewaySettings(StrictModel):
     api: ApiConfig = Field(description="The OpenAI-compatible API: model names, image limits, API keys.")
     base_model_name: str = Field(description="The base model's id in the OpenAI-compatible API.")
     base_model_id: str = Field(description="The base model as the config names it (base_model.id).")
-    storage_url: str = Field(description="Storage root: where /v1/models says each adapter is stored.")
+    storage_url: str = Field(
+        description="Storage root: where /v1/models says each adapter is stored; the promotion assignments."
+    )
     router: AdapterName | None = Field(description="The routing adapter; None: no routed model.")
+    promotion_slots: int = Field(ge=0, description="Promotion slots (0: promotion off).")
+    report_interval_s: float = Field(
+        gt=0, description="Seconds between request-count reports to the controller."
+    )
 
     @classmethod
     def of(cls, cfg: DeploymentConfig) -> GatewaySettings:
@@ -109,4 +171,6 @@ class GatewaySettings(StrictModel):
             base_model_id=cfg.base_model.id,
             storage_url=cfg.storage.url,
             router=cfg.router.adapter,
+            promotion_slots=cfg.promotion.slots,
+            report_interval_s=cfg.promotion.report_interval_s,
         )

@@ -35,6 +35,8 @@ __all__ = [
     "MergeJobConfig",
     "MergedAdapterConfig",
     "MergedConfig",
+    "PromotionConfig",
+    "PromotionLive",
     "RouterConfig",
     "StorageConfig",
     "validate_adapter_name",
@@ -92,6 +94,54 @@ DynamicAdapters = Annotated[
 ]
 MaxLoadedAdapters = Annotated[
     int, Field(ge=1, description="LRU size: adapters resident in one replica at once.")
+]
+PromotionEnabled = Annotated[
+    bool,
+    Field(
+        description="Give hot adapters a merged slot deployment and demote cold ones; off: every promoted "
+        "adapter is demoted and the slots stay empty."
+    ),
+]
+PromoteRps = Annotated[
+    float,
+    Field(
+        gt=0,
+        description="Requests/s, averaged over promote_window_s, at or above which an adapter is promoted.",
+    ),
+]
+PromoteWindowS = Annotated[
+    float,
+    Field(
+        gt=0,
+        description="Seconds the promotion rate is averaged over; no promotion before the controller has "
+        "seen this much traffic history, so a restart does not promote on a burst.",
+    ),
+]
+DemoteRps = Annotated[
+    float,
+    Field(
+        ge=0,
+        description="Requests/s, averaged over demote_window_s, below which a promoted adapter is demoted; "
+        "below promote_rps, so a rate between the two changes nothing (hysteresis).",
+    ),
+]
+DemoteWindowS = Annotated[
+    float,
+    Field(
+        gt=0,
+        description="Seconds the demotion rate is averaged over, and the least time an adapter stays promoted.",
+    ),
+]
+CooldownS = Annotated[
+    float,
+    Field(
+        ge=0,
+        description="Seconds after a switch during which neither that adapter nor that slot switches again: "
+        "a merge costs minutes of GPU time, so a rate hovering at a threshold must not flap.",
+    ),
+]
+DenyAdapters = Annotated[
+    list[AdapterName], Field(description="Adapters never promoted (demoted when they hold a slot).")
 ]
 
 
@@ -242,6 +292,39 @@ class DynamicConfig(ScalingConfig, BatchingConfig):
     )
 
 
+class PromotionConfig(ScalingConfig):
+    """Traffic-aware promotion: ``slots`` merged deployments whose adapter a controller picks by traffic.
+
+    The slots are bound when the app is built (Serve cannot add deployments from inside the app), so
+    ``slots`` and the scaling fields are static; the thresholds are live (the controller's user_config).
+    """
+
+    enabled: PromotionEnabled = False
+    slots: int = Field(
+        default=0,
+        ge=0,
+        description="Merged slot deployments bound at build time, each serving at most one promoted adapter.",
+    )
+    promote_rps: PromoteRps = 2.0
+    promote_window_s: PromoteWindowS = 30.0
+    demote_rps: DemoteRps = 0.5
+    demote_window_s: DemoteWindowS = 120.0
+    cooldown_s: CooldownS = 300.0
+    deny: DenyAdapters = Field(default_factory=list)
+    interval_s: float = Field(default=1.0, gt=0, description="Seconds between the controller's decisions.")
+    report_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between each gateway's reports of its per-adapter request counts.",
+    )
+    drain_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds between routing a demoted adapter back to the dynamic deployment and freeing its "
+        "slot, so requests already sent to the slot finish there.",
+    )
+
+
 class GatewayConfig(StrictModel):
     prefer_merged: PreferMerged = True
     fallback_to_dynamic: FallbackToDynamic = True
@@ -384,11 +467,19 @@ class DeploymentConfig(StrictModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
     merge: MergeJobConfig = Field(default_factory=MergeJobConfig, description="Merge job settings.")
     api: ApiConfig = Field(default_factory=ApiConfig, description="The OpenAI-compatible API (/v1).")
+    promotion: PromotionConfig = Field(
+        default_factory=PromotionConfig,
+        description="Traffic-aware promotion of hot dynamic adapters into merged slots (off by default).",
+    )
 
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> Self:
         merged = [a.name for a in self.merged.adapters]
-        for field, names in (("merged.adapters", merged), ("dynamic.adapters", self.dynamic.adapters)):
+        for field, names in (
+            ("merged.adapters", merged),
+            ("dynamic.adapters", self.dynamic.adapters),
+            ("promotion.deny", self.promotion.deny),
+        ):
             seen: set[str] = set()
             for n in names:
                 if n in seen:
@@ -415,6 +506,23 @@ class DeploymentConfig(StrictModel):
         dup_targets = sorted({v for v in targets if targets.count(v) > 1})
         if dup_targets:
             raise ValueError(f"router.labels maps several labels to {dup_targets}")
+        return self
+
+    @model_validator(mode="after")
+    def _promotion(self) -> Self:
+        """Promotion needs somewhere to promote to, and the dynamic deployment to demote back to."""
+        p = self.promotion
+        _check_rates(p.demote_rps, p.promote_rps, prefix="promotion.")
+        if p.enabled and p.slots < 1:
+            raise ValueError(
+                f"promotion.enabled needs promotion.slots >= 1, got {p.slots}: promoted adapters are served "
+                "by the slot deployments"
+            )
+        if p.enabled and not self.dynamic.enabled:
+            raise ValueError(
+                "promotion.enabled needs dynamic.enabled: adapters are promoted from, and demoted back to, "
+                "the dynamic deployment"
+            )
         return self
 
     @model_validator(mode="after")
@@ -448,11 +556,14 @@ class DeploymentConfig(StrictModel):
 
         Returns the config and, for a whole config, its live settings. For a static dump the returned
         config's live fields hold placeholders: live values reach a deployment only as its user_config.
-        A mapping with some live fields but not all is refused naming the missing ones.
+        A mapping with some live fields but not all is refused naming the missing ones; a section absent
+        altogether counts as one holding its defaults.
         """
         present = [(s, k) for s, k in LIVE_FIELDS if k in _section(data, s)]
-        if present and len(present) < len(LIVE_FIELDS):
-            missing = [f"{s}.{k}" for s, k in LIVE_FIELDS if (s, k) not in present]
+        # a section left out altogether takes its defaults, as in a config file (configs from before a
+        # section existed, such as promotion, stay valid); one that is there must hold all its live fields
+        missing = [f"{s}.{k}" for s, k in LIVE_FIELDS if (s, k) not in present and s in data]
+        if present and missing:
             raise ConfigError(
                 f"app args: the config holds some live fields but not {missing}: pass a whole config, or "
                 "none of them (the generated Serve config carries them as user_config)"
@@ -557,18 +668,63 @@ class DynamicLive(LiveModel):
     max_loaded_adapters: MaxLoadedAdapters
 
 
+class PromotionLive(LiveModel):
+    """The promotion controller's live settings: its thresholds, and the switch that empties every slot."""
+
+    SOURCE: ClassVar[dict[str, tuple[str, str]]] = {
+        "enabled": ("promotion", "enabled"),
+        "promote_rps": ("promotion", "promote_rps"),
+        "promote_window_s": ("promotion", "promote_window_s"),
+        "demote_rps": ("promotion", "demote_rps"),
+        "demote_window_s": ("promotion", "demote_window_s"),
+        "cooldown_s": ("promotion", "cooldown_s"),
+        "deny": ("promotion", "deny"),
+    }
+    enabled: PromotionEnabled
+    promote_rps: PromoteRps
+    promote_window_s: PromoteWindowS
+    demote_rps: DemoteRps
+    demote_window_s: DemoteWindowS
+    cooldown_s: CooldownS
+    deny: DenyAdapters
+
+    @model_validator(mode="after")
+    def _rates(self) -> Self:
+        _check_rates(self.demote_rps, self.promote_rps, prefix="")
+        return self
+
+    @classmethod
+    def default(cls) -> PromotionLive:
+        """The live fields of a config without a promotion section: promotion off."""
+        section = PromotionConfig()
+        return cls.model_validate({f: getattr(section, k) for f, (_, k) in cls.SOURCE.items()})
+
+
+def _check_rates(demote_rps: float, promote_rps: float, prefix: str) -> None:
+    """Hysteresis: with demote_rps >= promote_rps one steady rate would both promote and demote."""
+    if demote_rps >= promote_rps:
+        raise ValueError(
+            f"{prefix}demote_rps ({demote_rps}) must be below {prefix}promote_rps ({promote_rps}), or an "
+            "adapter at a steady rate would be promoted and demoted in turn"
+        )
+
+
 class LiveSettings(StrictModel):
     """Every deployment's live settings, derived from one config."""
 
     gateway: GatewayLive = Field(description="The gateway's user_config.")
     dynamic: DynamicLive = Field(description="The dynamic deployment's user_config.")
+    promotion: PromotionLive = Field(
+        default_factory=PromotionLive.default,
+        description="The promotion controller's user_config; left out: promotion off.",
+    )
 
     @classmethod
     def of(cls, cfg: DeploymentConfig) -> LiveSettings:
-        return cls(gateway=GatewayLive.of(cfg), dynamic=DynamicLive.of(cfg))
+        return cls(gateway=GatewayLive.of(cfg), dynamic=DynamicLive.of(cfg), promotion=PromotionLive.of(cfg))
 
 
 #: Config fields `serve deploy` changes in place (Serve user_config), never part of the app's args.
 LIVE_FIELDS: tuple[tuple[str, str], ...] = tuple(
-    sorted({src for m in (GatewayLive, DynamicLive) for src in m.SOURCE.values()})
+    sorted({src for m in (GatewayLive, DynamicLive, PromotionLive) for src in m.SOURCE.values()})
 )

@@ -8,6 +8,7 @@ Layout under the root::
     merged/<name>/<version>/     a merged model (+ merge_metadata.json, MANIFEST.json)
     merged/<name>/CURRENT
     probes/<name>/<version>/     a probe set that verifies merges (probes.json + images)
+    state/<name>.json            a small controller state ({"revision": n, "data": ...}), compare-and-swap
 
 A version is written under a fresh name that nothing points to, closed by ``MANIFEST.json`` (sha256 of
 every file) written last, re-read and verified, and only then made current by replacing the small
@@ -39,7 +40,16 @@ from fsspec.implementations.local import LocalFileSystem
 
 from moe_core.config import validate_adapter_name
 
-__all__ = ["Kind", "Progress", "Storage", "StorageError", "StorageUnavailable", "VersionInfo", "sha256_file"]
+__all__ = [
+    "Kind",
+    "Progress",
+    "StateConflict",
+    "Storage",
+    "StorageError",
+    "StorageUnavailable",
+    "VersionInfo",
+    "sha256_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +68,7 @@ VERSION_RE = re.compile(r"v[0-9A-Za-z][0-9A-Za-z-]{0,80}")
 MANIFEST = "MANIFEST.json"
 #: ``expect`` left out: set the pointer whatever it holds.
 ANY = object()
+STATE_DIR = "state"
 _CHUNK = 1 << 20
 
 
@@ -68,6 +79,10 @@ class StorageError(RuntimeError):
 class StorageUnavailable(StorageError):
     """The storage itself cannot be read (a volume unmounted, a bucket unreachable): unlike a name with
     no published version, this says nothing about the adapter. Readers keep serving what they hold."""
+
+
+class StateConflict(StorageError):
+    """A state write lost a compare-and-swap: another writer changed the state since it was read."""
 
 
 @dataclass(frozen=True)
@@ -286,17 +301,74 @@ class Storage:
 
     @contextlib.contextmanager
     def _writer_lock(self, kind: Kind, name: str) -> Iterator[None]:
+        with self._lock_file(f"{self.slot(kind, name)}/.lock"):
+            yield
+
+    @contextlib.contextmanager
+    def _lock_file(self, path: str) -> Iterator[None]:
+        """Serialise writers on one machine or a shared POSIX volume; object stores have no lock."""
         if not self.local:
             yield
             return
-        slot = Path(self.slot(kind, name))
-        slot.mkdir(parents=True, exist_ok=True)
-        with open(slot / ".lock", "a+") as f:
+        lock = Path(path)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ state
+    def state_path(self, name: str) -> str:
+        """Where the state ``name`` lives; names follow the adapter-name rule, as they are path parts."""
+        validate_adapter_name(name)
+        return f"{self.root}/{STATE_DIR}/{name}.json"
+
+    def read_state(self, name: str) -> tuple[dict[str, Any], int]:
+        """The state ``name`` and its revision; ``({}, 0)`` when nothing was written yet."""
+        path = self.state_path(name)
+        try:
+            raw = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return {}, 0
+        except OSError as e:  # permissions, I/O, the network: the storage, not the state
+            raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
+        try:
+            doc = json.loads(raw)
+        except ValueError as e:
+            raise StorageError(f"{path}: state is not JSON ({e})") from e
+        revision = doc.get("revision") if isinstance(doc, dict) else None
+        data = doc.get("data") if isinstance(doc, dict) else None
+        if isinstance(revision, bool) or not isinstance(revision, int) or revision < 1:
+            raise StorageError(f"{path}: expected a revision >= 1, got {str(revision)[:100]!r}")
+        if not isinstance(data, dict):
+            raise StorageError(f"{path}: expected an object under 'data', got {type(data).__name__}")
+        return data, revision
+
+    def write_state(self, name: str, data: dict[str, Any], *, expect: int) -> int:
+        """Replace the state ``name`` if its revision is still ``expect`` (0: nothing written yet); return
+        the new revision, or raise :class:`StateConflict` when another writer got there first.
+
+        As for :meth:`set_current`: writers on one machine or a shared POSIX volume are serialised by a
+        lock file, so of two writers that read the same revision exactly one wins; on object stores the
+        compare is a read before the single PUT (keep one writer per state there, such as one controller).
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f"state {name!r}: expected a dict, got {type(data).__name__}")
+        path = self.state_path(name)
+        with self._lock_file(f"{self.root}/{STATE_DIR}/.{name}.lock"):
+            _, now = self.read_state(name)
+            if now != expect:
+                raise StateConflict(
+                    f"state {name!r} is at revision {now}, not {expect} as this writer expected: it was "
+                    "changed since it was read; read it again and retry"
+                )
+            revision = expect + 1
+            body = json.dumps({"revision": revision, "data": data}, indent=2, sort_keys=True).encode()
+            self._write_bytes(path, body)
+        logger.info("state %s: wrote revision %d", name, revision)
+        return revision
 
     def rollback(self, kind: Kind, name: str, to: str | None = None) -> str:
         """Make the previous complete version (or ``to``) current; return it."""

@@ -122,6 +122,9 @@ def demo_cfg(tiny_path: Path) -> DeploymentConfig:
     data = DeploymentConfig.from_file(ROOT / "config" / "deployment.yaml").model_dump(mode="json")
     data["storage"] = {"url": str(root / "storage"), "keep_versions": 3, "cache_dir": str(root / "cache")}
     data["dynamic"]["refresh_interval_s"] = 0.5
+    # promotion has its own end-to-end test (test_promotion_e2e.py); here it would move the dynamic
+    # adapters that other tests hammer onto a slot
+    data["promotion"]["enabled"] = False
     cfg = DeploymentConfig.from_dict(data)
     build_demo(cfg, ROOT / ".cache" / "demo", say=lambda s: None)  # trained adapters are shared by build key
     for a in cfg.merged_enabled:

@@ -1,0 +1,76 @@
+"""Promotion slots: merged deployments that are not tied to an adapter when the app is built.
+
+The app builder binds ``promotion.slots`` of them (``MergedSlot-0``, ``MergedSlot-1``, ...), each with its
+own autoscaling (scaled to zero while nothing is assigned). Which adapter a slot serves is decided by the
+promotion controller (:mod:`deployments.promotion`) and stored in shared storage
+(:data:`ASSIGNMENTS`, written with compare-and-swap); every replica of a slot reads it there and loads
+the adapter's current merged version, so a slot changes adapter without a redeploy, and a replica that
+Serve adds or restarts finds its assignment by itself.
+
+A slot answers only for the adapter the caller names: a request that reaches it after it moved on gets
+:class:`~deployments.merged.ModelUnavailable`, and the gateway falls back to dynamic (answered once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from deployments.merged import _MergedBase
+from deployments.messages import MergedStatus
+from deployments.observability import request_logger
+from deployments.promotion_policy import Assignments
+from deployments.settings import SlotSettings
+
+__all__ = ["ASSIGNMENTS", "SERVED_STATES", "MergedSlot", "read_assignments"]
+
+logger = request_logger("slots")  # under ray.serve: in the replica's log, with its ids
+
+#: The state (``Storage.read_state``) holding the slots' assignments.
+ASSIGNMENTS = "promotion"
+#: States in which a slot holds its adapter: loading it, serving it, or draining what it still runs.
+SERVED_STATES = ("loading", "ready", "draining")
+
+
+def read_assignments(storage: object, slots: int) -> Assignments:
+    """The stored assignments, cut or padded to ``slots`` (a config with fewer slots drops the rest)."""
+    data, revision = storage.read_state(ASSIGNMENTS)  # type: ignore[attr-defined]
+    stored = Assignments.from_json(data) if data else Assignments.empty(slots)
+    held = stored.slots[:slots] + (None,) * max(0, slots - len(stored.slots))
+    return Assignments(slots=held, revision=revision)
+
+
+class MergedSlot(_MergedBase[SlotSettings]):
+    """One promotion slot: serves the merged model of whichever adapter its assignment names."""
+
+    def _start(self) -> None:
+        super()._start()
+        self._poll: asyncio.Task[None] | None = None
+
+    async def _wanted(self) -> str | None:
+        k = self.settings.slot
+        try:
+            assignments = await asyncio.to_thread(read_assignments, self.storage, k + 1)
+        except Exception as e:  # unreadable or invalid: keep what is served until it can be read again
+            logger.error("slot %d: assignments unreadable (%s); still serving %s", k, e, self.adapter)
+            return self.adapter
+        a = assignments.slots[k]
+        return a.adapter if a is not None and a.state in SERVED_STATES else None
+
+    def _watch(self) -> None:
+        """Re-read the assignment every refresh interval, requests or not (a freed slot lets its engine
+        go; an assigned one loads before its first request)."""
+        if self._poll is not None and not self._poll.done():
+            return
+
+        async def poll() -> None:
+            while True:
+                await self._refresh()
+                await asyncio.sleep(max(0.1, self.settings.batching.refresh_interval_s))
+
+        self._poll = asyncio.create_task(poll())
+
+    async def status(self) -> MergedStatus:  # type: ignore[override]
+        """What this replica serves; asking starts its watch (the controller asks while it waits)."""
+        self._watch()
+        await self._refresh()
+        return MergedStatus(self.adapter, self.version, self.engine is not None and self.stale is None)

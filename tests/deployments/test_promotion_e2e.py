@@ -1,0 +1,183 @@
+"""Traffic-aware promotion end to end: the real app on the embedded default, on the real local Ray
+cluster, with promotion on (one slot, demo thresholds shortened for a test).
+
+Skewed traffic to one dynamic adapter gets it merged (a merge task on the cluster), loaded by the slot
+(scaled up from zero) and answered as merged, with every request answered exactly once and the merged
+answers equal to the dynamic ones; a restarted controller resumes the assignment from storage; when the
+traffic stops the adapter is demoted, the slot freed and dynamic answers again. Pinned merged adapters
+never move.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from moe_core.config import DeploymentConfig
+from moe_demo.screens import split
+from tests.conftest import _free_port
+from tests.deployments.test_serve_e2e import _b64, _deploy, _serve_file, _settled, _total, _wait_ready
+
+pytestmark = pytest.mark.slow
+
+HOT = "login-window"  # a dynamic adapter
+PINNED = "calendar"
+WINDOWS = {"promote_window_s": 5, "demote_window_s": 8, "cooldown_s": 12, "drain_s": 1}
+
+
+@pytest.fixture(scope="module")
+def promo(demo_cfg: DeploymentConfig, ray_cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    data = demo_cfg.model_dump(mode="json")
+    data["promotion"] |= {"enabled": True, "slots": 1, "promote_rps": 1.0, "demote_rps": 0.2, **WINDOWS}
+    cfg = DeploymentConfig.from_dict(data)
+    root = Path(cfg.storage.url)
+    shutil.rmtree(root / "merged" / HOT, ignore_errors=True)  # the promotion has to merge it
+    (root / "state" / "promotion.json").unlink(missing_ok=True)  # no assignment left by an earlier run
+    port = _free_port()
+    path = _serve_file([("promo", "/", cfg)], port, tmp_path_factory.mktemp("promo") / "serve.yaml")
+    _deploy(path, ray_cluster["dashboard"])
+    url = f"http://127.0.0.1:{port}"
+    probe = split("heldout", 1, (HOT,))[0]
+    _wait_ready(url, {"image_b64": _b64(probe), "prompt": probe.prompt, "expert": HOT})
+    yield {"url": url, "cfg": cfg, "cluster": ray_cluster}
+    subprocess.run(
+        [str(Path(sys.executable).parent / "serve"), "shutdown", "-y", "-a", ray_cluster["dashboard"]],
+        capture_output=True,
+    )
+
+
+def _adapters(url: str) -> dict[str, dict[str, Any]]:
+    return {a["name"]: a for a in requests.get(f"{url}/adapters", timeout=10).json()}
+
+
+def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(promo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url, metrics = promo["url"], promo["cluster"]["metrics"]
+    screens = split("heldout", 12, (HOT,), offset=700)
+    body = [{"image_b64": _b64(s), "prompt": s.prompt, "expert": HOT} for s in screens]
+    before = _settled(metrics)
+    # what the dynamic deployment answers: the merged slot must answer the same (fp32)
+    want = [
+        requests.post(f"{url}/infer", json=b | {"prefer_merged": False}, timeout=60).json()["task_output"]
+        for b in body
+    ]
+    pinned = split("heldout", 1, (PINNED,), offset=700)[0]
+    pinned_body = {"image_b64": _b64(pinned), "prompt": pinned.prompt, "expert": PINNED}
+    assert requests.post(f"{url}/infer", json=pinned_body, timeout=60).json()["mode"] == "merged"
+    assert _adapters(url)[HOT]["serving"] == "dynamic"
+
+    results: list[tuple[float, int, str, str, int]] = []  # (done at, status, mode, answer, screen)
+    lock = threading.Lock()
+    t0 = time.time()
+    stop = [t0 + 90.0]
+
+    def client(k: int) -> None:
+        n = k
+        with requests.Session() as session:
+            while time.time() < stop[0]:
+                i = n % len(body)
+                n += 1
+                try:
+                    r = session.post(f"{url}/infer", json=body[i], timeout=60)
+                    status, j = r.status_code, r.json() if r.ok else {}
+                except requests.RequestException:
+                    status, j = 0, {}
+                with lock:
+                    results.append((time.time(), status, j.get("mode", ""), j.get("task_output", ""), i))
+                    merged = [t for t, _, m, _, _ in results if m == "merged"]
+                    if merged and time.time() - merged[0] > 8:  # merged for a while: enough
+                        stop[0] = min(stop[0], time.time())
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first_merged = next((t for t, _, m, _, _ in results if m == "merged"), None)
+    failed = [s for _, s, _, _, _ in results if s != 200]
+    wrong = [(want[i], a) for _, s, m, a, i in results if m == "merged" and a != want[i]]
+    row = _adapters(url)[HOT]
+    print(
+        f"promotion: {len(results)} requests to {HOT} by 3 clients, {len(failed)} failed; first merged answer "
+        f"{None if first_merged is None else round(first_merged - t0, 1)} s after the traffic began; "
+        f"merged answers {sum(m == 'merged' for _, _, m, _, _ in results)}, differing from dynamic {len(wrong)}"
+    )
+    assert not failed, failed
+    assert first_merged is not None and first_merged - t0 < 60, "not answered merged within 60 s"
+    assert not wrong, wrong[:3]
+    assert (row["serving"], row["slot"]) == ("promoted", 0) and row["merged_version"] is not None, row
+    assert _adapters(url)[PINNED]["serving"] == "pinned"
+    # the controller's view: the parts of the switch, and its decision with the rates that made it
+    conf = tmp_path / "deployment.yaml"
+    conf.write_text(yaml.safe_dump(promo["cfg"].model_dump(mode="json")))
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deployments.promotion",
+            "status",
+            "--config",
+            str(conf),
+            "--app",
+            "promo",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, RAY_ADDRESS=promo["cluster"]["address"]),
+    )
+    assert cli.returncode == 0, cli.stderr
+    view = json.loads(cli.stdout)
+    sw = view["controller"]["switches"][HOT]
+    print(
+        f"promotion parts: decision {sw['decided_at'] - t0:.1f} s after the traffic began, merge {sw['merge_s']:.1f} s, "
+        f"slot load {sw['load_s']:.1f} s, first merged answer {first_merged - sw['ready_at']:.1f} s after 'ready'"
+    )
+    assert sw["merged"] and view["stored"]["slots"][0]["state"] == "ready"
+    assert any(d["kind"] == "promote" and "req/s" in d["reason"] for d in view["controller"]["decisions"])
+
+    # every request generated exactly once: generations counted where they ran = requests sent
+    sent = len(results) + len(want)
+    after = _settled(metrics)
+    ran = _total(after, "ray_moe_time_to_first_token_seconds_count", adapter=HOT) - _total(
+        before, "ray_moe_time_to_first_token_seconds_count", adapter=HOT
+    )
+    print(f"promotion: {sent} requests sent, {ran:.0f} generations ran (dynamic and merged)")
+    assert ran == sent
+
+    # a restarted controller resumes the assignment from storage
+    from ray.util.state import list_actors
+
+    (victim,) = list_actors(
+        address=promo["cluster"]["dashboard"],
+        filters=[("class_name", "=", "ServeReplica:promo:PromotionController"), ("state", "=", "ALIVE")],
+    )
+    os.kill(int(victim.pid), signal.SIGKILL)
+    r = requests.post(f"{url}/infer", json=body[0], timeout=60).json()
+    assert r["mode"] == "merged", r  # routing never depended on the controller being up
+
+    # traffic stops: demoted within its window (plus the cooldown since the promotion), the slot freed
+    t_stop = time.time()
+    while time.time() - t_stop < 60 and _adapters(url)[HOT]["serving"] != "dynamic":
+        time.sleep(1.0)
+    demoted = time.time() - t_stop
+    print(
+        f"promotion: demoted {demoted:.1f} s after the traffic stopped (demote window {WINDOWS['demote_window_s']} s)"
+    )
+    assert _adapters(url)[HOT]["serving"] == "dynamic", "not demoted within 60 s"
+    r = requests.post(f"{url}/infer", json=body[0], timeout=60).json()
+    assert (r["mode"], r["task_output"]) == ("dynamic", want[0]), r
+    assert requests.post(f"{url}/infer", json=pinned_body, timeout=60).json()["mode"] == "merged"
+    assert _adapters(url)[PINNED]["serving"] == "pinned"

@@ -1,0 +1,227 @@
+"""The promotion controller, a slot and the gateway's promoted routing, on a fake engine, fake handles
+and a real storage root (the policy's tables are in test_promotion_policy.py; the real thing end to end
+in test_promotion_e2e.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from deployments.gateway import Gateway
+from deployments.promotion import PromotionController
+from deployments.settings import GatewaySettings, PromotionSettings, SlotSettings
+from deployments.slots import ASSIGNMENTS, MergedSlot, read_assignments
+from moe_core.config import DeploymentConfig, LiveSettings
+from moe_core.storage import Storage
+from tests.deployments.test_deployments_unit import (
+    FakeEngine,
+    FakeHandle,
+    _dynamic,
+    _publish,
+    _req,
+)
+
+CFG = DeploymentConfig.from_dict(
+    {
+        "router": {"adapter": "router", "labels": {0: "calendar", 1: "login-window"}},
+        "merged": {"adapters": [{"name": "calendar"}], "refresh_interval_s": 0.0},
+        "dynamic": {"adapters": ["login-window", "desktop"], "refresh_interval_s": 0.0},
+        "promotion": {
+            "enabled": True,
+            "slots": 1,
+            "promote_rps": 1.0,
+            "promote_window_s": 5,
+            "demote_rps": 0.2,
+            "demote_window_s": 10,
+            "cooldown_s": 20,
+            "drain_s": 0.0,
+        },
+    }
+)
+LIVE = LiveSettings.of(CFG)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _store(tmp_path: Path) -> Storage:
+    st = Storage(str(tmp_path / "storage"))
+    for kind, name in (("expert", "calendar"), ("expert", "login-window"), ("expert", "desktop")):
+        _publish(st, tmp_path, kind, name, "v1")
+    return st
+
+
+def _slot(st: Storage) -> MergedSlot:
+    def factory(settings: Any, path: Path | None, name: str, rows: int, queue: int) -> FakeEngine:
+        return FakeEngine(path)
+
+    return MergedSlot(SlotSettings.of(CFG, 0), engine_factory=factory, storage=st)
+
+
+def _controller(st: Storage, slot: MergedSlot, clock: Clock, merges: list[str]) -> PromotionController:
+    async def merge(config_json: str, adapter: str) -> None:
+        """What the merge task does, as far as the controller can see: a merged version is published."""
+        merges.append(adapter)
+        d = st.root + f"/../merged-{adapter}-{len(merges)}"
+        Path(d).mkdir()
+        (Path(d) / "tag").write_text(f"merged{len(merges)}")
+        source = st.current_version("expert", adapter)
+        (Path(d) / "merge_metadata.json").write_text(json.dumps({"source_version": source}))
+        st.publish("merged", adapter, Path(d))
+
+    c = PromotionController(
+        PromotionSettings.of(CFG), [FakeHandle(slot)], merge=merge, storage=st, clock=clock
+    )
+    c.reconfigure(LIVE.promotion.model_dump())
+    return c
+
+
+async def _traffic(c: PromotionController, clock: Clock, counts: dict[str, int], seconds: int) -> None:
+    """``seconds`` one-second ticks, each with one report of ``counts``; switches run to their end."""
+    for _ in range(seconds):
+        clock.t += 1.0
+        await c.report(counts)
+        await c.tick()
+        for task in list(c._busy.values()):
+            await task
+
+
+def test_a_hot_adapter_is_merged_loaded_and_routed_then_demoted_when_cold(tmp_path: Path) -> None:
+    st, clock, merges = _store(tmp_path), Clock(), []
+
+    async def scenario() -> None:
+        slot = _slot(st)
+        c = _controller(st, slot, clock, merges)
+        await _traffic(c, clock, {"login-window": 3, "desktop": 0}, 3)
+        assert read_assignments(st, 1).slots == (None,)  # not before the promote window
+        await _traffic(c, clock, {"login-window": 3}, 4)
+        a = read_assignments(st, 1).slots[0]
+        assert a is not None and (a.adapter, a.state) == ("login-window", "ready"), a
+        assert "login-window" in a.reason and "req/s" in a.reason
+        assert merges == ["login-window"] and slot.adapter == "login-window"
+        sw = (await c.status())["switches"]["login-window"]
+        assert sw["merged"] and sw["merge_s"] is not None and sw["load_s"] is not None
+        # traffic stops: demoted once the demote window has passed (and the cooldown)
+        await _traffic(c, clock, {}, 9)
+        assert read_assignments(st, 1).slots[0] is not None
+        await _traffic(c, clock, {}, 15)
+        assert read_assignments(st, 1).slots == (None,)
+        await asyncio.sleep(0.05)
+        assert (await slot.status()).adapter is None  # the slot let its model go
+        # hot again: not within the cooldown of its demotion; then promoted with no second merge (the
+        # published merged version still comes from the current LoRA version)
+        await _traffic(c, clock, {"login-window": 3}, 8)
+        assert read_assignments(st, 1).slots == (None,)
+        await _traffic(c, clock, {"login-window": 3}, 14)
+        assert read_assignments(st, 1).routed() == {"login-window": 0} and merges == ["login-window"]
+
+    asyncio.run(scenario())
+
+
+def test_pinned_and_denied_adapters_never_move_and_a_restart_resumes(tmp_path: Path) -> None:
+    st, clock, merges = _store(tmp_path), Clock(), []
+
+    async def scenario() -> None:
+        slot = _slot(st)
+        c = _controller(st, slot, clock, merges)
+        c.reconfigure(LIVE.promotion.model_dump() | {"deny": ["desktop"]})
+        await _traffic(c, clock, {"calendar": 9, "desktop": 9}, 8)
+        assert read_assignments(st, 1).slots == (None,) and merges == []
+        c.reconfigure(LIVE.promotion.model_dump())
+        await _traffic(c, clock, {"desktop": 9}, 6)
+        assert read_assignments(st, 1).routed() == {"desktop": 0}
+        # a new controller (a restart) starts from the stored assignments, mid-promotion ones included
+        again = _controller(st, slot, clock, merges)
+        assert again.assignments.routed() == {"desktop": 0}
+        assert again.last_switch["desktop"] == read_assignments(st, 1).slots[0].since  # type: ignore[union-attr]
+        await _traffic(again, clock, {"desktop": 9}, 3)
+        assert read_assignments(st, 1).routed() == {"desktop": 0} and merges == ["desktop"]
+
+    asyncio.run(scenario())
+
+
+def test_a_promotion_cut_off_while_loading_is_carried_on(tmp_path: Path) -> None:
+    st, clock, merges = _store(tmp_path), Clock(), []
+
+    async def scenario() -> None:
+        slot = _slot(st)
+        c = _controller(st, slot, clock, merges)
+        await _traffic(c, clock, {"desktop": 9}, 6)
+        state, rev = st.read_state(ASSIGNMENTS)
+        state["slots"][0]["state"] = "loading"  # as if the controller died before "ready"
+        st.write_state(ASSIGNMENTS, state | {"revision": rev + 1}, expect=rev)
+        again = _controller(st, slot, clock, merges)
+        await again.status()  # starts it: the cut-off promotion is carried on
+        for task in list(again._busy.values()):
+            await task
+        assert read_assignments(st, 1).routed() == {"desktop": 0}
+
+    asyncio.run(scenario())
+
+
+def test_the_gateway_sends_promoted_adapters_to_their_slot_and_falls_back_once(tmp_path: Path) -> None:
+    st = _store(tmp_path)
+    _publish(st, tmp_path, "merged", "login-window", "m1")
+
+    async def scenario() -> None:
+        slot = _slot(st)
+        d, _ = _dynamic(st)
+        reports: list[dict[str, int]] = []
+
+        class Controller:
+            async def report(self, counts: dict[str, int]) -> None:
+                reports.append(counts)
+
+        g = Gateway(
+            GatewaySettings.of(CFG).model_copy(update={"storage_url": st.url}),
+            FakeHandle(d),
+            {"calendar": FakeHandle(fail=True)},
+            [FakeHandle(slot)],
+            FakeHandle(Controller()),
+        )
+        g.reconfigure(LIVE.gateway.model_dump())
+        r = await g._infer(_req(expert="login-window"))
+        assert (r.mode, r.fallback) == ("dynamic", False)
+        state = {
+            "revision": 1,
+            "slots": [
+                {"slot": 0, "adapter": "login-window", "state": "ready", "since": 1.0, "reason": "test"}
+            ],
+        }
+        st.write_state(ASSIGNMENTS, state, expect=0)
+        await slot.status()
+        await asyncio.sleep(1.5)  # one report interval: the gateway reads the assignments
+        assert g.promoted == {"login-window": 0} and g.policy.target("login-window", None) == "merged"
+        r = await g._infer(_req(expert="login-window"))
+        assert (r.mode, r.fallback, r.adapter) == ("merged", False, "login-window"), r
+        assert any(rep.get("login-window") for rep in reports)
+        # the slot moves on before the gateway has read it: that request is answered by dynamic, once
+        st.write_state(ASSIGNMENTS, {"revision": 2, "slots": [None]}, expect=1)
+        await slot.status()
+        await asyncio.sleep(0.05)
+        assert g.promoted == {"login-window": 0}
+        r = await g._infer(_req(expert="login-window"))
+        assert (r.mode, r.fallback) == ("dynamic", True)
+        await asyncio.sleep(1.2)
+        assert g.promoted == {} and g.policy.target("login-window", None) == "dynamic"
+
+    asyncio.run(scenario())
+
+
+def test_the_merge_task_gets_a_valid_config_from_the_apps_static_args() -> None:
+    """The app's args hold placeholders for live fields (no adapter lists): the merge task's config must
+    still validate (it did not, and every promotion's merge failed on the cluster)."""
+    static, live = DeploymentConfig.from_static(
+        DeploymentConfig.from_file("config/deployment.yaml").static_dump()
+    )
+    assert live is None
+    merge_cfg = DeploymentConfig.model_validate_json(PromotionSettings.of(static).config_json)
+    assert merge_cfg.base_model == static.base_model and merge_cfg.merge == static.merge
+    assert merge_cfg.storage == static.storage

@@ -3,6 +3,7 @@
     python -m benchmarks                 # full run on the configured model (CPU here)
     python -m benchmarks --quick         # smoke test (make test): fewer rounds, no Ray Serve
     python -m benchmarks --gpu           # the real Qwen3-VL-8B shapes, random bf16 weights, on CUDA
+    python -m benchmarks --only promotion  # just the Zipf mix through Serve, promotion off vs on
 
 Writes benchmarks/results/<name>.json, .md and .png with the machine's description.
 """
@@ -94,6 +95,17 @@ def summarise(samples: dict[str, list[float]], figures: dict[str, Any], s: Bench
         )
     if "classify" in ms:
         ratios["routing/expert request"] = ms["classify"] / ms["expert_request"]
+    if "zipf_latency_promotion_on" in ms:
+        f = figures
+        ratios["zipf throughput promotion on/off"] = (
+            f["zipf_throughput_promotion_on_req_per_s"] / f["zipf_throughput_promotion_off_req_per_s"]
+        )
+        ratios["zipf p50 latency promotion on/off"] = (
+            ms["zipf_latency_promotion_on"] / ms["zipf_latency_promotion_off"]
+        )
+        ratios["zipf p99 latency promotion on/off"] = (
+            out["p99_ms"]["zipf_latency_promotion_on"] / out["p99_ms"]["zipf_latency_promotion_off"]
+        )
     if "cold_request" in ms:
         ratios["cold/warm request"] = ms["cold_request"] / ms["warm_request"]
     if "infer_http_dynamic" in ms:
@@ -190,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: few rounds, no Ray Serve")
     p.add_argument("--gpu", action="store_true", help="Qwen3-VL-8B shapes with random bf16 weights on CUDA")
     p.add_argument("--rounds", type=int)
+    p.add_argument("--only", choices=["promotion"], help="run one part only")
     p.add_argument("--name", help="result file name (default: cpu, cpu-quick or gpu)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -206,16 +219,24 @@ def main(argv: list[str] | None = None) -> int:
             rounds=args.rounds or (3 if args.quick else 20),
             memory_points=(1, 2) if args.quick else (1, 8, 32),
         )
-        name = args.name or ("cpu-quick" if args.quick else "cpu")
-        images, prompt = _demo_inputs(settings.batch)
-        rep = engine_benchmarks(cfg, settings, images, prompt)
-        samples, figures = rep.samples, rep.figures
-        if not args.quick:
+        name = args.name or ("cpu-quick" if args.quick else f"cpu-{args.only}" if args.only else "cpu")
+        samples, figures = {}, {}
+        if args.only is None:
+            images, prompt = _demo_inputs(settings.batch)
+            rep = engine_benchmarks(cfg, settings, images, prompt)
+            samples, figures = rep.samples, rep.figures
+        if not args.quick and args.only is None:
             from benchmarks.serve_bench import serve_benchmarks
 
             s2, f2 = serve_benchmarks(cfg, images, prompt, rounds=settings.rounds * 2)
             samples.update(s2)
             figures.update(f2)
+        if not args.quick:
+            from benchmarks.promotion_bench import promotion_benchmarks
+
+            s3, f3 = promotion_benchmarks(cfg)
+            samples.update(s3)
+            figures.update(f3)
     result = {
         "name": name,
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),

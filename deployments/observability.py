@@ -31,6 +31,7 @@ __all__ = [
     "ForwardMetrics",
     "GatewayMetrics",
     "MergedMetrics",
+    "PromotionMetrics",
     "RequestTrace",
     "current_request_id",
     "request_logger",
@@ -317,3 +318,40 @@ class MergedMetrics(ForwardMetrics):
             self.version.set(0, tags={"adapter": adapter, "version": old})
         self.version.set(1, tags={"adapter": adapter, "version": version})
         self.load_time.observe(seconds, tags={"adapter": adapter})
+
+
+#: Seconds, for merges and model loads of promotions: from a second to 20 minutes (an 8B merge on a GPU).
+SWITCH_BUCKETS = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0]
+
+
+class PromotionMetrics:
+    """The promotion controller's decisions, what each slot holds, and how long promotions take."""
+
+    def __init__(self) -> None:
+        self.switches = _counter(
+            "moe_promotion_switches",
+            "Promotion decisions by kind (promote, demote), adapter and outcome (done, failed).",
+            ("kind", "adapter", "outcome"),
+        )
+        self.slot = _gauge(
+            "moe_promotion_slot_info",
+            "1 for the adapter and state each promotion slot holds.",
+            ("slot", "adapter", "state"),
+        )
+        self.seconds = _histogram(
+            "moe_promotion_seconds",
+            "A promotion's parts: merge, load (the slot loads the merged model), total (decision to routed).",
+            SWITCH_BUCKETS,
+            ("part",),
+        )
+        self._held: dict[int, dict[str, str]] = {}
+
+    def holds(self, slot: int, adapter: str | None, state: str | None) -> None:
+        """Slot ``slot`` now holds ``adapter`` in ``state`` (None: free)."""
+        old = self._held.pop(slot, None)
+        if old is not None:
+            self.slot.set(0, tags=old)
+        if adapter is not None and state is not None:
+            tags = {"slot": str(slot), "adapter": adapter, "state": state}
+            self.slot.set(1, tags=tags)
+            self._held[slot] = tags

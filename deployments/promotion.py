@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from deployments.observability import request_logger
+from deployments.observability import PromotionMetrics, request_logger
 from deployments.promotion_policy import Action, Assignment, Assignments, RateTracker, plan, slot_key
 from deployments.settings import PromotionSettings
 from deployments.slots import ASSIGNMENTS, read_assignments
@@ -97,6 +97,9 @@ class PromotionController:
             if a is not None:
                 self.last_switch[a.adapter] = self.last_switch[slot_key(a.slot)] = a.since
         self.switches: dict[str, _Switch] = {}
+        self.metrics = PromotionMetrics()
+        for k, a in enumerate(self.assignments.slots):
+            self.metrics.holds(k, a.adapter if a else None, a.state if a else None)
         self.decisions: list[dict[str, Any]] = []  # the latest ones, for status()
         self._busy: dict[int, asyncio.Task[None]] = {}
         self._loop: asyncio.Task[None] | None = None
@@ -223,7 +226,13 @@ class PromotionController:
                     await self._demote(action)
                 else:
                     await self._promote(action, resumed)
+                self.metrics.switches.inc(
+                    tags={"kind": action.kind, "adapter": action.adapter, "outcome": "done"}
+                )
             except Exception:
+                self.metrics.switches.inc(
+                    tags={"kind": action.kind, "adapter": action.adapter, "outcome": "failed"}
+                )
                 logger.exception(
                     "promotion: %s %s (slot %d) failed; the slot is freed",
                     action.kind,
@@ -254,6 +263,13 @@ class PromotionController:
         sw.load_s = time.perf_counter() - t0
         await self._write(k, Assignment(k, adapter, "ready", self.clock(), action.reason))
         sw.ready_at = self.clock()
+        for part, seconds in (
+            ("merge", sw.merge_s),
+            ("load", sw.load_s),
+            ("total", sw.ready_at - sw.decided_at),
+        ):
+            if seconds is not None:
+                self.metrics.seconds.observe(seconds, tags={"part": part})
         logger.info(
             "promotion: %s is served by slot %d: %s %.1f s, load %.1f s, %.1f s from the decision (%s)",
             adapter,
@@ -315,6 +331,7 @@ class PromotionController:
             except StateConflict:
                 continue
             self.assignments = new
+            self.metrics.holds(k, a.adapter if a else None, a.state if a else None)
             return
         raise RuntimeError(f"slot {k}: the assignments kept changing under this writer")
 

@@ -156,6 +156,8 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     )
     print(f"promotion: {sent} requests sent, {ran:.0f} generations ran (dynamic and merged)")
     assert ran == sent
+    done = _total(after, "ray_moe_promotion_switches_total", kind="promote", adapter=HOT, outcome="done")
+    assert done >= 1 and _total(after, "ray_moe_promotion_slot_info", adapter=HOT, state="ready") == 1
 
     # a restarted controller resumes the assignment from storage
     from ray.util.state import list_actors

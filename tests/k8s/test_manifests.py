@@ -355,7 +355,12 @@ def test_grafana_dashboard_queries_only_our_metric_names() -> None:
 
     from deployments import observability
 
-    for cls in (observability.GatewayMetrics, observability.DynamicMetrics, observability.MergedMetrics):
+    for cls in (
+        observability.GatewayMetrics,
+        observability.DynamicMetrics,
+        observability.MergedMetrics,
+        observability.PromotionMetrics,
+    ):
         cls()  # registers its names
     dashboard = json.loads((K8S / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]

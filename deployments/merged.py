@@ -1,8 +1,10 @@
-"""One merged-model deployment class, bound once per merged adapter by the app builder.
+"""Merged-model deployments: the pinned :class:`MergedModel`, bound once per merged adapter by the app
+builder, and (in :mod:`deployments.slots`) the promotion slots, which share everything here but whose
+adapter changes with their assignment.
 
 Each replica loads the current published version from ``merged/<name>/`` and answers through the
 engine's continuous-batching scheduler (``generate``, or ``stream`` as a Ray Serve streaming method);
-a newer published version is picked up without a restart. With nothing
+a newer published version is picked up without a restart, in the background. With nothing
 published it stays up and answers :class:`ModelUnavailable`, so the gateway can fall back.
 """
 

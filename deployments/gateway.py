@@ -406,6 +406,7 @@ class Gateway:
         d = routed.decision
         c = d.classification
         if routed.answer is not None:
+            self._served(d.adapter)  # answered where it was routed: it counts for promotion too
             return _response(routed.answer, image, d.routed_via, c.confidence, trace)
         return await self._answer(
             policy, d.adapter, d.target, query, image, d.routed_via, c.confidence, trace
@@ -511,7 +512,8 @@ class Gateway:
         self, policy: RoutingPolicy, adapter: str, query: Query, e: ServiceUnavailable, trace: RequestTrace
     ) -> DeploymentHandle:
         """The dynamic deployment, to answer for a failed merged one; re-raises ``e`` when not allowed."""
-        if not policy.live.fallback_to_dynamic or self.dynamic is None:
+        # a promoted adapter is a dynamic one: it always falls back (fallback_to_dynamic is about pinned ones)
+        if self.dynamic is None or (not policy.live.fallback_to_dynamic and adapter in self.merged):
             raise e
         trace.fallback = e.reason
         self.metrics.fallbacks.inc(tags={"adapter": adapter, "reason": e.reason})
@@ -630,6 +632,8 @@ class Gateway:
         policy, choice, conv = await self._conversation(req, trace)
         route = await self._decide(policy, choice, conv.query, req.prefer_merged, trace, stream=False)
         out, fallback = route.answer, False
+        if out is not None:
+            self._served(route.adapter)  # answered where it was routed: it counts for promotion too
         if out is None:
             out, fallback = await self._generate(policy, route.adapter, route.target, conv.query, trace)
         info = self._info(trace, route, conv, out, fallback)
@@ -645,6 +649,7 @@ class Gateway:
         route = await self._decide(policy, choice, conv.query, req.prefer_merged, trace, stream=True)
         t0 = time.perf_counter()
         if route.answer is not None:  # the routing hop answered in place: one chunk
+            self._served(route.adapter)
             stream: ChunkStream = _Answered()
             first, fallback = _whole(route.answer), False
         else:

@@ -119,8 +119,20 @@ class _MergedBase(ModelDeployment[S]):
         merged_from = meta.get("source_version")
         current = self.storage.current_version("expert", adapter)
         if merged_from is not None and current is not None and merged_from != current:
-            return f"merged from adapter version {merged_from}; {current} is published"
+            # the same weights republished under a new version are not stale (the merge job keeps the
+            # merged version it has for them)
+            digest = meta.get("source_adapter_sha256")
+            if not digest or digest != self._adapter_digest(adapter, current):
+                return f"merged from adapter version {merged_from}; {current} is published"
         return None
+
+    def _adapter_digest(self, adapter: str, version: str) -> str | None:
+        try:
+            meta = self.storage.read_json("expert", adapter, "deploy_metadata.json", version)  # type: ignore[attr-defined]
+        except Exception:  # unreadable metadata: treated as a different adapter (stale, dynamic answers)
+            return None
+        digest = meta.get("adapter_sha256")
+        return digest if isinstance(digest, str) else None
 
     def _set_stale(self, stale: str | None) -> None:
         if stale != self.stale:
@@ -150,6 +162,8 @@ class _MergedBase(ModelDeployment[S]):
                     return
                 current = await asyncio.to_thread(self.storage.current_version, "merged", adapter)
                 if current is not None and (current != self.version or adapter != self.adapter):
+                    if self.adapter is not None and adapter != self.adapter:
+                        self._release()  # never two models at once; the new one's requests fall back meanwhile
                     self._install(await asyncio.to_thread(self._open, adapter, current))
                 elif self.engine is not None and adapter == self.adapter:
                     self._set_stale(await asyncio.to_thread(self._staleness, adapter, self.source))

@@ -37,7 +37,7 @@ from deployments.promotion_policy import Action, Assignment, Assignments, RateTr
 from deployments.settings import PromotionSettings
 from deployments.slots import ASSIGNMENTS, read_assignments
 from moe_core.config import ConfigError, PromotionLive, validate_adapter_name
-from moe_core.storage import StateConflict, Storage
+from moe_core.storage import StateConflict, Storage, StorageError
 
 __all__ = ["CONTROLLER_NAME", "PromotionController", "main"]
 
@@ -180,7 +180,22 @@ class PromotionController:
         """One decision: plan against the stored assignments and start the switches it asks for."""
         if self.live is None:
             return []
-        self.assignments = await asyncio.to_thread(read_assignments, self.storage, self.settings.slots)
+        stored = await asyncio.to_thread(read_assignments, self.storage, self.settings.slots)
+        if stored.revision >= self.assignments.revision:  # a read older than our own last write is dropped
+            self.assignments = stored
+        for a in self.assignments.slots:
+            if a is None or self._running(a.slot):
+                continue
+            if a.state != "ready":  # a switch whose task died (a storage outage mid-way): carry it on
+                self._carry_on(a)
+            elif not await asyncio.to_thread(self._merged_is_current, a.adapter):
+                # a new LoRA version was published while it was promoted: merge it again (dynamic answers
+                # meanwhile, as the slot's assignment is no longer "ready")
+                self._busy[a.slot] = asyncio.get_running_loop().create_task(
+                    self._carry_out(
+                        [Action("promote", a.adapter, a.slot, f"new adapter version: {a.reason}")]
+                    )
+                )
         now = self.clock()
         actions = plan(
             now,
@@ -194,7 +209,7 @@ class PromotionController:
         for action in actions:
             by_slot.setdefault(action.slot, []).append(action)
         for k, slot_actions in by_slot.items():
-            if k in self._busy and not self._busy[k].done():
+            if self._running(k):
                 continue
             for action in slot_actions:
                 self.decisions.append(
@@ -212,8 +227,15 @@ class PromotionController:
         del self.decisions[:-100]
         return actions
 
+    def _running(self, k: int) -> bool:
+        task = self._busy.get(k)
+        return task is not None and not task.done()
+
     def _carry_on(self, a: Assignment) -> None:
-        if a.state == "draining":
+        live = self.live or PromotionLive.default()
+        if not live.enabled or a.adapter in live.deny:
+            action = Action("demote", a.adapter, a.slot, "resumed: promotion disabled or adapter denied")
+        elif a.state == "draining":
             action = Action("demote", a.adapter, a.slot, f"resumed: {a.reason}")
         else:
             action = Action("promote", a.adapter, a.slot, f"resumed: {a.reason}")
@@ -254,7 +276,14 @@ class PromotionController:
             t0 = time.perf_counter()
             if not await asyncio.to_thread(self._merged_is_current, adapter):
                 logger.info("promotion: %s: merging (a merge task on the cluster)", adapter)
-                await self.merge(self.settings.config_json, adapter)
+                ref = self.merge(self.settings.config_json, adapter)
+                try:
+                    await asyncio.wait_for(_awaitable(ref), self.settings.merge_timeout_s)
+                except TimeoutError:
+                    _cancel(ref)
+                    raise TimeoutError(
+                        f"the merge of {adapter} took over {self.settings.merge_timeout_s:.0f} s"
+                    ) from None
                 sw.merged = True
             sw.merge_s = time.perf_counter() - t0
         await self._write(k, Assignment(k, adapter, "loading", self.clock(), action.reason))
@@ -297,10 +326,19 @@ class PromotionController:
     def _merged_is_current(self, adapter: str) -> bool:
         """Whether the published merged version was built from the adapter's published LoRA version."""
         merged = self.storage.current_version("merged", adapter)
-        if merged is None:
-            return False
+        lora = self.storage.current_version("expert", adapter)
+        if merged is None or lora is None:
+            return merged is not None
         meta = self.storage.read_json("merged", adapter, "merge_metadata.json", merged)
-        return meta.get("source_version") == self.storage.current_version("expert", adapter)
+        if meta.get("source_version") == lora:
+            return True
+        # the same weights republished as a new version: the merge job keeps the merged version it has
+        try:
+            deployed = self.storage.read_json("expert", adapter, "deploy_metadata.json", lora)
+        except (OSError, ValueError, StorageError):  # no readable metadata: merge it again
+            return False
+        digest = meta.get("source_adapter_sha256")
+        return bool(digest) and digest == deployed.get("adapter_sha256")
 
     async def _wait_loaded(self, k: int, adapter: str) -> None:
         deadline = time.monotonic() + self.settings.load_timeout_s
@@ -318,10 +356,32 @@ class PromotionController:
             await asyncio.sleep(0.25)
 
     async def _write(self, k: int, a: Assignment | None) -> None:
-        """Set slot ``k``'s assignment with compare-and-swap (re-read and retried on a conflict)."""
+        """Set slot ``k``'s assignment with compare-and-swap: re-read and retried on a conflict, and on
+        storage errors for up to ``write_retry_s`` (an outage must not leave a switch half-written)."""
+        deadline = time.monotonic() + self.settings.write_retry_s
+        delay = 0.5
+        while True:
+            try:
+                if await self._try_write(k, a):
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"slot {k}: the assignments kept changing under this writer")
+            except StorageError as e:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning(
+                    "promotion: slot %d: storage error writing the assignments (%s); retrying", k, e
+                )
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+
+    async def _try_write(self, k: int, a: Assignment | None) -> bool:
+        """One compare-and-swap of slot ``k`` (re-read on a conflict); False when it kept losing."""
         for _ in range(20):
             current = await asyncio.to_thread(read_assignments, self.storage, self.settings.slots)
             slots = list(current.slots)
+            if a is not None and any(h is not None and h.adapter == a.adapter and h.slot != k for h in slots):
+                raise ValueError(f"{a.adapter} already holds another slot; not assigned to slot {k}")
             slots[k] = a
             new = replace(current, slots=tuple(slots), revision=current.revision + 1)
             try:
@@ -332,12 +392,23 @@ class PromotionController:
                 continue
             self.assignments = new
             self.metrics.holds(k, a.adapter if a else None, a.state if a else None)
-            return
-        raise RuntimeError(f"slot {k}: the assignments kept changing under this writer")
+            return True
+        return False
 
 
 async def _awaitable(response: Any) -> Any:
     return await response
+
+
+def _cancel(ref: Any) -> None:
+    """Cancel a merge task that ran too long (a Ray ObjectRef; anything else is left alone)."""
+    try:
+        import ray
+
+        if isinstance(ref, ray.ObjectRef):
+            ray.cancel(ref, force=True)
+    except Exception as e:  # best effort: the slot is freed either way
+        logger.warning("promotion: could not cancel a merge task (%s)", e)
 
 
 def _table(assignments: Assignments) -> str:

@@ -92,6 +92,10 @@ class SlotSettings(ModelSettings):
         return cls(**cls.common(cfg, cfg.merged), slot=slot)
 
 
+#: Longest a promotion's merge may take (an 8B fp32 merge and its verification take minutes on a GPU).
+MERGE_TIMEOUT_S = 1800.0
+
+
 class PromotionSettings(StrictModel):
     """The promotion controller's static settings (its thresholds are live: ``PromotionLive``)."""
 
@@ -105,6 +109,12 @@ class PromotionSettings(StrictModel):
         ge=0, description="Seconds between routing an adapter back to dynamic and freeing its slot."
     )
     load_timeout_s: float = Field(gt=0, description="Longest wait for a slot to load its merged model.")
+    merge_timeout_s: float = Field(
+        gt=0, description="Longest a promotion's merge task may run; then it is cancelled."
+    )
+    write_retry_s: float = Field(
+        gt=0, description="How long a switch retries writing the assignments through storage errors."
+    )
     merge_cpu: float = Field(ge=0, description="CPUs of a merge task.")
     merge_gpu: float = Field(ge=0, description="GPUs of a merge task.")
     config_json: str = Field(
@@ -122,6 +132,8 @@ class PromotionSettings(StrictModel):
             interval_s=p.interval_s,
             drain_s=p.drain_s,
             load_timeout_s=max(60.0, 10 * cfg.gateway.request_timeout_s),
+            merge_timeout_s=MERGE_TIMEOUT_S,
+            write_retry_s=300.0,
             merge_cpu=cfg.merge.cpu,
             merge_gpu=cfg.merge.gpu,
             config_json=DeploymentConfig.from_dict(

@@ -4,8 +4,11 @@ The app builder binds ``promotion.slots`` of them (``MergedSlot-0``, ``MergedSlo
 own autoscaling (scaled to zero while nothing is assigned). Which adapter a slot serves is decided by the
 promotion controller (:mod:`deployments.promotion`) and stored in shared storage
 (:data:`ASSIGNMENTS`, written with compare-and-swap); every replica of a slot reads it there and loads
-the adapter's current merged version, so a slot changes adapter without a redeploy, and a replica that
-Serve adds or restarts finds its assignment by itself.
+the adapter's current merged version (every replica re-reads it each refresh interval, a watch kept
+running by Serve's health checks), so a slot changes adapter without a redeploy, and a replica that Serve
+adds or restarts finds its assignment by itself. The controller routes an adapter to a slot once one
+replica serves it; with more replicas, one still loading answers ModelUnavailable and the gateway falls
+back until it has loaded.
 
 A slot answers only for the adapter the caller names: a request that reaches it after it moved on gets
 :class:`~deployments.merged.ModelUnavailable`, and the gateway falls back to dynamic (answered once).
@@ -68,6 +71,12 @@ class MergedSlot(_MergedBase[SlotSettings]):
                 await asyncio.sleep(max(0.1, self.settings.batching.refresh_interval_s))
 
         self._poll = asyncio.create_task(poll())
+
+    async def check_health(self) -> None:  # type: ignore[override]
+        """Serve calls it every few seconds on every replica (on the replica's loop): it also keeps the
+        assignment watch running, so a replica Serve adds or restarts follows its slot by itself."""
+        self._watch()
+        super().check_health()
 
     async def status(self) -> MergedStatus:  # type: ignore[override]
         """What this replica serves; asking starts its watch (the controller asks while it waits)."""

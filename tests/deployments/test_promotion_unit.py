@@ -9,12 +9,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deployments.gateway import Gateway
+import pytest
+
+from deployments.gateway import Gateway, ServiceUnavailable
 from deployments.promotion import PromotionController
 from deployments.settings import GatewaySettings, PromotionSettings, SlotSettings
 from deployments.slots import ASSIGNMENTS, MergedSlot, read_assignments
 from moe_core.config import DeploymentConfig, LiveSettings
-from moe_core.storage import Storage
+from moe_core.engine import ClassifyResult
+from moe_core.storage import Storage, StorageUnavailable
 from tests.deployments.test_deployments_unit import (
     FakeEngine,
     FakeHandle,
@@ -225,3 +228,99 @@ def test_the_merge_task_gets_a_valid_config_from_the_apps_static_args() -> None:
     merge_cfg = DeploymentConfig.model_validate_json(PromotionSettings.of(static).config_json)
     assert merge_cfg.base_model == static.base_model and merge_cfg.merge == static.merge
     assert merge_cfg.storage == static.storage
+
+
+def test_a_new_adapter_version_while_promoted_is_merged_again(tmp_path: Path) -> None:
+    st, clock, merges = _store(tmp_path), Clock(), []
+
+    async def scenario() -> None:
+        slot = _slot(st)
+        c = _controller(st, slot, clock, merges)
+        await _traffic(c, clock, {"desktop": 9}, 6)
+        assert read_assignments(st, 1).routed() == {"desktop": 0} and merges == ["desktop"]
+        _publish(st, tmp_path, "expert", "desktop", "v2")  # a retrained adapter is deployed
+        await _traffic(c, clock, {"desktop": 9}, 2)
+        assert merges == ["desktop", "desktop"] and read_assignments(st, 1).routed() == {"desktop": 0}
+        assert slot.source["source_version"] == st.current_version("expert", "desktop")
+
+    asyncio.run(scenario())
+
+
+def test_switches_survive_storage_errors_and_a_merge_that_hangs_is_given_up(tmp_path: Path) -> None:
+    st, clock, merges = _store(tmp_path), Clock(), []
+
+    async def scenario() -> None:
+        slot = _slot(st)
+        c = _controller(st, slot, clock, merges)
+        real = st.write_state
+        failures = [3]
+
+        def flaky(*args: Any, **kwargs: Any) -> int:
+            if failures[0]:
+                failures[0] -= 1
+                raise StorageUnavailable("storage test cannot be read: an outage")
+            return real(*args, **kwargs)
+
+        st.write_state = flaky  # type: ignore[method-assign]
+        await _traffic(c, clock, {"desktop": 9}, 6)  # three writes fail, then go through
+        assert read_assignments(st, 1).routed() == {"desktop": 0} and failures == [0]
+
+        # a merge that never finishes is cancelled after merge_timeout_s, and the slot freed
+        async def hang(config_json: str, adapter: str) -> None:
+            await asyncio.sleep(3600)
+
+        assert c._loop is not None
+        c._loop.cancel()  # one controller at a time, as Serve runs it
+        other = _controller(st, slot, clock, merges)
+        other.merge = hang
+        other.settings = other.settings.model_copy(update={"merge_timeout_s": 0.2})
+        other.reconfigure(LIVE.promotion.model_dump() | {"enabled": False})
+        await _traffic(other, clock, {}, 3)  # demotes desktop (promotion disabled)
+        assert read_assignments(st, 1).slots == (None,)
+        other.reconfigure(LIVE.promotion.model_dump() | {"cooldown_s": 0})
+        await _traffic(other, clock, {"login-window": 9}, 6)
+        assert read_assignments(st, 1).slots == (None,)
+        assert any(d["kind"] == "promote" and d["adapter"] == "login-window" for d in other.decisions)
+
+    asyncio.run(scenario())
+
+
+def test_routed_answers_count_and_promoted_adapters_fall_back_even_when_pinned_ones_may_not(
+    tmp_path: Path,
+) -> None:
+    st = _store(tmp_path)
+    _publish(st, tmp_path, "router", "router", "v1")
+
+    async def scenario() -> None:
+        d, engine = _dynamic(st)
+        engine.verdict = ClassifyResult("login-window", 0.9, {"login-window": 0.9, "calendar": 0.1})
+        counted: list[dict[str, int]] = []
+
+        class Controller:
+            async def report(self, counts: dict[str, int]) -> None:
+                counted.append(counts)
+
+        dead_slot = FakeHandle(fail=True)
+        g = Gateway(
+            GatewaySettings.of(CFG).model_copy(update={"storage_url": st.url, "report_interval_s": 0.2}),
+            FakeHandle(d),
+            {"calendar": FakeHandle(fail=True)},
+            [dead_slot],
+            FakeHandle(Controller()),
+        )
+        g.reconfigure(LIVE.gateway.model_dump() | {"fallback_to_dynamic": False})
+        r = await g._infer(_req())  # routed to login-window: the routing hop answers it in place
+        assert (r.routed_via, r.adapter, r.mode) == ("router", "login-window", "dynamic")
+        g._route_promoted({"login-window": 0})
+        r = await g._infer(_req(expert="login-window"))  # the slot fails: dynamic answers it anyway
+        assert (r.mode, r.fallback) == ("dynamic", True) and dead_slot.calls == 1
+        with pytest.raises(ServiceUnavailable):  # a pinned one obeys fallback_to_dynamic: false
+            await g._infer(_req(expert="calendar"))
+        await asyncio.sleep(0.5)
+        total: dict[str, int] = {}
+        for c in counted:
+            for k, v in c.items():
+                total[k] = total.get(k, 0) + v
+        assert total.get("login-window") == 2 and total.get("calendar") == 1, total
+
+    asyncio.run(scenario())

@@ -288,6 +288,8 @@ def _demote_cold(tick: _Tick, held: list[Assignment]) -> None:
             continue
         if tick.now - a.since < live.demote_window_s:
             continue
+        if tick.tracker.observed_s(tick.now) < live.demote_window_s:
+            continue  # a restarted controller has not watched a whole window yet: no rate to judge by
         r = tick.rate(a.adapter, live.demote_window_s)
         if r < live.demote_rps:
             reason = f"{a.adapter} {r:.2f} req/s < {live.demote_rps} over {live.demote_window_s:g} s"

@@ -10,6 +10,7 @@ never move.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -119,27 +120,7 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     assert (row["serving"], row["slot"]) == ("promoted", 0) and row["merged_version"] is not None, row
     assert _adapters(url)[PINNED]["serving"] == "pinned"
     # the controller's view: the parts of the switch, and its decision with the rates that made it
-    conf = tmp_path / "deployment.yaml"
-    conf.write_text(yaml.safe_dump(promo["cfg"].model_dump(mode="json")))
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deployments.promotion",
-            "status",
-            "--config",
-            str(conf),
-            "--app",
-            "promo",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ, RAY_ADDRESS=promo["cluster"]["address"]),
-    )
-    assert cli.returncode == 0, cli.stderr
-    view = json.loads(cli.stdout)
+    view = _status(promo, tmp_path)
     sw = view["controller"]["switches"][HOT]
     print(
         f"promotion parts: decision {sw['decided_at'] - t0:.1f} s after the traffic began, merge {sw['merge_s']:.1f} s, "
@@ -169,6 +150,22 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     os.kill(int(victim.pid), signal.SIGKILL)
     r = requests.post(f"{url}/infer", json=body[0], timeout=60).json()
     assert r["mode"] == "merged", r  # routing never depended on the controller being up
+    t_kill = time.time()
+    while True:  # Serve restarts it; the new replica starts from the stored assignments
+        view = _status(promo, tmp_path)
+        if view["controller"] is not None:
+            break
+        assert time.time() - t_kill < 60, "the controller did not come back within 60 s"
+        time.sleep(1.0)
+    held, decided = view["controller"]["slots"][0], view["controller"]["decisions"]
+    # the restarted controller knows the promotion from storage: it still holds it (ready, or draining if
+    # the demotion had begun before the kill: it carries that on), or it has demoted it since
+    assert (held is not None and held["adapter"] == HOT and held["state"] in ("ready", "draining")) or any(
+        (d["kind"], d["adapter"], d["slot"]) == ("demote", HOT, 0) for d in decided
+    ), view["controller"]
+    print(
+        f"promotion: the controller was back {time.time() - t_kill:.1f} s after its SIGKILL, holding {held}"
+    )
 
     # traffic stops: demoted within its window (plus the cooldown since the promotion), the slot freed
     t_stop = time.time()
@@ -183,3 +180,48 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     assert (r["mode"], r["task_output"]) == ("dynamic", want[0]), r
     assert requests.post(f"{url}/infer", json=pinned_body, timeout=60).json()["mode"] == "merged"
     assert _adapters(url)[PINNED]["serving"] == "pinned"
+
+    # flapping: bursts of traffic around the promotion threshold (about 1 req/s averaged over the window)
+    # for three cooldowns: no adapter or slot switches twice within a cooldown
+    t_flap = time.time()
+    with requests.Session() as session:
+        while time.time() - t_flap < 3 * WINDOWS["cooldown_s"]:
+            burst = time.time()
+            while time.time() - burst < 2.0:
+                assert session.post(f"{url}/infer", json=body[1], timeout=60).status_code == 200
+                time.sleep(0.3)
+            time.sleep(2.0)
+    decisions = [d for d in _status(promo, tmp_path)["controller"]["decisions"] if d["adapter"] == HOT]
+    times = [d["at"] for d in decisions]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    print(
+        f"promotion: flapping traffic for {time.time() - t_flap:.0f} s: {len(decisions)} switches of {HOT} "
+        f"({[d['kind'] for d in decisions]}), gaps {[round(g, 1) for g in gaps]} s (cooldown {WINDOWS['cooldown_s']} s)"
+    )
+    assert all(g >= WINDOWS["cooldown_s"] for g in gaps), gaps
+
+
+def _status(promo: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """``python -m deployments.promotion status --json``: the stored table and the controller's view."""
+    conf = tmp_path / "deployment.yaml"
+    conf.write_text(yaml.safe_dump(promo["cfg"].model_dump(mode="json")))
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deployments.promotion",
+            "status",
+            "--config",
+            str(conf),
+            "--app",
+            "promo",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, RAY_ADDRESS=promo["cluster"]["address"]),
+    )
+    assert cli.returncode == 0, cli.stderr
+    view: dict[str, Any] = json.loads(cli.stdout)
+    return view

@@ -370,3 +370,24 @@ def test_bad_assignments_json_is_refused(data: object, words: str) -> None:
     with pytest.raises(ValueError) as e:
         Assignments.from_json(data)
     assert words in str(e.value)
+
+
+def test_a_restarted_controller_does_not_demote_before_it_has_watched_a_whole_window() -> None:
+    """A fresh tracker has counted nothing yet: an adapter promoted long ago is not judged cold by it."""
+    live = PromotionLive.default().model_copy(
+        update={
+            "enabled": True,
+            "promote_rps": 1.0,
+            "demote_rps": 0.5,
+            "demote_window_s": 10.0,
+            "cooldown_s": 0.0,
+        }
+    )
+    held = Assignments(slots=(Assignment(0, "calendar", "ready", 0.0, "earlier"),), revision=3)
+    tracker = RateTracker()
+    tracker.add("calendar", 0, 1000.0)  # the first report after the restart
+    assert plan(1001.0, tracker, held, live=live, pinned=(), last_switch={}) == []
+    for t in range(1002, 1012):
+        tracker.add("calendar", 0, float(t))
+    (action,) = plan(1011.0, tracker, held, live=live, pinned=(), last_switch={})
+    assert (action.kind, action.adapter) == ("demote", "calendar")

@@ -137,10 +137,34 @@ def _kill_node(node: subprocess.Popen[bytes]) -> int:
     return len(killed)
 
 
-def _alive_nodes(dashboard: str) -> list[Any]:
-    from ray.util.state import list_nodes
+_STATE = """
+import json, sys
+from ray.util import state
+what, address, filters = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+rows = getattr(state, "list_" + what)(address=address, filters=[tuple(f) for f in filters], raise_on_missing_output=False)
+print(json.dumps([{k: getattr(r, k, None) for k in ("node_id", "resources_total", "pid")} for r in rows]))
+"""
 
-    return list_nodes(address=dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+
+def _state(what: str, dashboard: str, filters: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """Ray's state API (``list_nodes``, ``list_actors``) on this test's cluster, asked from a fresh process:
+    this one may already be connected to another cluster (the session's ``ray_cluster``, RAY_ADDRESS),
+    and the state API then answers about that one."""
+    env = {k: v for k, v in _env().items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "-c", _STATE, what, dashboard, json.dumps(filters)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    rows: list[dict[str, Any]] = json.loads(out.stdout)
+    return rows
+
+
+def _alive_nodes(dashboard: str) -> list[dict[str, Any]]:
+    return _state("nodes", dashboard, [("state", "=", "ALIVE")])
 
 
 def _wait_node(dashboard: str, resource: str, node: subprocess.Popen[bytes], timeout: float = 60) -> str:
@@ -150,8 +174,8 @@ def _wait_node(dashboard: str, resource: str, node: subprocess.Popen[bytes], tim
         assert node.poll() is None, f"`ray start` exited with {node.returncode}"
         try:
             for n in _alive_nodes(dashboard):
-                if resource in (n.resources_total or {}):
-                    return str(n.node_id)
+                if resource in (n["resources_total"] or {}):
+                    return str(n["node_id"])
         except Exception:  # the dashboard is still starting
             pass
         time.sleep(0.5)
@@ -165,7 +189,7 @@ def _two_node_serve_config(demo_cfg: DeploymentConfig, port: int, path: Path) ->
     data["dynamic"]["adapters"] = [a for a in demo_cfg.all_adapters if a != "calendar"]  # the router's labels
     data["gateway"]["request_timeout_s"] = HOP_TIMEOUT_S
     if "promotion" in data:  # no promotion slots: every model replica here is pinned to a node
-        data["promotion"]["enabled"] = False
+        data["promotion"] |= {"enabled": False, "slots": 0}
     cfg = DeploymentConfig.from_dict(data)
     doc = yaml.safe_load(render(cfg, host="127.0.0.1", port=port))
     doc["proxy_location"] = "HeadOnly"
@@ -197,12 +221,11 @@ def _wait_merged(url: str, body: dict[str, Any], timeout: float = 120) -> None:
     raise AssertionError(f"merged calendar not answering within {timeout:.0f}s: {last}")
 
 
-def _merged_replica(dashboard: str) -> Any:
-    from ray.util.state import list_actors
-
-    (actor,) = list_actors(
-        address=dashboard,
-        filters=[("class_name", "=", "ServeReplica:moe:Merged-calendar"), ("state", "=", "ALIVE")],
+def _merged_replica(dashboard: str) -> dict[str, Any]:
+    (actor,) = _state(
+        "actors",
+        dashboard,
+        [("class_name", "=", "ServeReplica:moe:Merged-calendar"), ("state", "=", "ALIVE")],
     )
     return actor
 
@@ -246,7 +269,7 @@ def test_worker_node_killed_under_load_then_back(
         first = {"image_b64": _b64(probe), "prompt": probe.prompt, "expert": "calendar"}
         _wait_ready(url, first, timeout=120)
         _wait_merged(url, first)
-        assert _merged_replica(dashboard).node_id == worker_id  # the merged replica is on the worker node
+        assert _merged_replica(dashboard)["node_id"] == worker_id  # the merged replica is on the worker node
         ready_s = time.time() - t_start
 
         screens = split("heldout", 2, ("calendar", "login-window"), offset=970)

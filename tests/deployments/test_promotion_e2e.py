@@ -81,7 +81,8 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     results: list[tuple[float, int, str, str, int]] = []  # (done at, status, mode, answer, screen)
     lock = threading.Lock()
     t0 = time.time()
-    stop = [t0 + 90.0]
+    stop = [t0 + 150.0]
+    resumed = threading.Event()  # the controller was killed under this load and is back
 
     def client(k: int) -> None:
         n = k
@@ -97,12 +98,33 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
                 with lock:
                     results.append((time.time(), status, j.get("mode", ""), j.get("task_output", ""), i))
                     merged = [t for t, _, m, _, _ in results if m == "merged"]
-                    if merged and time.time() - merged[0] > 8:  # merged for a while: enough
+                    if merged and time.time() - merged[0] > 8 and resumed.is_set():  # enough
                         stop[0] = min(stop[0], time.time())
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()
+    # once merged answers flow, the controller is SIGKILLed under the load: Serve restarts it and the new
+    # replica resumes the assignment from storage (routing never depended on it being up)
+    while not any(m == "merged" for _, _, m, _, _ in list(results)) and time.time() < stop[0]:
+        time.sleep(0.2)
+    view = _status(promo, tmp_path)  # the controller's own account, before it is killed
+    from ray.util.state import list_actors
+
+    (victim,) = list_actors(
+        address=promo["cluster"]["dashboard"],
+        filters=[("class_name", "=", "ServeReplica:promo:PromotionController"), ("state", "=", "ALIVE")],
+    )
+    os.kill(int(victim.pid), signal.SIGKILL)
+    t_kill = time.time()
+    while True:
+        restarted = _status(promo, tmp_path)
+        if restarted["controller"] is not None:
+            break
+        assert time.time() - t_kill < 60, "the controller did not come back within 60 s"
+        time.sleep(1.0)
+    back_s = time.time() - t_kill
+    resumed.set()
     for t in threads:
         t.join()
     first_merged = next((t for t, _, m, _, _ in results if m == "merged"), None)
@@ -120,7 +142,6 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     assert (row["serving"], row["slot"]) == ("promoted", 0) and row["merged_version"] is not None, row
     assert _adapters(url)[PINNED]["serving"] == "pinned"
     # the controller's view: the parts of the switch, and its decision with the rates that made it
-    view = _status(promo, tmp_path)
     sw = view["controller"]["switches"][HOT]
     print(
         f"promotion parts: decision {sw['decided_at'] - t0:.1f} s after the traffic began, merge {sw['merge_s']:.1f} s, "
@@ -137,38 +158,14 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     )
     print(f"promotion: {sent} requests sent, {ran:.0f} generations ran (dynamic and merged)")
     assert ran == sent
-    done = _total(after, "ray_moe_promotion_switches_total", kind="promote", adapter=HOT, outcome="done")
-    assert done >= 1 and _total(after, "ray_moe_promotion_slot_info", adapter=HOT, state="ready") == 1
+    assert _total(after, "ray_moe_promotion_slot_info", adapter=HOT, state="ready") == 1
 
-    # a restarted controller resumes the assignment from storage
-    from ray.util.state import list_actors
+    held = restarted["controller"]["slots"][0]
+    print(f"promotion: the controller was back {back_s:.1f} s after its SIGKILL under load, holding {held}")
+    assert held is not None and (held["adapter"], held["state"]) == (HOT, "ready"), restarted["controller"]
 
-    (victim,) = list_actors(
-        address=promo["cluster"]["dashboard"],
-        filters=[("class_name", "=", "ServeReplica:promo:PromotionController"), ("state", "=", "ALIVE")],
-    )
-    os.kill(int(victim.pid), signal.SIGKILL)
-    r = requests.post(f"{url}/infer", json=body[0], timeout=60).json()
-    assert r["mode"] == "merged", r  # routing never depended on the controller being up
-    t_kill = time.time()
-    while True:  # Serve restarts it; the new replica starts from the stored assignments
-        view = _status(promo, tmp_path)
-        if view["controller"] is not None:
-            break
-        assert time.time() - t_kill < 60, "the controller did not come back within 60 s"
-        time.sleep(1.0)
-    held, decided = view["controller"]["slots"][0], view["controller"]["decisions"]
-    # the restarted controller knows the promotion from storage: it still holds it (ready, or draining if
-    # the demotion had begun before the kill: it carries that on), or it has demoted it since
-    assert (held is not None and held["adapter"] == HOT and held["state"] in ("ready", "draining")) or any(
-        (d["kind"], d["adapter"], d["slot"]) == ("demote", HOT, 0) for d in decided
-    ), view["controller"]
-    print(
-        f"promotion: the controller was back {time.time() - t_kill:.1f} s after its SIGKILL, holding {held}"
-    )
-
-    # traffic stops: demoted within its window (plus the cooldown since the promotion), the slot freed
-    t_stop = time.time()
+    # traffic stopped: demoted within its window (plus the cooldown since the promotion), the slot freed
+    t_stop = max(t for t, _, _, _, _ in results)
     while time.time() - t_stop < 60 and _adapters(url)[HOT]["serving"] != "dynamic":
         time.sleep(1.0)
     demoted = time.time() - t_stop

@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         from ray import serve
 
         handle = serve.get_deployment_handle(CONTROLLER_NAME, app_name=args.app)
-        view = handle.status.remote().result(timeout_s=5)
+        view = handle.status.remote().result(timeout_s=30)  # the first call connects and resolves the replica
     except Exception as e:  # no cluster, or promotion off: the stored table still stands
         print(f"(no live view from the controller: {type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
     if args.json:

@@ -132,18 +132,7 @@ class PromotionController:
         live, now = self.live or PromotionLive.default(), self.clock()
         return {
             "enabled": live.enabled,
-            "slots": [
-                None
-                if a is None
-                else {
-                    "slot": a.slot,
-                    "adapter": a.adapter,
-                    "state": a.state,
-                    "since": a.since,
-                    "reason": a.reason,
-                }
-                for a in self.assignments.slots
-            ],
+            "slots": self.assignments.to_json()["slots"],
             "rates": {
                 n: {
                     "promote_window": round(self.tracker.rate(n, live.promote_window_s, now), 3),

@@ -88,6 +88,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
         f"--temp-dir={temp}",
         "--disable-usage-stats",
         f"--metrics-export-port={metrics}",
+        # its own agent port: a free port picked above may be the agent's default (52365) otherwise
+        f"--dashboard-agent-listen-port={_free_port()}",
     ]
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"

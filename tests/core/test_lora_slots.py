@@ -86,3 +86,29 @@ def test_slot_limits_and_lifecycle(ranked: dict[str, Path], tmp_path: Path) -> N
         e.generate([GenerationRequest(screenshot(1), "Click", "alpha")])
     with pytest.raises(EngineError, match="merging needs PEFT"):
         e.merge_adapter("gamma")
+
+
+def test_reloading_adapters_keeps_no_memory(engines: tuple[Engine, Engine], ranked: dict[str, Path]) -> None:
+    """A dynamic replica loads adapters all day (LRU churn): a load must leave nothing behind.
+    safetensors' ``load_file`` kept ~2 KB of Python objects per call (found by the soak)."""
+    import gc
+    import tracemalloc
+
+    slots = engines[1]
+    assert slots.slots is not None
+
+    def churn(n: int) -> None:
+        for _ in range(n):
+            slots.slots.load("alpha", ranked["alpha"])  # type: ignore[union-attr]
+
+    churn(20)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        churn(300)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000, f"300 adapter loads kept {grown} bytes"

@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 BASE = "__base__"
 #: Where the user's text goes in the rendered chat template; a special token no processor expands.
 PROMPT_SLOT = "<|vision_pad|>"
+#: Clients' own system prompts whose chat template length is kept (besides the engine's own).
+TEMPLATE_CACHE_SIZE = 64
 
 
 class EngineError(RuntimeError):
@@ -201,7 +203,8 @@ class Engine:
         # prompt_tokens() runs on the caller's thread while a forward tokenizes under the lock; a Rust
         # tokenizer used from two threads at once fails ("Already borrowed"), so counting has its own copy
         self._counting = copy.deepcopy(processor.tokenizer)
-        self._template_tokens: dict[str, int] = {}  # chat template length by system prompt
+        # chat template length by system prompt: the engine's own, and the last few a client sent
+        self._template_tokens: OrderedDict[str, int] = OrderedDict()
         self.system_prompt = settings.system_prompt
         self._template_length(
             self.system_prompt
@@ -425,6 +428,8 @@ class Engine:
         if counted is None:  # another system prompt than the engine's (counted in __init__)
             with self._lock:
                 counted = self._template_length(system)
+        else:
+            self._template_tokens.move_to_end(system)
         template = counted
         prompt.encode("utf-8")  # a lone surrogate fails here, with the reason
         ids = self._counting(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -435,6 +440,9 @@ class Engine:
         messages = self._messages(Image.new("RGB", (1, 1)), PROMPT_SLOT, system)  # renders as one placeholder
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         n = self._template_tokens[system] = len(self._counting(text)["input_ids"])
+        while len(self._template_tokens) > TEMPLATE_CACHE_SIZE + 1:  # clients' prompts vary: bounded
+            oldest = next(k for k in self._template_tokens if k != self.system_prompt)
+            del self._template_tokens[oldest]
         return n
 
     def _prompt_ids(self, prompt: str) -> list[int]:

@@ -147,3 +147,16 @@ def test_counting_tokens_while_a_forward_runs(engine: Engine) -> None:
     t.join()
     assert not errors, errors[:3]
     assert counted > 10
+
+
+def test_clients_system_prompts_are_counted_in_bounded_memory(engine: Engine) -> None:
+    """Every chat request may bring its own system prompt: counting them keeps a bounded few, the
+    engine's own among them, and the counts stay right for a prompt that was dropped and comes back."""
+    from moe_core.engine import TEMPLATE_CACHE_SIZE
+
+    first = engine.prompt_tokens("Click", 16, system_prompt="You are agent 0.")
+    for i in range(1, 3 * TEMPLATE_CACHE_SIZE):
+        engine.prompt_tokens("Click", 16, system_prompt=f"You are agent {i}.")
+    assert len(engine._template_tokens) <= TEMPLATE_CACHE_SIZE + 1
+    assert engine.system_prompt in engine._template_tokens
+    assert engine.prompt_tokens("Click", 16, system_prompt="You are agent 0.") == first

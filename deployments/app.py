@@ -49,6 +49,20 @@ BATCHED_MAX_ONGOING = 64
 GATEWAY_MAX_ONGOING = 256
 #: Requests the gateway queues beyond GATEWAY_MAX_ONGOING before the proxy refuses more with a 503.
 GATEWAY_MAX_QUEUED = 512
+#: Every replica's environment. glibc raises its mmap threshold each time a large block is freed, so
+#: the tensors, images and messages a replica allocates per request come from its heap afterwards and
+#: fragment it: in the soak the in-use heap stayed flat while free-but-resident memory grew (dynamic
+#: replica 60 -> 114 MB, gateway 14 -> 37 MB over 4,000 requests). A fixed threshold (glibc's default
+#: starting value) keeps blocks of 128 KiB and more in mmap, returned to the system when freed.
+REPLICA_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def _actor_options(num_cpus: float, num_gpus: float = 0) -> dict[str, Any]:
+    """A replica's resources and environment (read by glibc at process start, hence a runtime_env)."""
+    options: dict[str, Any] = {"num_cpus": num_cpus, "runtime_env": {"env_vars": dict(REPLICA_ENV)}}
+    if num_gpus > 0:
+        options["num_gpus"] = num_gpus
+    return options
 
 
 class AppArgs(BaseModel):
@@ -90,7 +104,7 @@ def _scaling(s: ScalingConfig, max_queued: int) -> dict[str, Any]:
             "upscale_delay_s": 2.0,
             "downscale_delay_s": s.scaledown_window,
         },
-        "ray_actor_options": {"num_cpus": s.cpu, "num_gpus": s.gpu} if s.gpu > 0 else {"num_cpus": s.cpu},
+        "ray_actor_options": _actor_options(s.cpu, s.gpu),
     }
 
 
@@ -134,7 +148,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             .options(
                 name=CONTROLLER_NAME,
                 num_replicas=1,  # the one writer of the assignments
-                ray_actor_options={"num_cpus": 0},
+                ray_actor_options=_actor_options(0),
                 **_user_config(live.promotion if live else None),
             )
             .bind(PromotionSettings.of(cfg), slots)
@@ -145,7 +159,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             name=GATEWAY_NAME,
             max_ongoing_requests=GATEWAY_MAX_ONGOING,
             max_queued_requests=GATEWAY_MAX_QUEUED,  # past it the proxy answers 503 at once
-            ray_actor_options={"num_cpus": 0},
+            ray_actor_options=_actor_options(0),
             **_user_config(live.gateway if live else None),
         )
         .bind(GatewaySettings.of(cfg), dynamic, merged, slots, controller)

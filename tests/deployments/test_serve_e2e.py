@@ -9,6 +9,7 @@ on) for the keys. The OpenAI-compatible API is driven with the official ``openai
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import re
@@ -304,6 +305,28 @@ def test_concurrent_requests_mix_adapters_in_one_forward(service) -> None:  # ty
     print(
         f"mixed batches: batch sizes {after['batch_sizes']}, adapters per forward {after['adapters_per_forward']}"
     )
+
+
+def test_every_replica_runs_with_a_fixed_mmap_threshold(service) -> None:  # type: ignore[no-untyped-def]
+    """The allocator setting that keeps replicas from fragmenting their heap (benchmarks/soak.py) reaches
+    each replica process: glibc reads it only at process start, so Ray must start them with it."""
+    import psutil
+
+    from deployments.app import REPLICA_ENV
+
+    envs = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(proc.info.get("cmdline") or [])
+        if "ServeReplica:" in title:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                envs[title.split("ServeReplica:", 1)[1].split()[0]] = proc.environ()
+    assert any("Gateway" in name for name in envs) and any("DynamicLoRA" in name for name in envs), (
+        envs.keys()
+    )
+    wrong = {
+        n: e.get("MALLOC_MMAP_THRESHOLD_") for n, e in envs.items() if not REPLICA_ENV.items() <= e.items()
+    }
+    assert not wrong, wrong
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible API

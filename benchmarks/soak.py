@@ -35,19 +35,30 @@ from moe_core.storage import Storage
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _replica_rss_mb() -> dict[str, float]:
-    """Resident memory of every Serve replica process on this machine (Ray titles them ``ray::ServeReplica:...``)."""
+def replica_processes() -> dict[str, Any]:
+    """Every Serve replica process on this machine by ``<app>:<deployment>:<pid>`` (Ray titles them
+    ``ray::ServeReplica:<app>:<deployment>``, with the method running appended)."""
     import psutil
 
     out = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         title = " ".join(proc.info.get("cmdline") or [])
         if "ServeReplica:" in title:
-            name = title.split("ServeReplica:", 1)[1].split()[0].split(".")[0]  # the title adds the method
-            try:
-                out[f"{name}:{proc.info['pid']}"] = proc.memory_info().rss / 2**20
-            except psutil.NoSuchProcess:
-                continue
+            name = title.split("ServeReplica:", 1)[1].split()[0].split(".")[0]
+            out[f"{name}:{proc.info['pid']}"] = proc
+    return out
+
+
+def _replica_rss_mb() -> dict[str, float]:
+    """Resident memory of every Serve replica process on this machine."""
+    import psutil
+
+    out = {}
+    for name, proc in replica_processes().items():
+        try:
+            out[name] = proc.memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            continue
     return out
 
 

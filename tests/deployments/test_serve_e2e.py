@@ -312,14 +312,13 @@ def test_every_replica_runs_with_a_fixed_mmap_threshold(service) -> None:  # typ
     each replica process: glibc reads it only at process start, so Ray must start them with it."""
     import psutil
 
+    from benchmarks.soak import replica_processes
     from deployments.app import REPLICA_ENV
 
     envs = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        title = " ".join(proc.info.get("cmdline") or [])
-        if "ServeReplica:" in title:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                envs[title.split("ServeReplica:", 1)[1].split()[0]] = proc.environ()
+    for name, proc in replica_processes().items():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            envs[name] = proc.environ()
     assert any("Gateway" in name for name in envs) and any("DynamicLoRA" in name for name in envs), (
         envs.keys()
     )

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from merge_jobs.merge import merge_loaded
 from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest
 from moe_core.modeling import LM_TARGETS
@@ -90,11 +91,11 @@ def _full_hd_screenshot(rep: EngineReport, engine: Engine, image: Any, prompt: s
 
     k8s = DeploymentConfig.from_file(Path(__file__).resolve().parents[1] / "config" / "deployment.k8s.yaml")
     shot = image.resize((1920, 1080))
-    p = plan(1920, 1080, k8s.engine.bounds, k8s.engine.image_factor)
+    p = plan(1920, 1080, k8s.engine_settings.bounds, k8s.engine_settings.image_factor)
     rep.figures["1920x1080 at k8s bounds: model size"] = f"{p.model_width}x{p.model_height}"
     rep.figures["1920x1080 at k8s bounds: image tokens"] = p.tokens
     rep.figures["1920x1080 at k8s bounds: prompt tokens"] = engine.prompt_tokens(prompt, p.tokens)
-    reqs = [GenerationRequest(shot, prompt, None, bounds=k8s.engine.bounds)]
+    reqs = [GenerationRequest(shot, prompt, None, bounds=k8s.engine_settings.bounds)]
     _fixed_generate(engine, reqs, s.new_tokens)  # warm-up
     for _ in range(max(2, s.rounds // 2)):
         rep.samples.setdefault("latency_base_1920x1080", []).append(
@@ -110,8 +111,8 @@ def _continuous_batching(
     row waiting for the batch's longest), all requests arriving at once."""
     import asyncio
 
-    from moe_core.sampling import SamplingParams
-    from moe_core.scheduler import Scheduler
+    from moe_core.engine.sampling import SamplingParams
+    from moe_core.engine.scheduler import Scheduler
 
     sched = Scheduler(engine, max_running=8, max_queued=64)
     streams = [
@@ -187,7 +188,7 @@ def engine_benchmarks(
     loras = make_loras(cfg, tmp, n_loras, s.rank)
     processor = load_processor(cfg.base_model)
 
-    settings = cfg.engine.model_copy(update={"max_new_tokens": s.new_tokens})
+    settings = cfg.engine_settings.model_copy(update={"max_new_tokens": s.new_tokens})
 
     def engine(model: Any, name: str) -> Engine:
         return Engine(model, processor, settings, name=name)
@@ -202,7 +203,7 @@ def engine_benchmarks(
     t0 = time.perf_counter()
     merging = Engine.load(settings, name="merge", dtype=torch.float32)
     merging.load_adapter("a0", loras[0])
-    merged_model: Any = merging.merge_adapter("a0", safe_merge=True)
+    merged_model: Any = merge_loaded(merging, "a0", safe_merge=True)
     rep.figures["merge_s"] = time.perf_counter() - t0
     merged = engine(merged_model.to(next(base.model.parameters()).dtype), "merged")
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from benchmarks.core import BenchSettings, Samples
+from merge_jobs.merge import merge_loaded
 from moe_core.config import DEFAULT_SYSTEM_PROMPT, BaseModelConfig, DeploymentConfig, EngineSettings
 from moe_core.engine import Engine, GenerationRequest
 from moe_core.modeling import LM_TARGETS
@@ -179,7 +180,7 @@ def gpu_benchmarks(rounds: int = 5) -> tuple[Samples, dict[str, Any], BenchSetti
     # merge: fp32 copy of the LM is too large to double on one GPU, so merge in bf16 on the device
     t0 = time.perf_counter()
     engine.load_adapter("m", loras[0])
-    engine.merge_adapter("m", safe_merge=True)
+    merge_loaded(engine, "m", safe_merge=True)
     torch.cuda.synchronize()
     figures["merge_s"] = time.perf_counter() - t0
     for _ in range(rounds):

@@ -71,7 +71,7 @@ def serve_benchmarks(
                     )
                 time.sleep(0.5)
         figures["serve_run_to_first_answer_s"] = time.perf_counter() - t0
-        direct = Engine.load(cfg.engine, name="direct")
+        direct = Engine.load(cfg.engine_settings, name="direct")
         direct.load_adapter(dynamic_name, storage.fetch("expert", dynamic_name)[0])
         req = GenerationRequest(images[0], prompt, dynamic_name)
         direct.generate([req])

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.adapter_cache import AdapterCache, AdapterNotFound
-from deployments.engines import DeploymentEngine, ModelDeployment
+from deployments.engines import DeploymentEngine, ModelDeployment, engine_stats
 from deployments.messages import Answer, Chunk, DynamicStats, Query, RouteRequest, RouteResult
 from deployments.observability import DynamicMetrics
 from deployments.routing import Classification, decide
@@ -26,8 +26,8 @@ from deployments.schemas import BadInput, open_image
 from deployments.settings import DynamicSettings
 from moe_core.config import DynamicLive
 from moe_core.engine import ChatTurn, GenerationRequest
-from moe_core.sampling import SamplingParams
-from moe_core.scheduler import Completion, Delta, PromptTooLong, QueueFull
+from moe_core.engine.sampling import SamplingParams
+from moe_core.engine.scheduler import Completion, Delta, PromptTooLong, QueueFull
 
 __all__ = ["AdapterNotServed", "DynamicLoRA", "NotConfigured", "RoutingUnavailable"]
 
@@ -154,12 +154,11 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
                 version = (await self._cache().ensure([adapter]))[adapter]
             except AdapterNotFound as e:
                 raise AdapterNotServed(str(e)) from e
-        self.metrics.engine_state(*self._engine_state())
+        self.metrics.engine_state(self._engine_state())
         return request, params, version  # queued by the caller with no await between: the adapter stays
 
-    def _engine_state(self) -> tuple[int, int]:
-        sched = getattr(self.engine, "scheduler", None)
-        return (sched.queued, sched.running) if sched is not None else (0, 0)
+    def _engine_state(self) -> dict[str, int]:
+        return engine_stats(self.engine)
 
     def _failed(self, e: Exception) -> Exception:
         """An engine refusal as the client's error (4xx), a full queue as is (503)."""
@@ -186,7 +185,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         self.metrics.adapters.observe(done.adapters_in_batch)
         self.batches[done.batch_size] += 1
         self.mixed[done.adapters_in_batch] += 1
-        self.metrics.engine_state(*self._engine_state())
+        self.metrics.engine_state(self._engine_state())
 
     async def route(self, req: RouteRequest) -> RouteResult:
         """Classify with the routing adapter (one forward), decide, and answer here when the decision

@@ -18,15 +18,22 @@ from deployments.adapter_cache import AdapterStore
 from deployments.schemas import BadInput, open_image
 from moe_core.config import EngineSettings
 from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest
-from moe_core.sampling import SamplingParams
-from moe_core.scheduler import Completion, Delta, Scheduler
+from moe_core.engine.sampling import SamplingParams
+from moe_core.engine.scheduler import Completion, Delta, Scheduler
 from moe_core.storage import Storage
 
 if TYPE_CHECKING:
     from deployments.messages import Query
     from deployments.settings import ModelSettings
 
-__all__ = ["DeploymentEngine", "EngineFactory", "ModelDeployment", "ScheduledEngine", "load_engine"]
+__all__ = [
+    "DeploymentEngine",
+    "EngineFactory",
+    "ModelDeployment",
+    "ScheduledEngine",
+    "engine_stats",
+    "load_engine",
+]
 
 #: Stands for an image in a conversation whose tokens are counted apart (``Query.image_tokens``).
 _IMAGE = Image.new("RGB", (1, 1))
@@ -56,7 +63,7 @@ class DeploymentEngine(Protocol):
 
 
 class ScheduledEngine:
-    """An :class:`~moe_core.engine.Engine` behind its :class:`~moe_core.scheduler.Scheduler`: requests
+    """An :class:`~moe_core.engine.Engine` behind its :class:`~moe_core.engine.scheduler.Scheduler`: requests
     join the running batch per decode step; adapter loads run between steps (the engine's lock)."""
 
     def __init__(self, engine: Engine, max_running: int, max_queued: int) -> None:
@@ -76,6 +83,12 @@ class ScheduledEngine:
         if not self.scheduler.healthy():
             raise RuntimeError(f"{self.engine.name}: the scheduler thread is not running")
         self.engine.check_device()
+
+
+def engine_stats(engine: object) -> dict[str, int]:
+    """The scheduler's queue, rows and KV cache pages of a :class:`ScheduledEngine` (a fake has none)."""
+    sched = getattr(engine, "scheduler", None)
+    return sched.stats() if isinstance(sched, Scheduler) else {}
 
 
 #: (engine settings, model folder or None for the base model, engine name, rows, queue) -> engine

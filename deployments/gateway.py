@@ -190,7 +190,7 @@ def _translated(e: BaseException) -> BadInput | ServiceUnavailable:
     cause = getattr(e, "cause", e)  # a RayTaskError carries what the deployment raised
     if isinstance(cause, BadInput):
         return cause
-    # Serve's full handle queue, or the engine's (moe_core.scheduler.QueueFull, named here: that module
+    # Serve's full handle queue, or the engine's (moe_core.engine.QueueFull, named here: that module
     # imports torch, which the gateway does not)
     if isinstance(cause, BackPressureError) or type(cause).__name__ == "QueueFull":
         return ServiceUnavailable(f"overloaded: {_first_line(cause)}", "overloaded")

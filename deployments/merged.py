@@ -20,12 +20,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from deployments.engines import DeploymentEngine, ModelDeployment
+from deployments.engines import DeploymentEngine, ModelDeployment, engine_stats
 from deployments.messages import Answer, Chunk, MergedStatus, Query
 from deployments.observability import MergedMetrics
 from deployments.settings import MergedSettings, ModelSettings
 from moe_core.engine import GenerationRequest
-from moe_core.sampling import SamplingParams
+from moe_core.engine.sampling import SamplingParams
 
 __all__ = ["MergedModel", "ModelUnavailable"]
 
@@ -196,6 +196,7 @@ class _MergedBase(ModelDeployment[S]):
         self.metrics.finished(
             "merged", served, query.request_id, done.timings, done.prompt_tokens, done.completion_tokens
         )
+        self.metrics.engine_state(engine_stats(engine))
         return Answer(
             done.text,
             served,
@@ -217,6 +218,7 @@ class _MergedBase(ModelDeployment[S]):
                 self.metrics.finished(
                     "merged", served, query.request_id, d.timings, d.prompt_tokens, d.completion_tokens
                 )
+                self.metrics.engine_state(engine_stats(engine))
             yield Chunk(
                 d.text, served, "merged", version, d.finish_reason, d.prompt_tokens, d.completion_tokens
             )

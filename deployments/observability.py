@@ -18,12 +18,13 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, cast
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from moe_core.scheduler import Timings
+from moe_core.engine.scheduler import Timings
 
 __all__ = [
     "METRIC_NAMES",
@@ -227,6 +228,25 @@ class ForwardMetrics:
         )
         self.queue_depth = _gauge("moe_queue_depth", "Requests waiting to join the running batch.", ())
         self.in_flight = _gauge("moe_rows_in_flight", "Requests decoding in the running batch.", ())
+        self.kv_gauges = {
+            "kv_pages_total": _gauge("moe_kv_pages_total", "Pages of the engine's KV cache pool.", ()),
+            "kv_pages_used": _gauge("moe_kv_pages_used", "KV cache pages held by running requests.", ()),
+            "kv_pages_cached": _gauge(
+                "moe_kv_pages_cached", "KV cache pages registered for prefix reuse (held or idle).", ()
+            ),
+        }
+        self.kv_counters = {
+            "preemptions": _counter(
+                "moe_preemptions", "Running requests preempted because the KV cache was full.", ()
+            ),
+            "prefix_hit_tokens": _counter(
+                "moe_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache.", ()
+            ),
+            "prompt_tokens_computed": _counter(
+                "moe_prompt_tokens_computed", "Prompt tokens the model read (not from the prefix cache).", ()
+            ),
+        }
+        self._seen: dict[str, int] = {}
         self.rejected = _counter("moe_queue_full", "Requests refused because the queue was full.", ())
         self.log = request_logger("forward")
 
@@ -261,9 +281,19 @@ class ForwardMetrics:
             },
         )
 
-    def engine_state(self, queued: int, running: int) -> None:
-        self.queue_depth.set(queued)
-        self.in_flight.set(running)
+    def engine_state(self, stats: Mapping[str, int]) -> None:
+        """The engine scheduler's state (:meth:`~moe_core.engine.scheduler.Scheduler.stats`): gauges as
+        they are, counters by what they grew since the last report."""
+        self.queue_depth.set(stats.get("queued", 0))
+        self.in_flight.set(stats.get("running", 0))
+        for key, gauge in self.kv_gauges.items():
+            if key in stats:
+                gauge.set(stats[key])
+        for key, counter in self.kv_counters.items():
+            grew = stats.get(key, 0) - self._seen.get(key, 0)
+            if grew > 0:
+                counter.inc(grew)
+                self._seen[key] = stats[key]
 
 
 class DynamicMetrics(ForwardMetrics):

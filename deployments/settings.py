@@ -49,7 +49,7 @@ class ModelSettings(StrictModel):
             **section.model_dump(include=set(BatchingConfig.model_fields))
         )
         return {
-            "engine": cfg.engine,
+            "engine": cfg.engine_settings,
             "storage": cfg.storage,
             "batching": batching,
             "max_batch_size": cfg.limits.max_batch_size,
@@ -176,7 +176,7 @@ class GatewaySettings(StrictModel):
             merged_disabled=tuple(a.name for a in cfg.merged.adapters if a.name not in enabled),
             dynamic=cfg.dynamic.enabled,
             limits=cfg.limits,
-            image_factor=cfg.engine.image_factor,
+            image_factor=cfg.engine_settings.image_factor,
             request_timeout_s=cfg.gateway.request_timeout_s,
             api=cfg.api,
             base_model_name=cfg.api_base_model_name,

@@ -29,11 +29,13 @@ from moe_core.probes import Probe, load_probes
 from moe_core.registry import METADATA, adapter_digest, validate_adapter
 from moe_core.storage import Storage, StorageError, sha256_file
 
-__all__ = ["MERGE_METADATA", "MergeRefused", "MergeResult", "merge_adapter"]
+__all__ = ["MERGE_METADATA", "MergeRefused", "MergeResult", "merge_adapter", "merge_loaded"]
 
 logger = logging.getLogger(__name__)
 
 MERGE_METADATA = "merge_metadata.json"
+#: The KV cache of a merge's engines: enough for its probes (not a serving replica's share of the GPU).
+MERGE_KV = 256 * 2**20
 
 
 class MergeRefused(RuntimeError):
@@ -82,6 +84,44 @@ def _logits_and_greedy(
     return engine.logits(reqs), [r.text for r in engine.generate(reqs)]
 
 
+def check_deltas(engine: Engine, name: str) -> None:
+    """Raise :class:`~moe_core.engine.EngineError` naming the first layer whose LoRA delta of ``name``
+    holds NaN/Inf (PEFT layers on ``engine``)."""
+    peft: Any = engine.model
+    with engine.lock:
+        for module_name, module in peft.named_modules():
+            lora = hasattr(module, "get_delta_weight") and name in getattr(module, "lora_A", {})
+            if lora and not torch.isfinite(module.get_delta_weight(name)).all():
+                raise EngineError(f"layer {module_name} has NaN/Inf in its LoRA delta")
+
+
+def merge_loaded(engine: Engine, name: str, *, safe_merge: bool = True) -> Any:
+    """Merge PEFT adapter ``name`` (loaded on ``engine``) into its weights; the engine serves the merged
+    model from then on and it is returned. The other attached adapters are dropped.
+
+    With ``safe_merge``, NaN/Inf in a layer's LoRA delta or in the merged weights raise
+    :class:`~moe_core.engine.EngineError` naming the layer; nothing is merged then. Merge in fp32 (load
+    the engine that way) and cast afterwards: a bf16 merge drifts (peft issues 1388, 2502).
+    """
+    peft: Any = engine.model
+    with engine.lock:
+        if engine.slots is not None:
+            raise EngineError(f"{engine.name}: merging needs PEFT's layers; this engine serves from slots")
+        if name not in engine.adapters:
+            raise EngineError(f"adapter {name!r} is not loaded (loaded: {engine.adapters})")
+        if safe_merge:
+            check_deltas(engine, name)
+        try:
+            merged = peft.merge_and_unload(safe_merge=safe_merge, adapter_names=[name])
+        except ValueError as e:  # PEFT's safe_merge: "NaNs detected in the merged weights"
+            raise EngineError(str(e)) from e
+        bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise EngineError(f"merged weights hold NaN/Inf in {bad[:3]}")
+        engine.replace_model(merged.eval())
+        return engine.model
+
+
 def merge_adapter(
     cfg: DeploymentConfig,
     name: str,
@@ -119,20 +159,33 @@ def merge_adapter(
     device = resolve_device(cfg.base_model)
     serve_dtype = resolve_dtype(cfg.base_model, device)
     with _stage(name, "load base", timings):  # merged in fp32, cast to the serving dtype afterwards
-        engine = Engine.load(cfg.engine, name=f"merge-{name}", dtype=torch.float32, device=device)
+        engine = Engine.load(
+            cfg.engine_settings,
+            name=f"merge-{name}",
+            dtype=torch.float32,
+            device=device,
+            kv_cache_bytes=MERGE_KV,
+        )
     with _stage(name, "load adapter", timings):
         engine.load_adapter(name, src)
+        if safe:  # a broken adapter is refused naming its layer, before its outputs are even computed
+            try:
+                check_deltas(engine, name)
+            except EngineError as e:
+                raise MergeRefused(f"adapter {name!r}: {e}; not published") from e
     with _stage(name, "reference", timings):
         ref_logits, ref_texts = _logits_and_greedy(engine, probes, name)
     with _stage(name, "merge", timings):
         try:
-            merged = engine.merge_adapter(name, safe_merge=safe)
+            merged = merge_loaded(engine, name, safe_merge=safe)
         except EngineError as e:
             raise MergeRefused(f"adapter {name!r}: {e}; not published") from e
         merged = merged.to(serve_dtype).eval()
         processor = engine.processor
     with _stage(name, "verify", timings):
-        engine = Engine(merged, processor, cfg.engine, name=f"merged-{name}")
+        engine = Engine(
+            merged, processor, cfg.engine_settings, name=f"merged-{name}", kv_cache_bytes=MERGE_KV
+        )
         logits, texts = _logits_and_greedy(engine, probes, None)
         max_diff = float((logits - ref_logits).abs().max())
         agreement = sum(a == b for a, b in zip(texts, ref_texts, strict=True)) / len(probes)

@@ -27,6 +27,7 @@ __all__ = [
     "DeploymentConfig",
     "DynamicConfig",
     "DynamicLive",
+    "EngineConfig",
     "EngineSettings",
     "GatewayConfig",
     "GatewayLive",
@@ -437,6 +438,50 @@ class ApiConfig(StrictModel):
         return self.key_env is not None or self.key_file is not None
 
 
+#: The KV cache pool on the CPU when ``engine.kv_cache_bytes`` is not set.
+CPU_KV_CACHE_BYTES = 64 * 2**20
+
+
+class EngineConfig(StrictModel):
+    """The engine's memory and step scheduling: the paged KV cache, prefix caching, chunked prefill."""
+
+    kv_cache_bytes: int | None = Field(
+        default=None,
+        ge=2**20,
+        description="Bytes of the KV cache pool, allocated at start in pages (keys and values of every layer). "
+        "null: kv_cache_memory_fraction of the device memory free after the model loads on CUDA, 64 MiB on "
+        "the CPU. Requests are admitted while their pages fit; the youngest rows are preempted (and resumed "
+        "later) when decoding runs out of pages.",
+    )
+    kv_cache_memory_fraction: float = Field(
+        default=0.8,
+        gt=0,
+        le=0.95,
+        description="On CUDA with kv_cache_bytes null: the share of the free device memory (after the model "
+        "and its LoRA slots load) the KV cache takes; the rest is for activations.",
+    )
+    page_tokens: int = Field(
+        default=16, ge=1, le=1024, description="Tokens per KV cache page (vLLM's block size)."
+    )
+    prefix_caching: bool = Field(
+        default=True,
+        description="Share full KV pages between requests with the same prefix (same model and adapter "
+        "version, same tokens, same images by content): an agent's next turn reuses its history's pages and "
+        "skips the vision tower for screenshots already seen.",
+    )
+    max_prefill_tokens_per_step: int = Field(
+        default=512,
+        ge=1,
+        description="Prompt tokens read per engine step (chunked prefill): a long prompt is read in chunks, "
+        "and decoding rows get a token at every step in between.",
+    )
+    vision_cache_images: int = Field(
+        default=32,
+        ge=0,
+        description="Images whose vision-tower features each engine keeps (by content and vision identity).",
+    )
+
+
 class MergeJobConfig(StrictModel):
     safe_merge: bool = Field(default=True, description="Refuse merges that produce NaN or Inf.")
     max_logit_diff: float = Field(
@@ -466,6 +511,10 @@ class DeploymentConfig(StrictModel):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Routing between the two.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
     merge: MergeJobConfig = Field(default_factory=MergeJobConfig, description="Merge job settings.")
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="KV cache memory and step scheduling of every model replica.",
+    )
     api: ApiConfig = Field(default_factory=ApiConfig, description="The OpenAI-compatible API (/v1).")
     promotion: PromotionConfig = Field(
         default_factory=PromotionConfig,
@@ -575,7 +624,7 @@ class DeploymentConfig(StrictModel):
         return cfg, LiveSettings.of(cfg) if present else None
 
     @property
-    def engine(self) -> EngineSettings:
+    def engine_settings(self) -> EngineSettings:
         """What an engine needs of this config."""
         return EngineSettings(
             base_model=self.base_model,
@@ -585,6 +634,7 @@ class DeploymentConfig(StrictModel):
             max_pixels=self.limits.max_pixels,
             max_prompt_tokens=self.limits.max_prompt_tokens,
             max_completion_tokens=self.limits.max_completion_tokens,
+            kv=self.engine,
         )
 
     @property
@@ -607,6 +657,7 @@ class EngineSettings(StrictModel):
     max_pixels: int = Field(ge=1, description="Most pixels the model sees of an image.")
     max_prompt_tokens: int = Field(ge=1, description="Longest prompt in tokens, image tokens included.")
     max_completion_tokens: int = Field(default=512, ge=1, description="Most tokens a request may ask for.")
+    kv: EngineConfig = Field(default_factory=EngineConfig, description="KV cache and step scheduling.")
 
     @property
     def bounds(self) -> PixelBounds:

@@ -285,7 +285,7 @@ def _train_select_eval(
         examples = [(s, s.prompt, s.answer) for s in split("train", n, kinds)]
         system = cfg.system_prompt
     bank = FeatureBank(cfg, examples, system_prompt=system, clean=spec.warmup_clean > 0, name=name)
-    engine = Engine.load(cfg.engine, name="demo-eval")
+    engine = Engine.load(cfg.engine_settings, name="demo-eval")
     validation = split("validation", p.heldout_per_kind, kinds)
 
     def scores(adapter: str, screens_: list[screens.Screen]) -> tuple[float, float | None]:
@@ -345,7 +345,7 @@ def evaluate_demo(
     """Re-measure routing and expert accuracy from what is deployed in storage."""
     p = plan(cfg, heldout_per_kind=heldout_per_kind)
     storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
-    engine = Engine.load(cfg.engine, name="demo-eval")
+    engine = Engine.load(cfg.engine_settings, name="demo-eval")
     rows: list[dict[str, object]] = []
     if p.router and storage.current_version("router", p.router):
         engine.load_adapter(p.router, storage.fetch("router", p.router)[0])

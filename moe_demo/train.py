@@ -102,7 +102,9 @@ class FeatureBank:
         model = load_model(cfg.base_model, dtype=torch.float32, device=torch.device("cpu"))
         self.processor = load_processor(cfg.base_model)
         self.pad_id = int(self.processor.tokenizer.pad_token_id)
-        engine = Engine(model, self.processor, cfg.engine.model_copy(update={"system_prompt": system_prompt}))
+        engine = Engine(
+            model, self.processor, cfg.engine_settings.model_copy(update={"system_prompt": system_prompt})
+        )
         self.rows = self._encode(engine, examples, chunk)
         twins = [(make_screen(s.kind, s.seed, clutter=False), p, a) for s, p, a in examples] if clean else []
         self.clean_rows = self._encode(engine, twins, chunk)

@@ -12,7 +12,7 @@ from tests.helpers import screenshot
 
 @pytest.fixture(scope="module")
 def engine(loras: dict[str, Path]) -> Engine:
-    e = Engine.load(DeploymentConfig().engine, name="test")
+    e = Engine.load(DeploymentConfig().engine_settings, name="test")
     for name, path in loras.items():
         e.load_adapter(name, path)
     return e
@@ -28,7 +28,11 @@ def test_mixed_adapter_batch_equals_solo_rows(engine: Engine) -> None:
     ]
     before = engine.forwards
     mixed = engine.generate(reqs)
-    assert engine.forwards - before <= 12  # one prefill and at most 11 decode steps, each for all rows
+    # the prompts are read in chunks of max_prefill_tokens_per_step, then at most 11 decode steps, each
+    # for all rows (no row waits for another's answer)
+    prompt = sum(r.prompt_tokens for r in mixed)
+    chunks = -(-prompt // engine.settings.kv.max_prefill_tokens_per_step)
+    assert engine.forwards - before <= chunks + 11
     assert {r.batch_size for r in mixed} == {6} and mixed[0].adapters_in_batch == 4
     solo = [engine.generate([r])[0] for r in reqs]
     assert [m.text for m in mixed] == [s.text for s in solo]
@@ -60,7 +64,7 @@ def test_classify_single_forward_and_sequence_paths(engine: Engine) -> None:
 
 
 def test_load_unload_is_idempotent(loras: dict[str, Path]) -> None:
-    e = Engine.load(DeploymentConfig().engine, name="t2")
+    e = Engine.load(DeploymentConfig().engine_settings, name="t2")
     base = e.generate([GenerationRequest(screenshot(1), "hi")])[0].text
     e.load_adapter("alpha", loras["alpha"])
     e.load_adapter("alpha", loras["alpha"])  # replacing is fine
@@ -77,7 +81,9 @@ def test_prompt_tokens_are_the_inline_ones_for_ordinary_text(engine: Engine) -> 
     spliced = engine.encode([img] * 3, prompts)
     for i, p in enumerate(prompts):
         text = engine.processor.apply_chat_template(
-            engine._messages(img, p, engine.system_prompt), add_generation_prompt=True, tokenize=False
+            engine.prompts._plain_messages(img, p, engine.system_prompt),
+            add_generation_prompt=True,
+            tokenize=False,
         )
         inline = engine.processor(text=[text], images=[img], do_resize=False, return_tensors="pt")
         row = spliced["input_ids"][i][spliced["attention_mask"][i].bool()]
@@ -157,6 +163,6 @@ def test_clients_system_prompts_are_counted_in_bounded_memory(engine: Engine) ->
     first = engine.prompt_tokens("Click", 16, system_prompt="You are agent 0.")
     for i in range(1, 3 * TEMPLATE_CACHE_SIZE):
         engine.prompt_tokens("Click", 16, system_prompt=f"You are agent {i}.")
-    assert len(engine._template_tokens) <= TEMPLATE_CACHE_SIZE + 1
-    assert engine.system_prompt in engine._template_tokens
+    assert len(engine.prompts._template_tokens) <= TEMPLATE_CACHE_SIZE + 1
+    assert engine.system_prompt in engine.prompts._template_tokens
     assert engine.prompt_tokens("Click", 16, system_prompt="You are agent 0.") == first

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from merge_jobs.merge import merge_loaded
 from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, EngineError, GenerationRequest
 from tests.helpers import make_lora, screenshot
@@ -27,7 +28,7 @@ def ranked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engines(ranked: dict[str, Path]) -> tuple[Engine, Engine]:
-    settings = DeploymentConfig().engine
+    settings = DeploymentConfig().engine_settings
     peft, slots = Engine.load(settings, name="peft"), Engine.load(settings, name="slots")
     slots.set_lora_slots(4, 8)
     for name, path in ranked.items():
@@ -57,7 +58,7 @@ def test_mixed_batch_equals_peft_per_row(engines: tuple[Engine, Engine]) -> None
 def test_base_rows_are_the_bare_model_exactly(engines: tuple[Engine, Engine]) -> None:
     _, slots = engines
     reqs = _requests()
-    plain = Engine.load(DeploymentConfig().engine, name="plain")
+    plain = Engine.load(DeploymentConfig().engine_settings, name="plain")
     base_rows = [i for i, a in enumerate(ADAPTERS) if a is None]
     mixed = slots.logits(reqs)
     alone = plain.logits([reqs[i] for i in base_rows])
@@ -67,7 +68,7 @@ def test_base_rows_are_the_bare_model_exactly(engines: tuple[Engine, Engine]) ->
 
 
 def test_slot_limits_and_lifecycle(ranked: dict[str, Path], tmp_path: Path) -> None:
-    e = Engine.load(DeploymentConfig().engine, name="life")
+    e = Engine.load(DeploymentConfig().engine_settings, name="life")
     e.set_lora_slots(2, 4)
     big = make_lora(tmp_path / "big", seed=5, rank=8)
     with pytest.raises(EngineError, match="rank 8 is over the slots' maximum rank 4"):
@@ -85,7 +86,7 @@ def test_slot_limits_and_lifecycle(ranked: dict[str, Path], tmp_path: Path) -> N
     with pytest.raises(EngineError, match="not loaded"):
         e.generate([GenerationRequest(screenshot(1), "Click", "alpha")])
     with pytest.raises(EngineError, match="merging needs PEFT"):
-        e.merge_adapter("gamma")
+        merge_loaded(e, "gamma")
 
 
 def test_reloading_adapters_keeps_no_memory(engines: tuple[Engine, Engine], ranked: dict[str, Path]) -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from moe_core.config import DeploymentConfig
 from moe_core.engine import ChatTurn, Engine, EngineError, GenerationRequest
-from moe_core.sampling import SamplingParams
-from moe_core.scheduler import PromptTooLong, QueueFull, Scheduler
+from moe_core.engine.sampling import SamplingParams
+from moe_core.engine.scheduler import PromptTooLong, QueueFull, Scheduler
 from tests.helpers import make_lora, screenshot
 
 
@@ -29,7 +29,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(adapters: dict[str, Path]) -> Engine:
-    e = Engine.load(DeploymentConfig().engine, name="sched")
+    e = Engine.load(DeploymentConfig().engine_settings, name="sched")
     e.set_lora_slots(5, 8)
     for name, path in adapters.items():
         e.load_adapter(name, path)
@@ -58,10 +58,9 @@ def test_vision_tower_lora_is_the_same_mixed_as_alone_and_not_the_base(engine: E
     alone = [engine.generate([r])[0] for r in reqs]
     assert [m.text for m in mixed] == [a.text for a in alone]
     # the vision weights matter: the adapter's image features differ from the base tower's
-    base = engine._image_outputs(engine._encode_requests([reqs[0]]), [GenerationRequest(reqs[0].image, "x")])
-    eye = engine._image_outputs(engine._encode_requests([reqs[0]]), [reqs[0]])
-    assert base is not None and eye is not None
-    assert not base["image"].pooler_output[0].allclose(eye["image"].pooler_output[0])
+    (image,) = engine.prompts.build(reqs[0]).images
+    base, eye = engine.runner.image_features([image, image], [None, "eye"])
+    assert not base[0].allclose(eye[0])
     with pytest.raises(EngineError, match="vision-tower"):
         engine.generate_hf([reqs[0]])  # Hugging Face's generate would run the tower without the adapter
 
@@ -202,7 +201,8 @@ def test_a_routed_request_runs_the_vision_tower_once(engine: Engine) -> None:
     asyncio.run(go())
     assert engine.vision_images == before + 1
     # and the reused features give the answer computed from scratch
-    engine._features.clear()
+    engine.features.clear()
+    engine.pages.clear_cache()  # and no page computed with them either
     fresh = engine.generate([GenerationRequest(image, "Click Save", "alpha", max_new_tokens=6)])[0].text
     again = asyncio.run(sched.generate(answer, SamplingParams(max_tokens=6))).text
     assert fresh == again
@@ -215,13 +215,13 @@ def test_adapters_of_rows_being_prefilled_count_as_in_use(
     """The adapter cache evicts only adapters not in use: a row in its prefill is neither queued nor running."""
     sched = Scheduler(engine)
     seen: list[set[str]] = []
-    prefill = engine.prefill
+    forward = engine.runner.forward
 
-    def spy(rows: list[GenerationRequest]) -> object:
+    def spy(rows: list[object]) -> object:
         seen.append(sched.in_use())
-        return prefill(rows)
+        return forward(rows)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine, "prefill", spy)
+    monkeypatch.setattr(engine.runner, "forward", spy)
     asyncio.run(sched.generate(_req(1, "beta"), SamplingParams(max_tokens=2)))
-    assert seen == [{"beta"}]
+    assert seen and all(s == {"beta"} for s in seen)
     sched.close()

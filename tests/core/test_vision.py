@@ -71,10 +71,10 @@ def test_demo_training_and_serving_see_the_same_inputs(tmp_path: Path) -> None:
     shots = [screenshot(1, (400, 225)), screenshot(2, (225, 400))]  # 16:9 and 9:16
     examples = [(_Screen(im), "Click the button", "click(1, 1)") for im in shots]
     bank = FeatureBank(cfg, examples, system_prompt=cfg.system_prompt)  # type: ignore[arg-type]
-    serving = Engine.load(cfg.engine, name="serving")
+    serving = Engine.load(cfg.engine_settings, name="serving")
     for (screen, prompt, _), row in zip(examples, bank.rows, strict=True):
         inputs = serving.encode([screen.image], [prompt])
-        p = plan(*screen.image.size, cfg.engine.bounds, cfg.engine.image_factor)
+        p = plan(*screen.image.size, cfg.engine_settings.bounds, cfg.engine_settings.image_factor)
         assert (
             row.grid_thw.tolist()
             == inputs["image_grid_thw"][0].tolist()

@@ -143,7 +143,7 @@ def test_feature_bank_gives_the_pixel_path_loss(tmp_path: Path) -> None:
     bank = FeatureBank(cfg, examples, system_prompt=cfg.system_prompt, clean=True)
     assert len(bank) == len(bank.clean_rows) == len(examples)
     cached = bank.batch(bank.rows)
-    engine = Engine(load_model(cfg.base_model), load_processor(cfg.base_model), cfg.engine)
+    engine = Engine(load_model(cfg.base_model), load_processor(cfg.base_model), cfg.engine_settings)
     pixels = engine.encode(
         [s.image for s, _, _ in examples],
         [p for _, p, _ in examples],
@@ -241,7 +241,7 @@ def test_trained_adapters_meet_accuracy_floors(demo_cfg: DeploymentConfig) -> No
     assert rows["ocr"]["base_char_accuracy"] < 0.5, rows["ocr"]
     from moe_core.engine import Engine
 
-    engine = Engine.load(demo_cfg.engine, name="test-routing")
+    engine = Engine.load(demo_cfg.engine_settings, name="test-routing")
     engine.load_adapter("router", st.fetch("router", "router")[0])
     reading = split("heldout", 16, ("ocr",), offset=900)  # routing of the seventh type on its own
     assert (

@@ -493,7 +493,7 @@ def test_a_deployments_refusal_keeps_its_status(svc: Service) -> None:
     s.merged.fail = svc.merged.fail
     _error(s.chat(), 429, None, "overloaded")
 
-    class QueueFull(RuntimeError):  # the engine's full queue (moe_core.scheduler.QueueFull), by name
+    class QueueFull(RuntimeError):  # the engine's full queue (moe_core.engine.QueueFull), by name
         pass
 
     s.merged.fail = QueueFull("merged-calendar: 64 requests queued")

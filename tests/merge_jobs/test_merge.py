@@ -51,8 +51,8 @@ def test_merge_publishes_a_plain_model_equal_to_base_plus_lora(merge_cfg, loras)
     model = Qwen3VLForConditionalGeneration.from_pretrained(path)
     assert type(model) is Qwen3VLForConditionalGeneration
     assert meta["probe_set"] == "default" and meta["num_probes"] == 4
-    merged = Engine.load(cfg.engine, path)
-    dynamic = Engine.load(cfg.engine)
+    merged = Engine.load(cfg.engine_settings, path)
+    dynamic = Engine.load(cfg.engine_settings)
     dynamic.load_adapter("alpha", loras["alpha"])
     probes = PROBES
     assert _greedy(merged, None, probes) == _greedy(dynamic, "alpha", probes)
@@ -121,7 +121,9 @@ def test_sigkilled_merge_leaves_storage_as_it_was(merge_cfg, loras, kill_at: str
     st = Storage(cfg.storage.url)
     assert st.current_version("merged", "alpha") == good
     assert st.versions("merged", "alpha") == [good]
-    assert Engine.load(cfg.engine, st.fetch("merged", "alpha")[0]).generate([GenerationRequest(*PROBES[0])])
+    assert Engine.load(cfg.engine_settings, st.fetch("merged", "alpha")[0]).generate(
+        [GenerationRequest(*PROBES[0])]
+    )
 
 
 def test_bad_name_and_missing_adapter(merge_cfg) -> None:  # type: ignore[no-untyped-def]

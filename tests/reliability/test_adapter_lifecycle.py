@@ -40,7 +40,7 @@ def test_4_a_refused_reload_leaves_the_loaded_adapter_whole(tmp_path: Path) -> N
     """A new version whose lora_B has another rank than its ``r`` is refused before the slot is touched:
     the old version keeps answering exactly (it used to be half-loaded, serving wrong answers)."""
     good = make_lora(tmp_path / "beta", seed=12, rank=8)
-    e = Engine.load(DeploymentConfig().engine, name="reload")
+    e = Engine.load(DeploymentConfig().engine_settings, name="reload")
     e.set_lora_slots(2, 8)
     e.load_adapter("beta", good)
     req = [GenerationRequest(screenshot(2), "Click", "beta", max_new_tokens=8)]
@@ -115,7 +115,7 @@ def test_5_the_registry_refuses_what_the_slots_cannot_serve(
 
 def test_5_what_deploys_loads_into_the_slots(cfg: DeploymentConfig, loras: dict[str, Path]) -> None:
     st = Storage(cfg.storage.url)
-    e = Engine.load(cfg.engine, name="servable")
+    e = Engine.load(cfg.engine_settings, name="servable")
     e.set_lora_slots(3, cfg.dynamic.max_lora_rank)
     for name in ("alpha", "gamma"):  # gamma adapts the LM head as well
         deploy_adapter(st, cfg, name, loras[name])

@@ -1,0 +1,54 @@
+"""The inference engine: Qwen3-VL chat prompts, many LoRA adapters in one batch, a paged KV cache.
+
+One module per concern: :mod:`~moe_core.engine.request` (what goes in and out),
+:mod:`~moe_core.engine.prompts` (chat template, tokens, images, positions),
+:mod:`~moe_core.engine.kv` (pages, block tables, prefix sharing),
+:mod:`~moe_core.engine.attention` (attention over the pages),
+:mod:`~moe_core.engine.vision_cache` (image features by content and vision identity),
+:mod:`~moe_core.engine.runner` (one packed forward), :mod:`~moe_core.engine.sampling`,
+:mod:`~moe_core.engine.scheduler` (what runs in each step), :mod:`~moe_core.engine.lora` (adapter
+slots) and :mod:`~moe_core.engine.core` (the :class:`Engine` that holds them together).
+"""
+
+from moe_core.engine.core import Engine
+from moe_core.engine.prompts import PROMPT_SLOT, TEMPLATE_CACHE_SIZE, Prompt, PromptBuilder
+from moe_core.engine.request import (
+    BASE,
+    ChatProcessor,
+    ChatTurn,
+    ClassifyResult,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    PromptTooLong,
+    QueueFull,
+    VisionLanguageModel,
+)
+from moe_core.engine.sampling import FinishReason, SamplingParams
+from moe_core.engine.scheduler import Completion, Delta, Scheduler, StepRecord, Timings, run_batch
+
+__all__ = [
+    "BASE",
+    "PROMPT_SLOT",
+    "TEMPLATE_CACHE_SIZE",
+    "ChatProcessor",
+    "ChatTurn",
+    "ClassifyResult",
+    "Completion",
+    "Delta",
+    "Engine",
+    "EngineError",
+    "FinishReason",
+    "GenerationRequest",
+    "GenerationResult",
+    "Prompt",
+    "PromptBuilder",
+    "PromptTooLong",
+    "QueueFull",
+    "SamplingParams",
+    "Scheduler",
+    "StepRecord",
+    "Timings",
+    "VisionLanguageModel",
+    "run_batch",
+]

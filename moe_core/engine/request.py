@@ -1,0 +1,118 @@
+"""What goes into the engine and what comes out: requests, results, errors, and the model protocols."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+
+from moe_core.vision import PixelBounds
+
+__all__ = [
+    "BASE",
+    "ChatProcessor",
+    "ChatTurn",
+    "ClassifyResult",
+    "EngineError",
+    "GenerationRequest",
+    "GenerationResult",
+    "PromptTooLong",
+    "QueueFull",
+    "VisionLanguageModel",
+]
+
+#: PEFT's name for "no adapter" in a mixed batch.
+BASE = "__base__"
+
+
+class EngineError(RuntimeError):
+    """A request the engine cannot run (unknown adapter, bad input)."""
+
+
+class PromptTooLong(EngineError):
+    """A prompt over the engine's token limit (its images' tokens and the chat template included), or
+    one that would not fit the KV cache even alone."""
+
+
+class QueueFull(RuntimeError):
+    """The replica's queue is full: the request is refused at once (a 503 with a retry hint)."""
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One message of a conversation: ``parts`` are text and images, in order."""
+
+    role: str  # system, user or assistant
+    parts: tuple[str | Image.Image, ...]
+    inline: bool = False  # the text is the server's own (its system prompt): rendered in the template as is
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One row: ``image`` and ``prompt`` after the system prompt, or a whole conversation (``turns``,
+    the engine's system prompt first when it has none of its own)."""
+
+    image: Image.Image | None
+    prompt: str
+    adapter: str | None = None
+    max_new_tokens: int | None = None
+    bounds: PixelBounds | None = None  # this row's images' pixel bounds; None: the engine's
+    turns: tuple[ChatTurn, ...] = ()
+    image_key: str | None = None  # names the image's content (a hash of its file): saves hashing pixels
+
+    def conversation(self, system: str) -> tuple[ChatTurn, ...]:
+        if not self.turns:
+            image = (self.image,) if self.image is not None else ()
+            return (ChatTurn("system", (system,), inline=True), ChatTurn("user", (*image, self.prompt)))
+        if self.turns[0].role == "system":
+            return self.turns
+        return (ChatTurn("system", (system,), inline=True), *self.turns)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        if not self.turns:
+            return [self.image] if self.image is not None else []
+        return [p for t in self.turns for p in t.parts if isinstance(p, Image.Image)]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    adapter: str | None
+    num_tokens: int
+    batch_size: int
+    adapters_in_batch: int
+    latency_s: float
+    prompt_tokens: int = 0  # the row's prompt, image tokens and chat template included
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    label: str
+    confidence: float
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+class VisionLanguageModel(Protocol):
+    """What the engine uses of a transformers image-text-to-text model (bare, PEFT-wrapped or merged)."""
+
+    def __call__(self, **inputs: Any) -> Any: ...
+    def generate(self, **inputs: Any) -> torch.Tensor: ...
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+    def eval(self) -> Any: ...
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> Any: ...
+
+
+class ChatProcessor(Protocol):
+    """What the engine uses of a transformers processor: its tokenizer, chat template and batching."""
+
+    tokenizer: Any
+
+    def __call__(self, **kwargs: Any) -> Any: ...
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> Any: ...

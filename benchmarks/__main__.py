@@ -4,6 +4,7 @@
     python -m benchmarks --quick         # smoke test (make test): fewer rounds, no Ray Serve
     python -m benchmarks --gpu           # the real Qwen3-VL-8B shapes, random bf16 weights, on CUDA
     python -m benchmarks --only promotion  # just the Zipf mix through Serve, promotion off vs on
+    python -m benchmarks --only kv       # just the paged KV cache: joins, KV bytes, agent turns, burst, peer
 
 Writes benchmarks/results/<name>.json, .md and .png with the machine's description.
 """
@@ -34,6 +35,9 @@ TARGETS = {
     "mixed batch/serial throughput": (">=", 4.0),
     "serve overhead p50 ms": ("<=", 5.0),
     "routing/expert request": ("<=", 0.25),
+    "agent turn-5 TTFT, no reuse/reuse": (">=", 3.0),
+    "join cost, 16x1024/1x64 running (v3)": ("<=", 1.5),
+    "throughput vs transformers generate_batch": (">=", 1.0),
 }
 
 
@@ -105,6 +109,28 @@ def summarise(samples: dict[str, list[float]], figures: dict[str, Any], s: Bench
         )
         ratios["zipf p99 latency promotion on/off"] = (
             out["p99_ms"]["zipf_latency_promotion_on"] / out["p99_ms"]["zipf_latency_promotion_off"]
+        )
+    if "agent_turn5_ttft_reuse" in ms:
+        ratios["agent turn-5 TTFT, no reuse/reuse"] = (
+            ms["agent_turn5_ttft_cold"] / ms["agent_turn5_ttft_reuse"]
+        )
+    joins = sorted(k for k in ms if k.startswith("join_step_minus_decode_"))
+    if joins:
+        size = {k: int(k.rsplit("_", 1)[1].split("x")[0]) * int(k.rsplit("x", 1)[1]) for k in joins}
+        small, large = min(joins, key=size.__getitem__), max(joins, key=size.__getitem__)
+        label = f"{large.rsplit('_', 1)[1]}/{small.rsplit('_', 1)[1]}"
+        ratios[f"join cost, {label} running (v3)"] = ms[large] / ms[small]
+        v2, v3 = (
+            f"join_bookkeeping_v2_{large.rsplit('_', 1)[1]}",
+            f"join_bookkeeping_v3_{large.rsplit('_', 1)[1]}",
+        )
+        ratios[f"join bookkeeping v2/v3 at {large.rsplit('_', 1)[1]}"] = ms[v2] / ms[v3]
+    if "peer_ours" in ms:
+        ratios["throughput vs transformers generate_batch"] = ms["peer_generate_batch"] / ms["peer_ours"]
+    if "burst_stream_gap_chunked" in ms:
+        p99_ms = out["p99_ms"]
+        ratios["burst: stream p99 gap, whole/chunked prefill"] = (
+            p99_ms["burst_stream_gap_whole"] / p99_ms["burst_stream_gap_chunked"]
         )
     if "cold_request" in ms:
         ratios["cold/warm request"] = ms["cold_request"] / ms["warm_request"]
@@ -202,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: few rounds, no Ray Serve")
     p.add_argument("--gpu", action="store_true", help="Qwen3-VL-8B shapes with random bf16 weights on CUDA")
     p.add_argument("--rounds", type=int)
-    p.add_argument("--only", choices=["promotion"], help="run one part only")
+    p.add_argument("--only", choices=["promotion", "kv"], help="run one part only")
     p.add_argument("--name", help="result file name (default: cpu, cpu-quick or gpu)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -231,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
             s2, f2 = serve_benchmarks(cfg, images, prompt, rounds=settings.rounds * 2)
             samples.update(s2)
             figures.update(f2)
-        if not args.quick:
+        if args.only in (None, "kv"):
+            from benchmarks.kv_bench import kv_benchmarks
+
+            s4, f4 = kv_benchmarks(cfg, quick=args.quick)
+            samples.update(s4)
+            figures.update(f4)
+        if not args.quick and args.only in (None, "promotion"):
             from benchmarks.promotion_bench import promotion_benchmarks
 
             s3, f3 = promotion_benchmarks(cfg)

@@ -188,7 +188,15 @@ def engine_benchmarks(
     loras = make_loras(cfg, tmp, n_loras, s.rank)
     processor = load_processor(cfg.base_model)
 
-    settings = cfg.engine_settings.model_copy(update={"max_new_tokens": s.new_tokens})
+    # prefix caching off: these rounds repeat the same requests, which would otherwise be answered from
+    # their own cached pages (kv_bench measures reuse on its own)
+    base_settings = cfg.engine_settings
+    settings = base_settings.model_copy(
+        update={
+            "max_new_tokens": s.new_tokens,
+            "kv": base_settings.kv.model_copy(update={"prefix_caching": False}),
+        }
+    )
 
     def engine(model: Any, name: str) -> Engine:
         return Engine(model, processor, settings, name=name)

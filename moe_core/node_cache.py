@@ -105,7 +105,8 @@ class NodeCache:
     # ------------------------------------------------------------------ taking
     def get(self, fs: Any, remote: str, manifest: dict[str, Any]) -> Lease:
         """The version under ``remote`` (on ``fs``), described by ``manifest``, as a leased local folder:
-        taken from the node when its content is there and verifies, else downloaded once for the node."""
+        taken from the node when its content is there and verifies, else downloaded once for the node.
+        The caller runs :meth:`evict` once it has released what it no longer uses."""
         files = _files(manifest, remote)
         key = content_key(files)
         entry = self.root / "versions" / key
@@ -122,9 +123,7 @@ class NodeCache:
         except BaseException:
             os.close(use_fd)
             raise
-        lease = Lease(entry, key, use_fd)
-        self.evict()
-        return lease
+        return Lease(entry, key, use_fd)
 
     def _fill(
         self, fs: Any, remote: str, manifest: dict[str, Any], files: dict[str, str], entry: Path

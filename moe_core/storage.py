@@ -279,6 +279,7 @@ class Storage:
             old, self._leases[(kind, name)] = self._leases.get((kind, name)), lease
         if old is not None:
             old.release()
+        self.node_cache.evict()  # beyond the bound: versions no process on the node uses, oldest first
         return lease.path, version
 
     def release(self, kind: Kind, name: str) -> None:

@@ -68,8 +68,11 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     port, dash, metrics = _free_port(), _free_port(), _free_port()
     temp = tmp_path_factory.mktemp("ray")
     bin_dir = str(Path(sys.executable).parent)  # job entrypoints run `python` from this venv
+    from tests.s3_server import TEST_ENV
+
     env = dict(
         os.environ,
+        **TEST_ENV,  # the loopback S3 endpoint's test credentials (tests/s3_server.py), for jobs and replicas
         RAY_metrics_report_interval_ms="1000",  # metrics reach the export port within seconds
         RAY_AUTH_MODE="disabled",
         RAY_USAGE_STATS_ENABLED="0",

@@ -1,82 +1,28 @@
-"""A real S3 endpoint on loopback for the tests: moto's standalone server (``python -m moto.server``, as
-s3fs tests itself), and a small HTTP proxy in front of it that counts requests per object and, when
+"""A real S3 endpoint on loopback for the tests: moto's standalone server (:mod:`moe_core.local_s3`, the
+way s3fs tests itself), and a small HTTP proxy in front of it that counts requests per object and, when
 asked, drops the conditional-write headers (a store that does not honour them, like an old S3 clone)."""
 
 from __future__ import annotations
 
 import http.client
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-#: Credentials for the loopback server only (moto accepts any); never real ones.
-TEST_ENV = {
-    "AWS_ACCESS_KEY_ID": "moe-test-not-a-secret",
-    "AWS_SECRET_ACCESS_KEY": "moe-test-not-a-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+from moe_core import local_s3
+from moe_core.local_s3 import TEST_ENV, free_port
 
+__all__ = ["TEST_ENV", "Proxy", "free_port", "make_bucket", "moto_server"]
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def moto_server(log: Path) -> Iterator[str]:
-    """Start moto's S3 server on a free loopback port; yield its endpoint URL."""
-    port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, **TEST_ENV),
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 60
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=1):
-                        break
-                except OSError:
-                    if proc.poll() is not None or time.time() > deadline:
-                        raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}") from None
-                    time.sleep(0.1)
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+moto_server = local_s3.local_s3
 
 
 def make_bucket(endpoint: str, prefix: str = "moe") -> str:
     """A new bucket on ``endpoint``; returns its name."""
-    import boto3
-
-    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint, **_boto_credentials()).create_bucket(Bucket=name)
-    return name
-
-
-def _boto_credentials() -> dict[str, str]:
-    return {
-        "aws_access_key_id": TEST_ENV["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": TEST_ENV["AWS_SECRET_ACCESS_KEY"],
-        "region_name": TEST_ENV["AWS_DEFAULT_REGION"],
-    }
+    return local_s3.make_bucket(endpoint, f"{prefix}-{uuid.uuid4().hex[:12]}")
 
 
 #: Headers the proxy drops in ``strip_conditions`` mode.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -83,10 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", type=Path, default=Path(".cache/local-s3.log"))
     args = p.parse_args(argv)
     args.log.parent.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server it started too
     with local_s3(args.log, args.port) as endpoint:
         for b in args.bucket:
             make_bucket(endpoint, b)
-        print(f"S3 endpoint {endpoint} (moto, in memory), buckets {args.bucket}; Ctrl-C stops it", flush=True)
+        print(
+            f"S3 endpoint {endpoint} (moto, in memory), buckets {args.bucket}; Ctrl-C or kill stops it",
+            flush=True,
+        )
         try:
             while True:
                 time.sleep(3600)

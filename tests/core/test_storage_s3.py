@@ -170,3 +170,14 @@ def test_a_version_a_killed_writer_left_without_manifest_is_removed_later(
     assert not st.fs.exists(f"{slot}/{stale}/model.safetensors")  # over an hour old: removed
     assert st.fs.exists(f"{slot}/{fresh}/model.safetensors")  # maybe a writer still at work: kept
     assert os.environ["AWS_ACCESS_KEY_ID"].startswith("moe-test")  # only the loopback test credentials
+
+
+def test_the_s3_demo_config_differs_from_the_default_in_storage_only() -> None:
+    """`make serve CONFIG=config/deployment.s3.yaml` serves the same app with its storage on S3."""
+    from moe_core.config import DeploymentConfig
+
+    root = Path(__file__).resolve().parents[2] / "config"
+    default = DeploymentConfig.from_file(root / "deployment.yaml").model_dump()
+    s3 = DeploymentConfig.from_file(root / "deployment.s3.yaml").model_dump()
+    assert [k for k in default if default[k] != s3[k]] == ["storage"]
+    assert s3["storage"]["url"].startswith("s3://") and s3["storage"]["endpoint_url"]

@@ -9,6 +9,6 @@ COPY --chown=ray:users deployments ./deployments
 COPY --chown=ray:users merge_jobs ./merge_jobs
 COPY --chown=ray:users benchmarks ./benchmarks
 COPY --chown=ray:users config ./config
-RUN pip install --no-cache-dir . s3fs \
+RUN pip install --no-cache-dir ".[s3]" \
     && python -c "import deployments.app, merge_jobs, moe_core"
 ENV HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false

@@ -5,6 +5,7 @@
     python -m benchmarks --gpu           # the real Qwen3-VL-8B shapes, random bf16 weights, on CUDA
     python -m benchmarks --only promotion  # just the Zipf mix through Serve, promotion off vs on
     python -m benchmarks --only kv       # just the paged KV cache: joins, KV bytes, agent turns, burst, peer
+    python -m benchmarks --only storage    # fetch throughput of a 1 GB version: local S3 vs local copy
 
 Writes benchmarks/results/<name>.json, .md and .png with the machine's description.
 """
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: few rounds, no Ray Serve")
     p.add_argument("--gpu", action="store_true", help="Qwen3-VL-8B shapes with random bf16 weights on CUDA")
     p.add_argument("--rounds", type=int)
-    p.add_argument("--only", choices=["promotion", "kv"], help="run one part only")
+    p.add_argument("--only", choices=["promotion", "kv", "storage"], help="run one part only")
+    p.add_argument("--storage-gb", type=float, default=1.0, help="size of the storage benchmark's version")
     p.add_argument("--name", help="result file name (default: cpu, cpu-quick or gpu)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -260,15 +262,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "kv"):
             from benchmarks.kv_bench import kv_benchmarks
 
-            s4, f4 = kv_benchmarks(cfg, quick=args.quick)
-            samples.update(s4)
-            figures.update(f4)
+            s5, f5 = kv_benchmarks(cfg, quick=args.quick)
+            samples.update(s5)
+            figures.update(f5)
         if not args.quick and args.only in (None, "promotion"):
             from benchmarks.promotion_bench import promotion_benchmarks
 
             s3, f3 = promotion_benchmarks(cfg)
             samples.update(s3)
             figures.update(f3)
+        if not args.quick and args.only in (None, "storage"):  # benchmarks/storage_bench.py
+            from benchmarks.storage_bench import storage_benchmarks
+
+            s4, f4 = storage_benchmarks(args.storage_gb)
+            samples.update(s4)
+            figures.update(f4)
     result = {
         "name": name,
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),

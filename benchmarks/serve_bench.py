@@ -51,7 +51,7 @@ def serve_benchmarks(
     merged_name = cfg.merged_enabled[0].name
     dynamic_name = cfg.dynamic.adapters[0]
     merge_adapter(cfg, merged_name)
-    storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
+    storage = Storage.from_config(cfg.storage)
     samples: Samples = {}
     figures: dict[str, Any] = {}
     port = _free_port()

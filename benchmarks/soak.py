@@ -79,7 +79,7 @@ def soak(n_requests: int, n_adapters: int, lru: int, clients: int) -> dict[str, 
             "dynamic": {"adapters": names, "max_loaded_adapters": lru, "refresh_interval_s": 30.0},
         }
     )
-    storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
+    storage = Storage.from_config(cfg.storage)
     for name, path in zip(names, make_loras(cfg, root / "loras", n_adapters, rank=8), strict=True):
         storage.publish("expert", name, path)
     screens = split("heldout", 2)

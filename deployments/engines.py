@@ -114,7 +114,7 @@ class ModelDeployment(ABC, Generic[S]):
     ) -> None:
         self.settings = settings
         self.engine_factory = engine_factory
-        self.storage: AdapterStore = storage or Storage(settings.storage.url, settings.storage.cache_dir)
+        self.storage: AdapterStore = storage or Storage.from_config(settings.storage)
         self._start()
 
     def make_engine(self, path: Path | None, name: str) -> DeploymentEngine:

@@ -335,7 +335,7 @@ class Gateway:
         from moe_core.storage import Storage
 
         assert self.controller is not None
-        store = Storage(self.settings.storage_url)
+        store = Storage.from_config(self.settings.storage)
         while True:
             counts, self._counts = dict(self._counts), Counter()
             try:
@@ -788,7 +788,7 @@ class Gateway:
         if self._storage is None:
             from moe_core.storage import Storage
 
-            self._storage = Storage(self.settings.storage_url)
+            self._storage = Storage.from_config(self.settings.storage)
         store = self._storage
 
         def read(name: str) -> str | None:

@@ -2,6 +2,7 @@
 
     python -m deployments.kube --config config/deployment.k8s.yaml --out k8s/
     python -m deployments.kube --config config/deployment.k8s.yaml --check k8s/
+    python -m deployments.kube --config config/deployment.k8s-s3.yaml --out k8s/s3/    # storage on S3
 
 ``--out``/``--check`` name the directory holding rayservice.yaml, rayjob-merge.yaml and podmonitor.yaml;
 one invocation writes (or checks) all three. The two manifests are built from the same pieces (image, env with the Hugging
@@ -9,6 +10,12 @@ Face token secret, the shared volume, the H100 node selector and GPU toleration,
 cannot drift apart. With API keys on in the config (``api.key_file``/``api.key_env``), every RayService
 pod gets them from the Secret ``moe-api-keys`` (a mounted folder, so a rotated key applies without a
 restart; an environment variable for ``key_env``); the Secret itself is never in the repository.
+
+Two storage variants, chosen by ``storage.url``: a path is the ReadWriteMany volume (k8s/storage.yaml)
+mounted there on every pod; ``s3://`` has no shared volume: every pod mounts the node cache (a hostPath on
+the node's local disk, ``storage.cache_dir``), takes the object store's credentials from the Secret
+``moe-s3-credentials`` (optional: with an IAM role instead, annotate the ServiceAccount this generates)
+and runs as that ServiceAccount.
 
 Sizing assumptions (Qwen3-VL-8B-Instruct in bf16 on H100 80 GB): ~17 GB of weights per replica, one
 replica per GPU; worker pods of 1 GPU, 12 CPUs and 96 GiB of memory (model load, image decoding,
@@ -31,12 +38,32 @@ import yaml
 from deployments.serve_config import serve_config, write_or_check
 from moe_core.config import DeploymentConfig
 
-__all__ = ["FILES", "IMAGE", "podmonitor", "rayjob", "rayservice", "render_rayjob", "render_rayservice"]
+__all__ = [
+    "FILES",
+    "IMAGE",
+    "S3_FILES",
+    "files_for",
+    "podmonitor",
+    "rayjob",
+    "rayservice",
+    "render_rayjob",
+    "render_rayservice",
+    "serviceaccount",
+]
 
 NAME = "moe-inference-server"
 IMAGE = "ghcr.io/moe-inference-server/moe-inference-server:0.1.0"
 APP_DIR = "/home/ray/app"  # the image's WORKDIR; config/ is copied there (Dockerfile)
 STORAGE_CLAIM = "moe-storage"
+#: The S3 variant: the Secret with the object store's keys (data keys = the AWS variable names), optional
+#: so that an IAM role on the ServiceAccount (IRSA, EKS Pod Identity, GKE Workload Identity) can replace it.
+S3_SECRET = "moe-s3-credentials"
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+#: The ServiceAccount of the S3 variant's pods; its role annotation is a placeholder to fill in.
+SERVICE_ACCOUNT = NAME
+IAM_ROLE_ANNOTATION = {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/moe-storage"}
+#: The node's directory holding the node cache (create it owned by uid 1000 on every GPU node).
+NODE_CACHE_HOST_PATH = "/var/lib/moe-node-cache"
 HF_SECRET = "hf-token"
 #: The Secret holding the API keys (one per line under the data key named by api.key_file's file name).
 API_KEY_SECRET = "moe-api-keys"
@@ -81,12 +108,40 @@ def _resources(cpu: float, memory: str, gpu: int = 0, scratch: str = EPHEMERAL_S
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def _storage(cfg: DeploymentConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _shared_volume(cfg: DeploymentConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The shared ReadWriteMany volume (k8s/storage.yaml): pod volumes and container mounts."""
     mount = cfg.storage.url if cfg.storage.url.startswith("/") else "/mnt/moe-storage"
     volumes = [{"name": "storage", "persistentVolumeClaim": {"claimName": STORAGE_CLAIM}}]
     mounts = [{"name": "storage", "mountPath": mount}]
     return volumes, mounts
+
+
+def _node_cache(cfg: DeploymentConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Object storage: no shared volume; the node cache, a directory on the node shared by its pods (a
+    version on the node is downloaded once; hostPath is outside the pods' bounded scratch disk)."""
+    volumes = [{"name": "node-cache", "hostPath": {"path": NODE_CACHE_HOST_PATH, "type": "Directory"}}]
+    mounts = [{"name": "node-cache", "mountPath": cfg.storage.cache_dir}]
+    return volumes, mounts
+
+
+def _storage(cfg: DeploymentConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Pod volumes and container mounts of the config's storage variant."""
+    return _node_cache(cfg) if cfg.storage.is_s3 else _shared_volume(cfg)
+
+
+def _hf_home(cfg: DeploymentConfig) -> str:
+    """Where Hugging Face downloads the base model: the shared volume, or the node cache on S3."""
+    return f"{cfg.storage.cache_dir}/hf" if cfg.storage.is_s3 else "/mnt/moe-storage/hf-cache"
+
+
+def _s3_env(cfg: DeploymentConfig) -> list[dict[str, Any]]:
+    """The object store's keys from the Secret (optional: an IAM role may stand in for it)."""
+    if not cfg.storage.is_s3:
+        return []
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key, "optional": True}}}
+        for key in S3_SECRET_KEYS
+    ]
 
 
 Volumes = tuple[list[dict[str, Any]], list[dict[str, Any]]]
@@ -109,18 +164,21 @@ def _api_key_env(cfg: DeploymentConfig) -> list[dict[str, Any]]:
     return [{"name": cfg.api.key_env, "valueFrom": {"secretKeyRef": ref}}]
 
 
-def _env(*extra: dict[str, Any]) -> list[dict[str, Any]]:
+def _env(cfg: DeploymentConfig, *extra: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "name": "HF_TOKEN",
             "valueFrom": {"secretKeyRef": {"name": HF_SECRET, "key": "token", "optional": True}},
         },
-        {"name": "HF_HOME", "value": "/mnt/moe-storage/hf-cache"},
+        {"name": "HF_HOME", "value": _hf_home(cfg)},
+        *_s3_env(cfg),
         *extra,
     ]
 
 
-def _pod(container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool = False) -> dict[str, Any]:
+def _pod(
+    cfg: DeploymentConfig, container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool = False
+) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "securityContext": {
             "runAsNonRoot": True,
@@ -131,6 +189,8 @@ def _pod(container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool 
         },
         "automountServiceAccountToken": False,  # Ray pods never call the Kubernetes API
     }
+    if cfg.storage.is_s3:  # its IAM role annotation (if used) reaches the object store, not the API server
+        spec["serviceAccountName"] = SERVICE_ACCOUNT
     if gpu:
         spec["nodeSelector"] = dict(H100_LABEL)
         spec["tolerations"] = [dict(GPU_TOLERATION)]
@@ -175,7 +235,7 @@ def _head_group(
             "dashboard-host": "0.0.0.0",
             "metrics-export-port": str(METRICS_PORT),
         },
-        "template": _pod(_container("ray-head", resources, env, mounts, ports), volumes),
+        "template": _pod(cfg, _container("ray-head", resources, env, mounts, ports), volumes),
     }
 
 
@@ -205,7 +265,7 @@ def _worker_group(
         "minReplicas": min_replicas,
         "maxReplicas": max_replicas,
         "rayStartParams": {"num-gpus": str(gpu), "metrics-export-port": str(METRICS_PORT)},
-        "template": _pod(container, volumes, gpu=bool(gpu)),
+        "template": _pod(cfg, container, volumes, gpu=bool(gpu)),
     }
 
 
@@ -223,7 +283,7 @@ def min_gpu_replicas(cfg: DeploymentConfig) -> int:
 
 def rayservice(cfg: DeploymentConfig, name: str = NAME) -> dict[str, Any]:
     """The serving cluster; the gateway may run on any of its pods, so each gets the API keys."""
-    env = _env({"name": "RAY_SERVE_ENABLE_TASK_EVENTS", "value": "0"}, *_api_key_env(cfg))
+    env = _env(cfg, {"name": "RAY_SERVE_ENABLE_TASK_EVENTS", "value": "0"}, *_api_key_env(cfg))
     keys = _api_keys(cfg)
     ports = [
         {"containerPort": 6379, "name": "gcs-server"},
@@ -278,7 +338,7 @@ def rayjob(
         cpu=cfg.merge.cpu,
         memory=MERGE_WORKER_MEMORY,
         gpu=math.ceil(cfg.merge.gpu),
-        env=_env(),
+        env=_env(cfg),
         replicas=1,
         min_replicas=1,
         max_replicas=1,
@@ -299,7 +359,7 @@ def rayjob(
             "rayClusterSpec": {
                 "rayVersion": ray.__version__,
                 "authOptions": dict(AUTH_OPTIONS),
-                "headGroupSpec": _head_group(cfg, _resources(2, "8Gi"), _env()),
+                "headGroupSpec": _head_group(cfg, _resources(2, "8Gi"), _env(cfg)),
                 "workerGroupSpecs": [worker],
             },
         },
@@ -310,8 +370,8 @@ GENERATED = "# Generated from {source} by `python -m deployments.kube`; do not e
 RAYSERVICE_HEADER = "# serveConfigV2 is the Serve config of that file: editing its live fields and re-applying updates in place.\n"
 RAYJOB_HEADER = (
     "# Merge the adapters the config marks merged into the base weights as a RayJob on a GPU node; each merged\n"
-    "# model is verified and published atomically to the shared volume, where the RayService picks it up.\n"
-    "#   kubectl create -f k8s/rayjob-merge.yaml        (generateName: one job per create)\n"
+    "# model is verified and published atomically to {where}, where the RayService picks it up.\n"
+    "#   kubectl create -f k8s/{folder}rayjob-merge.yaml        (generateName: one job per create)\n"
 )
 
 
@@ -331,7 +391,9 @@ def render_rayservice(cfg: DeploymentConfig, source: str) -> str:
 
 
 def render_rayjob(cfg: DeploymentConfig, source: str) -> str:
-    return GENERATED.format(source=source) + RAYJOB_HEADER + _dump(rayjob(cfg, source))
+    where, folder = ("the bucket", "s3/") if cfg.storage.is_s3 else ("the shared volume", "")
+    header = RAYJOB_HEADER.format(where=where, folder=folder)
+    return GENERATED.format(source=source) + header + _dump(rayjob(cfg, source))
 
 
 def podmonitor(name: str = NAME) -> dict[str, Any]:
@@ -398,12 +460,46 @@ def render_podmonitor(cfg: DeploymentConfig, source: str) -> str:
     return GENERATED.format(source=source) + PODMONITOR_HEADER + _dump(podmonitor())
 
 
+def serviceaccount(name: str = NAME) -> dict[str, Any]:
+    """The S3 variant's ServiceAccount: annotate it with an IAM role (IRSA here; GKE Workload Identity:
+    iam.gke.io/gcp-service-account) instead of creating the Secret moe-s3-credentials."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": SERVICE_ACCOUNT,
+            "labels": {"app.kubernetes.io/name": name},
+            "annotations": dict(IAM_ROLE_ANNOTATION),
+        },
+        "automountServiceAccountToken": False,
+    }
+
+
+SERVICEACCOUNT_HEADER = (
+    "# The pods' identity on S3 storage: either set the IAM role below (and create no Secret), or remove the\n"
+    "# annotation and create the Secret with the object store's keys:\n"
+    f"#   kubectl create secret generic {S3_SECRET} --from-literal=AWS_ACCESS_KEY_ID=... \\\n"
+    "#       --from-literal=AWS_SECRET_ACCESS_KEY=...\n"
+)
+
+
+def render_serviceaccount(cfg: DeploymentConfig, source: str) -> str:
+    return GENERATED.format(source=source) + SERVICEACCOUNT_HEADER + _dump(serviceaccount())
+
+
 FILES: dict[str, Callable[[DeploymentConfig, str], str]] = {
     "rayservice.yaml": render_rayservice,
     "rayjob-merge.yaml": render_rayjob,
     "podmonitor.yaml": render_podmonitor,
     "networkpolicy.yaml": render_networkpolicy,
 }
+#: What the S3 variant adds.
+S3_FILES: dict[str, Callable[[DeploymentConfig, str], str]] = {"serviceaccount.yaml": render_serviceaccount}
+
+
+def files_for(cfg: DeploymentConfig) -> dict[str, Callable[[DeploymentConfig, str], str]]:
+    """The manifests of the config's storage variant."""
+    return FILES | S3_FILES if cfg.storage.is_s3 else dict(FILES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         directory.mkdir(parents=True, exist_ok=True)
     cfg = DeploymentConfig.from_file(args.config)
     rc = 0
-    for filename, render in FILES.items():
+    for filename, render in files_for(cfg).items():
         path = directory / filename
         one = argparse.Namespace(
             config=args.config, out=path if args.out else None, check=path if args.check else None

@@ -96,6 +96,10 @@ class _MergedBase(ModelDeployment[S]):
         )
         self._set_stale(new.stale)
         _retire(old)
+        if old_adapter is not None and old_adapter != new.adapter:  # a slot moved on: the node cache may
+            release = getattr(self.storage, "release", None)  # evict what it served (once unused)
+            if release is not None:
+                release("merged", old_adapter)
         self.metrics.serving(
             new.adapter, new.version, old_version if old_adapter == new.adapter else None, new.seconds
         )

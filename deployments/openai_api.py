@@ -335,7 +335,7 @@ def model_list(policy: RoutingPolicy, settings: GatewaySettings, routed: bool, c
     """The base, every expert the live policy serves (adapters published later appear as the live
     config names them), and the routed model when routing is available."""
     base = settings.base_model_name
-    root = settings.storage_url.rstrip("/")
+    root = settings.storage.url.rstrip("/")
     cards = [ModelCard(id=base, created=created, root=settings.base_model_id)]
     cards += [
         ModelCard(id=name, created=created, root=f"{root}/experts/{name}", parent=base)

@@ -83,7 +83,8 @@ class PromotionController:
     ) -> None:
         self.settings = settings
         self.slots = list(slots)
-        self.storage = storage or Storage(settings.storage.url, settings.storage.cache_dir)
+        self.storage = storage or Storage.from_config(settings.storage)
+        self.storage.check_compare_and_swap()  # the assignments are written with compare-and-swap
         self.merge: MergeFn = merge or (
             lambda cfg, adapter: _ray_merge(cfg, adapter, settings.merge_cpu, settings.merge_gpu)
         )
@@ -428,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stored = read_assignments(Storage(cfg.storage.url, cfg.storage.cache_dir), cfg.promotion.slots)
+    stored = read_assignments(Storage.from_config(cfg.storage), cfg.promotion.slots)
     view: dict[str, Any] | None = None
     try:
         from ray import serve

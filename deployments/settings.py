@@ -158,8 +158,9 @@ class GatewaySettings(StrictModel):
     api: ApiConfig = Field(description="The OpenAI-compatible API: model names, image limits, API keys.")
     base_model_name: str = Field(description="The base model's id in the OpenAI-compatible API.")
     base_model_id: str = Field(description="The base model as the config names it (base_model.id).")
-    storage_url: str = Field(
-        description="Storage root: where /v1/models says each adapter is stored; the promotion assignments."
+    storage: StorageConfig = Field(
+        description="Shared storage: where /v1/models says each adapter is stored; the promotion "
+        "assignments and the merged versions the gateway reads."
     )
     router: AdapterName | None = Field(description="The routing adapter; None: no routed model.")
     promotion_slots: int = Field(ge=0, description="Promotion slots (0: promotion off).")
@@ -181,7 +182,7 @@ class GatewaySettings(StrictModel):
             api=cfg.api,
             base_model_name=cfg.api_base_model_name,
             base_model_id=cfg.base_model.id,
-            storage_url=cfg.storage.url,
+            storage=cfg.storage,
             router=cfg.router.adapter,
             promotion_slots=cfg.promotion.slots,
             report_interval_s=cfg.promotion.report_interval_s,

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DeploymentConfig.from_file(args.config)
     if args.rollback:
         try:
-            v = Storage(cfg.storage.url, cfg.storage.cache_dir).rollback("merged", args.rollback)
+            v = Storage.from_config(cfg.storage).rollback("merged", args.rollback)
         except (StorageError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -131,7 +131,8 @@ def merge_adapter(
     storage: Storage | None = None,
 ) -> MergeResult:
     """Merge ``name`` (from storage, or ``checkpoint``) and publish it unless it is already current."""
-    storage = storage or Storage(cfg.storage.url, cfg.storage.cache_dir)
+    storage = storage or Storage.from_config(cfg.storage)
+    storage.check_compare_and_swap()  # a store where two merges could both win is refused before the work
     safe = cfg.merge.safe_merge if safe_merge is None else safe_merge
     timings: dict[str, float] = {}
     t_all = time.perf_counter()

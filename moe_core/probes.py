@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the probe sets in storage")
     args = p.parse_args(argv)
     cfg = DeploymentConfig.from_file(args.config)
-    storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
+    storage = Storage.from_config(cfg.storage)
     try:
         if args.cmd == "publish":
             probes = read_probe_folder(args.folder)

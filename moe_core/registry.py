@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = DeploymentConfig.from_file(args.config)
-    storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
+    storage = Storage.from_config(cfg.storage)
     try:
         if args.cmd == "deploy":
             res = deploy_adapter(

@@ -14,22 +14,25 @@ A version is written under a fresh name that nothing points to, closed by ``MANI
 every file) written last, re-read and verified, and only then made current by replacing the small
 ``CURRENT`` pointer in one atomic step (``os.replace`` locally, a single-object PUT on object stores).
 A writer killed at any moment therefore leaves the old version current and no version a reader takes.
+
+Pointers and states are written with compare-and-swap (:mod:`moe_core.cas`): a lock file on POSIX roots,
+conditional writes (``If-Match`` on the ETag, ``If-None-Match: *``) on S3, checked by a probe write before
+the first one. Remote versions are fetched into the node-local cache (:mod:`moe_core.node_cache`), shared
+by the replicas on a node and verified against the manifest whenever one is taken.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +41,9 @@ from typing import Any, Literal
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from moe_core.config import validate_adapter_name
+from moe_core.cas import ANY, CasBackend, CasUnsupported, WriteLost, cas_backend, write_local_atomic
+from moe_core.config import StorageConfig, validate_adapter_name
+from moe_core.node_cache import CacheError, Lease, NodeCache
 
 __all__ = [
     "Kind",
@@ -66,8 +71,6 @@ POINTER = "CURRENT"
 #: What new_version_id() writes: "v", a UTC timestamp, "-", a short hash (checked on every read).
 VERSION_RE = re.compile(r"v[0-9A-Za-z][0-9A-Za-z-]{0,80}")
 MANIFEST = "MANIFEST.json"
-#: ``expect`` left out: set the pointer whatever it holds.
-ANY = object()
 STATE_DIR = "state"
 _CHUNK = 1 << 20
 
@@ -108,15 +111,62 @@ def new_version_id(digest: str = "") -> str:
     return f"v{stamp}-{(digest or uuid.uuid4().hex)[:8]}"
 
 
-class Storage:
-    """The storage root named by a local path or an fsspec URL (``s3://bucket/prefix``, ``memory://x``)."""
+def _s3_options(cfg: StorageConfig) -> dict[str, Any]:
+    """s3fs's options: endpoint and region when the config names them (else botocore reads the AWS
+    environment, credentials included), no listing cache (other processes publish), and a connection
+    pool for the parallel ranged downloads."""
+    client = {k: v for k, v in (("endpoint_url", cfg.endpoint_url), ("region_name", cfg.region)) if v}
+    return {
+        "client_kwargs": client,
+        "use_listings_cache": False,
+        "config_kwargs": {"max_pool_connections": max(10, 2 * cfg.download_streams)},
+    }
 
-    def __init__(self, url: str, cache_dir: str | os.PathLike[str] = ".cache/storage") -> None:
+
+#: fsspec options per URL scheme (first match); other schemes get none.
+_FS_OPTIONS: list[tuple[tuple[str, ...], Callable[[StorageConfig], dict[str, Any]]]] = [
+    (("s3://", "s3a://"), _s3_options),
+]
+
+
+class Storage:
+    """The storage root named by a local path or an fsspec URL (``s3://bucket/prefix``, ``memory://x``).
+
+    ``settings`` carries the rest of the config's ``storage`` section (endpoint, region, node cache bound,
+    download streams, ``single_writer``); :meth:`from_config` builds one from it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        cache_dir: str | os.PathLike[str] = ".cache/storage",
+        *,
+        settings: StorageConfig | None = None,
+    ) -> None:
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url)
+        self.settings = settings or StorageConfig(url=url, cache_dir=str(cache_dir))
+        options = next((f(self.settings) for schemes, f in _FS_OPTIONS if url.startswith(schemes)), {})
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **options)
+        except ImportError as e:  # s3fs missing: name the extra that brings it
+            raise StorageError(f"storage {url}: {e}; install the extra: pip install '.[s3]'") from e
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = str(Path(root).resolve()) if self.local else root.rstrip("/")
         self.cache_dir = Path(cache_dir)
+        self.node_cache = NodeCache(
+            self.cache_dir,
+            max_bytes=self.settings.cache_max_bytes,
+            streams=self.settings.download_streams,
+            part_bytes=self.settings.download_part_mb << 20,
+        )
+        self._cas_backend: CasBackend | None = None
+        self._leases: dict[tuple[Kind, str], Lease] = {}
+        self._leases_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: StorageConfig) -> Storage:
+        """The storage a config's ``storage`` section names."""
+        return cls(cfg.url, cfg.cache_dir, settings=cfg)
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
@@ -156,11 +206,19 @@ class Storage:
     def current_version(self, kind: Kind, name: str) -> str | None:
         path = f"{self.slot(kind, name)}/{POINTER}"
         try:
-            data = json.loads(self.fs.cat_file(path))
+            raw = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
         except OSError as e:  # permissions, I/O, the network: the storage, not the name
             raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
+        return self._pointer_version(path, raw)
+
+    @staticmethod
+    def _pointer_version(path: str, raw: bytes | None) -> str | None:
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
         except ValueError as e:  # not JSON, or not UTF-8
             raise StorageError(f"{path}: pointer is not JSON ({e})") from e
         version = data.get("version") if isinstance(data, dict) else None
@@ -198,8 +256,9 @@ class Storage:
     def fetch(self, kind: Kind, name: str, version: str | None = None) -> tuple[Path, str]:
         """A local folder holding ``version`` (default: current) and the version's name.
 
-        Local roots are read in place; remote ones are downloaded once into the cache, verified
-        against the manifest, and moved into place atomically.
+        Local roots are read in place; remote ones are taken from the node cache (downloaded once per node,
+        verified against the manifest whenever taken) and leased to this process until it fetches
+        another version of ``name``, calls :meth:`release` or exits: a version in use is never evicted.
         """
         version = version or self._require_current(kind, name)
         remote = f"{self.slot(kind, name)}/{version}"
@@ -211,21 +270,36 @@ class Storage:
                 raise StorageError(f"{kind} {name!r} version {version}: no readable manifest ({e})") from e
             _verify(folder, manifest)
             return folder, version
-        target = self.cache_dir / _KIND_DIRS[kind] / name / version
-        if (target / MANIFEST).exists():
-            return target, version
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
+        manifest = self._remote_manifest(kind, name, version)
         try:
-            self.fs.get(remote + "/", str(tmp), recursive=True)
-            _verify(tmp, json.loads((tmp / MANIFEST).read_text()))
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / MANIFEST).exists():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target, version
+            lease = self.node_cache.get(self.fs, remote, manifest)
+        except CacheError as e:
+            raise StorageError(f"{kind} {name!r} version {version}: {e}") from e
+        with self._leases_lock:  # this process now uses this version of the name, not the one before
+            old, self._leases[(kind, name)] = self._leases.get((kind, name)), lease
+        if old is not None:
+            old.release()
+        self.node_cache.evict()  # beyond the bound: versions no process on the node uses, oldest first
+        return lease.path, version
+
+    def release(self, kind: Kind, name: str) -> None:
+        """This process no longer uses the version of ``name`` it fetched: the node cache may evict it
+        (a process's versions are also released when it exits, or when it fetches a newer one)."""
+        with self._leases_lock:
+            lease = self._leases.pop((kind, name), None)
+        if lease is not None:
+            lease.release()
+
+    def _remote_manifest(self, kind: Kind, name: str, version: str) -> dict[str, Any]:
+        path = f"{self.slot(kind, name)}/{version}/{MANIFEST}"
+        try:
+            return dict(json.loads(self.fs.cat_file(path)))
+        except FileNotFoundError as e:
+            raise StorageError(f"{kind} {name!r} version {version}: no manifest at {path}") from e
+        except OSError as e:
+            raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
+        except (ValueError, TypeError) as e:
+            raise StorageError(f"{path}: manifest is not a JSON object ({e})") from e
 
     def _require_current(self, kind: Kind, name: str) -> str:
         v = self.current_version(kind, name)
@@ -256,6 +330,8 @@ class Storage:
         slot = self.slot(kind, name)
         manifest = {"version": version, "files": hashes, "created_at": _now()}
         t0 = time.perf_counter()
+        if make_current:  # a store that cannot swap the pointer safely is refused before the upload
+            self.check_compare_and_swap()
         self._gc_partial(slot)
         staging = f"{slot}/.tmp-{uuid.uuid4().hex}" if self.local else f"{slot}/{version}"
         self._copy_in(src, files, staging, progress)
@@ -281,43 +357,59 @@ class Storage:
 
         With ``expect`` (a version, or None for "nothing published yet") it is a compare-and-swap: the
         pointer moves only if it still names ``expect``, so a writer that started from an older state
-        (a merge that began before a newer one finished) cannot win by finishing last. Writers on one
-        machine or a shared POSIX volume are serialised by a lock file; on object stores the compare
-        is a read before the single PUT (use one writer per name there, as the merge jobs do).
+        (a merge that began before a newer one finished) cannot win by finishing last. Of two writers
+        that read the same pointer exactly one wins: on POSIX roots a lock file serialises them, on S3
+        the PUT is conditional on the ETag that was read (see :mod:`moe_core.cas`).
         """
         if version not in self.versions(kind, name):
             raise StorageError(f"{kind} {name!r} has no complete version {version!r}")
-        data = json.dumps({"version": version, "updated_at": _now()}).encode()
-        with self._writer_lock(kind, name):
+        path = f"{self.slot(kind, name)}/{POINTER}"
+        data = json.dumps({"version": version, "updated_at": _now(), "writer": uuid.uuid4().hex}).encode()
+        backend = self._cas()
+        lost = StorageError(
+            f"{kind} {name!r}: the current version changed while {version} was being made current, "
+            f"not by this writer; {version} is not made current (a newer write won)"
+        )
+        with backend.guard(f"{self.slot(kind, name)}/.lock"):
+            raw, token = self._read_pointer(backend, path)
             if expect is not ANY:
-                now = self.current_version(kind, name)
+                now = self._pointer_version(path, raw)
                 if now != expect:
                     raise StorageError(
                         f"{kind} {name!r}: current version is {now}, not {expect} as this writer expected; "
                         f"{version} is not made current (a newer write won)"
                     )
-            self._write_bytes(f"{self.slot(kind, name)}/{POINTER}", data)
+            try:
+                backend.write(path, data, token if expect is not ANY else ANY)
+            except WriteLost as e:
+                raise lost from e
         logger.info("%s %s: current version is now %s", kind, name, version)
 
-    @contextlib.contextmanager
-    def _writer_lock(self, kind: Kind, name: str) -> Iterator[None]:
-        with self._lock_file(f"{self.slot(kind, name)}/.lock"):
-            yield
+    def _read_pointer(self, backend: CasBackend, path: str) -> tuple[bytes | None, str | None]:
+        try:
+            return backend.read(path)
+        except OSError as e:
+            raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
 
-    @contextlib.contextmanager
-    def _lock_file(self, path: str) -> Iterator[None]:
-        """Serialise writers on one machine or a shared POSIX volume; object stores have no lock."""
-        if not self.local:
-            yield
-            return
-        lock = Path(path)
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+    def check_compare_and_swap(self) -> None:
+        """Refuse (:class:`StorageError`) a store on which two writers of a pointer or a state could both
+        win: one without conditional writes (a probe write finds out), unless ``single_writer`` is set.
+        Writers call it when they start; the first pointer or state write calls it too."""
+        self._cas()
+
+    def _cas(self) -> CasBackend:
+        if self._cas_backend is None:
             try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                backend = cas_backend(self.fs, single_writer=self.settings.single_writer)
+                backend.probe(self.root)
+            except CasUnsupported as e:
+                raise StorageError(str(e)) from e
+            if self.settings.single_writer and not self.local:
+                logger.warning(
+                    "storage %s: single_writer: pointers and state are written unconditionally", self.url
+                )
+            self._cas_backend = backend
+        return self._cas_backend
 
     # ------------------------------------------------------------------ state
     def state_path(self, name: str) -> str:
@@ -334,6 +426,12 @@ class Storage:
             return {}, 0
         except OSError as e:  # permissions, I/O, the network: the storage, not the state
             raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
+        return self._parse_state(path, raw)
+
+    @staticmethod
+    def _parse_state(path: str, raw: bytes | None) -> tuple[dict[str, Any], int]:
+        if raw is None:
+            return {}, 0
         try:
             doc = json.loads(raw)
         except ValueError as e:
@@ -350,23 +448,32 @@ class Storage:
         """Replace the state ``name`` if its revision is still ``expect`` (0: nothing written yet); return
         the new revision, or raise :class:`StateConflict` when another writer got there first.
 
-        As for :meth:`set_current`: writers on one machine or a shared POSIX volume are serialised by a
-        lock file, so of two writers that read the same revision exactly one wins; on object stores the
-        compare is a read before the single PUT (keep one writer per state there, such as one controller).
+        Of two writers that read the same revision exactly one wins: on POSIX roots a lock file
+        serialises read, compare and replace; on S3 the PUT is conditional on the ETag of the bytes
+        compared (``If-None-Match: *`` for the first write), so the store refuses the second writer.
         """
         if not isinstance(data, dict):
             raise TypeError(f"state {name!r}: expected a dict, got {type(data).__name__}")
         path = self.state_path(name)
-        with self._lock_file(f"{self.root}/{STATE_DIR}/.{name}.lock"):
-            _, now = self.read_state(name)
+        backend = self._cas()
+
+        def conflict(now: int | str) -> StateConflict:
+            return StateConflict(
+                f"state {name!r} is at revision {now}, not {expect} as this writer expected: it was "
+                "changed since it was read; read it again and retry"
+            )
+
+        with backend.guard(f"{self.root}/{STATE_DIR}/.{name}.lock"):
+            raw, token = self._read_pointer(backend, path)
+            _, now = self._parse_state(path, raw)
             if now != expect:
-                raise StateConflict(
-                    f"state {name!r} is at revision {now}, not {expect} as this writer expected: it was "
-                    "changed since it was read; read it again and retry"
-                )
+                raise conflict(now)
             revision = expect + 1
-            body = json.dumps({"revision": revision, "data": data}, indent=2, sort_keys=True).encode()
-            self._write_bytes(path, body)
+            doc = {"revision": revision, "data": data, "writer": uuid.uuid4().hex}
+            try:
+                backend.write(path, json.dumps(doc, indent=2, sort_keys=True).encode(), token)
+            except WriteLost as e:
+                raise conflict(f"> {expect}") from e
         logger.info("state %s: wrote revision %d", name, revision)
         return revision
 
@@ -422,24 +529,31 @@ class Storage:
     def _write_bytes(self, path: str, data: bytes) -> None:
         """Replace one small file atomically."""
         if self.local:
-            d = Path(path).parent
-            d.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_local_atomic(path, data)
         else:  # one PUT: object stores replace an object atomically
             self.fs.pipe_file(path, data)
 
     def _gc_partial(self, slot: str, older_than_s: float = 3600.0) -> None:
-        """Remove leftovers of killed writers (local staging folders) after an hour."""
-        if not self.local or not os.path.isdir(slot):
+        """Remove leftovers of killed writers after an hour: local staging folders, and on object stores
+        version folders that never got their manifest (a version id says when it was started)."""
+        if not self.local:
+            try:
+                entries = self.fs.ls(slot, detail=False) if self.fs.exists(slot) else []
+            except OSError:
+                return
+            for p in entries:
+                v = str(p).rstrip("/").rsplit("/", 1)[-1]
+                if (
+                    VERSION_RE.fullmatch(v)
+                    and _age_s(v) > older_than_s
+                    and not self.fs.exists(f"{slot}/{v}/{MANIFEST}")
+                ):
+                    self.fs.rm(f"{slot}/{v}", recursive=True)
+                    logger.info(
+                        "%s: removed version %s that a killed writer left without a manifest", slot, v
+                    )
+            return
+        if not os.path.isdir(slot):
             return
         now = time.time()
         for p in Path(slot).iterdir():

@@ -170,7 +170,7 @@ def build_demo(
     out = say or print
     t_all = time.perf_counter()
     p = plan(cfg, steps_scale, heldout_per_kind, attempts)
-    storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
+    storage = Storage.from_config(cfg.storage)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     torch.use_deterministic_algorithms(True, warn_only=True)
     t0 = time.perf_counter()
@@ -344,7 +344,7 @@ def evaluate_demo(
 ) -> list[dict[str, object]]:
     """Re-measure routing and expert accuracy from what is deployed in storage."""
     p = plan(cfg, heldout_per_kind=heldout_per_kind)
-    storage = Storage(cfg.storage.url, cfg.storage.cache_dir)
+    storage = Storage.from_config(cfg.storage)
     engine = Engine.load(cfg.engine_settings, name="demo-eval")
     rows: list[dict[str, object]] = []
     if p.router and storage.current_version("router", p.router):

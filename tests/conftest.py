@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from moe_core.config import DeploymentConfig
+from moe_core.config import DeploymentConfig, StorageConfig
 from tests.helpers import make_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +68,11 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     port, dash, metrics = _free_port(), _free_port(), _free_port()
     temp = tmp_path_factory.mktemp("ray")
     bin_dir = str(Path(sys.executable).parent)  # job entrypoints run `python` from this venv
+    from tests.s3_server import TEST_ENV
+
     env = dict(
         os.environ,
+        **TEST_ENV,  # the loopback S3 endpoint's test credentials (tests/s3_server.py), for jobs and replicas
         RAY_metrics_report_interval_ms="1000",  # metrics reach the export port within seconds
         RAY_AUTH_MODE="disabled",
         RAY_USAGE_STATS_ENABLED="0",
@@ -132,3 +135,27 @@ def demo_cfg(tiny_path: Path) -> DeploymentConfig:
     for a in cfg.merged_enabled:
         merge_adapter(cfg, a.name)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real S3 endpoint on loopback for the session: moto's standalone server (tests/s3_server.py),
+    with the test credentials in this process's AWS environment (moto accepts any; never real ones)."""
+    from tests.s3_server import TEST_ENV, moto_server
+
+    os.environ.update(TEST_ENV)
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as url:
+        yield url
+
+
+@pytest.fixture
+def s3_settings(s3_endpoint: str, tmp_path: Path) -> StorageConfig:
+    """The storage section of a config on a fresh bucket of the loopback S3 endpoint."""
+    from tests.s3_server import make_bucket
+
+    return StorageConfig(
+        url=f"s3://{make_bucket(s3_endpoint)}/root",
+        endpoint_url=s3_endpoint,
+        cache_dir=str(tmp_path / "node-cache"),
+        keep_versions=2,
+    )

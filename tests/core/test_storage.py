@@ -20,10 +20,17 @@ def _folder(root: Path, tag: str, n: int = 3, size: int = 1000) -> Path:
     return root
 
 
-@pytest.mark.parametrize("url_kind", ["local", "memory"])
-def test_publish_fetch_rollback_prune(tmp_path: Path, url_kind: str) -> None:
+def _store(request: pytest.FixtureRequest, tmp_path: Path, url_kind: str) -> Storage:
+    """A storage root of each kind: a local folder, memory://, and a bucket on the loopback S3 endpoint."""
+    if url_kind == "s3":
+        return Storage.from_config(request.getfixturevalue("s3_settings"))
     url = str(tmp_path / "s") if url_kind == "local" else f"memory://moe-test-{time.time_ns()}"
-    st = Storage(url, cache_dir=tmp_path / "cache")
+    return Storage(url, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("url_kind", ["local", "memory", "s3"])
+def test_publish_fetch_rollback_prune(request: pytest.FixtureRequest, tmp_path: Path, url_kind: str) -> None:
+    st = _store(request, tmp_path, url_kind)
     assert st.current_version("merged", "cal") is None
     v1 = st.publish("merged", "cal", _folder(tmp_path / "a", "one"))
     v2 = st.publish("merged", "cal", _folder(tmp_path / "b", "two"))
@@ -41,6 +48,21 @@ def test_publish_fetch_rollback_prune(tmp_path: Path, url_kind: str) -> None:
     assert st.names("merged") == ["cal"]
     with pytest.raises(StorageError, match="no complete version"):
         st.set_current("merged", "cal", "v-nope")
+    st.check_reachable()
+
+
+@pytest.mark.parametrize("url_kind", ["memory", "s3"])
+def test_a_changed_byte_in_a_remote_version_is_refused_on_fetch(
+    request: pytest.FixtureRequest, tmp_path: Path, url_kind: str
+) -> None:
+    """Manifests are verified on fetch from a remote root: a version whose bytes changed after it was
+    published is never handed to a replica."""
+    st = _store(request, tmp_path, url_kind)
+    v = st.publish("merged", "cal", _folder(tmp_path / "a", "one"))
+    st.fs.pipe_file(f"{st.slot('merged', 'cal')}/{v}/f1.bin.part", b"tampered")
+    with pytest.raises(StorageError, match="does not match manifest"):
+        st.fetch("merged", "cal")
+    assert not any((st.cache_dir / "versions").glob("*"))  # nothing half-fetched is left to take
 
 
 def test_slot_refuses_path_traversal(tmp_path: Path) -> None:

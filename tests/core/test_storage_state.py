@@ -12,14 +12,18 @@ import pytest
 from moe_core.storage import StateConflict, Storage, StorageError
 
 
-def _store(tmp_path: Path, url_kind: str) -> Storage:
+def _store(request: pytest.FixtureRequest, tmp_path: Path, url_kind: str) -> Storage:
+    if url_kind == "s3":  # a bucket on the loopback S3 endpoint (moto's server)
+        return Storage.from_config(request.getfixturevalue("s3_settings"))
     url = str(tmp_path / "s") if url_kind == "local" else f"memory://moe-state-{time.time_ns()}"
     return Storage(url, cache_dir=tmp_path / "cache")
 
 
-@pytest.mark.parametrize("url_kind", ["local", "memory"])
-def test_read_write_and_compare_and_swap(tmp_path: Path, url_kind: str) -> None:
-    st = _store(tmp_path, url_kind)
+@pytest.mark.parametrize("url_kind", ["local", "memory", "s3"])
+def test_read_write_and_compare_and_swap(
+    request: pytest.FixtureRequest, tmp_path: Path, url_kind: str
+) -> None:
+    st = _store(request, tmp_path, url_kind)
     assert st.read_state("promotion") == ({}, 0)
     assert st.write_state("promotion", {"slots": [None]}, expect=0) == 1
     assert st.write_state("promotion", {"slots": ["calendar"]}, expect=1) == 2
@@ -31,15 +35,19 @@ def test_read_write_and_compare_and_swap(tmp_path: Path, url_kind: str) -> None:
     assert st.read_state("promotion") == ({"slots": ["calendar"]}, 2)  # the losers changed nothing
     assert st.read_state("other") == ({}, 0)  # states are independent
     raw = json.loads(st.fs.cat_file(st.state_path("promotion")))
-    assert raw == {"revision": 2, "data": {"slots": ["calendar"]}}
+    # each write names its writer (a retried request that won is told from a lost race by it)
+    assert raw == {"revision": 2, "data": {"slots": ["calendar"]}, "writer": raw["writer"]}
+    assert len(raw["writer"]) == 32
     assert st.state_path("promotion") == f"{st.root}/state/promotion.json"
 
 
-@pytest.mark.parametrize("url_kind", ["local", "memory"])
-def test_writers_that_read_the_same_revision_one_wins(tmp_path: Path, url_kind: str) -> None:
-    st = _store(tmp_path, url_kind)
+@pytest.mark.parametrize("url_kind", ["local", "memory", "s3"])
+def test_writers_that_read_the_same_revision_one_wins(
+    request: pytest.FixtureRequest, tmp_path: Path, url_kind: str
+) -> None:
+    st = _store(request, tmp_path, url_kind)
     st.write_state("promotion", {"by": "setup"}, expect=0)
-    other = Storage(st.url, cache_dir=tmp_path / "cache2")  # a second process's view
+    other = Storage(st.url, cache_dir=tmp_path / "cache2", settings=st.settings)  # a second process's view
     _, rev_a = st.read_state("promotion")
     _, rev_b = other.read_state("promotion")
     assert st.write_state("promotion", {"by": "a"}, expect=rev_a) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,10 @@ import pytest
 
 from deployments.gateway import Gateway, ServiceUnavailable
 from deployments.promotion import PromotionController
+from deployments.promotion_policy import Assignment, Assignments
 from deployments.settings import GatewaySettings, PromotionSettings, SlotSettings
 from deployments.slots import ASSIGNMENTS, MergedSlot, read_assignments
-from moe_core.config import DeploymentConfig, LiveSettings
+from moe_core.config import DeploymentConfig, LiveSettings, StorageConfig
 from moe_core.engine import ClassifyResult
 from moe_core.storage import Storage, StorageUnavailable
 from tests.deployments.test_deployments_unit import (
@@ -183,7 +185,7 @@ def test_the_gateway_sends_promoted_adapters_to_their_slot_and_falls_back_once(t
                 reports.append(counts)
 
         g = Gateway(
-            GatewaySettings.of(CFG).model_copy(update={"storage_url": st.url}),
+            GatewaySettings.of(CFG).model_copy(update={"storage": StorageConfig(url=st.url)}),
             FakeHandle(d),
             {"calendar": FakeHandle(fail=True)},
             [FakeHandle(slot)],
@@ -290,6 +292,9 @@ def test_routed_answers_count_and_promoted_adapters_fall_back_even_when_pinned_o
 ) -> None:
     st = _store(tmp_path)
     _publish(st, tmp_path, "router", "router", "v1")
+    # the assignment the gateway's own report loop reads (else it may unroute the slot mid-test)
+    ready = Assignment(0, "login-window", "ready", time.time(), "test")
+    st.write_state(ASSIGNMENTS, Assignments(slots=(ready,), revision=0).to_json(), expect=0)
 
     async def scenario() -> None:
         d, engine = _dynamic(st)
@@ -302,7 +307,9 @@ def test_routed_answers_count_and_promoted_adapters_fall_back_even_when_pinned_o
 
         dead_slot = FakeHandle(fail=True)
         g = Gateway(
-            GatewaySettings.of(CFG).model_copy(update={"storage_url": st.url, "report_interval_s": 0.2}),
+            GatewaySettings.of(CFG).model_copy(
+                update={"storage": StorageConfig(url=st.url), "report_interval_s": 0.2}
+            ),
             FakeHandle(d),
             {"calendar": FakeHandle(fail=True)},
             [dead_slot],

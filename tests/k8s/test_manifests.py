@@ -23,6 +23,9 @@ from moe_core.config import DeploymentConfig
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 K8S_CONFIG = "config/deployment.k8s.yaml"
+#: The S3 variant: storage on an object store, the node cache, credentials from a Secret or an IAM role.
+K8S_S3 = K8S / "s3"
+K8S_S3_CONFIG = "config/deployment.k8s-s3.yaml"
 CRDS = Path(__file__).parent / "crds"
 KINDS = {
     "RayService": "rayservices",
@@ -76,16 +79,19 @@ def validate_builtin(doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, "1.30", strict=True)
 
 
-def _docs() -> list[tuple[str, dict[str, Any]]]:
+def _docs(folder: Path = K8S) -> list[tuple[str, dict[str, Any]]]:
     out = []
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         out += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
     return out
 
 
-@pytest.mark.parametrize(("name", "doc"), _docs(), ids=[f"{n}:{d['kind']}" for n, d in _docs()])
+ALL_DOCS = _docs() + [(f"s3/{n}", d) for n, d in _docs(K8S_S3)]
+
+
+@pytest.mark.parametrize(("name", "doc"), ALL_DOCS, ids=[f"{n}:{d['kind']}" for n, d in ALL_DOCS])
 def test_every_manifest_validates(name: str, doc: dict[str, Any]) -> None:
     if doc["kind"] in KINDS:
         validate_custom(doc)
@@ -93,10 +99,11 @@ def test_every_manifest_validates(name: str, doc: dict[str, Any]) -> None:
         validate_builtin(doc)
 
 
-def test_kustomization_lists_existing_files() -> None:
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+@pytest.mark.parametrize("folder", [K8S, K8S_S3], ids=["rwx", "s3"])
+def test_kustomization_lists_existing_files(folder: Path) -> None:
+    kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
     for r in kust["resources"]:
-        assert (K8S / r).exists(), r
+        assert (folder / r).exists(), r
 
 
 def _cfg() -> DeploymentConfig:
@@ -304,9 +311,10 @@ def test_committed_manifest_is_the_generators_output(filename: str) -> None:
     "cmd",
     [
         ["deployments.kube", "--config", K8S_CONFIG, "--check", "k8s/"],
+        ["deployments.kube", "--config", K8S_S3_CONFIG, "--check", "k8s/s3/"],
         ["deployments.serve_config", "--config", "config/deployment.yaml", "--check", "config/serve.yaml"],
     ],
-    ids=["kube", "serve_config"],
+    ids=["kube", "kube-s3", "serve_config"],
 )
 def test_generated_files_are_current(cmd: list[str]) -> None:
     r = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, capture_output=True, text=True)
@@ -399,3 +407,66 @@ def test_api_keys_come_from_a_secret_on_every_rayservice_pod() -> None:
     assert env["MOE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == kube.API_KEY_SECRET
     local = DeploymentConfig.from_file(ROOT / "config" / "deployment.yaml")
     assert not local.api.keys_required  # off on the embedded default
+
+
+# ------------------------------------------------------------------------------------------- S3 variant
+def _s3_cfg() -> DeploymentConfig:
+    return DeploymentConfig.from_file(ROOT / K8S_S3_CONFIG)
+
+
+def test_s3_config_differs_from_the_volume_config_in_storage_only() -> None:
+    rwx, s3 = _cfg().model_dump(), _s3_cfg().model_dump()
+    assert [k for k in rwx if rwx[k] != s3[k]] == ["storage"]
+    assert s3["storage"]["url"].startswith("s3://") and s3["storage"]["cache_dir"].startswith("/mnt/")
+
+
+@pytest.mark.parametrize("filename", sorted(kube.files_for(_s3_cfg())))
+def test_committed_s3_manifest_is_the_generators_output(filename: str) -> None:
+    assert (K8S_S3 / filename).read_text() == kube.files_for(_s3_cfg())[filename](_s3_cfg(), K8S_S3_CONFIG), (
+        f"k8s/s3/{filename} drifted: python -m deployments.kube --config {K8S_S3_CONFIG} --out k8s/s3/"
+    )
+
+
+def test_s3_variant_reads_the_bucket_through_the_node_cache_with_credentials_from_a_secret_or_a_role() -> (
+    None
+):
+    """No shared volume: every pod of the RayService and the merge job mounts the node cache (hostPath) at
+    storage.cache_dir, runs as the ServiceAccount (an IAM role annotation) and may take the keys from the
+    Secret; no key value is in the repository."""
+    docs = dict(_docs(K8S_S3))
+    cfg = _s3_cfg()
+    svc = docs["rayservice.yaml"]["spec"]["rayClusterConfig"]
+    job = docs["rayjob-merge.yaml"]["spec"]["rayClusterSpec"]
+    pods, containers = _pods(svc) + _pods(job), _containers(svc) + _containers(job)
+    assert len(pods) == 4
+    for pod in pods:
+        assert (
+            pod["serviceAccountName"] == kube.SERVICE_ACCOUNT and pod["automountServiceAccountToken"] is False
+        )
+        assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        (cache,) = [v for v in pod["volumes"] if v["name"] == "node-cache"]
+        assert cache["hostPath"] == {"path": kube.NODE_CACHE_HOST_PATH, "type": "Directory"}
+    for c in containers:
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == "node-cache"]
+        assert mount["mountPath"] == cfg.storage.cache_dir
+        env = {e["name"]: e for e in c["env"]}
+        for key in kube.S3_SECRET_KEYS:
+            assert env[key] == {
+                "name": key,
+                "valueFrom": {"secretKeyRef": {"name": kube.S3_SECRET, "key": key, "optional": True}},
+            }
+        assert env["HF_HOME"]["value"].startswith(cfg.storage.cache_dir)
+    account = docs["serviceaccount.yaml"]
+    assert account["metadata"]["name"] == kube.SERVICE_ACCOUNT
+    assert set(account["metadata"]["annotations"]) == {"eks.amazonaws.com/role-arn"}
+    serve_cfg = yaml.safe_load(docs["rayservice.yaml"]["spec"]["serveConfigV2"])
+    storage = serve_cfg["applications"][0]["args"]["config"]["storage"]
+    assert storage["url"] == cfg.storage.url and storage["cache_dir"] == cfg.storage.cache_dir
+    literal = [
+        e["name"] for c in containers for e in c["env"] if e["name"].startswith("AWS_") and "value" in e
+    ]
+    assert not literal, f"object-store settings with literal values in the manifests: {literal}"
+    assert all(d["kind"] != "Secret" for d in docs.values())
+    assert "rayjob-merge.yaml" not in yaml.safe_load((K8S_S3 / "kustomization.yaml").read_text())["resources"]
+    rwx_pods = _pods(_rayservice()["spec"]["rayClusterConfig"])
+    assert all("serviceAccountName" not in p for p in rwx_pods)  # the volume variant is as it was

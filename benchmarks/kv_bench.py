@@ -99,8 +99,15 @@ def _settings(cfg: DeploymentConfig, **kv: Any) -> EngineSettings:
     return s.model_copy(update={"kv": s.kv.model_copy(update=kv), "max_prompt_tokens": 100_000})
 
 
-def _text(n_tokens: int, i: int) -> str:
-    return " ".join(f"w{(i * 7 + k) % 50}" for k in range(n_tokens // 2))
+def _text(n_words: int, i: int) -> str:
+    return " ".join(f"w{(i * 7 + k) % 50}" for k in range(n_words))
+
+
+def _prompt(engine: Engine, n_tokens: int, i: int) -> GenerationRequest:
+    """A text-only request whose prompt is about ``n_tokens`` tokens, chat template included."""
+    empty = len(engine.prompts.build(GenerationRequest(None, "", None)))
+    per_word = (len(engine.prompts.build(GenerationRequest(None, _text(100, i), None))) - empty) / 100
+    return GenerationRequest(None, _text(max(1, round((n_tokens - empty) / per_word)), i), None)
 
 
 # -------------------------------------------------------------------------------- join and decode
@@ -114,14 +121,14 @@ def _join_and_decode(
     engine = Engine.load(_settings(cfg, prefix_caching=False), name="kv-join", kv_cache_bytes=256 * 2**20)
     lay = engine.kv.layout
     per_token = lay.bytes_per_token
-    joiner = GenerationRequest(None, _text(48, 99), None)
+    joiner = _prompt(engine, 64, 99)
     for rows, context in sizes:
         tag = f"{rows}x{context}"
         sched = Scheduler(engine, max_running=rows + 1, name=f"join-{tag}")
         sinks: list[Any] = []
         for i in range(rows):
             sched.enqueue(
-                GenerationRequest(None, _text(context, i), None),
+                _prompt(engine, context, i),
                 SamplingParams(max_tokens=10_000, min_tokens=10_000),
                 sinks.append,
                 limit=False,
@@ -283,7 +290,7 @@ def _peer(cfg: DeploymentConfig, n: int, new_tokens: int, samples: Samples, figu
     from transformers import GenerationConfig
 
     engine = Engine.load(_settings(cfg, prefix_caching=False), name="peer")
-    reqs = [GenerationRequest(None, _text(24, i), None) for i in range(n)]
+    reqs = [_prompt(engine, 48, i) for i in range(n)]
     ids = [list(engine.prompts.build(r).ids) for r in reqs]
     params = [SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens)] * n
     tok = engine.processor.tokenizer

@@ -64,22 +64,21 @@ class PagedStep:
         self.write_slots = write_slots  # [tokens]
         self.decode_rows = len(decode_tables)
         self.segments = list(segments)
-        self.decode_index: torch.Tensor | None = None
-        self.decode_mask: torch.Tensor | None = None
+        self.decode_index: torch.Tensor | None = None  # [rows * longest] slots, padding on the null page
+        self.decode_mask: torch.Tensor | None = None  # [rows, 1, 1, longest]
+        self.longest = 0
         device = kv.layout.device
         p = kv.layout.page_tokens
         if decode_tables:
-            longest = max(decode_lengths)
+            self.longest = longest = max(decode_lengths)
             width = -(-longest // p)
-            table = torch.zeros(len(decode_tables), width, dtype=torch.long)
-            for i, pages in enumerate(decode_tables):
-                table[i, : len(pages[:width])] = torch.tensor(pages[:width], dtype=torch.long)
+            table = torch.tensor([list(t[:width]) + [0] * (width - len(t[:width])) for t in decode_tables])
             j = torch.arange(longest)
             valid = j[None, :] < torch.tensor(list(decode_lengths))[:, None]  # [rows, longest]
-            index = (table[:, j // p] * p + j % p).masked_fill(~valid, 0)  # padding: the null page
-            self.decode_index = index.to(device)
+            index = (table[:, j // p] * p + j % p).masked_fill_(~valid, 0)
+            self.decode_index = index.view(-1).to(device)
             self.decode_mask = valid[:, None, None, :].to(device)
-        self.masks = [
+        self.masks = [  # a chunk after cached tokens: causal, shifted by what is cached; else plain causal
             None
             if s.context == 0
             else (torch.arange(s.context + s.length)[None, :] <= s.context + torch.arange(s.length)[:, None])
@@ -105,17 +104,18 @@ class PagedStep:
         n = self.decode_rows
         if n:
             assert self.decode_index is not None
+            heads, dim = keys.shape[1], keys.shape[2]
             q = query[0, :, :n].transpose(0, 1).unsqueeze(2)  # [rows, heads, 1, head_dim]
-            k = keys[self.decode_index].transpose(1, 2)  # [rows, kv_heads, longest, head_dim]
-            v = values[self.decode_index].transpose(1, 2)
+            k = keys.index_select(0, self.decode_index).view(n, self.longest, heads, dim).transpose(1, 2)
+            v = values.index_select(0, self.decode_index).view(n, self.longest, heads, dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=self.decode_mask, scale=scaling, enable_gqa=True
             )
             outs.append(o[:, :, 0])  # [rows, heads, head_dim]
         for s, mask in zip(self.segments, self.masks, strict=True):
             q = query[:, :, s.start : s.start + s.length]  # [1, heads, length, head_dim]
-            k = keys[s.slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, context + length, head_dim]
-            v = values[s.slots].transpose(0, 1).unsqueeze(0)
+            k = keys.index_select(0, s.slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx + len, dim]
+            v = values.index_select(0, s.slots).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True
             )

@@ -97,7 +97,12 @@ class Engine:
         self.pages = PageAllocator(self.kv.pages, prefix_caching=kv.prefix_caching)
         self.features = FeatureCache(kv.vision_cache_images)
         self.runner = ModelRunner(
-            self.model, self.kv, self.features, self.adapter_context, lambda: self.slots
+            self.model,
+            self.kv,
+            self.features,
+            self.adapter_context,
+            lambda: self.slots,
+            self.prompts.make_pixels,
         )
         logger.info(
             "%s: KV cache of %d pages x %d tokens (%.1f MiB, %d bytes/token)",

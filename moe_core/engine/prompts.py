@@ -19,7 +19,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,15 +40,19 @@ TEMPLATE_CACHE_SIZE = 64
 RopeIndex = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PromptImage:
-    """One image of a prompt: its patches, its grid, where its tokens sit, and what it shows."""
+    """One image of a prompt: what it shows, its grid, and where its tokens sit. Its patches are made
+    only when its features are needed (:meth:`PromptBuilder.pixels`): an image the feature cache or the
+    prefix cache already covers (an agent's earlier screenshots) is never resized or patched again."""
 
-    key: str  # content identity: a hash of the pixels as the model sees them (and their size)
-    pixel_values: torch.Tensor  # [patches, patch_dim], on the CPU
+    key: str  # content identity: a hash of the pixels as sent, their size and the pixel bounds
+    source: Image.Image  # as sent
+    bounds: PixelBounds
     grid_thw: tuple[int, int, int]
     start: int  # index of its first image token in the prompt
     tokens: int  # its image tokens (patches / merge^2)
+    patches: list[torch.Tensor] = field(default_factory=list, repr=False)  # [patches, patch_dim], once made
 
 
 @dataclass(frozen=True)
@@ -188,55 +192,74 @@ class PromptBuilder:
     def build(self, request: GenerationRequest) -> Prompt:
         """The request's prompt for the paged engine. Raises ``UnicodeEncodeError`` for invalid text.
 
-        The processor's own steps, for one row: the template rendered with one ``<|image_pad|>`` per
-        image, tokenized once; each text placeholder replaced by its text's ids, each image placeholder
-        expanded to ``t*h*w / merge**2`` image tokens (its grid from the image processor)."""
+        The processor's own steps, for one row, without touching pixels: the template rendered with one
+        ``<|image_pad|>`` per image, tokenized once; each text placeholder replaced by its text's ids;
+        each image placeholder expanded to its image tokens, its grid planned from its size alone
+        (:func:`moe_core.vision.plan`, what the resize will give). Patches come later, if needed."""
         if self.rope_index is None:
             raise EngineError("this prompt builder has no position function (build needs the model's)")
-        ready = [self.prepare_image(im, request.bounds) for im in request.images]  # resizing needs no lock
+        bounds = request.bounds or self.bounds
+        sources = request.images
         messages, parts = self.template_messages(request.conversation(self.system_prompt))
         with self._build_lock:
             proc = self._building
             text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             template = proc.tokenizer(text, add_special_tokens=False)["input_ids"]
             texts = [self._prompt_ids(proc, t) for t in parts]
-            pixels = (
-                proc.image_processor(images=ready, do_resize=False, return_tensors="pt") if ready else None
-            )
-        slot = self._slot_id
         ids: list[int] = []
         images: list[PromptImage] = []
         merge = self.image_factor // self.patch_size
-        k_text = k_image = 0
-        offset = 0
+        k_text = 0
         for token in template:
-            if token == slot:
+            if token == self._slot_id:
                 ids += texts[k_text]
                 k_text += 1
             elif token == self.image_token_id:
-                assert pixels is not None
-                t, h, w = (int(x) for x in pixels["image_grid_thw"][k_image])
-                n = t * h * w // merge**2
-                im = ready[k_image]
+                if len(images) == len(sources):
+                    raise EngineError("more image placeholders than images")
+                im = sources[len(images)]
+                plan = vision.plan(im.width, im.height, bounds, self.image_factor)
+                grid = (1, plan.model_height // self.patch_size, plan.model_width // self.patch_size)
                 key = hashlib.blake2b(im.tobytes(), digest_size=16)
-                key.update(f"{im.mode}{im.size}".encode())
-                pv = pixels["pixel_values"][offset : offset + t * h * w]
-                images.append(PromptImage(key.hexdigest(), pv, (t, h, w), len(ids), n))
+                key.update(
+                    f"{im.mode}{im.size}{bounds.min_pixels},{bounds.max_pixels},{self.patch_size}".encode()
+                )
+                n = grid[0] * grid[1] * grid[2] // merge**2
+                images.append(PromptImage(key.hexdigest(), im, bounds, grid, len(ids), n))
                 ids += [self.image_token_id] * n
-                offset += t * h * w
-                k_image += 1
             else:
                 ids.append(token)
-        if k_text != len(texts) or k_image != len(ready):
+        if k_text != len(texts) or len(images) != len(sources):
             raise EngineError(
-                f"{k_text} text and {k_image} image placeholders for {len(texts)} texts and "
-                f"{len(ready)} images"
+                f"{k_text} text and {len(images)} image placeholders for {len(texts)} texts and "
+                f"{len(sources)} images"
             )
         row = torch.tensor([ids])
         types = (row == self.image_token_id).int()
-        grid = pixels["image_grid_thw"] if pixels is not None else None
-        positions = self.rope_index(row, types, grid)[:, 0]  # [3, L]
+        grid_thw = torch.tensor([im.grid_thw for im in images]) if images else None
+        positions = self.rope_index(row, types, grid_thw)[:, 0]  # [3, L]
         return Prompt(tuple(ids), positions, int(positions.max()) + 1 if ids else 0, tuple(images))
+
+    def pixels(self, image: PromptImage) -> torch.Tensor:
+        """The image's patches ``[patches, patch_dim]`` (resized as Qwen does, then patched), made once."""
+        self.make_pixels([image])
+        return image.patches[0]
+
+    def make_pixels(self, images: Sequence[PromptImage]) -> None:
+        """Make the patches of those of ``images`` that have none yet, in one image-processor call."""
+        todo = list({id(im): im for im in images if not im.patches}.values())
+        if not todo:
+            return
+        ready = [self.prepare_image(im.source, im.bounds) for im in todo]
+        with self._build_lock:
+            out = self._building.image_processor(images=ready, do_resize=False, return_tensors="pt")
+        offset = 0
+        for im, grid in zip(todo, out["image_grid_thw"].tolist(), strict=True):
+            if tuple(grid) != im.grid_thw:
+                raise EngineError(f"image planned as grid {im.grid_thw} was patched as {tuple(grid)}")
+            n = grid[0] * grid[1] * grid[2]
+            im.patches.append(out["pixel_values"][offset : offset + n])
+            offset += n
 
     # -------------------------------------------------------- padded batches
     def _prompt_ids(self, processor: Any, prompt: str) -> list[int]:

@@ -53,12 +53,14 @@ class ModelRunner:
         features: FeatureCache,
         adapter_context: Callable[[Sequence[str | None]], contextlib.AbstractContextManager[Any]],
         slots: Callable[[], LoraSlots | None],
+        pixels: Callable[[Sequence[PromptImage]], None],
     ) -> None:
         self.model = model
         self.kv = kv
         self.features = features
         self._adapter_context = adapter_context
         self._slots = slots
+        self._pixels = pixels
         register(self._top(model))
         self.forwards = 0  # steps run (a PEFT engine mixing adapters runs a step as one forward per adapter)
         self.vision_images = 0  # images run through the vision tower
@@ -75,7 +77,8 @@ class ModelRunner:
     def image_features(self, images: Sequence[PromptImage], adapters: Sequence[str | None]) -> list[Features]:
         """The vision tower's features of ``images``, image ``i`` seen through ``adapters[i]``'s tower
         (None: the base tower); one tower call for all."""
-        pv = torch.cat([im.pixel_values for im in images]).to(self.kv.layout.device)
+        self._pixels(images)  # the patches of those not made yet, in one call
+        pv = torch.cat([im.patches[0] for im in images]).to(self.kv.layout.device)
         grid = torch.tensor([im.grid_thw for im in images], device=pv.device)
         slots = self._slots()
         rows: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()

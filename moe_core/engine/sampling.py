@@ -88,7 +88,11 @@ def next_tokens(
 
 @dataclass
 class TextStream:
-    """A row's generated text, released as it becomes final."""
+    """A row's generated text, released as it becomes final.
+
+    Detokenized incrementally, as vLLM does: each token decodes a short window (the tokens since the
+    last text released, after a few tokens of context) instead of the whole answer again, so a token
+    costs the same at the end of a long answer as at its start."""
 
     tokenizer: Any
     stop: tuple[str, ...] = ()
@@ -96,14 +100,24 @@ class TextStream:
     text: str = ""  # the whole text so far (before any stop string), leading whitespace dropped
     sent: int = 0  # characters of ``text`` released
     stopped: bool = False  # a stop string was found: ``text`` ends before it
+    raw: str = ""  # everything decoded so far
+    _prefix: int = 0  # ids[_prefix:_read] are the context the next window decodes after
+    _read: int = 0  # ids before it are in ``raw``
+
+    def _decode(self, ids: list[int]) -> str:
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text
 
     def add(self, token: int) -> str:
         """Append ``token``; returns the newly final text (may be empty)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next bytes
+        context = self._decode(self.ids[self._prefix : self._read])
+        window = self._decode(self.ids[self._prefix :])
+        if window.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next bytes
             return ""
-        self.text = text.lstrip()  # the answer is stripped, as the whole-text answer always was
+        self.raw += window[len(context) :]
+        self._prefix, self._read = max(0, self._read - 4), len(self.ids)
+        self.text = self.raw.lstrip()  # the answer is stripped, as the whole-text answer always was
         for s in self.stop:
             at = self.text.find(s, max(0, self.sent - len(s)))
             if at >= 0:

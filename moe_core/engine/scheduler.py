@@ -251,6 +251,16 @@ class Scheduler:
             )
         return prompt
 
+    def _prepare(self, request: GenerationRequest) -> Prompt:
+        """:meth:`check`, and the patches of every image whose features are not kept now (a worker
+        thread's work, not the engine loop's); the others are covered by the feature cache or, when that
+        let them go, made in the step that needs them."""
+        prompt = self.check(request)
+        engine = self.engine
+        vision = engine.vision_identity(request.adapter)
+        engine.prompts.make_pixels([im for im in prompt.images if (im.key, vision) not in engine.features])
+        return prompt
+
     def _room(self) -> None:
         if self._closed:
             raise QueueFull(f"{self.name}: shutting down")
@@ -310,7 +320,7 @@ class Scheduler:
             self._room()
             self._pending.append(request)  # its adapter counts as in use from now: never evicted meanwhile
         try:
-            prompt = await asyncio.to_thread(self.check, request)
+            prompt = await asyncio.to_thread(self._prepare, request)
             return self.submit(request, params, sink, prompt=prompt, **kw)
         finally:
             with self._cond:
@@ -610,6 +620,9 @@ class Scheduler:
             )
         )
         n_adapters = len({s.adapter for s, _ in plan})
+        asked = [r for r in results.values() if isinstance(r, torch.Tensor)]
+        finite = iter(torch.isfinite(torch.stack(asked)).all(-1).tolist() if asked else [])
+        ok = {k: next(finite) for k, r in results.items() if isinstance(r, torch.Tensor)}
         sampling: list[tuple[_Seq, torch.Tensor]] = []
         for seq, work in plan:
             result = results.get(id(seq))
@@ -626,7 +639,7 @@ class Scheduler:
             self._register(seq)
             if result is None:
                 continue
-            if not bool(torch.isfinite(result).all()):
+            if not ok[id(seq)]:
                 self._drop(seq, EngineError("the model produced non-finite logits for this request"))
                 continue
             seq.prefilled = True

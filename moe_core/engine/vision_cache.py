@@ -34,6 +34,10 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is kept now (no effect on its recency; safe to ask from another thread)."""
+        return key in self._items
+
     def get(self, key: VisionKey) -> Features | None:
         found = self._items.get(key)
         if found is None:

@@ -166,3 +166,40 @@ def test_clients_system_prompts_are_counted_in_bounded_memory(engine: Engine) ->
     assert len(engine.prompts._template_tokens) <= TEMPLATE_CACHE_SIZE + 1
     assert engine.system_prompt in engine.prompts._template_tokens
     assert engine.prompt_tokens("Click", 16, system_prompt="You are agent 0.") == first
+
+
+def test_the_paged_prompt_is_the_processors_own_row(engine: Engine) -> None:
+    """build() (one row, no processor call, patches only when asked) gives the ids, positions and
+    patches of the processor's padded batch, for one image, none, several turns and hostile text."""
+    from moe_core.engine import ChatTurn
+
+    shots = [screenshot(30), screenshot(31, (400, 200))]
+    cases = [
+        GenerationRequest(shots[0], "Click the Save button"),
+        GenerationRequest(None, "No image here"),
+        GenerationRequest(shots[0], HOSTILE[0] + HOSTILE[1]),
+        GenerationRequest(
+            None,
+            "",
+            turns=(
+                ChatTurn("user", (shots[0], "first")),
+                ChatTurn("assistant", ("click(1, 2)",)),
+                ChatTurn("user", (shots[1], "second", shots[0])),
+            ),
+        ),
+    ]
+    for req in cases:
+        prompt = engine.prompts.build(req)
+        batch = engine._encode_requests([req])
+        assert list(prompt.ids) == batch["input_ids"][0].tolist()
+        types = batch.get("mm_token_type_ids")
+        positions, _ = engine._vlm().get_rope_index(
+            batch["input_ids"], types, batch.get("image_grid_thw"), attention_mask=batch["attention_mask"]
+        )
+        assert torch.equal(prompt.positions, positions[:, 0])
+        if req.images:
+            patches = torch.cat([engine.prompts.pixels(im) for im in prompt.images])
+            assert torch.equal(patches, batch["pixel_values"])
+            assert [im.grid_thw for im in prompt.images] == [
+                tuple(g) for g in batch["image_grid_thw"].tolist()
+            ]

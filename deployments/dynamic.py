@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.adapter_cache import AdapterCache, AdapterNotFound
-from deployments.engines import DeploymentEngine, ModelDeployment, engine_stats
+from deployments.engines import DeploymentEngine, ModelDeployment, engine_refusal, engine_stats
 from deployments.messages import Answer, Chunk, DynamicStats, Query, RouteRequest, RouteResult
 from deployments.observability import DynamicMetrics
 from deployments.routing import Classification, decide
@@ -27,7 +27,7 @@ from deployments.settings import DynamicSettings
 from moe_core.config import DynamicLive
 from moe_core.engine import ChatTurn, GenerationRequest
 from moe_core.engine.sampling import SamplingParams
-from moe_core.engine.scheduler import Completion, Delta, PromptTooLong, QueueFull
+from moe_core.engine.scheduler import Completion, Delta
 
 __all__ = ["AdapterNotServed", "DynamicLoRA", "NotConfigured", "RoutingUnavailable"]
 
@@ -162,14 +162,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
 
     def _failed(self, e: Exception) -> Exception:
         """An engine refusal as the client's error (4xx), a full queue as is (503)."""
-        if isinstance(e, QueueFull):
-            self.metrics.rejected.inc()
-            return e
-        if isinstance(e, PromptTooLong):
-            return BadInput("prompt", str(e), 413)
-        if isinstance(e, UnicodeEncodeError):
-            return BadInput("prompt", f"prompt is not valid unicode ({e.reason} at position {e.start})")
-        return e
+        return engine_refusal(e, self.metrics.rejected.inc)
 
     def _finished(self, query: Query, adapter: str | None, done: Completion | Delta) -> None:
         assert done.timings is not None

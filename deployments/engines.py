@@ -19,7 +19,7 @@ from deployments.schemas import BadInput, open_image
 from moe_core.config import EngineSettings
 from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest
 from moe_core.engine.sampling import SamplingParams
-from moe_core.engine.scheduler import Completion, Delta, Scheduler
+from moe_core.engine.scheduler import Completion, Delta, PromptTooLong, QueueFull, Scheduler
 from moe_core.storage import Storage
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ __all__ = [
     "EngineFactory",
     "ModelDeployment",
     "ScheduledEngine",
+    "engine_refusal",
     "engine_stats",
     "load_engine",
 ]
@@ -83,6 +84,19 @@ class ScheduledEngine:
         if not self.scheduler.healthy():
             raise RuntimeError(f"{self.engine.name}: the scheduler thread is not running")
         self.engine.check_device()
+
+
+def engine_refusal(e: Exception, on_queue_full: Callable[[], None]) -> Exception:
+    """What the engine refused, as the client's error: a prompt too long (or too large for the KV cache)
+    and invalid text are 4xx naming the prompt; a full queue stays itself (a 503)."""
+    if isinstance(e, QueueFull):
+        on_queue_full()
+        return e
+    if isinstance(e, PromptTooLong):
+        return BadInput("prompt", str(e), 413)
+    if isinstance(e, UnicodeEncodeError):
+        return BadInput("prompt", f"prompt is not valid unicode ({e.reason} at position {e.start})")
+    return e
 
 
 def engine_stats(engine: object) -> dict[str, int]:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from deployments.engines import DeploymentEngine, ModelDeployment, engine_stats
+from deployments.engines import DeploymentEngine, ModelDeployment, engine_refusal, engine_stats
 from deployments.messages import Answer, Chunk, MergedStatus, Query
 from deployments.observability import MergedMetrics
 from deployments.settings import MergedSettings, ModelSettings
@@ -196,7 +196,10 @@ class _MergedBase(ModelDeployment[S]):
     async def generate(self, query: Query, adapter: str | None = None) -> Answer:
         """The whole answer; ``adapter`` names the adapter the caller expects (a slot may have moved on)."""
         engine, served, version, request, params = await self._prepare(query, adapter)
-        done = await engine.generate(request, params, request_id=query.request_id)
+        try:
+            done = await engine.generate(request, params, request_id=query.request_id)
+        except Exception as e:
+            raise engine_refusal(e, self.metrics.rejected.inc) from e
         self.metrics.finished(
             "merged", served, query.request_id, done.timings, done.prompt_tokens, done.completion_tokens
         )
@@ -217,15 +220,18 @@ class _MergedBase(ModelDeployment[S]):
     async def stream(self, query: Query, adapter: str | None = None) -> AsyncIterator[Chunk]:
         """The answer as it is decoded (Ray Serve streaming: ``handle.options(stream=True)``)."""
         engine, served, version, request, params = await self._prepare(query, adapter)
-        async for d in engine.stream(request, params, request_id=query.request_id):
-            if d.timings is not None:
-                self.metrics.finished(
-                    "merged", served, query.request_id, d.timings, d.prompt_tokens, d.completion_tokens
+        try:
+            async for d in engine.stream(request, params, request_id=query.request_id):
+                if d.timings is not None:
+                    self.metrics.finished(
+                        "merged", served, query.request_id, d.timings, d.prompt_tokens, d.completion_tokens
+                    )
+                    self.metrics.engine_state(engine_stats(engine))
+                yield Chunk(
+                    d.text, served, "merged", version, d.finish_reason, d.prompt_tokens, d.completion_tokens
                 )
-                self.metrics.engine_state(engine_stats(engine))
-            yield Chunk(
-                d.text, served, "merged", version, d.finish_reason, d.prompt_tokens, d.completion_tokens
-            )
+        except Exception as e:
+            raise engine_refusal(e, self.metrics.rejected.inc) from e
 
     def status(self) -> MergedStatus:
         return MergedStatus(self.adapter, self.version, self.engine is not None and self.stale is None)

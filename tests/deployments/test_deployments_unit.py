@@ -25,7 +25,7 @@ from deployments.settings import DynamicSettings, GatewaySettings, MergedSetting
 from moe_core.config import ConfigError, DeploymentConfig, EngineSettings, GatewayLive, LiveSettings
 from moe_core.engine import ClassifyResult, GenerationRequest
 from moe_core.engine.sampling import SamplingParams
-from moe_core.engine.scheduler import Completion, Delta, Timings
+from moe_core.engine.scheduler import Completion, Delta, PromptTooLong, Timings
 from moe_core.storage import Storage
 from moe_core.vision import PixelBounds
 
@@ -307,6 +307,35 @@ async def test_merged_waits_for_a_version_then_serves_it(store: Storage, tmp_pat
     engines[0].broken = True  # a lost device makes the replica unhealthy: Serve replaces it
     with pytest.raises(RuntimeError, match="device lost"):
         m.check_health()
+
+
+@on_loop
+async def test_a_prompt_the_merged_engine_refuses_is_the_clients_413_not_a_fallback(
+    store: Storage, tmp_path: Path
+) -> None:
+    """The engine refuses a prompt that cannot fit its KV cache even alone: a 413 naming the prompt, on the
+    whole and the streamed path, never an error that would send it on to the dynamic deployment."""
+
+    class Refusing(FakeEngine):
+        async def generate(self, request: GenerationRequest, params: SamplingParams, **kw: Any) -> Completion:
+            raise PromptTooLong(
+                "the prompt is 9000 tokens: 563 KV cache pages, more than the 100 this replica has"
+            )
+
+    m = MergedModel(
+        MergedSettings.of(CFG, "calendar"), engine_factory=lambda *a: Refusing(a[1]), storage=store
+    )
+    _publish(store, tmp_path, "merged", "calendar", "m1")
+    with pytest.raises(ModelUnavailable):
+        await m.generate(_q("a"))
+    assert m._task is not None
+    await m._task
+    with pytest.raises(BadInput) as e:
+        await m.generate(_q("a"))
+    assert (e.value.field, e.value.status) == ("prompt", 413) and "KV cache" in str(e.value)
+    with pytest.raises(BadInput):
+        async for _ in m.stream(_q("a")):
+            pass
 
 
 @on_loop

@@ -178,8 +178,8 @@ class Engine:
         """Who shapes an image's features: None (the base tower) or the adapter's identity."""
         if adapter is None:
             return None
-        if self.slots is not None:
-            return self.slots.identity[adapter] if adapter in self.slots.vision else None
+        if self.slots is not None:  # (asked from other threads too: an adapter not loaded is None here)
+            return self.slots.identity.get(adapter) if adapter in self.slots.vision else None
         return self.identity(adapter)  # PEFT: the active adapter may adapt the tower; never shared
 
     def set_lora_slots(self, slots: int, max_rank: int) -> None:

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from moe_core.config import CPU_KV_CACHE_BYTES, EngineSettings
+from moe_core.engine.constraints import Grammars
 from moe_core.engine.kv import KVCache, KVLayout, PageAllocator
 from moe_core.engine.lora import LoraSlots, SlotError, parse_adapter
 from moe_core.engine.prompts import PromptBuilder
@@ -37,7 +38,7 @@ from moe_core.engine.request import (
     VisionLanguageModel,
 )
 from moe_core.engine.runner import ModelRunner
-from moe_core.engine.sampling import SamplingParams
+from moe_core.engine.sampling import SamplingParams, TokenTexts
 from moe_core.engine.scheduler import run_batch
 from moe_core.engine.vision_cache import FeatureCache
 from moe_core.vision import PixelBounds
@@ -96,6 +97,9 @@ class Engine:
         self.kv = KVCache(layout, self._kv_pages(layout, kv_cache_bytes))
         self.pages = PageAllocator(self.kv.pages, prefix_caching=kv.prefix_caching)
         self.features = FeatureCache(kv.vision_cache_images)
+        # grammars for constrained rows, over the logits' width; token texts for logprobs, made once each
+        self.grammars = Grammars(processor.tokenizer, int(text_config.vocab_size), self.eos_token_ids)
+        self.token_text = TokenTexts(processor.tokenizer)
         self.runner = ModelRunner(
             self.model,
             self.kv,

@@ -2,7 +2,10 @@
 
 Every row of a batch carries its own :class:`SamplingParams`; :func:`next_tokens` picks each row's next
 token from the batch's last-position logits (greedy rows by ``argmax``, exactly as ``generate`` does;
-sampled rows with their own seeded generator, so a seed gives the same text whatever else is batched).
+sampled rows with their own seeded generator, so a seed gives the same text whatever else is batched),
+after the row's penalties (repetition, presence, frequency, as vLLM applies them) and its ``top_k`` /
+``top_p``. :func:`token_logprobs` reports the chosen token's log probability and the most likely
+alternatives from the model's raw logits (before penalties, grammar masks and temperature, as vLLM does).
 :class:`TextStream` turns a row's tokens into text as they come: it never sends half a UTF-8 character,
 holds back what may be the start of a stop string, and ends the text before the stop string.
 """
@@ -15,7 +18,22 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["FinishReason", "SamplingParams", "TextStream", "make_generator", "next_tokens"]
+from moe_core.structured import Constraint
+
+__all__ = [
+    "MAX_TOP_LOGPROBS",
+    "FinishReason",
+    "SamplingParams",
+    "TextStream",
+    "TokenLogprob",
+    "TokenTexts",
+    "make_generator",
+    "next_tokens",
+    "token_logprobs",
+]
+
+#: The most alternatives a row may ask to be reported per token (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
 
 #: Why a row ended: ``stop`` (end of sequence or a stop string) or ``length`` (its token limit).
 FinishReason = Literal["stop", "length"]
@@ -31,6 +49,13 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     min_tokens: int = 0  # end of sequence is ignored before this many tokens (benchmarks' fixed lengths)
+    ignore_eos: bool = False  # end of sequence is ignored until max_tokens (unless a grammar ends the row)
+    top_k: int = 0  # 0: off; else sample among the k most likely tokens
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and answer (CTRL's, as vLLM)
+    presence_penalty: float = 0.0  # subtracted from tokens the answer holds (OpenAI's)
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the answer (OpenAI's)
+    constraint: Constraint | None = None  # the answer's grammar
+    logprobs: int | None = None  # None: none; k: the chosen token's log probability and the k best
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -41,10 +66,86 @@ class SamplingParams:
             raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be within (0, 2], got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be within -2..2, got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be within 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must not be negative, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repetition_penalty, self.presence_penalty, self.frequency_penalty) != (1.0, 0.0, 0.0)
+
+    def blocks_eos(self, generated: int) -> bool:
+        """Whether the end of sequence may not be picked after ``generated`` tokens."""
+        return self.ignore_eos or generated < self.min_tokens
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability, and the most likely tokens at its place (OpenAI's logprobs)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # (token, logprob), most likely first
+
+
+class TokenTexts:
+    """Each token as text, as logprobs name it: decoded once (on the engine's thread)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token])
+        return text
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], asked: Sequence[int | None], text: Any
+) -> list[TokenLogprob | None]:
+    """Each asking row's chosen-token log probability and top ``asked[i]`` alternatives, from ``logits``
+    ``[rows, vocab]`` (the model's raw ones); ``text(id)`` names a token."""
+    rows = [i for i, k in enumerate(asked) if k is not None]
+    out: list[TokenLogprob | None] = [None] * len(tokens)
+    if not rows:
+        return out
+    logp = torch.log_softmax(logits[rows].float(), -1)  # [asking rows, vocab]
+    k = max(int(asked[i] or 0) for i in rows)
+    top_v, top_i = logp.topk(k, -1) if k else (logp[:, :0], logp[:, :0].long())
+    chosen = logp[torch.arange(len(rows)), torch.tensor([tokens[i] for i in rows])].tolist()
+    for r, i in enumerate(rows):
+        n = int(asked[i] or 0)
+        top = tuple((text(t), v) for t, v in zip(top_i[r, :n].tolist(), top_v[r, :n].tolist(), strict=True))
+        out[i] = TokenLogprob(text(tokens[i]), chosen[r], top)
+    return out
+
+
+def _penalize(logits: torch.Tensor, p: SamplingParams, seen: Sequence[int], answer: Sequence[int]) -> None:
+    """vLLM's penalties on one row's logits ``[vocab]``, in place: repetition over the prompt and the
+    answer (positive logits divided by it, negative ones multiplied), presence and frequency over the answer."""
+    if p.repetition_penalty != 1.0 and seen:
+        ids = torch.tensor(sorted(set(seen)))
+        v = logits[ids]
+        logits[ids] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and answer:
+        ids, counts = torch.tensor(list(answer)).unique(return_counts=True)
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -64,12 +165,18 @@ def next_tokens(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     blocked: Sequence[Sequence[int]] = (),
+    history: Sequence[tuple[Sequence[int], int]] = (),
 ) -> list[int]:
     """Each row's next token from ``logits`` ``[rows, vocab]`` (fp32). ``blocked[i]``: token ids row ``i``
-    may not pick now (its end-of-sequence ids before ``min_tokens``)."""
+    may not pick now (its end-of-sequence ids before ``min_tokens``); ``history[i]``: row ``i``'s tokens
+    and where its answer starts in them (for its penalties)."""
     logits = logits.float()
-    if blocked:
+    penalized = [i for i, p in enumerate(params) if p.penalized and history]
+    if blocked or penalized:
         logits = logits.clone()
+        for i in penalized:
+            tokens, start = history[i]
+            _penalize(logits[i], params[i], tokens, tokens[start:])
         for i, ids in enumerate(blocked):
             if ids:
                 logits[i, list(ids)] = float("-inf")
@@ -77,7 +184,11 @@ def next_tokens(
     for i, (p, g) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
             continue
-        probs = torch.softmax(logits[i] / p.temperature, -1)
+        scaled = logits[i] / p.temperature
+        if 0 < p.top_k < scaled.numel():
+            kth = scaled.topk(p.top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, -1)
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(-1) - sorted_probs < p.top_p  # the smallest set reaching top_p

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moe_core.engine.constraints import Grammar, RowMatcher
 from moe_core.engine.kv import chain_hashes
 from moe_core.engine.prompts import Prompt
 from moe_core.engine.request import (
@@ -48,7 +49,15 @@ from moe_core.engine.request import (
     QueueFull,
 )
 from moe_core.engine.runner import RowWork
-from moe_core.engine.sampling import FinishReason, SamplingParams, TextStream, make_generator, next_tokens
+from moe_core.engine.sampling import (
+    FinishReason,
+    SamplingParams,
+    TextStream,
+    TokenLogprob,
+    make_generator,
+    next_tokens,
+    token_logprobs,
+)
 from moe_core.engine.vision_cache import Features
 
 if TYPE_CHECKING:
@@ -90,6 +99,7 @@ class Delta:
     adapters_in_batch: int = 0
     timings: Timings | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens since the last delta (when the row asked)
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,7 @@ class Completion:
     adapters_in_batch: int
     timings: Timings
     cached_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,7 @@ class _Job:
     first: float = 0.0
     cancelled: bool = False
     seq: _Seq | None = None  # its state once admitted (kept through a preemption)
+    grammar: Grammar | None = None  # its answer's grammar, compiled
 
 
 @dataclass(eq=False)
@@ -150,6 +162,8 @@ class _Seq:
     most_rows: int = 0
     most_adapters: int = 0
     features: dict[str, Features] = field(default_factory=dict)
+    matcher: RowMatcher | None = None  # where its answer is in its grammar
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent
 
     @property
     def adapter(self) -> str | None:
@@ -218,6 +232,7 @@ class Scheduler:
             "preemptions": self.preemptions,
             "prefix_hit_tokens": self.prefix_hit_tokens,
             "prompt_tokens_computed": self.prompt_tokens_computed,
+            **self.engine.grammars.stats,  # constrained rows, grammar compiles, cache hits, compile and mask time
         }
 
     def healthy(self) -> bool:
@@ -251,15 +266,16 @@ class Scheduler:
             )
         return prompt
 
-    def _prepare(self, request: GenerationRequest) -> Prompt:
-        """:meth:`check`, and the patches of every image whose features are not kept now (a worker
-        thread's work, not the engine loop's); the others are covered by the feature cache or, when that
-        let them go, made in the step that needs them."""
+    def _prepare(self, request: GenerationRequest, params: SamplingParams) -> tuple[Prompt, Grammar | None]:
+        """:meth:`check`, the answer's grammar (compiled, or from the cache) and the patches of every image
+        whose features are not kept now (a worker thread's work, not the engine loop's); the others are
+        covered by the feature cache or, when that let them go, made in the step that needs them."""
         prompt = self.check(request)
         engine = self.engine
+        grammar = engine.grammars.compile(params.constraint) if params.constraint is not None else None
         vision = engine.vision_identity(request.adapter)
         engine.prompts.make_pixels([im for im in prompt.images if (im.key, vision) not in engine.features])
-        return prompt
+        return prompt, grammar
 
     def _room(self) -> None:
         if self._closed:
@@ -280,14 +296,16 @@ class Scheduler:
         request_id: str = "",
         labels: Sequence[str] = (),
         prompt: Prompt | None = None,
+        grammar: Grammar | None = None,
     ) -> _Job:
         """Queue one request; ``sink`` gets its deltas (from the scheduler's thread). Raises at once for
-        a request that cannot run (:class:`QueueFull`, :class:`PromptTooLong`, ``UnicodeEncodeError``)."""
+        a request that cannot run (:class:`QueueFull`, :class:`PromptTooLong`, ``UnicodeEncodeError``,
+        :class:`~moe_core.engine.constraints.ConstraintError`)."""
         with self._cond:
             self._room()
         if prompt is None:
-            prompt = self.check(request)
-        job = _Job(request, params, sink, prompt, request_id, tuple(labels))
+            prompt, grammar = self._prepare(request, params)
+        job = _Job(request, params, sink, prompt, request_id, tuple(labels), grammar=grammar)
         with self._cond:
             self._room()
             self._waiting.append(job)
@@ -308,7 +326,8 @@ class Scheduler:
     ) -> None:
         """Queue one request without starting the loop thread: whoever calls :meth:`iterate` runs it
         (:func:`run_batch`, tests that step the scheduler). ``limit`` off skips the serving token limit."""
-        job = _Job(request, params, sink, self.check(request, limit=limit), request_id)
+        grammar = self.engine.grammars.compile(params.constraint) if params.constraint is not None else None
+        job = _Job(request, params, sink, self.check(request, limit=limit), request_id, grammar=grammar)
         with self._cond:
             self._waiting.append(job)
 
@@ -320,8 +339,8 @@ class Scheduler:
             self._room()
             self._pending.append(request)  # its adapter counts as in use from now: never evicted meanwhile
         try:
-            prompt = await asyncio.to_thread(self._prepare, request)
-            return self.submit(request, params, sink, prompt=prompt, **kw)
+            prompt, grammar = await asyncio.to_thread(self._prepare, request, params)
+            return self.submit(request, params, sink, prompt=prompt, grammar=grammar, **kw)
         finally:
             with self._cond:
                 self._pending.remove(request)
@@ -353,9 +372,10 @@ class Scheduler:
     async def generate(
         self, request: GenerationRequest, params: SamplingParams | None = None, *, request_id: str = ""
     ) -> Completion:
-        parts, last = [], None
+        parts, last, logprobs = [], None, list[TokenLogprob]()
         async for delta in self.stream(request, params, request_id=request_id):
             parts.append(delta.text)
+            logprobs += delta.logprobs
             last = delta
         assert last is not None and last.finish_reason is not None and last.timings is not None
         return Completion(
@@ -367,6 +387,7 @@ class Scheduler:
             last.adapters_in_batch,
             last.timings,
             last.cached_tokens,
+            tuple(logprobs),
         )
 
     async def classify(
@@ -493,6 +514,10 @@ class Scheduler:
                 None if job.labels else TextStream(engine.processor.tokenizer, job.params.stop),
                 None if job.labels else make_generator(job.params, engine.device),
             )
+        if job.grammar is not None and seq.matcher is None:  # new, or resumed without one: from its tokens
+            seq.matcher = engine.grammars.matcher(
+                job.grammar, seq.tokens[len(job.prompt) :], resumed=job.started > 0.0
+            )
         p = self.page_tokens
         reusable = (len(seq.tokens) - 1) // p  # the last token is always computed: its logits are needed
         self._hash_upto(seq, reusable)
@@ -545,6 +570,7 @@ class Scheduler:
         self.engine.pages.release(seq.pages)
         seq.pages, seq.computed, seq.registered, seq.prefilled = [], 0, 0, False
         seq.features.clear()
+        seq.matcher = None  # rebuilt from its tokens when it is admitted again
         self._waiting.appendleft(seq.job)
         self.preemptions += 1
         logger.info(
@@ -685,25 +711,36 @@ class Scheduler:
     def _advance(self, rows: list[tuple[_Seq, torch.Tensor]]) -> None:
         """Pick each row's next token, send its new text, and let finished rows leave."""
         seqs = [s for s, _ in rows]
-        logits = torch.stack([t for _, t in rows])
-        blocked = [list(self._eos) if s.generated < s.job.params.min_tokens else [] for s in seqs]
-        tokens = next_tokens(logits, [s.job.params for s in seqs], [s.generator for s in seqs], blocked)
+        params = [s.job.params for s in seqs]
+        raw = torch.stack([t for _, t in rows])  # [rows, vocab], fp32
+        blocked = [
+            list(self._eos) if p.blocks_eos(s.generated) else [] for s, p in zip(seqs, params, strict=True)
+        ]
+        # grammar masks and blocked ends on a copy: the raw logits are what logprobs report
+        logits = self.engine.grammars.mask(raw, [s.matcher for s in seqs], blocked)
+        history = [(s.tokens, len(s.job.prompt)) for s in seqs]
+        tokens = next_tokens(logits, params, [s.generator for s in seqs], history=history)
+        asked = [p.logprobs for p in params]
+        logprobs = token_logprobs(raw, tokens, asked, self.engine.token_text)
         now = time.perf_counter()
-        for seq, token in zip(seqs, tokens, strict=True):
+        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             job = seq.job
             assert seq.text is not None
             seq.generated += 1
             seq.tokens.append(token)
+            if seq.matcher is not None and not seq.matcher.accept(token):
+                self._drop(seq, EngineError(f"token {token} breaks the row's grammar"))
+                continue
+            if lp is not None and token not in self._eos:
+                seq.logprobs.append(lp)
             if seq.generated == 1:
                 job.first = now
             limit = job.params.max_tokens or self.engine.max_new_tokens
-            finish: FinishReason | None = None
+            finish: FinishReason | None = "stop" if token in self._eos else None
             text = ""
-            if token in self._eos:
-                finish = "stop"
-            else:
+            if finish is None:
                 text = seq.text.add(token)
-                if seq.text.stopped:
+                if seq.text.stopped or (seq.matcher is not None and seq.matcher.done):
                     finish = "stop"
             if finish is None and seq.generated >= limit:
                 finish = "length"
@@ -724,8 +761,10 @@ class Scheduler:
                         seq.most_adapters,
                         timings,
                         seq.cached_tokens,
+                        tuple(seq.logprobs),
                     )
                 )
+                seq.logprobs.clear()
 
 
 def run_batch(
@@ -736,6 +775,7 @@ def run_batch(
     checks and the benchmarks use it."""
     out: list[Completion | BaseException | None] = [None] * len(requests)
     texts: list[list[str]] = [[] for _ in requests]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in requests]
     sched = Scheduler(engine, max_running=max(1, len(requests)), max_queued=len(requests), name=engine.name)
 
     def sink(i: int) -> Callable[[Any], None]:
@@ -744,6 +784,7 @@ def run_batch(
                 out[i] = item
                 return
             texts[i].append(item.text)
+            logprobs[i] += item.logprobs
             if item.finish_reason is not None:
                 out[i] = Completion(
                     "".join(texts[i]),
@@ -754,6 +795,7 @@ def run_batch(
                     item.adapters_in_batch,
                     item.timings,
                     item.cached_tokens,
+                    tuple(logprobs[i]),
                 )
 
         return put

@@ -1,0 +1,222 @@
+"""Constrained decoding: grammars compiled once per content, a matcher per row, a mask per step.
+
+The grammar engine is llguidance (a Rust library with a CPU engine and no Python dependencies; the
+README records why, with the figures measured against xgrammar). :class:`Grammars` compiles a
+:class:`~moe_core.structured.Constraint` into an llguidance grammar and keeps a pristine matcher for it
+in a bounded LRU keyed by the constraint's content, so the same schema sent again costs a copy, not a
+compile. Each constrained row gets its own :class:`RowMatcher` when it is admitted (rebuilt from its
+generated tokens if it ever has none, e.g. after a preemption); in each step :meth:`Grammars.mask`
+sets every token a constrained row's grammar forbids to ``-inf`` in that row's logits, leaving the
+other rows of the batch untouched, and the scheduler advances each matcher with the token picked.
+
+JSON is generated compactly and deterministically, the way ``json.dumps`` writes it (``", "`` and
+``": "``, no other whitespace): a sampling model cannot wander into endless whitespace, and a tool
+call's arguments read as Qwen's chat template writes them back.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import llguidance
+import llguidance.hf
+import torch
+
+from moe_core.engine.request import EngineError
+from moe_core.structured import MAX_GRAMMAR_CHARS, Constraint
+
+__all__ = ["GRAMMAR_CACHE_SIZE", "ConstraintError", "Grammar", "Grammars", "RowMatcher", "tool_call_lark"]
+
+#: Compiled grammars kept per engine (least recently used dropped first).
+GRAMMAR_CACHE_SIZE = 128
+#: How JSON is laid out: json.dumps' separators, no free whitespace.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+class ConstraintError(EngineError):
+    """A constraint that does not compile (an invalid or unsupported schema, regex or grammar);
+    ``param`` is the request field it came from."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}" if param else message)
+        self.param, self.message = param, message
+
+
+@dataclass(frozen=True, eq=False)
+class Grammar:
+    """A compiled grammar: a matcher at its start, copied for each row."""
+
+    key: tuple[str, str]
+    pristine: llguidance.LLMatcher
+    compile_s: float
+
+
+class RowMatcher:
+    """One row's place in its grammar."""
+
+    def __init__(self, grammar: Grammar, generated: Sequence[int] = ()) -> None:
+        self.grammar = grammar
+        self.matcher = grammar.pristine.deep_copy()
+        if generated and not self.matcher.consume_tokens(list(generated)):
+            raise EngineError(f"the row's tokens do not follow its grammar: {self.matcher.get_error()}")
+
+    def accept(self, token: int) -> bool:
+        """Advance over ``token``; False when the grammar does not allow it (the row cannot go on)."""
+        return bool(self.matcher.consume_token(token))
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and allows nothing more (not even the end of sequence)."""
+        return bool(self.matcher.is_stopped())
+
+
+def tool_call_lark(constraint: Constraint) -> str:
+    """A ``tool_calls`` constraint as Lark: ``<tool_call>\\n{json}\\n</tool_call>`` blocks, the JSON being
+    ``{"name": <one of the tools>, "arguments": <that tool's parameters schema>}``."""
+    tools, parallel = constraint.tools()
+    bodies = []
+    for k, tool in enumerate(tools):
+        schema = {
+            "type": "object",
+            "properties": {"name": {"const": tool.name}, "arguments": tool.parameters or {"type": "object"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+            "x-guidance": JSON_LAYOUT,
+        }
+        bodies.append(f"tool{k}: %json {json.dumps(schema, ensure_ascii=False)}")
+    choice = " | ".join(f"tool{k}" for k in range(len(tools)))
+    start = 'start: call ("\\n" call)*' if parallel else "start: call"
+    return "\n".join([start, f'call: "<tool_call>\\n" ({choice}) "\\n</tool_call>"', *bodies])
+
+
+def _grammar_text(c: Constraint) -> str:
+    """The llguidance grammar of ``c`` (not yet checked: the matcher built from it reports errors)."""
+    if c.kind == "json_schema":
+        try:
+            schema = json.loads(c.value)
+        except ValueError as e:
+            raise ConstraintError(c.param, f"not valid JSON: {e}") from e
+        if schema is True:
+            schema = {}  # anything
+        if not isinstance(schema, dict):
+            raise ConstraintError(c.param, f"a JSON schema is an object, got {json.dumps(schema)[:40]}")
+        return str(llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=cast(Any, JSON_LAYOUT)))
+    if c.kind == "regex":
+        return str(llguidance.LLMatcher.grammar_from_regex(c.value))
+    if c.kind == "choice":
+        options = json.loads(c.value)
+        if not options or not all(isinstance(o, str) and o for o in options):
+            raise ConstraintError(c.param, "expected a non-empty list of non-empty strings")
+        return str(llguidance.grammar_from("choice", c.value))
+    if c.kind == "tool_calls":
+        return str(llguidance.LLMatcher.grammar_from_lark(tool_call_lark(c)))
+    if c.kind == "grammar":
+        try:
+            return str(llguidance.grammar_from("grammar", c.value))  # Lark, or GBNF/EBNF converted to Lark
+        except ValueError as e:
+            raise ConstraintError(c.param, str(e)) from e
+    raise ConstraintError(c.param, f"unknown constraint kind {c.kind!r}")
+
+
+class Grammars:
+    """The engine's grammar compiler: its tokenizer as llguidance sees it, the LRU of compiled
+    grammars, and counters (compiles, cache hits, compile and mask time) for the metrics."""
+
+    def __init__(
+        self, tokenizer: Any, vocab: int, eos: Sequence[int], capacity: int = GRAMMAR_CACHE_SIZE
+    ) -> None:
+        self.vocab = vocab  # the logits' width (may exceed the tokenizer's: padding rows of the head)
+        self.eos = list(eos)
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=list(eos))
+        self.capacity = capacity
+        self._cache: OrderedDict[tuple[str, str], Grammar] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = {
+            "grammar_compiles": 0,
+            "grammar_cache_hits": 0,
+            "grammar_compile_us": 0,
+            "grammar_mask_us": 0,
+            "grammar_masked_tokens": 0,
+            "constrained_rows": 0,
+        }
+
+    def compile(self, constraint: Constraint) -> Grammar:
+        """The compiled grammar of ``constraint`` (from the cache when its content was seen before);
+        :class:`ConstraintError` naming its field when it does not compile. Safe from any thread."""
+        with self._lock:
+            hit = self._cache.get(constraint.key)
+            if hit is not None:
+                self._cache.move_to_end(constraint.key)
+                self.stats["grammar_cache_hits"] += 1
+                return hit
+        if len(constraint.value) > MAX_GRAMMAR_CHARS:
+            raise ConstraintError(
+                constraint.param, f"{len(constraint.value)} characters, over the limit of {MAX_GRAMMAR_CHARS}"
+            )
+        t0 = time.perf_counter()
+        matcher = llguidance.LLMatcher(self.tokenizer, _grammar_text(constraint), log_level=0)
+        if matcher.is_error():
+            raise ConstraintError(constraint.param, f"does not compile: {matcher.get_error().strip()}")
+        seconds = time.perf_counter() - t0
+        grammar = Grammar(constraint.key, matcher, seconds)
+        with self._lock:
+            self.stats["grammar_compiles"] += 1
+            self.stats["grammar_compile_us"] += int(seconds * 1e6)
+            self._cache[constraint.key] = grammar
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return grammar
+
+    def matcher(
+        self, grammar: Grammar, generated: Sequence[int] = (), *, resumed: bool = False
+    ) -> RowMatcher:
+        """A row's matcher, advanced over the tokens the row already generated (``resumed``: a row
+        preempted and admitted again, counted once)."""
+        if not resumed:
+            self.stats["constrained_rows"] += 1
+        return RowMatcher(grammar, generated)
+
+    def mask(
+        self,
+        logits: torch.Tensor,
+        matchers: Sequence[RowMatcher | None],
+        blocked: Sequence[Sequence[int]] = (),
+    ) -> torch.Tensor:
+        """``logits`` ``[rows, vocab]`` with what each row may not pick now at ``-inf``: the tokens its
+        grammar forbids and ``blocked[i]`` (its end-of-sequence ids before ``min_tokens``; left allowed when
+        the grammar allows nothing else). Rows without a matcher keep their logits; the input is not
+        changed (a copy is returned when anything is masked)."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows and not any(blocked):
+            return logits
+        logits = logits.clone()
+        allowed: torch.Tensor | None = None
+        if rows:
+            t0 = time.perf_counter()
+            words = (self.vocab + 31) // 32
+            bitmask = torch.empty((len(rows), words), dtype=torch.int32)
+            for k, i in enumerate(rows):
+                m = matchers[i]
+                assert m is not None
+                m.matcher.unsafe_compute_mask_ptr(bitmask[k].data_ptr(), words * 4)
+            # [rows, words] -> [rows, words, 32] bits -> [rows, vocab]
+            allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().flatten(1)[:, : logits.shape[1]]
+            allowed[~allowed.any(-1), self.eos[0]] = True  # a grammar in error allows nothing: the row ends
+            logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+            self.stats["grammar_mask_us"] += int((time.perf_counter() - t0) * 1e6)
+            self.stats["grammar_masked_tokens"] += len(rows)
+        for i, ids in enumerate(blocked):
+            if not ids:
+                continue
+            keep = logits[i].clone()
+            logits[i, list(ids)] = float("-inf")
+            if not torch.isfinite(logits[i]).any():  # the grammar allows only the end: it wins
+                logits[i] = keep
+        return logits

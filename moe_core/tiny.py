@@ -78,17 +78,50 @@ SPECIAL_TOKENS = [
 # Qwen2's pre-tokenizer: digits split one by one, words keep a leading space.
 QWEN2_PRETOKENIZE_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
-# A Qwen3-VL-Instruct-shaped template: an image item renders as <|vision_start|><|image_pad|><|vision_end|>.
+# A Qwen3-VL-Instruct-shaped template: an image item renders as <|vision_start|><|image_pad|><|vision_end|>;
+# tools, assistant tool calls and tool results render as Qwen3-VL-Instruct's own template renders them
+# (the tools as JSON in the system message, calls as <tool_call>{"name": ..., "arguments": ...}</tool_call>,
+# consecutive tool results in one user message as <tool_response> blocks). Without tools the text is what
+# the template rendered before it knew them.
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- elif content -%}{%- for item in content -%}"
     "{%- if item['type'] == 'image' or 'image' in item -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
     "{%- elif item['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
     "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages[0]['role'] == 'system' -%}{{- render(messages[0]['content']) + '\\n\\n' -}}{%- endif -%}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, '
+    '"arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' -}}'
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if tools and loop.first and message['role'] == 'system' -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + render(message['content']) + '\\n</tool_response>' -}}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + render(message['content']) -}}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] -%}"
+    "{%- for tool_call in message['tool_calls'] -%}"
+    "{%- if (loop.first and message['content']) or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- if tool_call['function'] -%}{%- set tool_call = tool_call['function'] -%}{%- endif -%}"
+    "{{- '<tool_call>\\n{\"name\": \"' + tool_call['name'] + '\", \"arguments\": ' -}}"
+    "{%- if tool_call['arguments'] is string -%}{{- tool_call['arguments'] -}}"
+    "{%- else -%}{{- tool_call['arguments'] | tojson -}}{%- endif -%}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
@@ -213,7 +246,9 @@ def _cache_root() -> Path:
 
 def tiny_model_dir(spec: dict[str, Any] | None = None) -> Path:
     """The folder the tiny model for ``spec`` lives in (built or not)."""
-    key = hashlib.sha256(json.dumps(spec or TINY_SPEC, sort_keys=True).encode()).hexdigest()[:12]
+    # the chat template is part of the folder's bytes too: a new template is a new folder (same weights)
+    parts = {"spec": spec or TINY_SPEC, "chat_template": CHAT_TEMPLATE}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
     return _cache_root() / "models" / f"tiny-qwen3-vl-{key}"
 
 

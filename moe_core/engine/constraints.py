@@ -28,7 +28,7 @@ import llguidance
 import llguidance.hf
 import torch
 
-from moe_core.engine.request import EngineError
+from moe_core.engine.request import EngineError, InvalidInput
 from moe_core.structured import MAX_GRAMMAR_CHARS, Constraint
 
 __all__ = ["GRAMMAR_CACHE_SIZE", "ConstraintError", "Grammar", "Grammars", "RowMatcher", "tool_call_lark"]
@@ -40,13 +40,9 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 _BITS = torch.arange(32, dtype=torch.int32)
 
 
-class ConstraintError(EngineError):
+class ConstraintError(InvalidInput):
     """A constraint that does not compile (an invalid or unsupported schema, regex or grammar);
     ``param`` is the request field it came from."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}" if param else message)
-        self.param, self.message = param, message
 
 
 @dataclass(frozen=True, eq=False)

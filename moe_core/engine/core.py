@@ -322,9 +322,10 @@ class Engine:
         image_tokens: int,
         system_prompt: str | None = None,
         turns: Sequence[ChatTurn] = (),
+        tools: str | None = None,
     ) -> int:
         """Tokens of the chat prompt (:meth:`PromptBuilder.prompt_tokens`); safe from any thread."""
-        return self.prompts.prompt_tokens(prompt, image_tokens, system_prompt, turns)
+        return self.prompts.prompt_tokens(prompt, image_tokens, system_prompt, turns, tools)
 
     def encode(
         self,

@@ -9,13 +9,15 @@ gives the padded batches of Hugging Face's own forward (training, the reference 
 The chat template is rendered with :data:`PROMPT_SLOT` for every text part and each text is tokenized
 on its own, as text: a special-token string in a user's text (``<|im_start|>``) is never a control
 token, and ordinary text gets exactly the ids it would get inline (the template ends at special tokens
-on both sides of a text part).
+on both sides of a text part). An assistant's tool calls (name and arguments) are spliced in the same way;
+the tools themselves render through the template as JSON, and a special-token string in them is refused.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -26,7 +28,7 @@ import torch
 from PIL import Image
 
 from moe_core import vision
-from moe_core.engine.request import ChatProcessor, ChatTurn, EngineError, GenerationRequest
+from moe_core.engine.request import ChatProcessor, ChatTurn, EngineError, GenerationRequest, InvalidInput
 from moe_core.vision import PixelBounds
 
 __all__ = ["PROMPT_SLOT", "TEMPLATE_CACHE_SIZE", "Prompt", "PromptBuilder", "PromptImage"]
@@ -100,6 +102,8 @@ class PromptBuilder:
         tok = processor.tokenizer
         self.image_token_id = int(tok.convert_tokens_to_ids("<|image_pad|>"))
         self._slot_id = int(tok.convert_tokens_to_ids(PROMPT_SLOT))
+        decoder = getattr(tok, "added_tokens_decoder", {})
+        self._specials = sorted({t.content for t in decoder.values() if getattr(t, "special", False)})
 
     # ------------------------------------------------------------ templates
     @staticmethod
@@ -116,8 +120,26 @@ class PromptBuilder:
                     content.append({"type": "text", "text": PROMPT_SLOT})
                 else:
                     content.append({"type": "image", "image": part})
-            messages.append({"role": turn.role, "content": content})
+            message: dict[str, Any] = {"role": turn.role, "content": content}
+            if turn.tool_calls:  # the template writes name and arguments after the content: spliced as text
+                message["tool_calls"] = [
+                    {"type": "function", "function": {"name": PROMPT_SLOT, "arguments": PROMPT_SLOT}}
+                    for _ in turn.tool_calls
+                ]
+                texts += [x for call in turn.tool_calls for x in call]
+            messages.append(message)
         return messages, texts
+
+    def tools(self, tools: str | None) -> list[Any] | None:
+        """The request's tools for the chat template; a special-token string in them is refused (they
+        render as template text, where it would be a control token)."""
+        if not tools:
+            return None
+        found = [t for t in self._specials if t in tools]
+        if found:
+            raise InvalidInput("tools", f"the tool definitions hold special-token text {found[:3]}")
+        parsed: list[Any] = json.loads(tools)
+        return parsed
 
     @staticmethod
     def _plain_messages(image: Image.Image | None, prompt: str, system: str) -> list[dict[str, Any]]:
@@ -148,8 +170,9 @@ class PromptBuilder:
         image_tokens: int,
         system_prompt: str | None = None,
         turns: Sequence[ChatTurn] = (),
+        tools: str | None = None,
     ) -> int:
-        """Tokens of the chat prompt for ``prompt`` (or the conversation ``turns``) with images of
+        """Tokens of the chat prompt for ``prompt`` (or the conversation ``turns``, with ``tools``) with images of
         ``image_tokens`` tokens in all, counted without the images' pixels (the processor expands each
         image placeholder to its tokens). Raises ``UnicodeEncodeError`` for text that is not valid
         unicode (a lone surrogate). Safe from any thread."""
@@ -159,7 +182,7 @@ class PromptBuilder:
                 conversation = GenerationRequest(None, "", turns=tuple(turns)).conversation(system)
                 messages, texts = self.template_messages(conversation)
                 rendered = self.processor.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
+                    messages, tools=self.tools(tools), add_generation_prompt=True, tokenize=False
                 )
                 n_images = sum(1 for t in conversation for p in t.parts if not isinstance(p, str))
                 template = len(self._counting(rendered)["input_ids"]) - len(texts) - n_images
@@ -201,9 +224,10 @@ class PromptBuilder:
         bounds = request.bounds or self.bounds
         sources = request.images
         messages, parts = self.template_messages(request.conversation(self.system_prompt))
+        tools = self.tools(request.tools)
         with self._build_lock:
             proc = self._building
-            text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = proc.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
             template = proc.tokenizer(text, add_special_tokens=False)["input_ids"]
             texts = [self._prompt_ids(proc, t) for t in parts]
         ids: list[int] = []

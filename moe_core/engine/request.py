@@ -19,6 +19,7 @@ __all__ = [
     "EngineError",
     "GenerationRequest",
     "GenerationResult",
+    "InvalidInput",
     "PromptTooLong",
     "QueueFull",
     "VisionLanguageModel",
@@ -30,6 +31,14 @@ BASE = "__base__"
 
 class EngineError(RuntimeError):
     """A request the engine cannot run (unknown adapter, bad input)."""
+
+
+class InvalidInput(EngineError):
+    """A request the engine refuses for one of its fields (``param``, as the request names it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}" if param else message)
+        self.param, self.message = param, message
 
 
 class PromptTooLong(EngineError):
@@ -45,9 +54,12 @@ class QueueFull(RuntimeError):
 class ChatTurn:
     """One message of a conversation: ``parts`` are text and images, in order."""
 
-    role: str  # system, user or assistant
+    role: str  # system, user, assistant or tool (a tool's result)
     parts: tuple[str | Image.Image, ...]
     inline: bool = False  # the text is the server's own (its system prompt): rendered in the template as is
+    tool_calls: tuple[
+        tuple[str, str], ...
+    ] = ()  # an assistant's calls: (function name, arguments as JSON text)
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class GenerationRequest:
     bounds: PixelBounds | None = None  # this row's images' pixel bounds; None: the engine's
     turns: tuple[ChatTurn, ...] = ()
     image_key: str | None = None  # names the image's content (a hash of its file): saves hashing pixels
+    tools: str | None = None  # the functions the model may call (OpenAI's ``tools``, as JSON text)
 
     def conversation(self, system: str) -> tuple[ChatTurn, ...]:
         if not self.turns:

@@ -125,6 +125,8 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
             done.completion_tokens,
             done.finish_reason,
             done.timings.ttft_s,
+            done.cached_tokens,
+            done.logprobs,
         )
 
     async def stream(self, query: Query, adapter: str | None) -> AsyncIterator[Chunk]:
@@ -135,7 +137,15 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
                 if d.timings is not None:
                     self._finished(query, adapter, d)
                 yield Chunk(
-                    d.text, adapter, "dynamic", version, d.finish_reason, d.prompt_tokens, d.completion_tokens
+                    d.text,
+                    adapter,
+                    "dynamic",
+                    version,
+                    d.finish_reason,
+                    d.prompt_tokens,
+                    d.completion_tokens,
+                    d.cached_tokens,
+                    d.logprobs,
                 )
         except Exception as e:
             raise self._failed(e) from e

@@ -17,7 +17,7 @@ from PIL import Image
 from deployments.adapter_cache import AdapterStore
 from deployments.schemas import BadInput, open_image
 from moe_core.config import EngineSettings
-from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest
+from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest, InvalidInput
 from moe_core.engine.sampling import SamplingParams
 from moe_core.engine.scheduler import Completion, Delta, PromptTooLong, QueueFull, Scheduler
 from moe_core.storage import Storage
@@ -54,7 +54,12 @@ class DeploymentEngine(Protocol):
         self, request: GenerationRequest, labels: Sequence[str], *, request_id: str = ""
     ) -> ClassifyResult: ...
     def prompt_tokens(
-        self, prompt: str, image_tokens: int, system_prompt: str | None = None, turns: Sequence[ChatTurn] = ()
+        self,
+        prompt: str,
+        image_tokens: int,
+        system_prompt: str | None = None,
+        turns: Sequence[ChatTurn] = (),
+        tools: str | None = None,
     ) -> int: ...
     def load_adapter(self, name: str, path: str | Path) -> None: ...
     def set_lora_slots(self, slots: int, max_rank: int) -> None: ...
@@ -96,6 +101,8 @@ def engine_refusal(e: Exception, on_queue_full: Callable[[], None]) -> Exception
         return BadInput("prompt", str(e), 413)
     if isinstance(e, UnicodeEncodeError):
         return BadInput("prompt", f"prompt is not valid unicode ({e.reason} at position {e.start})")
+    if isinstance(e, InvalidInput):  # a grammar that does not compile, special-token text in tools
+        return BadInput(e.param or "prompt", e.message, 400)
     return e
 
 
@@ -143,13 +150,23 @@ class ModelDeployment(ABC, Generic[S]):
         """The engine's request for ``query``: images decoded, the conversation built, sampling checked."""
         images = [open_image(b) for b in query.images]
         turns = tuple(
-            ChatTurn(t.role, tuple(p if isinstance(p, str) else images[p] for p in t.parts))
+            ChatTurn(
+                t.role,
+                tuple(p if isinstance(p, str) else images[p] for p in t.parts),
+                tool_calls=t.tool_calls,
+            )
             for t in query.turns
         )
         image = open_image(query.image) if query.image is not None and not turns else None
         key = hashlib.blake2b(query.image, digest_size=16).hexdigest() if query.image is not None else None
         request = GenerationRequest(
-            image, query.prompt, adapter, bounds=query.bounds, turns=turns, image_key=None if turns else key
+            image,
+            query.prompt,
+            adapter,
+            bounds=query.bounds,
+            turns=turns,
+            image_key=None if turns else key,
+            tools=query.tools,
         )
         s = query.sampling
         limit = self.settings.engine.max_completion_tokens
@@ -157,8 +174,25 @@ class ModelDeployment(ABC, Generic[S]):
             raise BadInput(
                 "max_tokens", f"max_tokens {s.max_tokens} is over this server's limit of {limit}", 400
             )
+        constraint = s.constraint
+        if constraint is None and s.expert_grammar and adapter is not None:
+            constraint = self.settings.output_constraint(adapter)  # the expert's declared grammar, if any
         try:
-            params = SamplingParams(s.max_tokens, s.temperature, s.top_p, s.seed, s.stop)
+            params = SamplingParams(
+                s.max_tokens,
+                s.temperature,
+                s.top_p,
+                s.seed,
+                s.stop,
+                min_tokens=s.min_tokens,
+                ignore_eos=s.ignore_eos,
+                top_k=s.top_k,
+                repetition_penalty=s.repetition_penalty,
+                presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty,
+                constraint=constraint,
+                logprobs=s.logprobs,
+            )
         except ValueError as e:
             raise BadInput(str(e).split(" ", 1)[0], str(e), 400) from e
         return request, params
@@ -167,12 +201,17 @@ class ModelDeployment(ABC, Generic[S]):
         """Refuse a prompt over ``max_prompt_tokens`` (its images' tokens included) with a 4xx."""
         limit = self.settings.engine.max_prompt_tokens
         turns = tuple(
-            ChatTurn(t.role, tuple(p if isinstance(p, str) else _IMAGE for p in t.parts)) for t in query.turns
+            ChatTurn(
+                t.role, tuple(p if isinstance(p, str) else _IMAGE for p in t.parts), tool_calls=t.tool_calls
+            )
+            for t in query.turns
         )
         try:
-            n = engine.prompt_tokens(query.prompt, query.image_tokens, turns=turns)
+            n = engine.prompt_tokens(query.prompt, query.image_tokens, turns=turns, tools=query.tools)
         except UnicodeEncodeError as e:
             raise BadInput("prompt", f"prompt is not valid unicode ({e.reason} at position {e.start})") from e
+        except InvalidInput as e:
+            raise BadInput(e.param or "prompt", e.message, 400) from e
         if n > limit:
             raise BadInput(
                 "prompt",

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -31,6 +31,8 @@ from deployments.messages import (
     Query,
     RouteRequest,
     RouteResult,
+    Sampling,
+    TokenLogprob,
 )
 from deployments.observability import GatewayMetrics, RequestTrace, current_request_id, request_logger
 from deployments.openai_api import (
@@ -50,6 +52,7 @@ from deployments.openai_api import (
     ModelList,
     MoeInfo,
     build_conversation,
+    calls_tools,
     chat_completion,
     check_request,
     completion_id,
@@ -62,6 +65,7 @@ from deployments.openai_api import (
     set_body_limit,
     validation_error,
 )
+from deployments.outputs import constraint_of
 from deployments.routing import RoutedVia, RoutingPolicy, Target
 from deployments.schemas import (
     AdapterStatus,
@@ -69,11 +73,13 @@ from deployments.schemas import (
     ImageInfo,
     InferRequest,
     InferResponse,
+    TokenLogprobInfo,
     Usage,
     decode_image,
     error_body,
 )
 from deployments.settings import GatewaySettings
+from deployments.tool_calls import ToolCall, ToolCallParser
 from moe_core.config import ConfigError, GatewayLive
 from moe_core.vision import ImagePlan, PixelBounds, plan
 
@@ -144,6 +150,7 @@ def _response(
     confidence: float | None,
     trace: RequestTrace,
     fallback: bool = False,
+    logprobs: bool = False,
 ) -> InferResponse:
     trace.adapter = out.adapter or "base"
     trace.mode = out.mode if out.adapter else "base"
@@ -171,7 +178,12 @@ def _response(
             completion_tokens=out.completion_tokens,
             total_tokens=out.prompt_tokens + out.completion_tokens,
             image_tokens=image.tokens,
+            cached_tokens=out.cached_tokens,
         ),
+        logprobs=[TokenLogprobInfo(token=lp.token, logprob=lp.logprob) for lp in out.logprobs]
+        if logprobs
+        else None,
+        answer_logprob=sum(lp.logprob for lp in out.logprobs) if logprobs else None,
     )
 
 
@@ -241,6 +253,8 @@ def _whole(answer: Answer) -> Chunk:
         answer.finish_reason,
         answer.prompt_tokens,
         answer.completion_tokens,
+        answer.cached_tokens,
+        answer.logprobs,
     )
 
 
@@ -407,7 +421,9 @@ class Gateway:
         c = d.classification
         if routed.answer is not None:
             self._served(d.adapter)  # answered where it was routed: it counts for promotion too
-            return _response(routed.answer, image, d.routed_via, c.confidence, trace)
+            return _response(
+                routed.answer, image, d.routed_via, c.confidence, trace, logprobs=bool(req.logprobs)
+            )
         return await self._answer(
             policy, d.adapter, d.target, query, image, d.routed_via, c.confidence, trace
         )
@@ -467,7 +483,11 @@ class Gateway:
                 413,
             )
         trace.image_tokens = image.tokens
-        return Query(data, req.prompt, bounds, image.tokens, trace.request_id), image
+        constraint = constraint_of(req)
+        sampling = Sampling(
+            constraint=constraint, expert_grammar=constraint is None, logprobs=0 if req.logprobs else None
+        )
+        return Query(data, req.prompt, bounds, image.tokens, trace.request_id, sampling), image
 
     async def _answer(
         self,
@@ -482,7 +502,8 @@ class Gateway:
     ) -> InferResponse:
         """Generate on ``target``, once; a failed merged deployment falls back to dynamic when allowed."""
         out, fallback = await self._generate(policy, adapter, target, query, trace)
-        return _response(out, image, via, confidence, trace, fallback=fallback)
+        logprobs = query.sampling.logprobs is not None
+        return _response(out, image, via, confidence, trace, fallback=fallback, logprobs=logprobs)
 
     async def _generate(
         self, policy: RoutingPolicy, adapter: str | None, target: Target, query: Query, trace: RequestTrace
@@ -638,9 +659,20 @@ class Gateway:
             out, fallback = await self._generate(policy, route.adapter, route.target, conv.query, trace)
         info = self._info(trace, route, conv, out, fallback)
         trace.prompt_tokens, trace.completion_tokens = out.prompt_tokens, out.completion_tokens
-        usage = CompletionUsage.of(out.prompt_tokens, out.completion_tokens)
-        body = chat_completion(req.model, out.text, out.finish_reason, usage, info)
-        return JSONResponse(body.model_dump(mode="json"), headers=moe_headers(info))
+        usage = CompletionUsage.of(
+            out.prompt_tokens, out.completion_tokens, out.cached_tokens, conv.query.image_tokens
+        )
+        text, calls = out.text, list[ToolCall]()
+        if calls_tools(req):  # the model's <tool_call> blocks as tool calls; anything malformed stays text
+            parser = ToolCallParser([t.function.name for t in req.tools or ()])
+            parts = parser.feed(out.text) + parser.end()
+            text = "".join(p for p in parts if isinstance(p, str))
+            calls = [p for p in parts if isinstance(p, ToolCall)]
+        logprobs = out.logprobs if req.logprobs else None
+        body = chat_completion(
+            req.model, text, out.finish_reason, usage, info, calls=calls, logprobs=logprobs
+        )
+        return JSONResponse(body.model_dump(mode="json", exclude_none=False), headers=moe_headers(info))
 
     async def _chat_stream(self, req: ChatCompletionRequest, trace: RequestTrace) -> StreamingResponse:
         """Route, then wait for the first chunk (a failure until then is an ordinary error response, and
@@ -657,7 +689,8 @@ class Gateway:
         info = self._info(trace, route, conv, first, fallback)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         writer = ChunkWriter(completion_id(trace.request_id), int(time.time()), req.model, include_usage)
-        events = self._events(writer, info, first, stream, trace, t0)
+        parser = ToolCallParser([t.function.name for t in req.tools or ()]) if calls_tools(req) else None
+        events = self._events(writer, info, first, stream, trace, t0, parser, conv.query.image_tokens)
         headers = moe_headers(info) | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
@@ -711,15 +744,32 @@ class Gateway:
         stream: ChunkStream,
         trace: RequestTrace,
         started: float,
+        parser: ToolCallParser | None = None,
+        image_tokens: int = 0,
     ) -> AsyncIterator[str]:
-        """The Server-Sent Events of one answer: role, text deltas, finish reason, usage, ``[DONE]``; an
-        error after the first chunk is an error event before ``[DONE]`` (the answer is never restarted)."""
+        """The Server-Sent Events of one answer: role, text and tool-call deltas, finish reason, usage,
+        ``[DONE]``; an error after the first chunk is an error event before ``[DONE]`` (the answer is
+        never restarted). With ``parser``, tool calls are sent as OpenAI's tool-call deltas as each
+        closes; logprobs ride on the next event sent after their tokens."""
         status, chunk, done = 500, first, False
+        held: list[TokenLogprob] = []
         try:
             yield writer.role(info)
             while True:
-                if chunk.text:
-                    yield writer.content(chunk.text)
+                held += chunk.logprobs
+                pieces: list[str | ToolCall] = [chunk.text] if parser is None else parser.feed(chunk.text)
+                if chunk.finish_reason is not None and parser is not None:
+                    pieces += parser.end()
+                for piece in pieces:
+                    if isinstance(piece, ToolCall):
+                        yield writer.tool_call(parser.calls_sent if parser else 0, piece, held or None)
+                        if parser is not None:
+                            parser.calls_sent += 1
+                    elif piece:
+                        yield writer.content(piece, held or None)
+                    else:
+                        continue
+                    held = []
                 trace.prompt_tokens, trace.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
                 if chunk.finish_reason is not None:
                     done = True
@@ -728,9 +778,15 @@ class Gateway:
                 if nxt is None:
                     raise ServiceUnavailable("the stream ended without a finish reason")
                 chunk = nxt
-            yield writer.finish(chunk.finish_reason)
+            calls = parser is not None and parser.calls_sent > 0
+            yield writer.finish(
+                "tool_calls" if calls and chunk.finish_reason == "stop" else chunk.finish_reason, held
+            )
             if writer.include_usage:
-                yield writer.usage(CompletionUsage.of(chunk.prompt_tokens, chunk.completion_tokens))
+                usage = CompletionUsage.of(
+                    chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens, image_tokens
+                )
+                yield writer.usage(usage)
             status = 200
         except (BadInput, ServiceUnavailable) as e:
             err = _api_error(e)
@@ -808,6 +864,17 @@ class Gateway:
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "uptime_s": round(time.time() - self.started_at, 1), "pid": os.getpid()}
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        """vLLM's liveness route: 200 with an empty body while the gateway serves (clients such as GuideLLM
+        probe it before they start)."""
+        return Response(status_code=200)
+
+    @api.get("/version")
+    async def version(self) -> dict[str, str]:
+        """vLLM's version route: this server's version."""
+        return {"version": api.version}
 
     @api.get("/stats")
     async def stats(self) -> Any:

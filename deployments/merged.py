@@ -215,6 +215,8 @@ class _MergedBase(ModelDeployment[S]):
             done.completion_tokens,
             done.finish_reason,
             done.timings.ttft_s,
+            done.cached_tokens,
+            done.logprobs,
         )
 
     async def stream(self, query: Query, adapter: str | None = None) -> AsyncIterator[Chunk]:
@@ -228,7 +230,15 @@ class _MergedBase(ModelDeployment[S]):
                     )
                     self.metrics.engine_state(engine_stats(engine))
                 yield Chunk(
-                    d.text, served, "merged", version, d.finish_reason, d.prompt_tokens, d.completion_tokens
+                    d.text,
+                    served,
+                    "merged",
+                    version,
+                    d.finish_reason,
+                    d.prompt_tokens,
+                    d.completion_tokens,
+                    d.cached_tokens,
+                    d.logprobs,
                 )
         except Exception as e:
             raise engine_refusal(e, self.metrics.rejected.inc) from e

@@ -11,6 +11,8 @@ from typing import Literal
 
 from deployments.routing import Classification, Decision, RoutingPolicy
 from deployments.schemas import Mode
+from moe_core.engine.sampling import TokenLogprob
+from moe_core.structured import Constraint
 from moe_core.vision import PixelBounds
 
 #: Why generation ended, as OpenAI names it.
@@ -28,6 +30,7 @@ __all__ = [
     "RouteRequest",
     "RouteResult",
     "Sampling",
+    "TokenLogprob",
     "Turn",
 ]
 
@@ -36,8 +39,9 @@ __all__ = [
 class Turn:
     """One chat message: ``parts`` are text (``str``) and images (``int``: an index into ``Query.images``)."""
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     parts: tuple[str | int, ...]
+    tool_calls: tuple[tuple[str, str], ...] = ()  # an assistant's calls: (function name, arguments JSON)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Query:
     sampling: Sampling = field(default_factory=lambda: Sampling())
     turns: tuple[Turn, ...] = ()  # a whole conversation (chat API); empty: ``image`` + ``prompt``
     images: tuple[bytes, ...] = ()  # the conversation's images, in order of appearance
+    tools: str | None = None  # the functions the model may call, as JSON text (rendered by its template)
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,15 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None  # with temperature > 0: the same seed, the same text
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    min_tokens: int = 0  # the end of sequence is not picked before this many tokens
+    ignore_eos: bool = False  # the end of sequence is never picked: max_tokens tokens (unless a grammar ends)
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k: the chosen tokens' and the k most likely ones'
+    constraint: Constraint | None = None  # the request's own grammar for the answer
+    expert_grammar: bool = True  # the expert's declared grammar applies when the request brings none
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,8 @@ class Answer:
     completion_tokens: int
     finish_reason: FinishReason = "stop"  # stop: end of sequence or a stop string; length: max_tokens
     ttft_s: float | None = None  # from arrival at the deployment to the first token
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    logprobs: tuple[TokenLogprob, ...] = ()  # the answer's tokens, when the request asked
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,8 @@ class Chunk:
     finish_reason: FinishReason | None = None  # set on the last chunk only
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens generated so far
+    cached_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # this chunk's tokens, when the request asked
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,14 @@ What a client sees beyond OpenAI's schema (a plain OpenAI client ignores it):
   ``X-Moe-Routed-Via``, ``X-Moe-Fallback``, ``X-Moe-Confidence`` (routed requests) and
   ``X-Moe-Merged-Version`` (merged answers), beside Serve's ``X-Request-Id``.
 - Extension fields of a chat request, as ``/infer`` has them: ``prefer_merged``, ``min_pixels``,
-  ``max_pixels``.
+  ``max_pixels``; and vLLM's: ``structured_outputs`` (and ``guided_*``), ``top_k``, ``min_tokens``,
+  ``ignore_eos``, ``repetition_penalty``. vLLM's other sampling extras are refused with a 400 naming
+  them, never ignored.
+- ``usage.prompt_tokens_details``: ``cached_tokens`` (prompt tokens served from the prefix cache) and
+  ``image_tokens``.
+
+Structured outputs (:mod:`deployments.outputs`) and tool calls (:mod:`deployments.tool_calls`) are read
+here into the query's constraint; a tool call the model writes is parsed back by the gateway.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,10 +45,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.messages import FinishReason, Query, Sampling, Turn
+from deployments.messages import FinishReason, Query, Sampling, TokenLogprob, Turn
+from deployments.outputs import StructuredFields, constraint_of
 from deployments.routing import RoutedVia, RoutingPolicy
 from deployments.schemas import BadInput, ImageInfo, Mode, error_body, verify_image
 from deployments.settings import GatewaySettings
+from deployments.tool_calls import NamedToolChoice, Tool, ToolCall, ToolCallIn, tool_constraint, tools_json
 from moe_core.config import ApiConfig, ConfigError
 from moe_core.vision import ImagePlan, PixelBounds, plan
 
@@ -78,7 +87,9 @@ DONE = "data: [DONE]\n\n"
 SEED_RANGE = (-(2**63), 2**63 - 1)
 MAX_STOP = 16
 #: Paths that never need a key: liveness and the API's own description.
-OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+OPEN_PATHS = frozenset(
+    {"/healthz", "/health", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
 _DATA_IMAGE = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
 
@@ -199,13 +210,17 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="developer is read as system; tool messages are not supported."
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="developer is read as system; tool: a function's result (after the assistant's call)."
     )
     content: str | list[ContentPart] | None = Field(
         default=None, description="Text, or parts: text and (user messages only) image_url."
     )
     name: str | None = Field(default=None, description="Accepted and ignored.")
+    tool_calls: list[ToolCallIn] | None = Field(
+        default=None, description="An assistant's calls, sent back in the history."
+    )
+    tool_call_id: str | None = Field(default=None, description="A tool message: the call it answers.")
 
 
 class StreamOptions(_Lenient):
@@ -214,8 +229,23 @@ class StreamOptions(_Lenient):
     )
 
 
-class ChatCompletionRequest(_Lenient):
-    """OpenAI's chat completion request, as the official SDK sends it; unknown fields are ignored."""
+#: vLLM's sampling extras this server does not do, and the value that means "not asked": any other is a 400.
+UNSUPPORTED: dict[str, Any] = {
+    "logit_bias": None,
+    "min_p": 0.0,
+    "best_of": 1,
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "stop_token_ids": None,
+    "prompt_logprobs": None,
+    "include_stop_str_in_output": False,
+    "echo": False,
+}
+
+
+class ChatCompletionRequest(_Lenient, StructuredFields):
+    """OpenAI's chat completion request, as the official SDK sends it; unknown fields are ignored, but
+    vLLM's sampling extras are honoured or refused (:data:`UNSUPPORTED`)."""
 
     model: str = Field(
         description="An expert adapter's name, the base model's id, or the routed model (auto)."
@@ -239,10 +269,51 @@ class ChatCompletionRequest(_Lenient):
     stream: bool | None = Field(default=None, description="Answer as Server-Sent Events.")
     stream_options: StreamOptions | None = Field(default=None, description="With stream: include_usage.")
     user: str | None = Field(default=None, description="Accepted and ignored.")
-    logprobs: bool | None = Field(default=None, description="Not supported: true is refused.")
-    top_logprobs: int | None = Field(default=None, description="Not supported.")
-    tools: list[Any] | None = Field(default=None, description="Not supported: a non-empty list is refused.")
-    response_format: dict[str, Any] | None = Field(default=None, description="Only {type: text}.")
+    logprobs: bool | None = Field(default=None, description="Return the chosen tokens' log probabilities.")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="With logprobs: the most likely tokens at each place (0-20)."
+    )
+    tools: list[Tool] | None = Field(default=None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description="none, auto (the default with tools), required, or {type: function, function: {name}}; "
+        "required and a named function are enforced by a grammar.",
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="With required: false allows exactly one call."
+    )
+    top_k: int | None = Field(
+        default=None, ge=-1, description="vLLM's: sample among the k most likely (-1, 0: off)."
+    )
+    min_tokens: int | None = Field(
+        default=None, ge=0, description="vLLM's: no end of sequence before this many."
+    )
+    ignore_eos: bool | None = Field(
+        default=None, description="vLLM's: never stop at the end of sequence (generate max_tokens)."
+    )
+    repetition_penalty: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=2.0,
+        description="vLLM's: > 1 discourages tokens already in prompt and answer.",
+    )
+    presence_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, description="OpenAI's presence penalty."
+    )
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, description="OpenAI's frequency penalty."
+    )
+    logit_bias: dict[str, Any] | None = Field(default=None, description="Not supported: refused when given.")
+    min_p: float | None = Field(default=None, description="vLLM's; not supported: refused unless 0.")
+    best_of: int | None = Field(default=None, description="vLLM's; not supported: refused unless 1.")
+    use_beam_search: bool | None = Field(
+        default=None, description="vLLM's; not supported: refused when true."
+    )
+    length_penalty: float | None = Field(default=None, description="vLLM's; not supported: refused unless 1.")
+    stop_token_ids: list[int] | None = Field(default=None, description="vLLM's; not supported: refused.")
+    prompt_logprobs: int | None = Field(default=None, description="vLLM's; not supported: refused.")
+    include_stop_str_in_output: bool | None = Field(default=None, description="vLLM's; refused when true.")
+    echo: bool | None = Field(default=None, description="vLLM's; refused when true.")
     prefer_merged: bool | None = Field(
         default=None, description="Extension, as /infer: override gateway.prefer_merged for this request."
     )
@@ -262,14 +333,14 @@ def check_request(req: ChatCompletionRequest) -> None:
         raise ApiError(
             400, "stream_options: only allowed with stream: true", "stream_options", "invalid_value"
         )
-    if req.logprobs or req.top_logprobs:
-        param = "logprobs" if req.logprobs else "top_logprobs"
-        raise ApiError(400, f"{param}: log probabilities are not supported", param, "unsupported_value")
-    if req.tools:
-        raise ApiError(400, "tools: tool calling is not supported", "tools", "unsupported_value")
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise ApiError(400, f"response_format: only type text is supported (got {fmt!r})", "response_format")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs: needs logprobs: true", "top_logprobs", "invalid_value")
+    for name, default in UNSUPPORTED.items():
+        value = getattr(req, name)
+        if value is not None and value != default and value not in ({}, []):
+            raise ApiError(
+                400, f"{name}: not supported by this server (got {value!r})", name, "unsupported_value"
+            )
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise ApiError(400, f"stop: at most {MAX_STOP} non-empty strings", "stop", "invalid_value")
@@ -288,13 +359,43 @@ def sampling_of(req: ChatCompletionRequest, max_completion_tokens: int) -> Sampl
             param,
             "invalid_value",
         )
+    if req.min_tokens and asked is not None and req.min_tokens > asked:
+        raise ApiError(
+            400, f"min_tokens: {req.min_tokens} is over {param} {asked}", "min_tokens", "invalid_value"
+        )
+    try:
+        constraint = constraint_of(req)
+        tools = tool_constraint(req.tools, req.tool_choice, req.parallel_tool_calls)
+    except BadInput as e:
+        raise ApiError.of(e) from e
+    if constraint is not None and tools is not None:
+        raise ApiError(
+            400,
+            f"tool_choice: {req.tool_choice!r} and {constraint.param.split('.')[0]} both constrain the answer",
+            "tool_choice",
+            "invalid_value",
+        )
     return Sampling(
         max_tokens=asked,
         temperature=0.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=req.seed,
         stop=(req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ()),
+        min_tokens=req.min_tokens or 0,
+        ignore_eos=bool(req.ignore_eos),
+        top_k=max(0, req.top_k or 0),
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        constraint=constraint or tools,
+        expert_grammar=constraint is None and tools is None and not calls_tools(req),
     )
+
+
+def calls_tools(req: ChatCompletionRequest) -> bool:
+    """The model may answer with tool calls (tools given, tool_choice not none): they are parsed back."""
+    return bool(req.tools) and req.tool_choice != "none"
 
 
 # ----------------------------------------------------------------------------- models
@@ -535,7 +636,7 @@ async def build_conversation(
     plans: list[ImagePlan] = []
     prompt = ""
     for i, (message, parts) in enumerate(zip(req.messages, contents, strict=True)):
-        role: Literal["system", "user", "assistant"] = (
+        role: Literal["system", "user", "assistant", "tool"] = (
             "system" if message.role == "developer" else message.role
         )
         out: list[str | int] = []
@@ -559,7 +660,7 @@ async def build_conversation(
             images.append(raw)
         if role == "user":
             prompt = "".join(p for p in out if isinstance(p, str))
-        turns.append(Turn(role, tuple(out)))
+        turns.append(Turn(role, tuple(out), _tool_calls(message, i)))
     image_tokens = sum(p.tokens for p in plans)
     if image_tokens > limits.max_prompt_tokens:
         raise ApiError(
@@ -572,9 +673,25 @@ async def build_conversation(
     sampling = sampling_of(req, limits.max_completion_tokens)
     last = images[-1] if images else None
     query = Query(last, prompt, bounds, image_tokens, request_id, sampling)
-    if not _is_infer_request(turns, prompt):
-        query = Query(last, prompt, bounds, image_tokens, request_id, sampling, tuple(turns), tuple(images))
+    tools = tools_json(req.tools) if req.tools else None
+    if tools is not None or not _is_infer_request(turns, prompt):
+        query = Query(
+            last, prompt, bounds, image_tokens, request_id, sampling, tuple(turns), tuple(images), tools
+        )
     return Conversation(query, tuple(plans))
+
+
+def _tool_calls(message: ChatMessage, i: int) -> tuple[tuple[str, str], ...]:
+    """An assistant message's tool calls as (name, arguments) for the template."""
+    if not message.tool_calls:
+        return ()
+    if message.role != "assistant":
+        param = f"messages.{i}.tool_calls"
+        raise ApiError(400, f"{param}: only assistant messages make tool calls", param, "invalid_value")
+    for j, call in enumerate(message.tool_calls):
+        _check_text(call.function.name, f"messages.{i}.tool_calls.{j}.function.name")
+        _check_text(call.function.arguments, f"messages.{i}.tool_calls.{j}.function.arguments")
+    return tuple((c.function.name, c.function.arguments) for c in message.tool_calls)
 
 
 def _is_infer_request(turns: list[Turn], prompt: str) -> bool:
@@ -628,26 +745,90 @@ class MoeInfo(BaseModel):
     )
 
 
+#: Why a choice ended, as OpenAI names it: tool_calls when the answer is one or more tool calls.
+ChoiceFinish = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text.")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """Log probabilities of the answer's tokens, from the model's raw logits (before penalties,
+    grammar masks and temperature)."""
+
+    content: list[TokenLogprobOut]
+    refusal: None = None
+
+
+def choice_logprobs(logprobs: Sequence[TokenLogprob]) -> ChoiceLogprobs:
+    def top(token: str, logprob: float) -> TopLogprob:
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=list(lp.token.encode()),
+                top_logprobs=[top(t, v) for t, v in lp.top],
+            )
+            for lp in logprobs
+        ]
+    )
 
 
 class Choice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    finish_reason: FinishReason = Field(description="stop: end of text or a stop string; length: max_tokens.")
-    logprobs: None = None
+    finish_reason: ChoiceFinish = Field(
+        description="stop: end of text or a stop string; length: max_tokens; tool_calls: the answer is tool calls."
+    )
+    logprobs: ChoiceLogprobs | None = None
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens whose KV came from the prefix cache.")
+    image_tokens: int = Field(description="The images' share of prompt_tokens.")
 
 
 class CompletionUsage(BaseModel):
     prompt_tokens: int = Field(description="Prompt tokens as the model read them: template, text and images.")
     completion_tokens: int = Field(description="Tokens generated.")
     total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt: int, completion: int) -> CompletionUsage:
-        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    def of(cls, prompt: int, completion: int, cached: int = 0, images: int = 0) -> CompletionUsage:
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached, image_tokens=images),
+        )
 
 
 class ChatCompletion(BaseModel):
@@ -673,12 +854,31 @@ def chat_completion(
     finish_reason: FinishReason,
     usage: CompletionUsage,
     info: MoeInfo,
+    *,
+    calls: Sequence[ToolCall] = (),
+    logprobs: Sequence[TokenLogprob] | None = None,
 ) -> ChatCompletion:
+    """The answer as OpenAI's ``chat.completion``; with ``calls``, its tool calls (``text`` is what else
+    the model wrote, None when nothing) and finish reason ``tool_calls``."""
+    message = ChatMessageOut(
+        content=(text or None) if calls else text,
+        tool_calls=[
+            ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls
+        ]
+        or None,
+    )
+    finish: ChoiceFinish = "tool_calls" if calls and finish_reason == "stop" else finish_reason
     return ChatCompletion(
         id=completion_id(info.request_id),
         created=int(time.time()),
         model=model,
-        choices=[Choice(message=ChatMessageOut(content=text), finish_reason=finish_reason)],
+        choices=[
+            Choice(
+                message=message,
+                finish_reason=finish,
+                logprobs=choice_logprobs(logprobs) if logprobs is not None else None,
+            )
+        ],
         usage=usage,
         moe=info,
     )
@@ -715,9 +915,15 @@ class ChunkWriter:
     model: str
     include_usage: bool = False
 
-    def _chunk(self, delta: dict[str, Any] | None, finish: FinishReason | None = None) -> dict[str, Any]:
+    def _chunk(
+        self,
+        delta: dict[str, Any] | None,
+        finish: ChoiceFinish | None = None,
+        logprobs: Sequence[TokenLogprob] | None = None,
+    ) -> dict[str, Any]:
+        lp = choice_logprobs(logprobs).model_dump(mode="json") if logprobs else None
         choices = (
-            [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            [] if delta is None else [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]
         )
         out: dict[str, Any] = {
             "id": self.id,
@@ -733,11 +939,24 @@ class ChunkWriter:
     def role(self, info: MoeInfo) -> str:
         return sse(self._chunk({"role": "assistant", "content": ""}) | {"moe": info.model_dump(mode="json")})
 
-    def content(self, text: str) -> str:
-        return sse(self._chunk({"content": text}))
+    def content(self, text: str, logprobs: Sequence[TokenLogprob] | None = None) -> str:
+        return sse(self._chunk({"content": text}, logprobs=logprobs))
 
-    def finish(self, reason: FinishReason) -> str:
-        return sse(self._chunk({}, reason))
+    def tool_call(self, index: int, call: ToolCall, logprobs: Sequence[TokenLogprob] | None = None) -> str:
+        """A tool call as OpenAI streams one: its id, type and name first, then its arguments."""
+        head = {
+            "index": index,
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": ""},
+        }
+        args = {"index": index, "function": {"arguments": call.arguments}}
+        return sse(self._chunk({"tool_calls": [head]}, logprobs=logprobs)) + sse(
+            self._chunk({"tool_calls": [args]})
+        )
+
+    def finish(self, reason: ChoiceFinish, logprobs: Sequence[TokenLogprob] | None = None) -> str:
+        return sse(self._chunk({}, reason, logprobs))
 
     def usage(self, usage: CompletionUsage) -> str:
         return sse(self._chunk(None) | {"usage": usage.model_dump(mode="json")})

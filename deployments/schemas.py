@@ -11,6 +11,9 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployments.errors import BadInput
+from deployments.outputs import StructuredFields
+
 __all__ = [
     "AdapterStatus",
     "BadInput",
@@ -34,21 +37,10 @@ RoutedVia = Literal["explicit", "router", "router-below-threshold"]
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
 
-class BadInput(ValueError):
-    """Client error: ``field`` names the offending request field; ``status`` the HTTP code."""
+class InferRequest(StructuredFields):
+    """``/infer``: a screenshot and an instruction; ``response_format``, ``structured_outputs`` or
+    ``guided_*`` constrain the answer as on ``/v1/chat/completions``."""
 
-    def __init__(self, field: str, message: str, status: int = 422) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-        self.status = status
-
-    def __reduce__(self) -> tuple[type[BadInput], tuple[str, str, int]]:
-        """Pickled whole: a deployment's BadInput reaches the gateway across the handle as itself."""
-        return (BadInput, (self.field, self.message, self.status))
-
-
-class InferRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image_b64: str = Field(description="Screenshot as base64 or a data URL (data:image/png;base64,...).")
@@ -70,6 +62,9 @@ class InferRequest(BaseModel):
         gt=0,
         description="Qwen's per-image max_pixels: most pixels the model sees of the image, within the configured "
         "limits (fewer pixels: fewer image tokens, a faster answer, coarser detail).",
+    )
+    logprobs: bool | None = Field(
+        default=None, description="Report each answer token's log probability (answer_logprob: their sum)."
     )
 
     @field_validator("prompt")
@@ -100,6 +95,12 @@ class Usage(BaseModel):
     completion_tokens: int = Field(description="Tokens generated.")
     total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
     image_tokens: int = Field(description="The image's share of prompt_tokens.")
+    cached_tokens: int = Field(default=0, description="Prompt tokens whose KV came from the prefix cache.")
+
+
+class TokenLogprobInfo(BaseModel):
+    token: str = Field(description="The token as text.")
+    logprob: float = Field(description="Its log probability under the model (before any grammar mask).")
 
 
 class InferResponse(BaseModel):
@@ -121,6 +122,13 @@ class InferResponse(BaseModel):
     adapters_in_batch: int | None = Field(default=None, description="Distinct adapters in that forward.")
     image: ImageInfo = Field(description="The screenshot's size and the size the model saw it at.")
     usage: Usage = Field(description="Tokens read and generated.")
+    logprobs: list[TokenLogprobInfo] | None = Field(
+        default=None, description="With logprobs: each answer token and its log probability (raw model)."
+    )
+    answer_logprob: float | None = Field(
+        default=None,
+        description="With logprobs: the answer's log probability (their sum); exp() of it is a confidence.",
+    )
 
 
 class AdapterStatus(BaseModel):

@@ -18,9 +18,11 @@ from moe_core.config import (
     DeploymentConfig,
     EngineSettings,
     LimitsConfig,
+    OutputGrammar,
     StorageConfig,
     StrictModel,
 )
+from moe_core.structured import Constraint
 
 __all__ = [
     "DynamicSettings",
@@ -40,6 +42,14 @@ class ModelSettings(StrictModel):
     batching: BatchingConfig = Field(description="Batch forming and storage refresh.")
     max_batch_size: int = Field(ge=1, description="Most requests decoding at once (rows of one forward).")
     max_queued_requests: int = Field(ge=0, description="Requests queued beyond those; more get a 503.")
+    outputs: dict[AdapterName, OutputGrammar] = Field(
+        default_factory=dict, description="Each expert's declared answer grammar (config `outputs`)."
+    )
+
+    def output_constraint(self, adapter: str | None) -> Constraint | None:
+        """The grammar ``adapter``'s answers follow when a request brings none (None: free text)."""
+        grammar = self.outputs.get(adapter) if adapter is not None else None
+        return grammar.constraint(adapter) if grammar is not None and adapter is not None else None
 
     @staticmethod
     def common(cfg: DeploymentConfig, section: BatchingConfig) -> dict[str, Any]:
@@ -54,6 +64,7 @@ class ModelSettings(StrictModel):
             "batching": batching,
             "max_batch_size": cfg.limits.max_batch_size,
             "max_queued_requests": cfg.limits.max_queued_requests,
+            "outputs": dict(cfg.outputs),
         }
 
 

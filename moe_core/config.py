@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from moe_core.structured import Constraint, GrammarError
 from moe_core.vision import PixelBounds
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "MergeJobConfig",
     "MergedAdapterConfig",
     "MergedConfig",
+    "OutputGrammar",
     "PromotionConfig",
     "PromotionLive",
     "RouterConfig",
@@ -553,6 +555,46 @@ class EngineConfig(StrictModel):
     )
 
 
+class OutputGrammar(StrictModel):
+    """An expert's answer grammar: exactly one of ``regex``, ``json_schema``, ``choice``. Applied to every
+    answer of that expert unless the request brings its own (a response format, structured outputs, or
+    tools the model may call)."""
+
+    regex: str | None = Field(
+        default=None, description="The answer matches this regular expression (Rust syntax)."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="The answer is JSON valid against this schema (checked when the config loads).",
+    )
+    choice: list[str] | None = Field(
+        default=None, min_length=1, description="The answer is one of these strings."
+    )
+
+    @model_validator(mode="after")
+    def _one_that_compiles(self) -> Self:
+        given = [k for k in ("regex", "json_schema", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of regex, json_schema, choice (got {given or 'none'})")
+        import llguidance
+
+        try:
+            error = llguidance.LLMatcher.validate_grammar(self.constraint("").grammar_text())
+        except GrammarError as e:
+            error = str(e)
+        if error and not error.startswith("WARNING"):
+            raise ValueError(f"{given[0]} does not compile: {error.strip()}")
+        return self
+
+    def constraint(self, adapter: str) -> Constraint:
+        param = f"outputs.{adapter}"
+        if self.regex is not None:
+            return Constraint.regex(self.regex, param)
+        if self.json_schema is not None:
+            return Constraint.json_schema(self.json_schema, param)
+        return Constraint.choice(self.choice or [], param)
+
+
 class MergeJobConfig(StrictModel):
     safe_merge: bool = Field(default=True, description="Refuse merges that produce NaN or Inf.")
     max_logit_diff: float = Field(
@@ -591,6 +633,11 @@ class DeploymentConfig(StrictModel):
         default_factory=PromotionConfig,
         description="Traffic-aware promotion of hot dynamic adapters into merged slots (off by default).",
     )
+    outputs: dict[AdapterName, OutputGrammar] = Field(
+        default_factory=dict,
+        description="Each expert's answer grammar (regex, json_schema or choice), applied to its answers "
+        "unless a request brings its own; experts not named answer free text.",
+    )
 
     @model_validator(mode="after")
     def _cross_field(self, info: ValidationInfo) -> Self:
@@ -620,6 +667,12 @@ class DeploymentConfig(StrictModel):
         if unknown and not live_elsewhere:
             raise ValueError(
                 f"router.labels {unknown} name no adapter in merged.adapters or dynamic.adapters "
+                f"(known: {sorted(self.all_adapters)})"
+            )
+        stray = sorted(set(self.outputs) - set(self.all_adapters))
+        if stray and not live_elsewhere:
+            raise ValueError(
+                f"outputs names {stray}, no adapter of merged.adapters or dynamic.adapters "
                 f"(known: {sorted(self.all_adapters)})"
             )
         targets = list(self.router.labels.values())

@@ -1,4 +1,5 @@
-"""What a constrained answer must look like: a :class:`Constraint`, pure data (no torch, no grammar library).
+"""What a constrained answer must look like: a :class:`Constraint`, plain data (no torch), and the
+llguidance grammar it stands for (:func:`grammar_text`, which imports llguidance when first called).
 
 A constraint is built where a request is read (the gateway, or an expert's declared grammar in the
 config) and compiled where the model is (:mod:`moe_core.engine.constraints`, which caches the compiled
@@ -17,13 +18,29 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-__all__ = ["MAX_GRAMMAR_CHARS", "Constraint", "ConstraintKind", "ToolSpec"]
+__all__ = [
+    "JSON_LAYOUT",
+    "MAX_GRAMMAR_CHARS",
+    "Constraint",
+    "ConstraintKind",
+    "GrammarError",
+    "ToolSpec",
+    "grammar_text",
+    "tool_call_lark",
+]
 
 ConstraintKind = Literal["json_schema", "regex", "choice", "grammar", "tool_calls"]
 #: The longest grammar text (schema, regex, grammar) a request may bring.
 MAX_GRAMMAR_CHARS = 64 * 1024
+#: How JSON is laid out: json.dumps' separators, no free whitespace (a sampling model cannot wander off
+#: into endless whitespace, and tool-call arguments read as Qwen's template writes them).
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarError(ValueError):
+    """A constraint that cannot be turned into a grammar (not JSON, an empty choice)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,62 @@ class Constraint:
         }
         return cls("tool_calls", json.dumps(body, ensure_ascii=False), param)
 
+    def grammar_text(self) -> str:
+        """This constraint as an llguidance grammar (:func:`grammar_text`)."""
+        return grammar_text(self)
+
     def tools(self) -> tuple[list[ToolSpec], bool]:
         """A ``tool_calls`` constraint's functions and whether several calls may follow each other."""
         body = json.loads(self.value)
         return [ToolSpec(t["name"], t["parameters"]) for t in body["tools"]], bool(body["parallel"])
+
+
+def tool_call_lark(constraint: Constraint) -> str:
+    """A ``tool_calls`` constraint as Lark: ``<tool_call>\\n{json}\\n</tool_call>`` blocks, the JSON being
+    ``{"name": <one of the tools>, "arguments": <that tool's parameters schema>}``."""
+    tools, parallel = constraint.tools()
+    bodies = []
+    for k, tool in enumerate(tools):
+        schema = {
+            "type": "object",
+            "properties": {"name": {"const": tool.name}, "arguments": tool.parameters or {"type": "object"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+            "x-guidance": JSON_LAYOUT,
+        }
+        bodies.append(f"tool{k}: %json {json.dumps(schema, ensure_ascii=False)}")
+    choice = " | ".join(f"tool{k}" for k in range(len(tools)))
+    start = 'start: call ("\\n" call)*' if parallel else "start: call"
+    return "\n".join([start, f'call: "<tool_call>\\n" ({choice}) "\\n</tool_call>"', *bodies])
+
+
+def grammar_text(c: Constraint) -> str:
+    """The llguidance grammar of ``c`` (not yet checked: a matcher built from it, or
+    ``LLMatcher.validate_grammar``, reports its errors). Imports llguidance (a small Rust wheel) on first use."""
+    import llguidance
+
+    if c.kind == "json_schema":
+        try:
+            schema = json.loads(c.value)
+        except ValueError as e:
+            raise GrammarError(f"not valid JSON: {e}") from e
+        if schema is True:
+            schema = {}  # anything
+        if not isinstance(schema, dict):
+            raise GrammarError(f"a JSON schema is an object, got {json.dumps(schema)[:40]}")
+        return str(llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=cast(Any, JSON_LAYOUT)))
+    if c.kind == "regex":
+        return str(llguidance.LLMatcher.grammar_from_regex(c.value))
+    if c.kind == "choice":
+        options = json.loads(c.value)
+        if not options or not all(isinstance(o, str) and o for o in options):
+            raise GrammarError("expected a non-empty list of non-empty strings")
+        return str(llguidance.grammar_from("choice", c.value))
+    if c.kind == "tool_calls":
+        return str(llguidance.LLMatcher.grammar_from_lark(tool_call_lark(c)))
+    if c.kind == "grammar":
+        try:
+            return str(llguidance.grammar_from("grammar", c.value))  # Lark, or GBNF/EBNF converted to Lark
+        except ValueError as e:
+            raise GrammarError(str(e)) from e
+    raise GrammarError(f"unknown constraint kind {c.kind!r}")

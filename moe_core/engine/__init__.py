@@ -5,7 +5,8 @@ One module per concern: :mod:`~moe_core.engine.request` (what goes in and out),
 :mod:`~moe_core.engine.kv` (pages, block tables, prefix sharing),
 :mod:`~moe_core.engine.attention` (attention over the pages),
 :mod:`~moe_core.engine.vision_cache` (image features by content and vision identity),
-:mod:`~moe_core.engine.runner` (one packed forward), :mod:`~moe_core.engine.sampling`,
+:mod:`~moe_core.engine.runner` (one packed forward), :mod:`~moe_core.engine.sampling` (and
+:mod:`~moe_core.engine.constraints`, the grammars of constrained rows),
 :mod:`~moe_core.engine.scheduler` (what runs in each step), :mod:`~moe_core.engine.lora` (adapter
 slots) and :mod:`~moe_core.engine.core` (the :class:`Engine` that holds them together).
 """
@@ -20,6 +21,7 @@ from moe_core.engine.request import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    InvalidInput,
     PromptTooLong,
     QueueFull,
     VisionLanguageModel,
@@ -41,6 +43,7 @@ __all__ = [
     "FinishReason",
     "GenerationRequest",
     "GenerationResult",
+    "InvalidInput",
     "Prompt",
     "PromptBuilder",
     "PromptTooLong",

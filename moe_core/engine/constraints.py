@@ -9,34 +9,31 @@ generated tokens if it ever has none, e.g. after a preemption); in each step :me
 sets every token a constrained row's grammar forbids to ``-inf`` in that row's logits, leaving the
 other rows of the batch untouched, and the scheduler advances each matcher with the token picked.
 
-JSON is generated compactly and deterministically, the way ``json.dumps`` writes it (``", "`` and
+JSON is generated (:meth:`Constraint.grammar_text <moe_core.structured.Constraint.grammar_text>`) compactly and deterministically, the way ``json.dumps`` writes it (``", "`` and
 ``": "``, no other whitespace): a sampling model cannot wander into endless whitespace, and a tool
 call's arguments read as Qwen's chat template writes them back.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import llguidance
 import llguidance.hf
 import torch
 
 from moe_core.engine.request import EngineError, InvalidInput
-from moe_core.structured import MAX_GRAMMAR_CHARS, Constraint
+from moe_core.structured import MAX_GRAMMAR_CHARS, Constraint, GrammarError
 
-__all__ = ["GRAMMAR_CACHE_SIZE", "ConstraintError", "Grammar", "Grammars", "RowMatcher", "tool_call_lark"]
+__all__ = ["GRAMMAR_CACHE_SIZE", "ConstraintError", "Grammar", "Grammars", "RowMatcher"]
 
 #: Compiled grammars kept per engine (least recently used dropped first).
 GRAMMAR_CACHE_SIZE = 128
-#: How JSON is laid out: json.dumps' separators, no free whitespace.
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _BITS = torch.arange(32, dtype=torch.int32)
 
 
@@ -71,54 +68,6 @@ class RowMatcher:
     def done(self) -> bool:
         """The grammar is complete and allows nothing more (not even the end of sequence)."""
         return bool(self.matcher.is_stopped())
-
-
-def tool_call_lark(constraint: Constraint) -> str:
-    """A ``tool_calls`` constraint as Lark: ``<tool_call>\\n{json}\\n</tool_call>`` blocks, the JSON being
-    ``{"name": <one of the tools>, "arguments": <that tool's parameters schema>}``."""
-    tools, parallel = constraint.tools()
-    bodies = []
-    for k, tool in enumerate(tools):
-        schema = {
-            "type": "object",
-            "properties": {"name": {"const": tool.name}, "arguments": tool.parameters or {"type": "object"}},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-            "x-guidance": JSON_LAYOUT,
-        }
-        bodies.append(f"tool{k}: %json {json.dumps(schema, ensure_ascii=False)}")
-    choice = " | ".join(f"tool{k}" for k in range(len(tools)))
-    start = 'start: call ("\\n" call)*' if parallel else "start: call"
-    return "\n".join([start, f'call: "<tool_call>\\n" ({choice}) "\\n</tool_call>"', *bodies])
-
-
-def _grammar_text(c: Constraint) -> str:
-    """The llguidance grammar of ``c`` (not yet checked: the matcher built from it reports errors)."""
-    if c.kind == "json_schema":
-        try:
-            schema = json.loads(c.value)
-        except ValueError as e:
-            raise ConstraintError(c.param, f"not valid JSON: {e}") from e
-        if schema is True:
-            schema = {}  # anything
-        if not isinstance(schema, dict):
-            raise ConstraintError(c.param, f"a JSON schema is an object, got {json.dumps(schema)[:40]}")
-        return str(llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=cast(Any, JSON_LAYOUT)))
-    if c.kind == "regex":
-        return str(llguidance.LLMatcher.grammar_from_regex(c.value))
-    if c.kind == "choice":
-        options = json.loads(c.value)
-        if not options or not all(isinstance(o, str) and o for o in options):
-            raise ConstraintError(c.param, "expected a non-empty list of non-empty strings")
-        return str(llguidance.grammar_from("choice", c.value))
-    if c.kind == "tool_calls":
-        return str(llguidance.LLMatcher.grammar_from_lark(tool_call_lark(c)))
-    if c.kind == "grammar":
-        try:
-            return str(llguidance.grammar_from("grammar", c.value))  # Lark, or GBNF/EBNF converted to Lark
-        except ValueError as e:
-            raise ConstraintError(c.param, str(e)) from e
-    raise ConstraintError(c.param, f"unknown constraint kind {c.kind!r}")
 
 
 class Grammars:
@@ -157,7 +106,11 @@ class Grammars:
                 constraint.param, f"{len(constraint.value)} characters, over the limit of {MAX_GRAMMAR_CHARS}"
             )
         t0 = time.perf_counter()
-        matcher = llguidance.LLMatcher(self.tokenizer, _grammar_text(constraint), log_level=0)
+        try:
+            text = constraint.grammar_text()
+        except GrammarError as e:
+            raise ConstraintError(constraint.param, str(e)) from e
+        matcher = llguidance.LLMatcher(self.tokenizer, text, log_level=0)
         if matcher.is_error():
             raise ConstraintError(constraint.param, f"does not compile: {matcher.get_error().strip()}")
         seconds = time.perf_counter() - t0

@@ -21,7 +21,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from deployments.gateway import Gateway, api
-from deployments.messages import Answer, Chunk, Query, RouteRequest, RouteResult, Turn
+from deployments.messages import Answer, Chunk, Query, RouteRequest, RouteResult, TokenLogprob, Turn
 from deployments.openai_api import (
     ApiError,
     ApiKeys,
@@ -91,9 +91,24 @@ class FakeModel:
         reason = "length" if limit is not None and limit < len(words) else "stop"
         words = words[:limit]
         version = "m1" if self.mode == "merged" else ("v1" if adapter else None)
+        asked = query.sampling.logprobs
+        logprobs = tuple(
+            TokenLogprob(w, -0.5, (((w, -0.5), ("x", -2.0))[:asked] if asked else ()))
+            for w in ([words[0]] + [" " + w for w in words[1:]] if asked is not None else [])
+        )
         return Answer(
-            " ".join(words), adapter, self.mode, version, 1, 1, 10 + query.image_tokens, len(words), reason
-        )  # type: ignore[arg-type]
+            " ".join(words),
+            adapter,
+            self.mode,  # type: ignore[arg-type]
+            version,
+            1,
+            1,
+            10 + query.image_tokens,
+            len(words),
+            reason,  # type: ignore[arg-type]
+            cached_tokens=4,
+            logprobs=logprobs,
+        )
 
     async def generate(self, query: Query, adapter: str | None = None) -> Answer:
         adapter = self.adapter or adapter
@@ -121,6 +136,8 @@ class FakeModel:
                 answer.finish_reason if last else None,
                 answer.prompt_tokens,
                 i + 1,
+                answer.cached_tokens,
+                answer.logprobs[i : i + 1],
             )
 
     async def route(self, req: RouteRequest) -> RouteResult:
@@ -402,7 +419,7 @@ def test_n_other_than_one_is_a_400_naming_n(svc: Service) -> None:
         ({"model": None}, 400, "model", None),
         ({"messages": []}, 400, "messages", None),
         ({"messages": "hi"}, 400, "messages", "invalid_type"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role", None),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", None),
         ({"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", "invalid_type"),
         (
             {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
@@ -424,9 +441,42 @@ def test_n_other_than_one_is_a_400_naming_n(svc: Service) -> None:
         ),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages", None),
         ({"stream_options": {"include_usage": True}}, 400, "stream_options", None),
-        ({"logprobs": True}, 400, "logprobs", "unsupported_value"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_value"),
-        ({"response_format": {"type": "json_object"}}, 400, "response_format", None),
+        ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
+        ({"top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),
+        ({"tool_choice": "required"}, 400, "tool_choice", "invalid_value"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            400,
+            "tool_choice",
+            "invalid_value",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "has space"}}]},
+            400,
+            "tools.0.function.name",
+            None,
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            400,
+            "response_format.json_schema.schema",
+            None,
+        ),
+        ({"response_format": {"type": "xml"}}, 400, "response_format", None),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, 400, "structured_outputs", None),
+        ({"structured_outputs": {"choice": []}}, 400, "structured_outputs.choice", None),
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, 400, "guided_regex", None),
+        ({"guided_json": "{not json"}, 400, "guided_json", None),
+        ({"logit_bias": {"12": 5}}, 400, "logit_bias", "unsupported_value"),
+        ({"min_p": 0.1}, 400, "min_p", "unsupported_value"),
+        ({"use_beam_search": True}, 400, "use_beam_search", "unsupported_value"),
+        ({"best_of": 2}, 400, "best_of", "unsupported_value"),
+        ({"repetition_penalty": 0}, 400, "repetition_penalty", "invalid_value"),
+        ({"min_tokens": 9, "max_tokens": 4}, 400, "min_tokens", "invalid_value"),
+        ({"top_k": -2}, 400, "top_k", "invalid_value"),
         ({"max_pixels": 10**9}, 400, "max_pixels", None),
     ],
 )
@@ -693,6 +743,7 @@ def test_stream_framing(svc: Service) -> None:
         "prompt_tokens": 80,
         "completion_tokens": 5,
         "total_tokens": 85,
+        "prompt_tokens_details": {"cached_tokens": 4, "image_tokens": 70},
     }
     plain = _events(svc.chat(stream=True).text)
     assert all("usage" not in c for c in plain[:-1]) and len(plain) == len(events) - 1

@@ -6,12 +6,14 @@ vLLM's /health and /version answer. The real model runs in test_serve_e2e.py."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from deployments.tool_calls import ToolCall, ToolCallParser
-from tests.deployments.test_openai_unit import Service, _data_url, _events, _user, svc  # noqa: F401
+from tests.deployments.test_openai_unit import Service, _data_url, _user
 
 COMPUTER = {
     "type": "function",
@@ -27,6 +29,18 @@ COMPUTER = {
 }
 WAIT = {"type": "function", "function": {"name": "wait", "parameters": {"type": "object"}}}
 CALL = '<tool_call>\n{"name": "computer", "arguments": {"x": 3, "y": 1}}\n</tool_call>'
+
+
+@pytest.fixture
+def svc(monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+    """A gateway on fake deployments (test_openai_unit's), found by Serve's view through a fake replica context."""
+    from ray import serve
+
+    service = Service()
+    monkeypatch.setattr(
+        serve, "get_replica_context", lambda: SimpleNamespace(servable_object=service.gateway)
+    )
+    yield service
 
 
 def _sampling(svc: Service) -> Any:

@@ -721,6 +721,10 @@ class DeploymentConfig(StrictModel):
         data = self.model_dump(mode="json")
         for section, key in LIVE_FIELDS:
             data[section].pop(key)
+        if not data[
+            "outputs"
+        ]:  # left out when empty, as in a config file (generated files stay as they were)
+            del data["outputs"]
         return data
 
     @classmethod

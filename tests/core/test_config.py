@@ -13,6 +13,9 @@ def test_shipped_config_loads() -> None:
     cfg = DeploymentConfig.from_file(ROOT / "config" / "deployment.yaml")
     assert cfg.router.labels and set(cfg.router.labels.values()) <= set(cfg.all_adapters)
     assert cfg.base_model.trust_remote_code is False
+    # every demo expert declares its answer's grammar
+    assert set(cfg.outputs) == set(cfg.all_adapters)
+    assert cfg.outputs["calendar"].constraint("calendar").value == r"click\([0-3], [0-3]\)"
 
 
 BAD = [
@@ -31,6 +34,13 @@ BAD = [
     ({"base_model": {"dtype": "float64"}}, ["base_model.dtype", "float64"]),
     ({"merged": {"adapters": [{"name": "a", "min_replicas": 3, "max_replicas": 1}]}}, ["min_replicas (3)"]),
     ({"limits": {"max_new_tokens": 0}}, ["limits.max_new_tokens", "0"]),
+    ({"dynamic": {"adapters": ["b"]}, "outputs": {"zz": {"regex": "a"}}}, ["outputs", "zz"]),
+    ({"dynamic": {"adapters": ["b"]}, "outputs": {"b": {"regex": "a("}}}, ["outputs.b", "does not compile"]),
+    ({"dynamic": {"adapters": ["b"]}, "outputs": {"b": {}}}, ["outputs.b", "exactly one"]),
+    (
+        {"dynamic": {"adapters": ["b"]}, "outputs": {"b": {"json_schema": {"type": "objectx"}}}},
+        ["outputs.b", "json_schema does not compile"],
+    ),
 ]
 
 

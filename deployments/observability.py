@@ -246,6 +246,37 @@ class ForwardMetrics:
                 "moe_prompt_tokens_computed", "Prompt tokens the model read (not from the prefix cache).", ()
             ),
         }
+        # constrained decoding: (counter, unit of the engine's integer stat)
+        self.grammar_counters = {
+            "constrained_rows": (
+                _counter("moe_constrained_rows", "Requests decoded under a grammar.", ()),
+                1.0,
+            ),
+            "grammar_compiles": (
+                _counter("moe_grammar_compiles", "Grammars compiled (cache misses).", ()),
+                1.0,
+            ),
+            "grammar_cache_hits": (
+                _counter("moe_grammar_cache_hits", "Grammars taken from the compiled-grammar cache.", ()),
+                1.0,
+            ),
+            "grammar_compile_us": (
+                _counter("moe_grammar_compile_seconds", "Time spent compiling grammars.", ()),
+                1e-6,
+            ),
+            "grammar_mask_us": (
+                _counter("moe_grammar_mask_seconds", "Time spent computing and applying token masks.", ()),
+                1e-6,
+            ),
+            "grammar_masked_tokens": (
+                _counter(
+                    "moe_grammar_masked_tokens",
+                    "Tokens picked under a grammar mask (mask seconds / masked tokens = mask time per token).",
+                    (),
+                ),
+                1.0,
+            ),
+        }
         self._seen: dict[str, int] = {}
         self.rejected = _counter("moe_queue_full", "Requests refused because the queue was full.", ())
         self.log = request_logger("forward")
@@ -289,10 +320,12 @@ class ForwardMetrics:
         for key, gauge in self.kv_gauges.items():
             if key in stats:
                 gauge.set(stats[key])
-        for key, counter in self.kv_counters.items():
+        counters = [(k, c, 1.0) for k, c in self.kv_counters.items()]
+        counters += [(k, c, unit) for k, (c, unit) in self.grammar_counters.items()]
+        for key, counter, unit in counters:
             grew = stats.get(key, 0) - self._seen.get(key, 0)
             if grew > 0:
-                counter.inc(grew)
+                counter.inc(grew * unit)
                 self._seen[key] = stats[key]
 
 

@@ -6,6 +6,7 @@
     python -m benchmarks --only promotion  # just the Zipf mix through Serve, promotion off vs on
     python -m benchmarks --only kv       # just the paged KV cache: joins, KV bytes, agent turns, burst, peer
     python -m benchmarks --only storage    # fetch throughput of a 1 GB version: local S3 vs local copy
+    python -m benchmarks --only grammar    # constrained decoding: cost per token at batch 8, compile time
 
 Writes benchmarks/results/<name>.json, .md and .png with the machine's description.
 """
@@ -39,6 +40,7 @@ TARGETS = {
     "agent turn-5 TTFT, no reuse/reuse": (">=", 3.0),
     "join cost, 16x1024/1x64 running (v3)": ("<=", 1.5),
     "throughput vs transformers generate_batch": (">=", 1.0),
+    "constrained/free row per token, batch 8": ("<=", 1.10),
 }
 
 
@@ -133,6 +135,10 @@ def summarise(samples: dict[str, list[float]], figures: dict[str, Any], s: Bench
         ratios["burst: stream p99 gap, whole/chunked prefill"] = (
             p99_ms["burst_stream_gap_whole"] / p99_ms["burst_stream_gap_chunked"]
         )
+    if "grammar_constrained_vs_free_row_same_batch" in figures:  # benchmarks/grammar_bench.py
+        ratios["constrained/free row per token, batch 8"] = figures[
+            "grammar_constrained_vs_free_row_same_batch"
+        ]
     if "cold_request" in ms:
         ratios["cold/warm request"] = ms["cold_request"] / ms["warm_request"]
     if "infer_http_dynamic" in ms:
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: few rounds, no Ray Serve")
     p.add_argument("--gpu", action="store_true", help="Qwen3-VL-8B shapes with random bf16 weights on CUDA")
     p.add_argument("--rounds", type=int)
-    p.add_argument("--only", choices=["promotion", "kv", "storage"], help="run one part only")
+    p.add_argument("--only", choices=["promotion", "kv", "storage", "grammar"], help="run one part only")
     p.add_argument("--storage-gb", type=float, default=1.0, help="size of the storage benchmark's version")
     p.add_argument("--name", help="result file name (default: cpu, cpu-quick or gpu)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -277,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
             s4, f4 = storage_benchmarks(args.storage_gb)
             samples.update(s4)
             figures.update(f4)
+        if args.only == "grammar" or (not args.quick and args.only is None):  # benchmarks/grammar_bench.py
+            from benchmarks.grammar_bench import grammar_benchmarks
+
+            s6, f6 = grammar_benchmarks(cfg, quick=args.quick)
+            samples.update(s6)
+            figures.update(f6)
     result = {
         "name": name,
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -146,8 +146,12 @@ class ModelDeployment(ABC, Generic[S]):
     def _start(self) -> None:
         """Set up the deployment's own state (engine, caches) once settings and store are in place."""
 
-    def request(self, query: Query, adapter: str | None) -> tuple[GenerationRequest, SamplingParams]:
-        """The engine's request for ``query``: images decoded, the conversation built, sampling checked."""
+    def request(
+        self, query: Query, adapter: str | None, *, expert: str | None = None
+    ) -> tuple[GenerationRequest, SamplingParams]:
+        """The engine's request for ``query``: images decoded, the conversation built, sampling checked.
+        ``expert`` (default ``adapter``) is the expert answering, whose declared grammar applies when the
+        query brings none (a merged model answers for its adapter with no adapter of its own)."""
         images = [open_image(b) for b in query.images]
         turns = tuple(
             ChatTurn(
@@ -175,8 +179,8 @@ class ModelDeployment(ABC, Generic[S]):
                 "max_tokens", f"max_tokens {s.max_tokens} is over this server's limit of {limit}", 400
             )
         constraint = s.constraint
-        if constraint is None and s.expert_grammar and adapter is not None:
-            constraint = self.settings.output_constraint(adapter)  # the expert's declared grammar, if any
+        if constraint is None and s.expert_grammar:
+            constraint = self.settings.output_constraint(expert or adapter)  # the expert's declared grammar
         try:
             params = SamplingParams(
                 s.max_tokens,

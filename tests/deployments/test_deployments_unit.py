@@ -18,7 +18,7 @@ from PIL import Image
 from deployments.dynamic import AdapterNotServed, DynamicLoRA, NotConfigured
 from deployments.gateway import Gateway, ServiceUnavailable
 from deployments.merged import MergedModel, ModelUnavailable
-from deployments.messages import Answer, Query, RouteRequest
+from deployments.messages import Answer, Query, RouteRequest, Sampling
 from deployments.routing import RoutingPolicy
 from deployments.schemas import BadInput, InferRequest
 from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings
@@ -27,6 +27,7 @@ from moe_core.engine import ClassifyResult, GenerationRequest
 from moe_core.engine.sampling import SamplingParams
 from moe_core.engine.scheduler import Completion, Delta, PromptTooLong, Timings
 from moe_core.storage import Storage
+from moe_core.structured import Constraint
 from moe_core.vision import PixelBounds
 
 #: One event loop for the module (a replica has one loop; these tests share one too).
@@ -55,12 +56,14 @@ class FakeEngine:
         self._last = (0, 0)
         self.classified = 0
         self.slots = (99, 16)
+        self.params: list[SamplingParams] = []
 
     async def generate(
         self, request: GenerationRequest, params: SamplingParams, *, request_id: str = ""
     ) -> Completion:
         """Requests that arrive together form one batch, as the scheduler's running batch does."""
         self._pending.append(request)
+        self.params.append(params)
         await asyncio.sleep(0.05)  # requests arriving within this window share the "forward"
         if self._pending:
             batch, self._pending = self._pending, []
@@ -94,7 +97,12 @@ class FakeEngine:
         return self.verdict
 
     def prompt_tokens(
-        self, prompt: str, image_tokens: int, system_prompt: str | None = None, turns: Sequence[Any] = ()
+        self,
+        prompt: str,
+        image_tokens: int,
+        system_prompt: str | None = None,
+        turns: Sequence[Any] = (),
+        tools: str | None = None,
     ) -> int:
         return len(prompt.split()) + image_tokens
 
@@ -281,6 +289,47 @@ async def test_route_answers_in_place_only_when_the_decision_is_dynamic(store: S
     assert base.answer is not None and base.answer.adapter is None
     assert base.decision.routed_via == "router-below-threshold"
     assert engine.classified == 4
+
+
+@on_loop
+async def test_each_expert_answers_under_its_declared_grammar_merged_and_dynamic(
+    store: Storage, tmp_path: Path
+) -> None:
+    """The merged model has no adapter of its own: it still answers under its expert's grammar (it did
+    not, before the grammar was looked up by the expert it serves); a request's own format wins."""
+    cfg = DeploymentConfig.from_dict(
+        CFG.model_dump(mode="json")
+        | {"outputs": {"calendar": {"regex": "a+"}, "login-window": {"choice": ["x"]}}}
+    )
+    engines: list[FakeEngine] = []
+
+    def factory(settings: EngineSettings, path: Path | None, name: str, rows: int, queue: int) -> FakeEngine:
+        engines.append(FakeEngine(path))
+        return engines[-1]
+
+    _publish(store, tmp_path, "merged", "calendar", "m1")
+    m = MergedModel(MergedSettings.of(cfg, "calendar"), engine_factory=factory, storage=store)
+    await m.generate(_q("a"), "calendar")
+    d = DynamicLoRA(DynamicSettings.of(cfg), engine_factory=factory, storage=store)
+    d.reconfigure(LiveSettings.of(cfg).dynamic.model_dump())
+    await d.generate(_q("b"), "login-window")
+    await d.generate(_q("c"), "calendar")  # the fallback of the merged one: the same grammar
+    await d.generate(_q("d"), None)  # the base model: free
+    own = Query(
+        _png(), "e", PixelBounds(1024, 4096), 4, sampling=Sampling(constraint=Constraint.regex("b", "x"))
+    )
+    await d.generate(own, "login-window")
+    free = Query(_png(), "f", PixelBounds(1024, 4096), 4, sampling=Sampling(expert_grammar=False))
+    await d.generate(free, "login-window")  # tools in auto mode: no grammar
+    got = [p.constraint for e in engines for p in e.params]
+    assert [(c.kind, c.value, c.param) if c else None for c in got] == [
+        ("regex", "a+", "outputs.calendar"),
+        ("choice", '["x"]', "outputs.login-window"),
+        ("regex", "a+", "outputs.calendar"),
+        None,
+        ("regex", "b", "x"),
+        None,
+    ]
 
 
 @on_loop

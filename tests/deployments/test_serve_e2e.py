@@ -12,6 +12,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -567,6 +568,237 @@ def test_openai_api_keys(service) -> None:  # type: ignore[no-untyped-def]
     assert service["cfg"].base_model.id in ids and "calendar" in ids and "auto" not in ids  # no dynamic here
     r = requests.post(f"{url}/infer", json={"prompt": "x"}, headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 422  # past the key: /infer's own validation
+
+
+# ----------------------------------------------------------------------------- the agent's API
+#: The action an agent's tool takes, as its JSON schema (bounded: the tiny model completes it under the grammar).
+COMPUTER_PARAMS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "action": {"enum": ["click", "double_click", "type"]},
+        "x": {"type": "integer", "minimum": 0, "maximum": 3},
+        "y": {"type": "integer", "minimum": 0, "maximum": 3},
+    },
+    "required": ["action", "x", "y"],
+    "additionalProperties": False,
+}
+COMPUTER_TOOL = {
+    "type": "function",
+    "function": {"name": "computer", "description": "Act on the screen.", "parameters": COMPUTER_PARAMS},
+}
+NAMED = {"type": "function", "function": {"name": "computer"}}
+
+
+def test_every_demo_expert_answers_within_its_declared_grammar(service) -> None:  # type: ignore[no-untyped-def]
+    """Sampled at temperature 1 (where the tiny experts alone wander off), through /v1 and /infer."""
+    import re
+
+    sdk, cfg = _sdk(service["url"]), service["cfg"]
+    screens = split("heldout", 2, SCREEN_TYPES, offset=960)
+
+    def answer(screen: Screen) -> tuple[str, str]:
+        out = sdk.chat.completions.create(
+            model=screen.kind, messages=_messages(screen), temperature=1.0, seed=7, max_tokens=24
+        )
+        return screen.kind, out.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(answer, screens))
+    answers += [(s.kind, _infer(service["url"], s, expert=s.kind).json()["task_output"]) for s in screens[:7]]
+    for kind, text in answers:
+        pattern = cfg.outputs[kind].regex
+        assert pattern is not None and re.fullmatch(pattern, text), (kind, text)
+    print(f"demo experts under their grammars (temperature 1): {answers[:4]}")
+
+
+def test_sdk_parse_with_a_pydantic_model(service) -> None:  # type: ignore[no-untyped-def]
+    """The official SDK's structured outputs (response_format json_schema, strict), at temperature 1."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Click(BaseModel):
+        action: Literal["click", "double_click"]
+        x: int = Field(ge=0, le=3)
+        y: int = Field(ge=0, le=3)
+
+    sdk, base = _sdk(service["url"]), service["cfg"].base_model.id
+    screen = split("heldout", 1, ("calendar",), offset=970)[0]
+
+    def parse(seed: int) -> Any:
+        out = sdk.chat.completions.parse(
+            model=base,
+            messages=_messages(screen),
+            response_format=Click,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=64,
+        )
+        return out.choices[0].message.parsed
+
+    with ThreadPoolExecutor(4) as pool:
+        parsed = list(pool.map(parse, range(8)))
+    assert all(isinstance(p, Click) for p in parsed), parsed
+    r = requests.post(
+        f"{service['url']}/v1/chat/completions",
+        json={"model": base, "messages": _messages(screen), "max_tokens": 64, "temperature": 1.0, "seed": 1},
+        timeout=120,
+    )
+    free = r.json()["choices"][0]["message"]["content"]
+    with pytest.raises(ValueError):
+        Click.model_validate_json(free)  # the base model alone writes no such JSON
+
+
+def test_tool_calls_named_and_required_streamed_and_not(service) -> None:  # type: ignore[no-untyped-def]
+    import jsonschema
+
+    sdk = _sdk(service["url"])
+    screen = split("heldout", 1, ("login-window",), offset=975)[0]
+    kw: dict[str, Any] = {"messages": _messages(screen), "tools": [COMPUTER_TOOL], "max_tokens": 96}
+    for model, choice in (("login-window", NAMED), ("calendar", "required")):  # dynamic, merged
+        whole = sdk.chat.completions.create(model=model, tool_choice=choice, **kw)
+        assert whole.choices[0].finish_reason == "tool_calls", whole
+        (call,) = whole.choices[0].message.tool_calls or []
+        assert call.function.name == "computer" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), COMPUTER_PARAMS)
+        calls: dict[int, dict[str, str]] = {}
+        finish = None
+        for chunk in sdk.chat.completions.create(model=model, tool_choice=choice, stream=True, **kw):
+            for c in chunk.choices:
+                finish = c.finish_reason or finish
+                for d in c.delta.tool_calls or []:
+                    got = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                    got["name"] += (d.function.name or "") if d.function else ""
+                    got["arguments"] += (d.function.arguments or "") if d.function else ""
+        assert finish == "tool_calls"
+        assert list(calls.values()) == [{"name": "computer", "arguments": call.function.arguments}], calls
+    free = sdk.chat.completions.create(model="login-window", tool_choice="none", **kw)
+    assert not free.choices[0].message.tool_calls and free.choices[0].finish_reason == "stop"
+
+
+def test_a_history_with_a_tool_call_and_its_result_answers(service) -> None:  # type: ignore[no-untyped-def]
+    sdk = _sdk(service["url"])
+    first, second = split("heldout", 1, ("login-window", "desktop"), offset=980)
+    history = [
+        *_messages(first),
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_0",
+                    "type": "function",
+                    "function": {"name": "computer", "arguments": '{"action": "click", "x": 1, "y": 2}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_0", "content": "clicked; the screen changed"},
+        *_messages(second),
+    ]
+    out = sdk.chat.completions.create(
+        model="auto", messages=history, tools=[COMPUTER_TOOL], tool_choice=NAMED
+    )
+    assert out.model_extra["moe"]["adapter"] == "desktop"  # routed on the last screenshot
+    (call,) = out.choices[0].message.tool_calls or []
+    assert json.loads(call.function.arguments)["action"] in COMPUTER_PARAMS["properties"]["action"]["enum"]
+    again = sdk.chat.completions.create(model="desktop", messages=history, tools=[COMPUTER_TOOL])
+    assert again.choices[0].message.content or again.choices[0].message.tool_calls  # auto: answers
+
+
+def test_logprobs_streamed_and_not(service) -> None:  # type: ignore[no-untyped-def]
+    import math
+
+    sdk, base = _sdk(service["url"]), service["cfg"].base_model.id
+    screen = split("heldout", 1, ("desktop",), offset=985)[0]
+    kw: dict[str, Any] = {"messages": _messages(screen), "logprobs": True, "top_logprobs": 3, "max_tokens": 8}
+    out = sdk.chat.completions.create(model=base, **kw)
+    content = out.choices[0].logprobs.content if out.choices[0].logprobs else None
+    assert content and len(content) <= 8
+    for t in content:
+        assert math.isfinite(t.logprob) and t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+    streamed = [
+        t.token
+        for chunk in sdk.chat.completions.create(model=base, stream=True, **kw)
+        for c in chunk.choices
+        if c.logprobs
+        for t in c.logprobs.content or []
+    ]
+    assert streamed == [t.token for t in content]
+    expert = sdk.chat.completions.create(model="desktop", **kw)  # under its grammar: raw logprobs, still <= 0
+    assert all(t.logprob <= 0 for t in (expert.choices[0].logprobs.content or []))  # type: ignore[union-attr]
+    r = _infer(service["url"], screen, expert="desktop", logprobs=True).json()
+    assert r["answer_logprob"] <= 0 and "".join(t["token"] for t in r["logprobs"]) == r["task_output"]
+
+
+def test_bad_grammars_tools_and_logprobs_are_400s_naming_the_field(service) -> None:  # type: ignore[no-untyped-def]
+    url, screen = service["url"], split("heldout", 1, ("calendar",))[0]
+
+    def post(model: str, **body: Any) -> dict[str, Any]:
+        r = requests.post(
+            f"{url}/v1/chat/completions",
+            json={"model": model, "messages": _messages(screen)} | body,
+            timeout=60,
+        )
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        return r.json()["error"]
+
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "objectx"}}}
+    for model in ("calendar", "login-window"):  # merged, dynamic: compiled where the model is
+        assert post(model, response_format=bad_schema)["param"] == "response_format.json_schema.schema"
+        assert post(model, structured_outputs={"regex": "click(("})["param"] == "structured_outputs.regex"
+    unknown = {"type": "function", "function": {"name": "browser"}}
+    assert post("calendar", tools=[COMPUTER_TOOL], tool_choice=unknown)["param"] == "tool_choice"
+    assert post("calendar", logprobs=True, top_logprobs=21)["param"] == "top_logprobs"
+    bad_params = {"type": "function", "function": {"name": "computer", "parameters": {"type": "nope"}}}
+    assert post("calendar", tools=[bad_params], tool_choice="required")["param"] == "tools"
+    assert post("calendar", use_beam_search=True)["param"] == "use_beam_search"
+    r = requests.post(
+        f"{url}/infer", json={"image_b64": _b64(screen), "prompt": "x", "guided_regex": "(("}, timeout=60
+    )
+    assert r.status_code == 400 and r.json()["error"]["field"] == "guided_regex"
+    assert _infer(url, screen).status_code == 200  # still serving
+
+
+def test_guidellm_sweeps_with_ignore_eos_and_gets_the_tokens_it_asked_for(service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """GuideLLM 0.8.1 (the vLLM ecosystem's benchmark) against the server with no route override: it
+    probes /health, asks for 16 output tokens with ignore_eos, and gets 16 per request."""
+    from moe_core.tiny import build_tiny_model
+
+    out = tmp_path / "guidellm.json"
+    env = dict(os.environ, GUIDELLM__MAX_WORKER_PROCESSES="1", HF_HUB_OFFLINE="1")
+    cmd = [
+        str(Path(sys.executable).parent / "guidellm"),
+        "run",
+        "--backend",
+        f"kind=openai_http,target={service['url']},model={service['cfg'].base_model.id}",
+        "--tokenizer",
+        f"kind=huggingface_auto,model={build_tiny_model()}",
+        "--data",
+        "kind=synthetic_text,prompt_tokens=32,output_tokens=16",
+        "--profile",
+        "kind=concurrent,streams=1",
+        "--override",
+        "profile.streams",
+        "1,4",
+        "--constraint",
+        "kind=max_requests,max_requests=8",
+        "--output",
+        f"kind=json,path={out}",
+        "--disable-console-interactive",
+    ]
+    t0 = time.time()
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    benchmarks = report["benchmarks"]
+    assert len(benchmarks) == 2, [b.get("config", {}).get("strategy") for b in benchmarks]
+    tokens = [r["output_metrics"]["text_tokens"] for b in benchmarks for r in b["requests"]["successful"]]
+    errors = sum(len(b["requests"]["errored"]) for b in benchmarks)
+    print(
+        f"guidellm: {len(tokens)} requests in 2 benchmarks, output tokens {sorted(set(tokens))}, {time.time() - t0:.1f}s"
+    )
+    assert errors == 0 and tokens and set(tokens) == {16}
 
 
 def test_fuzzing_every_endpoint_finds_no_5xx(service) -> None:  # type: ignore[no-untyped-def]

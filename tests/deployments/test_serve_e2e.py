@@ -696,12 +696,14 @@ def test_a_history_with_a_tool_call_and_its_result_answers(service) -> None:  # 
         *_messages(second),
     ]
     out = sdk.chat.completions.create(
-        model="auto", messages=history, tools=[COMPUTER_TOOL], tool_choice=NAMED
+        model="auto", messages=history, tools=[COMPUTER_TOOL], tool_choice=NAMED, max_tokens=96
     )
     assert out.model_extra["moe"]["adapter"] == "desktop"  # routed on the last screenshot
     (call,) = out.choices[0].message.tool_calls or []
     assert json.loads(call.function.arguments)["action"] in COMPUTER_PARAMS["properties"]["action"]["enum"]
-    again = sdk.chat.completions.create(model="desktop", messages=history, tools=[COMPUTER_TOOL])
+    again = sdk.chat.completions.create(
+        model="desktop", messages=history, tools=[COMPUTER_TOOL], max_tokens=96
+    )
     assert again.choices[0].message.content or again.choices[0].message.tool_calls  # auto: answers
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 
 from moe_core.engine.request import EngineError, InvalidInput
@@ -34,7 +35,6 @@ __all__ = ["GRAMMAR_CACHE_SIZE", "ConstraintError", "Grammar", "Grammars", "RowM
 
 #: Compiled grammars kept per engine (least recently used dropped first).
 GRAMMAR_CACHE_SIZE = 128
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class ConstraintError(InvalidInput):
@@ -142,30 +142,29 @@ class Grammars:
         grammar forbids and ``blocked[i]`` (its end-of-sequence ids before ``min_tokens``; left allowed when
         the grammar allows nothing else). Rows without a matcher keep their logits; the input is not
         changed (a copy is returned when anything is masked)."""
-        rows = [i for i, m in enumerate(matchers) if m is not None]
-        if not rows and not any(blocked):
+        constrained = [i for i, m in enumerate(matchers) if m is not None]
+        if not constrained and not any(blocked):
             return logits
-        logits = logits.clone()
-        allowed: torch.Tensor | None = None
-        if rows:
-            t0 = time.perf_counter()
-            words = (self.vocab + 31) // 32
-            bitmask = torch.empty((len(rows), words), dtype=torch.int32)
-            for k, i in enumerate(rows):
-                m = matchers[i]
-                assert m is not None
-                m.matcher.unsafe_compute_mask_ptr(bitmask[k].data_ptr(), words * 4)
-            # [rows, words] -> [rows, words, 32] bits -> [rows, vocab]
-            allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().flatten(1)[:, : logits.shape[1]]
-            allowed[~allowed.any(-1), self.eos[0]] = True  # a grammar in error allows nothing: the row ends
-            logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
-            self.stats["grammar_mask_us"] += int((time.perf_counter() - t0) * 1e6)
-            self.stats["grammar_masked_tokens"] += len(rows)
+        t0 = time.perf_counter()
+        rows, vocab = logits.shape
+        words = (self.vocab + 31) // 32
+        bitmask = torch.full((rows, words), -1, dtype=torch.int32)  # [rows, words]: free rows allow all
+        for i in constrained:
+            m = matchers[i]
+            assert m is not None
+            m.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), words * 4)
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+        allowed = torch.from_numpy(bits).bool()  # [rows, vocab]
+        if constrained:  # a grammar in error allows nothing: the row ends
+            allowed[~allowed.any(-1), self.eos[0]] = True
         for i, ids in enumerate(blocked):
-            if not ids:
-                continue
-            keep = logits[i].clone()
-            logits[i, list(ids)] = float("-inf")
-            if not torch.isfinite(logits[i]).any():  # the grammar allows only the end: it wins
-                logits[i] = keep
-        return logits
+            if ids:
+                keep = allowed[i, list(ids)].clone()
+                allowed[i, list(ids)] = False
+                if not allowed[i].any():  # the grammar allows only the end: it wins
+                    allowed[i, list(ids)] = keep
+        out = logits.masked_fill(~allowed, float("-inf"))
+        if constrained:
+            self.stats["grammar_mask_us"] += int((time.perf_counter() - t0) * 1e6)
+            self.stats["grammar_masked_tokens"] += len(constrained)
+        return out

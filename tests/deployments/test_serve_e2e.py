@@ -705,6 +705,16 @@ def test_a_history_with_a_tool_call_and_its_result_answers(service) -> None:  # 
         model="desktop", messages=history, tools=[COMPUTER_TOOL], max_tokens=96
     )
     assert again.choices[0].message.content or again.choices[0].message.tool_calls  # auto: answers
+    # the README's agent loop: the SDK's own message object sent back, with the call's result
+    loop = [
+        *_messages(first),
+        out.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "clicked"},
+    ]
+    third = sdk.chat.completions.create(
+        model="login-window", messages=loop, tools=[COMPUTER_TOOL], tool_choice="required", max_tokens=96
+    )
+    assert third.choices[0].finish_reason == "tool_calls"
 
 
 def test_logprobs_streamed_and_not(service) -> None:  # type: ignore[no-untyped-def]

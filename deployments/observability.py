@@ -247,6 +247,9 @@ class ForwardMetrics:
             ),
         }
         # constrained decoding: (counter, unit of the engine's integer stat)
+        mask_seconds = _counter(
+            "moe_grammar_mask_seconds", "Time spent computing and applying token masks.", ()
+        )
         self.grammar_counters = {
             "constrained_rows": (
                 _counter("moe_constrained_rows", "Requests decoded under a grammar.", ()),
@@ -264,10 +267,8 @@ class ForwardMetrics:
                 _counter("moe_grammar_compile_seconds", "Time spent compiling grammars.", ()),
                 1e-6,
             ),
-            "grammar_mask_us": (
-                _counter("moe_grammar_mask_seconds", "Time spent computing and applying token masks.", ()),
-                1e-6,
-            ),
+            "grammar_mask_us": (mask_seconds, 1e-6),  # applying masks, on the step's path
+            "grammar_fill_us": (mask_seconds, 1e-6),  # computing them, on the grammar thread
             "grammar_masked_tokens": (
                 _counter(
                     "moe_grammar_masked_tokens",

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,16 +53,31 @@ class Grammar:
 
 
 class RowMatcher:
-    """One row's place in its grammar."""
+    """One row's place in its grammar, and its allowed-token bitmask there once computed."""
 
     def __init__(self, grammar: Grammar, generated: Sequence[int] = ()) -> None:
         self.grammar = grammar
         self.matcher = grammar.pristine.deep_copy()
         if generated and not self.matcher.consume_tokens(list(generated)):
             raise EngineError(f"the row's tokens do not follow its grammar: {self.matcher.get_error()}")
+        self.bitmask: torch.Tensor | None = None  # [words] int32, for the row's next token
+
+    def fill(self, words: int) -> None:
+        """Compute the row's allowed tokens now, a bitmask of ``words`` int32 (the grammar thread's work)."""
+        bitmask = torch.empty(words, dtype=torch.int32)
+        self.matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
+        self.bitmask = bitmask
+
+    def fill_into(self, out: torch.Tensor, words: int) -> None:
+        """The row's bitmask into ``out`` (contiguous ``[words]`` int32): the one computed ahead, or now."""
+        if self.bitmask is not None:
+            out.copy_(self.bitmask)
+        else:
+            self.matcher.unsafe_compute_mask_ptr(out.data_ptr(), words * 4)
 
     def accept(self, token: int) -> bool:
         """Advance over ``token``; False when the grammar does not allow it (the row cannot go on)."""
+        self.bitmask = None
         return bool(self.matcher.consume_token(token))
 
     @property
@@ -75,19 +91,29 @@ class Grammars:
     grammars, and counters (compiles, cache hits, compile and mask time) for the metrics."""
 
     def __init__(
-        self, tokenizer: Any, vocab: int, eos: Sequence[int], capacity: int = GRAMMAR_CACHE_SIZE
+        self,
+        tokenizer: Any,
+        vocab: int,
+        eos: Sequence[int],
+        capacity: int = GRAMMAR_CACHE_SIZE,
+        *,
+        overlap: bool = False,
     ) -> None:
         self.vocab = vocab  # the logits' width (may exceed the tokenizer's: padding rows of the head)
         self.eos = list(eos)
+        self.overlap = overlap  # compute masks during the forward (a CUDA device)
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=list(eos))
         self.capacity = capacity
         self._cache: OrderedDict[tuple[str, str], Grammar] = OrderedDict()
         self._lock = threading.Lock()
+        self._filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        self._prefetch: Future[None] | None = None
         self.stats = {
             "grammar_compiles": 0,
             "grammar_cache_hits": 0,
             "grammar_compile_us": 0,
-            "grammar_mask_us": 0,
+            "grammar_mask_us": 0,  # on the step's path: waiting for, unpacking and applying masks
+            "grammar_fill_us": 0,  # computing masks on the grammar thread, during the forward
             "grammar_masked_tokens": 0,
             "constrained_rows": 0,
         }
@@ -132,37 +158,61 @@ class Grammars:
             self.stats["constrained_rows"] += 1
         return RowMatcher(grammar, generated)
 
+    def prefetch(self, matchers: Sequence[RowMatcher]) -> None:
+        """With ``overlap`` (a CUDA device: the forward leaves the CPU idle), start computing these rows'
+        masks on the grammar thread while the step's forward runs (a row's mask depends on its tokens so
+        far, not on the logits); :meth:`mask` waits for them. On the CPU the forward holds the cores, so
+        the masks are computed in :meth:`mask` instead (measured: overlapping there made steps slower)."""
+        if not self.overlap or not matchers:
+            return
+        words = (self.vocab + 31) // 32
+
+        def fill() -> None:
+            t0 = time.perf_counter()
+            for m in matchers:
+                m.fill(words)
+            self.stats["grammar_fill_us"] += int((time.perf_counter() - t0) * 1e6)
+
+        self._prefetch = self._filler.submit(fill)
+
     def mask(
         self,
         logits: torch.Tensor,
         matchers: Sequence[RowMatcher | None],
-        blocked: Sequence[Sequence[int]] = (),
+        blocks_eos: Sequence[bool] = (),
     ) -> torch.Tensor:
         """``logits`` ``[rows, vocab]`` with what each row may not pick now at ``-inf``: the tokens its
-        grammar forbids and ``blocked[i]`` (its end-of-sequence ids before ``min_tokens``; left allowed when
-        the grammar allows nothing else). Rows without a matcher keep their logits; the input is not
-        changed (a copy is returned when anything is masked)."""
+        grammar forbids, and the end of sequence where ``blocks_eos[i]`` (before ``min_tokens``, or
+        ``ignore_eos``; left allowed when the grammar allows nothing else). Rows without either keep their
+        logits; the input is not changed (a copy is returned when anything is masked)."""
         constrained = [i for i, m in enumerate(matchers) if m is not None]
-        if not constrained and not any(blocked):
+        blocked = [i for i, b in enumerate(blocks_eos) if b]
+        if not constrained and not blocked:
             return logits
         t0 = time.perf_counter()
         rows, vocab = logits.shape
-        words = (self.vocab + 31) // 32
-        bitmask = torch.full((rows, words), -1, dtype=torch.int32)  # [rows, words]: free rows allow all
-        for i in constrained:
-            m = matchers[i]
-            assert m is not None
-            m.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), words * 4)
-        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
-        allowed = torch.from_numpy(bits).bool()  # [rows, vocab]
-        if constrained:  # a grammar in error allows nothing: the row ends
-            allowed[~allowed.any(-1), self.eos[0]] = True
-        for i, ids in enumerate(blocked):
-            if ids:
-                keep = allowed[i, list(ids)].clone()
-                allowed[i, list(ids)] = False
-                if not allowed[i].any():  # the grammar allows only the end: it wins
-                    allowed[i, list(ids)] = keep
+        allowed = torch.ones((rows, vocab), dtype=torch.bool)
+        if constrained:
+            if self._prefetch is not None:  # the masks computed during the forward
+                self._prefetch.result()
+                self._prefetch = None
+            words = (self.vocab + 31) // 32
+            bitmask = torch.empty((len(constrained), words), dtype=torch.int32)  # [constrained, words]
+            for k, i in enumerate(constrained):
+                m = matchers[i]
+                assert m is not None
+                m.fill_into(bitmask[k], words)
+            unpacked = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+            bits = torch.from_numpy(unpacked).bool()  # [constrained, vocab]
+            bits[~bits.any(-1), self.eos[0]] = True  # a grammar in error allows nothing: the row ends
+            allowed[torch.tensor(constrained)] = bits
+        if blocked:
+            b, eos = torch.tensor(blocked), torch.tensor(self.eos)
+            keep = allowed[b][:, eos]
+            allowed[b.unsqueeze(1), eos] = False
+            only_end = ~allowed[b].any(-1)  # the grammar allows only the end: it wins
+            if only_end.any():
+                allowed[b[only_end].unsqueeze(1), eos] = keep[only_end]
         out = logits.masked_fill(~allowed, float("-inf"))
         if constrained:
             self.stats["grammar_mask_us"] += int((time.perf_counter() - t0) * 1e6)

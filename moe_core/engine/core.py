@@ -98,7 +98,12 @@ class Engine:
         self.pages = PageAllocator(self.kv.pages, prefix_caching=kv.prefix_caching)
         self.features = FeatureCache(kv.vision_cache_images)
         # grammars for constrained rows, over the logits' width; token texts for logprobs, made once each
-        self.grammars = Grammars(processor.tokenizer, int(text_config.vocab_size), self.eos_token_ids)
+        self.grammars = Grammars(
+            processor.tokenizer,
+            int(text_config.vocab_size),
+            self.eos_token_ids,
+            overlap=self.device.type == "cuda",  # masks computed during the forward where the CPU is idle
+        )
         self.token_text = TokenTexts(processor.tokenizer)
         self.runner = ModelRunner(
             self.model,

@@ -446,6 +446,7 @@ class Scheduler:
                 plan = self._plan()
             if not plan:
                 return False
+            engine.grammars.prefetch([s.matcher for s, w in plan if w.logits and s.matcher is not None])
             results = self._forward(plan)
             with self._cond:
                 self._finish(plan, results)
@@ -713,9 +714,7 @@ class Scheduler:
         seqs = [s for s, _ in rows]
         params = [s.job.params for s in seqs]
         raw = torch.stack([t for _, t in rows])  # [rows, vocab], fp32
-        blocked = [
-            list(self._eos) if p.blocks_eos(s.generated) else [] for s, p in zip(seqs, params, strict=True)
-        ]
+        blocked = [p.blocks_eos(s.generated) for s, p in zip(seqs, params, strict=True)]
         # grammar masks and blocked ends on a copy: the raw logits are what logprobs report
         logits = self.engine.grammars.mask(raw, [s.matcher for s in seqs], blocked)
         history = [(s.tokens, len(s.job.prompt)) for s in seqs]

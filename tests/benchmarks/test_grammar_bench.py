@@ -19,7 +19,8 @@ def test_grammar_benchmark_reports_cost_per_token_and_compile_time(tmp_path: Pat
     for key in (
         "grammar_step_free_ms",
         "grammar_step_all_ms",
-        "grammar_mask_per_token_us",
+        "grammar_mask_fill_per_token_us",
+        "grammar_mask_apply_per_token_us",
         "grammar_compile_action_schema_ms",
         "grammar_compile_tool_call_ms",
         "grammar_cache_hit_ms",

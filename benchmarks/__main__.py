@@ -135,9 +135,9 @@ def summarise(samples: dict[str, list[float]], figures: dict[str, Any], s: Bench
         ratios["burst: stream p99 gap, whole/chunked prefill"] = (
             p99_ms["burst_stream_gap_whole"] / p99_ms["burst_stream_gap_chunked"]
         )
-    if "grammar_constrained_vs_free_row_same_batch" in figures:  # benchmarks/grammar_bench.py
+    if "grammar_per_token_half_constrained_vs_free" in figures:  # benchmarks/grammar_bench.py
         ratios["constrained/free row per token, batch 8"] = figures[
-            "grammar_constrained_vs_free_row_same_batch"
+            "grammar_per_token_half_constrained_vs_free"
         ]
     if "cold_request" in ms:
         ratios["cold/warm request"] = ms["cold_request"] / ms["warm_request"]

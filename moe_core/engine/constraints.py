@@ -60,20 +60,20 @@ class RowMatcher:
         self.matcher = grammar.pristine.deep_copy()
         if generated and not self.matcher.consume_tokens(list(generated)):
             raise EngineError(f"the row's tokens do not follow its grammar: {self.matcher.get_error()}")
-        self.bitmask: torch.Tensor | None = None  # [words] int32, for the row's next token
+        self.bitmask: np.ndarray | None = None  # [words] int32, for the row's next token
 
     def fill(self, words: int) -> None:
         """Compute the row's allowed tokens now, a bitmask of ``words`` int32 (the grammar thread's work)."""
-        bitmask = torch.empty(words, dtype=torch.int32)
-        self.matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
+        bitmask = np.empty(words, dtype=np.int32)
+        self.matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data, words * 4)
         self.bitmask = bitmask
 
-    def fill_into(self, out: torch.Tensor, words: int) -> None:
-        """The row's bitmask into ``out`` (contiguous ``[words]`` int32): the one computed ahead, or now."""
+    def fill_into(self, out: np.ndarray, address: int, words: int) -> None:
+        """The row's bitmask into ``out`` (``[words]`` int32 at ``address``): the one computed ahead, or now."""
         if self.bitmask is not None:
-            out.copy_(self.bitmask)
+            out[:] = self.bitmask
         else:
-            self.matcher.unsafe_compute_mask_ptr(out.data_ptr(), words * 4)
+            self.matcher.unsafe_compute_mask_ptr(address, words * 4)
 
     def accept(self, token: int) -> bool:
         """Advance over ``token``; False when the grammar does not allow it (the row cannot go on)."""
@@ -191,29 +191,35 @@ class Grammars:
             return logits
         t0 = time.perf_counter()
         rows, vocab = logits.shape
-        allowed = torch.ones((rows, vocab), dtype=torch.bool)
+        # built in numpy: a batch's few small index operations cost a microsecond each there, ten in torch
+        allowed = np.ones((rows, vocab), dtype=bool)
         if constrained:
             if self._prefetch is not None:  # the masks computed during the forward
                 self._prefetch.result()
                 self._prefetch = None
             words = (self.vocab + 31) // 32
-            bitmask = torch.empty((len(constrained), words), dtype=torch.int32)  # [constrained, words]
+            bitmask = np.empty((len(constrained), words), dtype=np.int32)  # [constrained, words]
+            base = bitmask.ctypes.data
             for k, i in enumerate(constrained):
                 m = matchers[i]
                 assert m is not None
-                m.fill_into(bitmask[k], words)
-            unpacked = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
-            bits = torch.from_numpy(unpacked).bool()  # [constrained, vocab]
-            bits[~bits.any(-1), self.eos[0]] = True  # a grammar in error allows nothing: the row ends
-            allowed[torch.tensor(constrained)] = bits
+                m.fill_into(bitmask[k], base + 4 * words * k, words)
+            bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+            bits = bits.view(bool)  # [constrained, vocab]
+            none = ~bits.any(axis=1)
+            if none.any():  # a grammar in error allows nothing: the row ends
+                bits[none, self.eos[0]] = True
+            allowed[constrained] = bits
         if blocked:
-            b, eos = torch.tensor(blocked), torch.tensor(self.eos)
-            keep = allowed[b][:, eos]
-            allowed[b.unsqueeze(1), eos] = False
-            only_end = ~allowed[b].any(-1)  # the grammar allows only the end: it wins
-            if only_end.any():
-                allowed[b[only_end].unsqueeze(1), eos] = keep[only_end]
-        out = logits.masked_fill(~allowed, float("-inf"))
+            eos = self.eos
+            keep = allowed[np.ix_(blocked, eos)].copy()
+            allowed[np.ix_(blocked, eos)] = False
+            still = np.asarray(allowed[blocked].any(axis=1))
+            only_end = [not x for x in still.tolist()]  # the grammar allows only the end
+            if any(only_end):  # ... it wins
+                back = [b for b, o in zip(blocked, only_end, strict=True) if o]
+                allowed[np.ix_(back, eos)] = keep[np.array(only_end)]
+        out = logits.masked_fill(torch.from_numpy(~allowed), float("-inf"))
         if constrained:
             self.stats["grammar_mask_us"] += int((time.perf_counter() - t0) * 1e6)
             self.stats["grammar_masked_tokens"] += len(constrained)

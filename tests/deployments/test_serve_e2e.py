@@ -799,7 +799,7 @@ def test_guidellm_sweeps_with_ignore_eos_and_gets_the_tokens_it_asked_for(servic
         "profile.streams",
         "1,4",
         "--constraint",
-        "kind=max_requests,max_requests=8",
+        "kind=max_requests,count=8",
         "--output",
         f"kind=json,path={out}",
         "--disable-console-interactive",
@@ -810,7 +810,11 @@ def test_guidellm_sweeps_with_ignore_eos_and_gets_the_tokens_it_asked_for(servic
     report = json.loads(out.read_text())
     benchmarks = report["benchmarks"]
     assert len(benchmarks) == 2, [b.get("config", {}).get("strategy") for b in benchmarks]
-    tokens = [r["output_metrics"]["text_tokens"] for b in benchmarks for r in b["requests"]["successful"]]
+    tokens = [
+        (r.get("output_metrics") or {}).get("text_tokens", r.get("output_tokens"))
+        for b in benchmarks
+        for r in b["requests"]["successful"]
+    ]
     errors = sum(len(b["requests"]["errored"]) for b in benchmarks)
     print(
         f"guidellm: {len(tokens)} requests in 2 benchmarks, output tokens {sorted(set(tokens))}, {time.time() - t0:.1f}s"

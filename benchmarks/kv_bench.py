@@ -177,6 +177,10 @@ def _join_and_decode(
         samples[f"decode_kv_write_v2_{tag}"] = decodes_v2
         figures[f"decode {tag}: KV bytes written per step, v2"] = step_moved
         figures[f"decode {tag}: KV bytes written per step, v3"] = rows * per_token
+        # the CPU path's SDPA reads each row's pages through a gather (a copy); a paged kernel reads in place
+        figures[f"decode {tag}: KV bytes gathered for attention per step, v3 (CPU SDPA path)"] = (
+            rows * (width + 1) * per_token
+        )
         figures[f"decode {tag}: KV bytes per step, 8B shapes, v2 / v3"] = (
             f"{rows * (width + 1) * BYTES_PER_TOKEN_8B / 1e9:.2f} GB / {rows * BYTES_PER_TOKEN_8B / 1e6:.2f} MB"
         )

@@ -23,6 +23,7 @@ by the replicas on a node and verified against the manifest whenever one is take
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,14 +114,40 @@ def new_version_id(digest: str = "") -> str:
 
 def _s3_options(cfg: StorageConfig) -> dict[str, Any]:
     """s3fs's options: endpoint and region when the config names them (else botocore reads the AWS
-    environment, credentials included), no listing cache (other processes publish), and a connection
-    pool for the parallel ranged downloads."""
+    environment, credentials included), no listing cache (other processes publish), a connection pool
+    for the parallel ranged downloads, bounded timeouts and attempts (botocore's defaults retry an
+    unreachable endpoint for 6-19 s before a reader learns of the outage), and the request checksums."""
     client = {k: v for k, v in (("endpoint_url", cfg.endpoint_url), ("region_name", cfg.region)) if v}
     return {
         "client_kwargs": client,
         "use_listings_cache": False,
-        "config_kwargs": {"max_pool_connections": max(10, 2 * cfg.download_streams)},
+        "config_kwargs": {
+            "max_pool_connections": max(10, 2 * cfg.download_streams),
+            "connect_timeout": cfg.connect_timeout_s,
+            "read_timeout": cfg.read_timeout_s,
+            "retries": {"total_max_attempts": cfg.max_attempts, "mode": "standard"},
+            "request_checksum_calculation": cfg.request_checksum_calculation,
+        },
     }
+
+
+def _transport_errors(fs: Any) -> tuple[type[BaseException], ...]:
+    """What a storage call raises when the store, not the object, is the problem: OSError (s3fs turns
+    S3's error answers into OSError subclasses; a local volume raises them itself), and on S3 botocore's
+    own errors, which s3fs lets through as they are: no connection, a timeout, no credentials
+    (``BotoCoreError``), and aiohttp's. Those modules are imported only for an s3fs filesystem."""
+    errors: list[type[BaseException]] = [OSError]
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & {"s3", "s3a"}:
+        with contextlib.suppress(ImportError):
+            from botocore.exceptions import BotoCoreError
+
+            errors.append(BotoCoreError)
+        with contextlib.suppress(ImportError):
+            from aiohttp import ClientError
+
+            errors.append(ClientError)
+    return tuple(errors)
 
 
 #: fsspec options per URL scheme (first match); other schemes get none.
@@ -151,6 +178,10 @@ class Storage:
         except ImportError as e:  # s3fs missing: name the extra that brings it
             raise StorageError(f"storage {url}: {e}; install the extra: pip install '.[s3]'") from e
         self.local = isinstance(self.fs, LocalFileSystem)
+        if hasattr(self.fs, "retries"):  # s3fs's own retry loop (around reading a body): the same bound
+            self.fs.retries = self.settings.max_attempts
+        #: errors that mean the storage, not the object asked for, failed (StorageUnavailable)
+        self._io_errors = _transport_errors(self.fs)
         self.root = str(Path(root).resolve()) if self.local else root.rstrip("/")
         self.cache_dir = Path(cache_dir)
         self.node_cache = NodeCache(
@@ -171,6 +202,20 @@ class Storage:
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
 
+    def _unreadable(self, path: str, e: BaseException) -> StorageUnavailable:
+        return StorageUnavailable(f"storage {self.url} cannot be read: {path}: {_describe(e)}")
+
+    @contextlib.contextmanager
+    def _reading(self, path: str) -> Iterator[None]:
+        """The store's own failures while reading ``path`` as :class:`StorageUnavailable`; a missing
+        object (FileNotFoundError) is left to the caller."""
+        try:
+            yield
+        except (FileNotFoundError, StorageError):
+            raise
+        except self._io_errors as e:
+            raise self._unreadable(path, e) from e
+
     def check_reachable(self) -> None:
         """Raise :class:`StorageUnavailable` unless the root can be listed. A serving replica asks when a
         name it serves reads as unpublished: a store it has served from has a root, so a root that is
@@ -180,8 +225,8 @@ class Storage:
                 self.fs.ls(self.root, detail=False)
                 return
             problem = "its root is missing"
-        except OSError as e:
-            problem = str(e)
+        except self._io_errors as e:
+            problem = _describe(e)
         raise StorageUnavailable(f"storage {self.url} cannot be read: {problem}")
 
     # ----------------------------------------------------------------- layout
@@ -193,10 +238,12 @@ class Storage:
     def names(self, kind: Kind) -> list[str]:
         """Names with a current version, sorted."""
         base = f"{self.root}/{_KIND_DIRS[kind]}"
-        if not self.fs.exists(base):
-            return []
+        with self._reading(base):
+            if not self.fs.exists(base):
+                return []
+            listed = self.fs.ls(base, detail=False)
         out = []
-        for p in self.fs.ls(base, detail=False):
+        for p in listed:
             name = str(p).rstrip("/").rsplit("/", 1)[-1]
             if not name.startswith(".") and self.current_version(kind, name) is not None:
                 out.append(name)
@@ -209,8 +256,8 @@ class Storage:
             raw = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
-        except OSError as e:  # permissions, I/O, the network: the storage, not the name
-            raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
+        except self._io_errors as e:  # permissions, I/O, the network: the storage, not the name
+            raise self._unreadable(path, e) from e
         return self._pointer_version(path, raw)
 
     @staticmethod
@@ -230,21 +277,26 @@ class Storage:
     def versions(self, kind: Kind, name: str) -> list[str]:
         """Complete versions (closed by a manifest), oldest first."""
         slot = self.slot(kind, name)
-        if not self.fs.exists(slot):
-            return []
         found = []
-        for p in self.fs.ls(slot, detail=False):
-            v = str(p).rstrip("/").rsplit("/", 1)[-1]
-            if v.startswith("v") and self.fs.exists(f"{slot}/{v}/{MANIFEST}"):
-                found.append(v)
+        with self._reading(slot):
+            if not self.fs.exists(slot):
+                return []
+            for p in self.fs.ls(slot, detail=False):
+                v = str(p).rstrip("/").rsplit("/", 1)[-1]
+                if v.startswith("v") and self.fs.exists(f"{slot}/{v}/{MANIFEST}"):
+                    found.append(v)
         return sorted(found)
 
     def manifest(self, kind: Kind, name: str, version: str) -> dict[str, Any]:
-        return dict(json.loads(self.fs.cat_file(f"{self.slot(kind, name)}/{version}/{MANIFEST}")))
+        path = f"{self.slot(kind, name)}/{version}/{MANIFEST}"
+        with self._reading(path):
+            return dict(json.loads(self.fs.cat_file(path)))
 
     def read_json(self, kind: Kind, name: str, filename: str, version: str | None = None) -> dict[str, Any]:
         version = version or self._require_current(kind, name)
-        return dict(json.loads(self.fs.cat_file(f"{self.slot(kind, name)}/{version}/{filename}")))
+        path = f"{self.slot(kind, name)}/{version}/{filename}"
+        with self._reading(path):
+            return dict(json.loads(self.fs.cat_file(path)))
 
     def info(self, kind: Kind, name: str, metadata_file: str) -> list[VersionInfo]:
         cur = self.current_version(kind, name)
@@ -296,8 +348,8 @@ class Storage:
             return dict(json.loads(self.fs.cat_file(path)))
         except FileNotFoundError as e:
             raise StorageError(f"{kind} {name!r} version {version}: no manifest at {path}") from e
-        except OSError as e:
-            raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
+        except self._io_errors as e:
+            raise self._unreadable(path, e) from e
         except (ValueError, TypeError) as e:
             raise StorageError(f"{path}: manifest is not a JSON object ({e})") from e
 
@@ -388,8 +440,8 @@ class Storage:
     def _read_pointer(self, backend: CasBackend, path: str) -> tuple[bytes | None, str | None]:
         try:
             return backend.read(path)
-        except OSError as e:
-            raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
+        except self._io_errors as e:
+            raise self._unreadable(path, e) from e
 
     def check_compare_and_swap(self) -> None:
         """Refuse (:class:`StorageError`) a store on which two writers of a pointer or a state could both
@@ -424,8 +476,8 @@ class Storage:
             raw = self.fs.cat_file(path)
         except FileNotFoundError:
             return {}, 0
-        except OSError as e:  # permissions, I/O, the network: the storage, not the state
-            raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
+        except self._io_errors as e:  # permissions, I/O, the network: the storage, not the state
+            raise self._unreadable(path, e) from e
         return self._parse_state(path, raw)
 
     @staticmethod
@@ -588,6 +640,11 @@ def _verify_remote(fs: Any, folder: str, manifest: dict[str, Any]) -> None:
                 h.update(chunk)
         if h.hexdigest() != digest:
             raise StorageError(f"{folder}/{rel}: sha256 {h.hexdigest()} does not match manifest {digest}")
+
+
+def _describe(e: BaseException) -> str:
+    """An error for a message: botocore's say nothing of their kind, so it is named."""
+    return f"{type(e).__name__}: {e}"
 
 
 def _age_s(version: str) -> float:

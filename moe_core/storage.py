@@ -42,7 +42,16 @@ from typing import Any, Literal
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from moe_core.cas import ANY, CasBackend, CasUnsupported, WriteLost, cas_backend, write_local_atomic
+from moe_core.cas import (
+    ANY,
+    CasBackend,
+    CasProbeRefused,
+    CasUnsupported,
+    WriteConflict,
+    WriteLost,
+    cas_backend,
+    write_local_atomic,
+)
 from moe_core.config import StorageConfig, validate_adapter_name
 from moe_core.node_cache import CacheError, Lease, NodeCache
 
@@ -206,6 +215,17 @@ class Storage:
         return StorageUnavailable(f"storage {self.url} cannot be read: {path}: {_describe(e)}")
 
     @contextlib.contextmanager
+    def _writing(self, path: str) -> Iterator[None]:
+        """The store's failures while writing ``path`` (the network, a permission, a full volume) as
+        :class:`StorageUnavailable` naming it."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except self._io_errors as e:
+            raise StorageUnavailable(f"storage {self.url} cannot be written: {path}: {_describe(e)}") from e
+
+    @contextlib.contextmanager
     def _reading(self, path: str) -> Iterator[None]:
         """The store's own failures while reading ``path`` as :class:`StorageUnavailable`; a missing
         object (FileNotFoundError) is left to the caller."""
@@ -314,19 +334,29 @@ class Storage:
         """
         version = version or self._require_current(kind, name)
         remote = f"{self.slot(kind, name)}/{version}"
+        gone = f"{kind} {name!r} version {version}: a file of it is gone from storage (pruned while it was read?)"
         if self.local:  # read in place: every file checked against the manifest first
             folder = Path(remote)
             try:
                 manifest = json.loads((folder / MANIFEST).read_text())
             except (OSError, ValueError) as e:
                 raise StorageError(f"{kind} {name!r} version {version}: no readable manifest ({e})") from e
-            _verify(folder, manifest)
+            try:
+                _verify(folder, manifest)
+            except FileNotFoundError as e:
+                raise StorageError(f"{gone}: {e}") from e
+            except OSError as e:
+                raise self._unreadable(remote, e) from e
             return folder, version
         manifest = self._remote_manifest(kind, name, version)
         try:
             lease = self.node_cache.get(self.fs, remote, manifest)
         except CacheError as e:
             raise StorageError(f"{kind} {name!r} version {version}: {e}") from e
+        except FileNotFoundError as e:
+            raise StorageError(f"{gone}: {e}") from e
+        except self._io_errors as e:
+            raise self._unreadable(remote, e) from e
         with self._leases_lock:  # this process now uses this version of the name, not the one before
             old, self._leases[(kind, name)] = self._leases.get((kind, name)), lease
         if old is not None:
@@ -387,11 +417,13 @@ class Storage:
         self._gc_partial(slot)
         staging = f"{slot}/.tmp-{uuid.uuid4().hex}" if self.local else f"{slot}/{version}"
         self._copy_in(src, files, staging, progress)
-        self._write_bytes(f"{staging}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        with self._writing(f"{staging}/{MANIFEST}"):
+            self._write_bytes(f"{staging}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
         final = f"{slot}/{version}"
-        if self.local:
-            os.rename(staging, final)
-        _verify_remote(self.fs, final, manifest)
+        with self._writing(final):
+            if self.local:
+                os.rename(staging, final)
+            _verify_remote(self.fs, final, manifest)
         logger.info(
             "%s %s: wrote version %s (%d files) in %.2fs",
             kind,
@@ -432,9 +464,14 @@ class Storage:
                         f"{version} is not made current (a newer write won)"
                     )
             try:
-                backend.write(path, data, token if expect is not ANY else ANY)
+                with self._writing(path):
+                    backend.write(path, data, token if expect is not ANY else ANY)
             except WriteLost as e:
                 raise lost from e
+            except WriteConflict as e:
+                raise StorageError(
+                    f"{kind} {name!r}: {e}; {version} is not made current: read the pointer again and retry"
+                ) from e
         logger.info("%s %s: current version is now %s", kind, name, version)
 
     def _read_pointer(self, backend: CasBackend, path: str) -> tuple[bytes | None, str | None]:
@@ -451,11 +488,17 @@ class Storage:
 
     def _cas(self) -> CasBackend:
         if self._cas_backend is None:
+            no_answer: tuple[type[BaseException], ...] = (*self._io_errors, WriteConflict)
             try:
                 backend = cas_backend(self.fs, single_writer=self.settings.single_writer)
                 backend.probe(self.root)
-            except CasUnsupported as e:
+            except (CasUnsupported, CasProbeRefused) as e:
                 raise StorageError(str(e)) from e
+            except no_answer as e:  # tried again by the next writer
+                raise StorageUnavailable(
+                    f"storage {self.url} cannot be written: the compare-and-swap probe write under "
+                    f"{self.root} failed: {_describe(e)}"
+                ) from e
             if self.settings.single_writer and not self.local:
                 logger.warning(
                     "storage %s: single_writer: pointers and state are written unconditionally", self.url
@@ -523,9 +566,12 @@ class Storage:
             revision = expect + 1
             doc = {"revision": revision, "data": data, "writer": uuid.uuid4().hex}
             try:
-                backend.write(path, json.dumps(doc, indent=2, sort_keys=True).encode(), token)
+                with self._writing(path):
+                    backend.write(path, json.dumps(doc, indent=2, sort_keys=True).encode(), token)
             except WriteLost as e:
                 raise conflict(f"> {expect}") from e
+            except WriteConflict as e:
+                raise StateConflict(f"state {name!r}: {e}; read it again and retry") from e
         logger.info("state %s: wrote revision %d", name, revision)
         return revision
 
@@ -554,7 +600,8 @@ class Storage:
         protected |= {v for v in versions if v > cur and _age_s(v) < writer_grace_s}
         doomed = [v for v in versions[:-keep] if v not in protected]
         for v in doomed:
-            self.fs.rm(f"{self.slot(kind, name)}/{v}", recursive=True)
+            with self._writing(f"{self.slot(kind, name)}/{v}"):
+                self.fs.rm(f"{self.slot(kind, name)}/{v}", recursive=True)
             logger.info("%s %s: pruned version %s", kind, name, v)
         return doomed
 
@@ -565,15 +612,16 @@ class Storage:
         for p in files:
             rel = p.relative_to(src).as_posix()
             target = f"{dest}/{rel}"
-            if self.local:
-                Path(target).parent.mkdir(parents=True, exist_ok=True)
-                with open(p, "rb") as fin, open(target, "wb") as fout:
-                    while chunk := fin.read(_CHUNK):
-                        fout.write(chunk)
-                    fout.flush()
-                    os.fsync(fout.fileno())
-            else:
-                self.fs.put_file(str(p), target)
+            with self._writing(target):
+                if self.local:
+                    Path(target).parent.mkdir(parents=True, exist_ok=True)
+                    with open(p, "rb") as fin, open(target, "wb") as fout:
+                        while chunk := fin.read(_CHUNK):
+                            fout.write(chunk)
+                        fout.flush()
+                        os.fsync(fout.fileno())
+                else:
+                    self.fs.put_file(str(p), target)
             done += p.stat().st_size
             if progress is not None:
                 progress(done, total, rel)
@@ -591,7 +639,7 @@ class Storage:
         if not self.local:
             try:
                 entries = self.fs.ls(slot, detail=False) if self.fs.exists(slot) else []
-            except OSError:
+            except self._io_errors:
                 return
             for p in entries:
                 v = str(p).rstrip("/").rsplit("/", 1)[-1]
@@ -600,7 +648,8 @@ class Storage:
                     and _age_s(v) > older_than_s
                     and not self.fs.exists(f"{slot}/{v}/{MANIFEST}")
                 ):
-                    self.fs.rm(f"{slot}/{v}", recursive=True)
+                    with self._writing(f"{slot}/{v}"):
+                        self.fs.rm(f"{slot}/{v}", recursive=True)
                     logger.info(
                         "%s: removed version %s that a killed writer left without a manifest", slot, v
                     )

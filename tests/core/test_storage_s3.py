@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from moe_core.config import ConfigError, StorageConfig
-from moe_core.storage import StateConflict, Storage, StorageError
-from tests.s3_server import Proxy, make_bucket
+from moe_core.storage import StateConflict, Storage, StorageError, StorageUnavailable
+from tests.s3_server import Proxy, Request, make_bucket
 
 ROUNDS = 100
 
@@ -181,3 +182,78 @@ def test_the_s3_demo_config_differs_from_the_default_in_storage_only() -> None:
     s3 = DeploymentConfig.from_file(root / "deployment.s3.yaml").model_dump()
     assert [k for k in default if default[k] != s3[k]] == ["storage"]
     assert s3["storage"]["url"].startswith("s3://") and s3["storage"]["endpoint_url"]
+
+
+def _put_to(part: str, status: int, code: str, message: str) -> Any:
+    """A proxy answer: PUTs whose path holds ``part`` get the S3 error ``code``."""
+    return lambda r: (status, code, message) if r.method == "PUT" and part in r.path else None
+
+
+def test_write_side_failures_are_storage_errors_that_name_the_path(
+    s3_settings: StorageConfig, tmp_path: Path
+) -> None:
+    """A permission refused, a conditional write that keeps conflicting (409), a probe write refused:
+    StorageUnavailable/StateConflict/StorageError naming what was written, never a raw OSError."""
+    with Proxy(str(s3_settings.endpoint_url)) as proxy:
+        cfg = s3_settings.model_copy(update={"endpoint_url": proxy.url})
+        st = Storage.from_config(cfg)
+        assert st.write_state("promotion", {}, expect=0) == 1
+        proxy.answer = _put_to("state/promotion.json", 403, "AccessDenied", "Access Denied")
+        with pytest.raises(StorageUnavailable, match=r"cannot be written: .*state/promotion\.json.*Access"):
+            st.write_state("promotion", {"a": 1}, expect=1)
+        proxy.answer = _put_to("state/promotion.json", 409, "ConditionalRequestConflict", "in progress")
+        with pytest.raises(
+            StateConflict,
+            match=r"promotion\.json: 6 conditional writes were answered ConditionalRequestConflict",
+        ):
+            st.write_state("promotion", {"a": 1}, expect=1)
+        proxy.answer = _put_to("/experts/", 403, "AccessDenied", "Access Denied")
+        with pytest.raises(StorageUnavailable, match=r"cannot be written: .*experts/cal/v.*Access"):
+            st.publish("expert", "cal", _folder(tmp_path / "a", "a"))
+        proxy.answer = _put_to(".cas-probe-", 403, "AccessDenied", "Access Denied")
+        with pytest.raises(StorageError, match=r"probe write to s3://.*\.cas-probe-.*AccessDenied") as e:
+            Storage.from_config(cfg).check_compare_and_swap()
+        assert "does not honour" not in str(e.value)
+        proxy.answer = None
+        assert st.read_state("promotion") == ({}, 1)  # nothing was written
+
+
+def test_a_version_pruned_while_it_is_fetched_is_a_storage_error(tmp_path: Path) -> None:
+    """A file of the version gone from the store after its manifest was read (pruned by another
+    process): a StorageError naming the version, not a raw FileNotFoundError."""
+    st = Storage(f"memory://pruned-{uuid.uuid4().hex}", cache_dir=tmp_path / "node")
+    v = st.publish("merged", "cal", _folder(tmp_path / "a", "a"))
+    st.fs.rm_file(f"{st.slot('merged', 'cal')}/{v}/adapter_model.safetensors")
+    with pytest.raises(StorageError, match=f"version {v}: a file of it is gone from storage"):
+        st.fetch("merged", "cal")
+
+
+def test_a_store_refusing_botocores_checksums_is_named_not_called_unconditional(
+    s3_settings: StorageConfig,
+) -> None:
+    """Some S3-compatible stores answer 400 InvalidArgument to the CRC32 checksum headers botocore sends
+    by default: the probe names that error and the setting that avoids it, and with
+    request_checksum_calculation: when_required no checksum header is sent and the store is used."""
+
+    def checksummed(r: Request) -> tuple[int, str, str] | None:
+        if r.method == "PUT" and any(
+            h.startswith(("x-amz-checksum-", "x-amz-sdk-checksum")) for h in r.headers
+        ):
+            return 400, "InvalidArgument", "x-amz-checksum-crc32 header is not supported"
+        return None
+
+    with Proxy(str(s3_settings.endpoint_url)) as proxy:
+        proxy.answer = checksummed
+        cfg = s3_settings.model_copy(update={"endpoint_url": proxy.url})
+        with pytest.raises(StorageError) as e:
+            Storage.from_config(cfg).check_compare_and_swap()
+        assert "InvalidArgument" in str(e.value) and "x-amz-checksum-crc32" in str(e.value)
+        assert "request_checksum_calculation: when_required" in str(e.value)
+        assert "does not honour conditional writes" not in str(e.value)
+        assert any(r.answered_by_proxy for r in proxy.requests)
+        proxy.requests.clear()
+        plain = Storage.from_config(cfg.model_copy(update={"request_checksum_calculation": "when_required"}))
+        plain.check_compare_and_swap()
+        assert plain.write_state("promotion", {"a": 1}, expect=0) == 1
+        puts = [r for r in proxy.requests if r.method == "PUT"]
+        assert puts and not any(r.answered_by_proxy for r in puts)

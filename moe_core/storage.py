@@ -576,7 +576,8 @@ class Storage:
         return revision
 
     def rollback(self, kind: Kind, name: str, to: str | None = None) -> str:
-        """Make the previous complete version (or ``to``) current; return it."""
+        """Make the previous complete version (or ``to``) current; return it. Only from the version it
+        read: one made current meanwhile (a merge finishing) is never silently undone (StorageError)."""
         cur = self._require_current(kind, name)
         versions = self.versions(kind, name)
         if to is None:
@@ -584,7 +585,7 @@ class Storage:
             if not older:
                 raise StorageError(f"{kind} {name!r}: no version older than {cur} to roll back to")
             to = older[-1]
-        self.set_current(kind, name, to)
+        self.set_current(kind, name, to, expect=cur)
         return to
 
     def prune(self, kind: Kind, name: str, keep: int, *, writer_grace_s: float = 3600.0) -> list[str]:

@@ -403,10 +403,17 @@ class Storage:
     ) -> str:
         """Copy the files of ``src`` into a new version and (by default) make it current atomically
         (only if the current version is still ``expect``, when given: see :meth:`set_current`)."""
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MANIFEST)
+        found = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MANIFEST)
+        # dot-names (.gitattributes, .DS_Store, an editor's swap file) are never part of a version: the
+        # node cache refuses a manifest naming one, and removes what a manifest does not name
+        files = [p for p in found if not any(part.startswith(".") for part in p.relative_to(src).parts)]
+        if len(files) < len(found):
+            logger.info(
+                "%s: not published (dot-names): %s", src, [str(p) for p in found if p not in files][:5]
+            )
         if not files:
             raise StorageError(f"{src}: nothing to publish for {kind} {name!r}")
-        hashes = {str(p.relative_to(src)): sha256_file(p) for p in files}
+        hashes = {p.relative_to(src).as_posix(): sha256_file(p) for p in files}
         digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
         version = version or new_version_id(digest)
         slot = self.slot(kind, name)

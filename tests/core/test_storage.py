@@ -51,6 +51,26 @@ def test_publish_fetch_rollback_prune(request: pytest.FixtureRequest, tmp_path: 
     st.check_reachable()
 
 
+@pytest.mark.parametrize("url_kind", ["local", "memory"])
+def test_dot_names_are_not_published(request: pytest.FixtureRequest, tmp_path: Path, url_kind: str) -> None:
+    """A folder cloned from a hub has .gitattributes: never part of a version (the node cache refuses a
+    manifest naming a dot-name and removes files a manifest does not name)."""
+    st = _store(request, tmp_path, url_kind)
+    src = _folder(tmp_path / "a", "one")
+    (src / ".gitattributes").write_text("*.bin filter=lfs")
+    (src / ".cache").mkdir()
+    (src / ".cache" / "x").write_text("x")
+    v = st.publish("merged", "cal", src)
+    assert sorted(st.manifest("merged", "cal", v)["files"]) == [
+        "f0.bin.part",
+        "f1.bin.part",
+        "f2.bin.part",
+        "meta.json",
+    ]
+    path, _ = st.fetch("merged", "cal")
+    assert not (path / ".gitattributes").exists()
+
+
 def test_a_rollback_never_undoes_a_version_made_current_while_it_ran(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +284,30 @@ def test_switches_survive_storage_errors_and_a_merge_that_hangs_is_given_up(tmp_
         await _traffic(other, clock, {"login-window": 9}, 6)
         assert read_assignments(st, 1).slots == (None,)
         assert any(d["kind"] == "promote" and d["adapter"] == "login-window" for d in other.decisions)
+
+    asyncio.run(scenario())
+
+
+def test_a_freed_slot_releases_its_merged_version_in_the_node_cache(tmp_path: Path) -> None:
+    """On a remote root (memory://, through the node cache, bounded at one byte) a slot that is freed lets
+    the node cache evict the merged version it served; while it serves it, the version stays."""
+    st = Storage.from_config(
+        StorageConfig(
+            url=f"memory://slot-{uuid.uuid4().hex}", cache_dir=str(tmp_path / "node"), cache_max_gb=1e-9
+        )
+    )
+    _publish(st, tmp_path, "expert", "login-window", "v1")
+    v = _publish(st, tmp_path, "merged", "login-window", "m1")
+    versions = tmp_path / "node" / "versions"
+
+    async def scenario() -> None:
+        slot = _slot(st)
+        slot._install(await asyncio.to_thread(slot._open, "login-window", v))
+        st.node_cache.evict()
+        assert len(list(versions.iterdir())) == 1  # served: kept over the bound
+        slot._release()
+        st.node_cache.evict()
+        assert not any(versions.iterdir())
 
     asyncio.run(scenario())
 

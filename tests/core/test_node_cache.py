@@ -6,12 +6,14 @@ what a killed writer leaves is swept, a damaged cached version is rebuilt, bad m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,19 @@ sys.stdin.read()  # holds its lease until told to go
 """
 
 
+@contextlib.contextmanager
+def _reaped(procs: list[subprocess.Popen[str]]) -> Iterator[list[subprocess.Popen[str]]]:
+    """Child processes killed (if still running) and waited for however the test ends: a failed
+    assertion must not leave a replica holding its lease, or its pipes, for the rest of the session."""
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=30)
+
+
 def _replica(settings: StorageConfig, go: Path) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen(
@@ -75,9 +90,9 @@ def test_four_replicas_starting_together_download_a_version_once(
     src = _version(tmp_path / "v1", "one")
     v = Storage.from_config(s3_settings).publish("merged", "cal", src)
     go = tmp_path / "go"
-    with Proxy(str(s3_settings.endpoint_url)) as proxy:
+    with Proxy(str(s3_settings.endpoint_url)) as proxy, _reaped([]) as replicas:
         cfg = _settings(s3_settings, proxy.url, tmp_path / "node")
-        replicas = [_replica(cfg, go) for _ in range(4)]
+        replicas.extend(_replica(cfg, go) for _ in range(4))
         for r in replicas:
             assert r.stdout is not None and r.stdout.readline().strip() == "ready"
         go.touch()  # all four fetch at once
@@ -158,26 +173,27 @@ def test_eviction_never_removes_a_version_in_use(s3_settings: StorageConfig, tmp
         text=True,
         env=env,
     )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
-    held_key = content_key(
-        publisher.manifest("merged", "held", publisher.current_version("merged", "held") or "")["files"]
-    )
-    versions = tmp_path / "node" / "versions"
-    replica = Storage.from_config(cfg)
-    keys = []
-    for i in range(4):  # a replica moving through four versions of another model
-        v = publisher.publish("merged", "cal", _version(tmp_path / f"c{i}", f"c{i}", big=PART))
-        path, _ = replica.fetch("merged", "cal")
-        keys.append(path.name)
-        assert content_key(publisher.manifest("merged", "cal", v)["files"]) == path.name
-        time.sleep(0.01)
-        present = {p.name for p in versions.iterdir()}
-        assert held_key in present, f"the held version was evicted after version {i}"
-        assert path.name in present
-    assert {p.name for p in versions.iterdir()} == {held_key, keys[-1]}  # c0..c2 evicted, oldest first
-    assert replica.node_cache.stats["evicted"] == 3
-    holder.kill()  # the replica holding it dies: its flock goes with it
-    holder.wait(timeout=30)
+    with _reaped([holder]):
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        held_key = content_key(
+            publisher.manifest("merged", "held", publisher.current_version("merged", "held") or "")["files"]
+        )
+        versions = tmp_path / "node" / "versions"
+        replica = Storage.from_config(cfg)
+        keys = []
+        for i in range(4):  # a replica moving through four versions of another model
+            v = publisher.publish("merged", "cal", _version(tmp_path / f"c{i}", f"c{i}", big=PART))
+            path, _ = replica.fetch("merged", "cal")
+            keys.append(path.name)
+            assert content_key(publisher.manifest("merged", "cal", v)["files"]) == path.name
+            time.sleep(0.01)
+            present = {p.name for p in versions.iterdir()}
+            assert held_key in present, f"the held version was evicted after version {i}"
+            assert path.name in present
+        assert {p.name for p in versions.iterdir()} == {held_key, keys[-1]}  # c0..c2 evicted, oldest first
+        assert replica.node_cache.stats["evicted"] == 3
+        holder.kill()  # the replica holding it dies: its flock goes with it
+        holder.wait(timeout=30)
     publisher.publish("merged", "cal", _version(tmp_path / "c4", "c4", big=PART))
     path, _ = replica.fetch("merged", "cal")
     # now the held one (least recently used) goes too; c3, released by the replica, still fits the bound
@@ -266,7 +282,7 @@ def test_what_a_killed_writer_left_is_swept_and_does_not_count(tmp_path: Path) -
         text=True,
         env=env,
     )
-    try:
+    with _reaped([writer]):
         assert writer.stdout is not None and writer.stdout.readline().strip() == "stalled"
         left = sorted(p.name for p in (node / "tmp").iterdir())
         assert len(left) == 2, left  # the half-built version (a.txt linked in) and z.bin's first part
@@ -274,9 +290,7 @@ def test_what_a_killed_writer_left_is_swept_and_does_not_count(tmp_path: Path) -
         assert blob.stat().st_nlink == 3  # the blob, version one, the half-built version two
         NodeCache(node).evict()
         assert sorted(p.name for p in (node / "tmp").iterdir()) == left  # a live writer's: kept
-    finally:
-        writer.kill()
-        writer.wait(timeout=30)
+        writer.kill()  # SIGKILL: nothing of it runs again
     cache = NodeCache(node, max_bytes=0)  # nothing in use: everything may go
     cache.evict()
     assert not any((node / "tmp").iterdir())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from moe_core.config import ConfigError, StorageConfig
+from moe_core.local_s3 import local_s3
 from moe_core.storage import StateConflict, Storage, StorageError, StorageUnavailable
 from tests.s3_server import Proxy, Request, make_bucket
 
@@ -125,7 +126,7 @@ def test_a_store_that_ignores_conditional_writes_is_refused_unless_single_writer
 
 
 def test_endpoint_region_and_credentials_from_the_aws_environment(
-    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3_endpoint: str, s3_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Nothing but the URL in the config: botocore takes endpoint, region and keys from the environment
     (as a Kubernetes Secret provides them)."""
@@ -170,7 +171,6 @@ def test_a_version_a_killed_writer_left_without_manifest_is_removed_later(
     assert st.versions("merged", "cal") == [v]
     assert not st.fs.exists(f"{slot}/{stale}/model.safetensors")  # over an hour old: removed
     assert st.fs.exists(f"{slot}/{fresh}/model.safetensors")  # maybe a writer still at work: kept
-    assert os.environ["AWS_ACCESS_KEY_ID"].startswith("moe-test")  # only the loopback test credentials
 
 
 def test_the_s3_demo_config_differs_from_the_default_in_storage_only() -> None:
@@ -257,3 +257,16 @@ def test_a_store_refusing_botocores_checksums_is_named_not_called_unconditional(
         assert plain.write_state("promotion", {"a": 1}, expect=0) == 1
         puts = [r for r in proxy.requests if r.method == "PUT"]
         assert puts and not any(r.answered_by_proxy for r in puts)
+
+
+def test_the_local_s3_server_is_ready_when_it_answers_s3_not_when_its_port_connects(tmp_path: Path) -> None:
+    """Its port already taken by something that is no S3 server: moto cannot start, and the launcher says
+    so instead of handing out an endpoint because a TCP connection to the port succeeded."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with (
+            pytest.raises(RuntimeError, match="moto server did not start"),
+            local_s3(tmp_path / "moto.log", port=taken.getsockname()[1]),
+        ):
+            pass

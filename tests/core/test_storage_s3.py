@@ -98,6 +98,42 @@ def test_two_writer_processes_racing_exactly_one_wins_every_time(
         assert st.current_version("merged", "cal") == [v for v in versions if v != seen][me]
 
 
+def test_writes_are_conditional_on_exactly_what_was_read(s3_settings: StorageConfig, tmp_path: Path) -> None:
+    """What the store is asked, request by request (the proxy records them): a first write of a pointer or
+    a state carries If-None-Match: *, every later one If-Match with exactly the ETag of the GET that read
+    the bytes compared. (moto's own check of those headers is not atomic, so the races above could pass
+    on it by luck; this does not depend on the server.)"""
+    with Proxy(str(s3_settings.endpoint_url)) as proxy:
+        st = Storage.from_config(s3_settings.model_copy(update={"endpoint_url": proxy.url}))
+        v1, v2 = (
+            st.publish("merged", "cal", _folder(tmp_path / t, t), make_current=False) for t in ("a", "b")
+        )
+        for target, first, then in (
+            (
+                "state/promotion.json",
+                lambda: st.write_state("promotion", {"a": 1}, expect=0),
+                lambda: st.write_state("promotion", {"a": 2}, expect=1),
+            ),
+            (
+                "merged/cal/CURRENT",
+                lambda: st.set_current("merged", "cal", v1, expect=None),
+                lambda: st.set_current("merged", "cal", v2, expect=v1),
+            ),
+        ):
+            proxy.requests.clear()
+            first()
+            (put,) = proxy.requests_to(target, "PUT")
+            assert put.headers.get("if-none-match") == "*" and "if-match" not in put.headers, put.headers
+            assert put.status == 200
+            proxy.requests.clear()
+            then()
+            reads = [r for r in proxy.requests_to(target, "GET") if r.status == 200]
+            (put,) = proxy.requests_to(target, "PUT")
+            assert reads and reads[-1].etag and proxy.requests.index(reads[-1]) < proxy.requests.index(put)
+            assert put.headers.get("if-match") == reads[-1].etag and "if-none-match" not in put.headers
+            assert put.status == 200
+
+
 def test_a_store_that_ignores_conditional_writes_is_refused_unless_single_writer(
     s3_settings: StorageConfig, tmp_path: Path
 ) -> None:

@@ -554,8 +554,8 @@ class EngineConfig(StrictModel):
         default=0.8,
         gt=0,
         le=0.95,
-        description="On CUDA with kv_cache_bytes null: the share of the free device memory (after the model "
-        "and its LoRA slots load) the KV cache takes; the rest is for activations.",
+        description="On CUDA with kv_cache_bytes null: the share of the device memory free once the model "
+        "loads that the KV cache takes; LoRA slots and activations share the rest.",
     )
     page_tokens: int = Field(
         default=16, ge=1, le=1024, description="Tokens per KV cache page (vLLM's block size)."

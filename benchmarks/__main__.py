@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int)
     p.add_argument("--only", choices=["promotion", "kv", "storage", "grammar"], help="run one part only")
     p.add_argument("--storage-gb", type=float, default=1.0, help="size of the storage benchmark's version")
+    p.add_argument(
+        "--storage-part-mb", type=int, default=16, help="the storage benchmark's ranged-read size (MiB)"
+    )
     p.add_argument("--name", help="result file name (default: cpu, cpu-quick or gpu)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quick and args.only in (None, "storage"):  # benchmarks/storage_bench.py
             from benchmarks.storage_bench import storage_benchmarks
 
-            s4, f4 = storage_benchmarks(args.storage_gb)
+            s4, f4 = storage_benchmarks(args.storage_gb, part_mb=args.storage_part_mb)
             samples.update(s4)
             figures.update(f4)
         if args.only == "grammar" or (not args.quick and args.only is None):  # benchmarks/grammar_bench.py

@@ -1,15 +1,18 @@
 """Fetch throughput of a synthetic version (1 GB by default): the local S3 endpoint vs a local copy,
 single-stream vs parallel ranged downloads.
 
-    python -m benchmarks --only storage                  # 1 GB
-    python -m benchmarks --only storage --storage-gb 0.05  # the smoke size the tests run
+    python -m benchmarks --only storage                  # 1 GB, 16 MiB ranged reads
+    python -m benchmarks --only storage --storage-gb 0.02 --storage-part-mb 1  # the tests' smoke size
 
 One version of four equal shards plus a config file, published once to a bucket of a loopback S3 endpoint
 (moto's server, :mod:`moe_core.local_s3`) and once to a local root. Each fetch goes into an empty node
 cache (:class:`~moe_core.node_cache.NodeCache`: ranged reads, sha256 of every byte, written and fsynced),
 from S3 and from the local root's files, with one stream and with ``streams``; rounds interleave the
-ways. ``in_place`` is what a ReadWriteMany volume costs instead: the version read and verified where it
-lies. Throughput is the version's size over the median fetch time.
+ways. ``single`` is one stream: each file read as sequential ranged GETs of ``part_mb`` (not one GET per
+file); ``parallel`` keeps ``streams`` of those ranges in flight for files larger than one part. The
+figures ``*_ranged_reads`` and ``*_parallel_files`` say how each way's bytes came. ``in_place`` is what a
+ReadWriteMany volume costs instead: the version read and verified where it lies. Throughput is the
+version's size over the median fetch time.
 """
 
 from __future__ import annotations
@@ -99,6 +102,9 @@ def storage_benchmarks(
                             time.perf_counter() - t0
                         )
                         assert cache.stats["bytes_downloaded"] >= size, cache.stats
+                        # how the bytes came: ranged reads in all, and files read by parallel streams
+                        figures[f"storage_{where}_{label}_ranged_reads"] = cache.stats["ranged_reads"]
+                        figures[f"storage_{where}_{label}_parallel_files"] = cache.stats["parallel_files"]
                         shutil.rmtree(cache_dir)
                 t0 = time.perf_counter()
                 local.fetch("merged", "bench", version)  # in place: every byte read and hashed

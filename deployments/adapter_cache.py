@@ -52,6 +52,8 @@ class AdapterStore(Protocol):
     def current_version(self, kind: Kind, name: str) -> str | None: ...
     def fetch(self, kind: Kind, name: str, version: str | None = None) -> tuple[Path, str]: ...
     def check_reachable(self) -> None: ...
+    def release(self, kind: Kind, name: str) -> None:
+        """This process no longer uses what it fetched of ``name`` (the node cache may evict it)."""
 
 
 @dataclass
@@ -222,6 +224,7 @@ class AdapterCache:
                 return
             del self._entries[victim]
             self.engine.unload_adapter(victim)
+            self._release(victim)
             self.evictions += 1
             if self.events is not None:
                 self.events.evicted(victim, len(self._entries))
@@ -231,3 +234,11 @@ class AdapterCache:
         """Unload ``name`` now (idempotent)."""
         if self._entries.pop(name, None) is not None:
             self.engine.unload_adapter(name)
+            self._release(name)
+
+    def _release(self, name: str) -> None:
+        """The version of ``name`` this process fetched is no longer used: the node cache may evict it
+        (a store without leases, a test's fake, has nothing to release)."""
+        release = getattr(self.store, "release", None)
+        if release is not None:
+            release(self.kind, name)

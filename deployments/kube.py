@@ -12,10 +12,11 @@ pod gets them from the Secret ``moe-api-keys`` (a mounted folder, so a rotated k
 restart; an environment variable for ``key_env``); the Secret itself is never in the repository.
 
 Two storage variants, chosen by ``storage.url``: a path is the ReadWriteMany volume (k8s/storage.yaml)
-mounted there on every pod; ``s3://`` has no shared volume: every pod mounts the node cache (a hostPath on
-the node's local disk, ``storage.cache_dir``), takes the object store's credentials from the Secret
-``moe-s3-credentials`` (optional: with an IAM role instead, annotate the ServiceAccount this generates)
-and runs as that ServiceAccount.
+mounted there on every pod; ``s3://`` has no shared volume: the GPU worker pods mount the node cache (a
+hostPath on the GPU node's local disk, ``storage.cache_dir``; only the GPU nodes are prepared for it), the
+head and any CPU worker an emptyDir there instead (they may land on any node); every pod takes the object
+store's credentials from the Secret ``moe-s3-credentials`` (optional: with an IAM role instead, annotate
+the ServiceAccount this generates) and runs as that ServiceAccount.
 
 Sizing assumptions (Qwen3-VL-8B-Instruct in bf16 on H100 80 GB): ~17 GB of weights per replica, one
 replica per GPU; worker pods of 1 GPU, 12 CPUs and 96 GiB of memory (model load, image decoding,
@@ -116,17 +117,24 @@ def _shared_volume(cfg: DeploymentConfig) -> tuple[list[dict[str, Any]], list[di
     return volumes, mounts
 
 
-def _node_cache(cfg: DeploymentConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Object storage: no shared volume; the node cache, a directory on the node shared by its pods (a
-    version on the node is downloaded once; hostPath is outside the pods' bounded scratch disk)."""
-    volumes = [{"name": "node-cache", "hostPath": {"path": NODE_CACHE_HOST_PATH, "type": "Directory"}}]
+def _node_cache(cfg: DeploymentConfig, gpu_node: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Object storage: no shared volume. On a GPU node, the node cache: a directory on the node shared by
+    its pods (a version on the node is downloaded once; hostPath is outside the pods' bounded scratch
+    disk), which exists on the GPU nodes only (type Directory: a pod elsewhere would not start). The head
+    and CPU workers, placed anywhere, get an emptyDir at the same path (HF_HOME, a fetch they make)."""
+    if gpu_node:
+        source: dict[str, Any] = {"hostPath": {"path": NODE_CACHE_HOST_PATH, "type": "Directory"}}
+    else:
+        source = {"emptyDir": {}}
+    volumes = [{"name": "node-cache", **source}]
     mounts = [{"name": "node-cache", "mountPath": cfg.storage.cache_dir}]
     return volumes, mounts
 
 
-def _storage(cfg: DeploymentConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Pod volumes and container mounts of the config's storage variant."""
-    return _node_cache(cfg) if cfg.storage.is_s3 else _shared_volume(cfg)
+def _storage(cfg: DeploymentConfig, *, gpu_node: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Pod volumes and container mounts of the config's storage variant (``gpu_node``: the pod is
+    placed on a GPU node by its node selector)."""
+    return _node_cache(cfg, gpu_node) if cfg.storage.is_s3 else _shared_volume(cfg)
 
 
 def _hf_home(cfg: DeploymentConfig) -> str:
@@ -227,7 +235,7 @@ def _head_group(
     extra: Volumes = ([], []),
 ) -> dict[str, Any]:
     """The head runs no replicas or tasks (num-cpus 0): only the GCS, dashboard and job server."""
-    volumes, mounts = _storage(cfg)
+    volumes, mounts = _storage(cfg, gpu_node=False)
     volumes, mounts = volumes + extra[0], mounts + extra[1]
     return {
         "rayStartParams": {
@@ -253,7 +261,7 @@ def _worker_group(
     extra: Volumes = ([], []),
 ) -> dict[str, Any]:
     """One worker group; with GPUs its pods go to the H100 nodes (node selector, taint toleration)."""
-    volumes, mounts = _storage(cfg)
+    volumes, mounts = _storage(cfg, gpu_node=bool(gpu))
     volumes, mounts = volumes + extra[0], mounts + extra[1]
     if shm:
         volumes = [*volumes, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}}]
@@ -441,12 +449,13 @@ def networkpolicy(name: str = NAME) -> dict[str, Any]:
 
 NETWORKPOLICY_HEADER = (
     "# Only Serve's port (8000) is open beyond the Ray pods; the dashboard and job API (8265) only to the\n"
-    "# KubeRay operator, metrics (8080) only to Prometheus. Applied by `kubectl apply -k k8s/`.\n"
+    "# KubeRay operator, metrics (8080) only to Prometheus. Applied by `kubectl apply -k k8s/{folder}`.\n"
 )
 
 
 def render_networkpolicy(cfg: DeploymentConfig, source: str) -> str:
-    return GENERATED.format(source=source) + NETWORKPOLICY_HEADER + _dump(networkpolicy())
+    header = NETWORKPOLICY_HEADER.format(folder="s3/" if cfg.storage.is_s3 else "")
+    return GENERATED.format(source=source) + header + _dump(networkpolicy())
 
 
 PODMONITOR_HEADER = (

@@ -97,20 +97,26 @@ class _MergedBase(ModelDeployment[S]):
         self._set_stale(new.stale)
         _retire(old)
         if old_adapter is not None and old_adapter != new.adapter:  # a slot moved on: the node cache may
-            release = getattr(self.storage, "release", None)  # evict what it served (once unused)
-            if release is not None:
-                release("merged", old_adapter)
+            self._release_storage(old_adapter)  # evict what it served (once unused)
         self.metrics.serving(
             new.adapter, new.version, old_version if old_adapter == new.adapter else None, new.seconds
         )
         logger.info("merged %s: serving version %s (loaded in %.2fs)", new.adapter, new.version, new.seconds)
 
     def _release(self) -> None:
-        """Serve nothing (a slot that was freed): the engine's running rows finish, then it is dropped."""
+        """Serve nothing (a slot that was freed): the engine's running rows finish, then it is dropped;
+        the node cache may evict the version once no process uses it."""
         old, adapter = self.engine, self.adapter
         self.engine, self.adapter, self.version, self.source, self.stale = None, None, None, {}, None
         _retire(old)
+        if adapter is not None:
+            self._release_storage(adapter)
         logger.info("merged slot: released %s", adapter)
+
+    def _release_storage(self, adapter: str) -> None:
+        release = getattr(self.storage, "release", None)  # a test's fake store may have none
+        if release is not None:
+            release("merged", adapter)
 
     def _staleness(self, adapter: str, meta: dict[str, Any]) -> str | None:
         """Why a merged model is stale, or None: built from another adapter version than the one now

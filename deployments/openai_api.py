@@ -73,6 +73,7 @@ __all__ = [
     "check_request",
     "model_list",
     "moe_headers",
+    "public_storage_root",
     "resolve_model",
     "set_api_keys",
     "validation_error",
@@ -432,11 +433,18 @@ def routing_available(policy: RoutingPolicy, settings: GatewaySettings, dynamic:
     return dynamic and settings.router is not None and bool(policy.labels)
 
 
+def public_storage_root(url: str) -> str:
+    """The storage root as clients see it: a URL's scheme only (``s3://<storage>``: the bucket and
+    prefix are the operator's, not the API's), a path as it is configured."""
+    scheme, sep, _ = url.partition("://")
+    return f"{scheme}://<storage>" if sep else url.rstrip("/")
+
+
 def model_list(policy: RoutingPolicy, settings: GatewaySettings, routed: bool, created: int) -> ModelList:
     """The base, every expert the live policy serves (adapters published later appear as the live
     config names them), and the routed model when routing is available."""
     base = settings.base_model_name
-    root = settings.storage.url.rstrip("/")
+    root = public_storage_root(settings.storage.url)
     cards = [ModelCard(id=base, created=created, root=settings.base_model_id)]
     cards += [
         ModelCard(id=name, created=created, root=f"{root}/experts/{name}", parent=base)

@@ -37,7 +37,7 @@ from deployments.promotion_policy import Action, Assignment, Assignments, RateTr
 from deployments.settings import PromotionSettings
 from deployments.slots import ASSIGNMENTS, read_assignments
 from moe_core.config import ConfigError, PromotionLive, validate_adapter_name
-from moe_core.storage import StateConflict, Storage, StorageError
+from moe_core.storage import StateConflict, Storage, StorageError, StorageUnavailable
 
 __all__ = ["CONTROLLER_NAME", "PromotionController", "main"]
 
@@ -84,26 +84,39 @@ class PromotionController:
         self.settings = settings
         self.slots = list(slots)
         self.storage = storage or Storage.from_config(settings.storage)
-        self.storage.check_compare_and_swap()  # the assignments are written with compare-and-swap
         self.merge: MergeFn = merge or (
             lambda cfg, adapter: _ray_merge(cfg, adapter, settings.merge_cpu, settings.merge_gpu)
         )
         self.clock = clock
         self.live: PromotionLive | None = None
         self.tracker = RateTracker(bucket_s=1.0, horizon_s=600.0)
-        self.assignments = read_assignments(self.storage, settings.slots)
-        # the switches the stored assignments record count for the cooldown, so a restart does not flap
+        self.assignments = Assignments.empty(settings.slots)  # until the stored ones are read
         self.last_switch: dict[str, float] = {}
-        for a in self.assignments.slots:
-            if a is not None:
-                self.last_switch[a.adapter] = self.last_switch[slot_key(a.slot)] = a.since
         self.switches: dict[str, _Switch] = {}
         self.metrics = PromotionMetrics()
-        for k, a in enumerate(self.assignments.slots):
-            self.metrics.holds(k, a.adapter if a else None, a.state if a else None)
         self.decisions: list[dict[str, Any]] = []  # the latest ones, for status()
         self._busy: dict[int, asyncio.Task[None]] = {}
         self._loop: asyncio.Task[None] | None = None
+        self._resumed = False
+        try:
+            self._resume()
+        except StorageUnavailable as e:  # a transient outage must not fail the replica: ticks retry
+            logger.warning(
+                "promotion: storage unavailable at start (%s); deciding nothing until it is back", e
+            )
+
+    def _resume(self) -> None:
+        """Refuse a store without compare-and-swap (a StorageError: the replica fails, as it must) and
+        take the stored assignments up; blocking. Until it has succeeded nothing is decided."""
+        self.storage.check_compare_and_swap()  # the assignments are written with compare-and-swap
+        self.assignments = read_assignments(self.storage, self.settings.slots)
+        # the switches the stored assignments record count for the cooldown, so a restart does not flap
+        for a in self.assignments.slots:
+            if a is not None:
+                self.last_switch[a.adapter] = self.last_switch[slot_key(a.slot)] = a.since
+        for k, a in enumerate(self.assignments.slots):
+            self.metrics.holds(k, a.adapter if a else None, a.state if a else None)
+        self._resumed = True
         logger.info("promotion: resumed %s", _table(self.assignments))
 
     # ------------------------------------------------------------ Serve API
@@ -154,9 +167,13 @@ class PromotionController:
     def _start(self) -> None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop().create_task(self._run())
-            for a in self.assignments.slots:  # a promotion or demotion cut off by a restart: carry it on
-                if a is not None and a.state != "ready":
-                    self._carry_on(a)
+            if self._resumed:
+                self._carry_on_unfinished()
+
+    def _carry_on_unfinished(self) -> None:
+        for a in self.assignments.slots:  # a promotion or demotion cut off by a restart: carry it on
+            if a is not None and a.state != "ready" and not self._running(a.slot):
+                self._carry_on(a)
 
     async def _run(self) -> None:
         while True:
@@ -168,6 +185,13 @@ class PromotionController:
 
     async def tick(self) -> list[Action]:
         """One decision: plan against the stored assignments and start the switches it asks for."""
+        if not self._resumed:  # the storage was out when this replica started
+            try:
+                await asyncio.to_thread(self._resume)
+            except StorageUnavailable as e:
+                logger.warning("promotion: storage still unavailable (%s); deciding nothing", e)
+                return []
+            self._carry_on_unfinished()
         if self.live is None:
             return []
         stored = await asyncio.to_thread(read_assignments, self.storage, self.settings.slots)

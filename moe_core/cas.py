@@ -32,7 +32,15 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["ANY", "CasBackend", "CasUnsupported", "WriteLost", "cas_backend"]
+__all__ = [
+    "ANY",
+    "CasBackend",
+    "CasProbeRefused",
+    "CasUnsupported",
+    "WriteConflict",
+    "WriteLost",
+    "cas_backend",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +52,18 @@ class WriteLost(Exception):
     """The compare failed at the store: the object changed (or appeared, or went) since it was read."""
 
 
+class WriteConflict(Exception):
+    """The store kept answering that another conditional write to the object was in flight (S3's 409
+    ConditionalRequestConflict) after every retry: this write did not happen."""
+
+
 class CasUnsupported(RuntimeError):
     """This store cannot make a compare-and-swap atomic; the message says why and what to do."""
+
+
+class CasProbeRefused(RuntimeError):
+    """The store refused the probe write for a reason other than its conditional headers (a bad
+    request, a permission); the message names the store's error."""
 
 
 class CasBackend(Protocol):
@@ -131,19 +149,33 @@ _LOST_CODES = frozenset({"PreconditionFailed", "412", "NoSuchKey", "404"})
 _CONFLICT_CODES = frozenset({"ConditionalRequestConflict", "409"})
 
 
-def _s3_error_code(e: BaseException) -> str | None:
-    """The S3 error code behind an exception s3fs raised (it translates botocore's ClientError)."""
+def _s3_response(e: BaseException) -> dict[str, Any] | None:
+    """The S3 error answer behind an exception s3fs raised (it translates botocore's ClientError, whose
+    ``response`` it keeps as the cause); None when the store did not answer (the network, a timeout)."""
     for err in (e, e.__cause__, e.__context__):
         response = getattr(err, "response", None)
         if isinstance(response, dict):
-            code = response.get("Error", {}).get("Code")
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return str(code or status)
+            return response
+    return None
+
+
+def _s3_error_code(e: BaseException) -> str | None:
+    """The S3 error code behind an exception s3fs raised (it translates botocore's ClientError)."""
+    response = _s3_response(e)
+    if response is not None:
+        code = response.get("Error", {}).get("Code")
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return str(code or status)
     if isinstance(e, FileNotFoundError):
         return "NoSuchKey"
     if isinstance(e, FileExistsError):
         return "PreconditionFailed"
     return None
+
+
+#: Words of an error answer about the conditional headers themselves (a store that does not implement
+#: them says so, naming the header: AWS before 2024 answered 501 NotImplemented, Header If-None-Match).
+_CONDITION_WORDS = ("if-match", "if-none-match", "ifmatch", "ifnonematch", "conditional", "precondition")
 
 
 class S3Cas:
@@ -187,14 +219,28 @@ class S3Cas:
                 code = _s3_error_code(e)
                 if code in _LOST_CODES:
                     raise WriteLost(f"{path}: {condition} did not hold ({code})") from e
-                if code in _CONFLICT_CODES and attempt < self.conflict_retries:
-                    time.sleep(0.05 * 2**attempt)
-                    continue
+                if code in _CONFLICT_CODES:
+                    if attempt < self.conflict_retries:
+                        time.sleep(0.05 * 2**attempt)
+                        continue
+                    raise WriteConflict(
+                        f"{path}: {attempt + 1} conditional writes were answered {code} (another "
+                        "conditional write to it was in flight); this one did not happen"
+                    ) from e
                 raise
             finally:
                 self.fs.invalidate_cache(path)
 
     def write(self, path: str, data: bytes, token: str | None) -> None:
+        """One conditional PUT (:meth:`CasBackend.write`).
+
+        A request retried after its response was lost (by botocore or s3fs) is refused by the store as
+        if another writer had won, so a refusal is checked against the bytes now stored: every writer's
+        body is unique (it names the writer), so finding our own means our first attempt won. One case
+        stays wrong: if our lost-response write won and another writer then replaced it before this
+        read, the write is reported as lost although it was, briefly, current (the other writer read
+        our bytes and compared against them, so nothing is lost but the report).
+        """
         if token is ANY:
             self._put(path, data, {})
             return
@@ -202,15 +248,16 @@ class S3Cas:
         try:
             self._put(path, data, condition)
         except WriteLost:
-            # a request retried after its response was lost (by botocore or s3fs) is refused as if
-            # another writer had won: the bytes tell. Every writer's body is unique (it names the writer).
             now, _ = self.read(path)
             if now != data:
                 raise
 
     def probe(self, root: str) -> None:
         """Write a probe object twice with ``If-None-Match: *``, then with a wrong and the right
-        ``If-Match``: a store that takes the second or third write ignores the headers."""
+        ``If-Match``: a store that takes the second or third write ignores the headers, one that refuses
+        them by name does not implement them (:class:`CasUnsupported`). Any other refusal is named as the
+        store gave it (:class:`CasProbeRefused`: a rejected checksum header, a permission); no answer at
+        all (the network) is raised as it is."""
         path = f"{root}/.cas-probe-{uuid.uuid4().hex}"
         url = self.fs.unstrip_protocol(root)
         advice = (
@@ -244,12 +291,29 @@ class S3Cas:
         except WriteLost as e:
             raise CasUnsupported(advice.format(what=f"the first If-None-Match write was refused: {e}")) from e
         except OSError as e:
-            code = _s3_error_code(e)
-            if code in {"NotImplemented", "501", "InvalidArgument", "400"}:
-                raise CasUnsupported(advice.format(what=f"the store answered {code}")) from e
-            raise
+            response = _s3_response(e)
+            if response is None:
+                raise  # no answer from the store: the caller reports an outage
+            error = response.get("Error", {})
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code, message = error.get("Code") or status, error.get("Message") or str(e)
+            said = f"{code}: {message}" + (f" (header {error['Header']})" if error.get("Header") else "")
+            if any(w in said.lower() for w in _CONDITION_WORDS):
+                raise CasUnsupported(advice.format(what=f"a conditional write was refused: {said}")) from e
+            if isinstance(status, int) and status >= 500:
+                raise  # the store's own trouble: an outage, not an answer about this store
+            hint = ""
+            if "checksum" in said.lower() or "crc" in said.lower():
+                hint = (
+                    "; a store that refuses botocore's request checksums needs "
+                    "storage.request_checksum_calculation: when_required"
+                )
+            raise CasProbeRefused(
+                f"storage {url}: the compare-and-swap probe write to {self.fs.unstrip_protocol(path)} "
+                f"was refused: {said}{hint}"
+            ) from e
         finally:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):  # best effort: an outage must not hide the error above
                 self.fs.rm_file(path)
         logger.info("storage %s: conditional writes honoured (probe write)", url)
 

@@ -266,6 +266,32 @@ class StorageConfig(StrictModel):
         pattern=r"^[a-z0-9-]{1,32}$",
         description="S3 region; null: the AWS environment's (AWS_REGION / AWS_DEFAULT_REGION).",
     )
+    connect_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Seconds to wait for a connection to the object store before an attempt fails.",
+    )
+    read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds to wait for the object store's next bytes before an attempt fails.",
+    )
+    max_attempts: int = Field(
+        default=2,
+        ge=1,
+        le=10,
+        description="Attempts per object-store request, the first included (botocore's retries, and "
+        "s3fs's around reading a body). An unreachable store is reported (StorageUnavailable: loaded "
+        "adapters keep serving) after about max_attempts x connect_timeout_s at most.",
+    )
+    request_checksum_calculation: Literal["when_supported", "when_required"] = Field(
+        default="when_supported",
+        description="botocore's request checksums: when_supported sends a CRC32 of every upload (AWS "
+        "S3 checks it); when_required only where the API demands one, for S3-compatible stores that "
+        "refuse the x-amz-checksum headers (the probe write names such an error).",
+    )
     single_writer: bool = Field(
         default=False,
         description="Allow an object store that does not honour conditional writes (If-Match / "
@@ -530,8 +556,8 @@ class EngineConfig(StrictModel):
         default=0.8,
         gt=0,
         le=0.95,
-        description="On CUDA with kv_cache_bytes null: the share of the free device memory (after the model "
-        "and its LoRA slots load) the KV cache takes; the rest is for activations.",
+        description="On CUDA with kv_cache_bytes null: the share of the device memory free once the model "
+        "loads that the KV cache takes; LoRA slots and activations share the rest.",
     )
     page_tokens: int = Field(
         default=16, ge=1, le=1024, description="Tokens per KV cache page (vLLM's block size)."

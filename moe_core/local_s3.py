@@ -3,8 +3,10 @@ server (``python -m moto.server``, the way s3fs tests itself; ``pip install .[de
 
     python -m moe_core.local_s3 --port 9000 --bucket moe-demo    # serve until Ctrl-C
 
-It keeps objects in memory and honours conditional writes (If-Match / If-None-Match on PutObject); it
-checks no credentials, so the test credentials below are all it ever sees. Not for production data.
+It keeps objects in memory and honours conditional writes (If-Match / If-None-Match on PutObject). It
+checks no credentials at all: anyone who can reach its port (every user of this host: it listens on
+127.0.0.1 only) can read and write every bucket. For a single-user machine, tests and trying things out;
+never for real data.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,10 +40,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _answers_s3(endpoint: str) -> bool:
+    """Whether ``endpoint`` answers an S3 call: ListBuckets (``GET /``) with its XML, not merely a
+    connection (a port taken by something else, a server still starting, answers no such thing)."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    try:
+        with direct.open(f"{endpoint}/", timeout=2) as resp:
+            return resp.status == 200 and b"ListAllMyBucketsResult" in resp.read()
+    except (OSError, urllib.error.URLError):
+        return False
+
+
 @contextmanager
 def local_s3(log: Path, port: int | None = None) -> Iterator[str]:
-    """Start moto's S3 server on loopback (a free port unless given); yield its endpoint URL."""
+    """Start moto's S3 server on loopback (a free port unless given); yield its endpoint URL once it
+    answers S3 calls; stop it after (killed if it does not stop within 10 s)."""
     port = port or free_port()
+    endpoint = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -49,18 +66,18 @@ def local_s3(log: Path, port: int | None = None) -> Iterator[str]:
         )
         try:
             deadline = time.time() + 60
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=1):
-                        break
-                except OSError:
-                    if proc.poll() is not None or time.time() > deadline:
-                        raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}") from None
-                    time.sleep(0.1)
-            yield f"http://127.0.0.1:{port}"
+            while not _answers_s3(endpoint):
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.1)
+            yield endpoint
         finally:
             proc.terminate()
-            proc.wait(timeout=10)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def make_bucket(endpoint: str, name: str) -> str:

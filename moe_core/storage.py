@@ -23,6 +23,7 @@ by the replicas on a node and verified against the manifest whenever one is take
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +42,16 @@ from typing import Any, Literal
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from moe_core.cas import ANY, CasBackend, CasUnsupported, WriteLost, cas_backend, write_local_atomic
+from moe_core.cas import (
+    ANY,
+    CasBackend,
+    CasProbeRefused,
+    CasUnsupported,
+    WriteConflict,
+    WriteLost,
+    cas_backend,
+    write_local_atomic,
+)
 from moe_core.config import StorageConfig, validate_adapter_name
 from moe_core.node_cache import CacheError, Lease, NodeCache
 
@@ -113,14 +123,40 @@ def new_version_id(digest: str = "") -> str:
 
 def _s3_options(cfg: StorageConfig) -> dict[str, Any]:
     """s3fs's options: endpoint and region when the config names them (else botocore reads the AWS
-    environment, credentials included), no listing cache (other processes publish), and a connection
-    pool for the parallel ranged downloads."""
+    environment, credentials included), no listing cache (other processes publish), a connection pool
+    for the parallel ranged downloads, bounded timeouts and attempts (botocore's defaults retry an
+    unreachable endpoint for 6-19 s before a reader learns of the outage), and the request checksums."""
     client = {k: v for k, v in (("endpoint_url", cfg.endpoint_url), ("region_name", cfg.region)) if v}
     return {
         "client_kwargs": client,
         "use_listings_cache": False,
-        "config_kwargs": {"max_pool_connections": max(10, 2 * cfg.download_streams)},
+        "config_kwargs": {
+            "max_pool_connections": max(10, 2 * cfg.download_streams),
+            "connect_timeout": cfg.connect_timeout_s,
+            "read_timeout": cfg.read_timeout_s,
+            "retries": {"total_max_attempts": cfg.max_attempts, "mode": "standard"},
+            "request_checksum_calculation": cfg.request_checksum_calculation,
+        },
     }
+
+
+def _transport_errors(fs: Any) -> tuple[type[BaseException], ...]:
+    """What a storage call raises when the store, not the object, is the problem: OSError (s3fs turns
+    S3's error answers into OSError subclasses; a local volume raises them itself), and on S3 botocore's
+    own errors, which s3fs lets through as they are: no connection, a timeout, no credentials
+    (``BotoCoreError``), and aiohttp's. Those modules are imported only for an s3fs filesystem."""
+    errors: list[type[BaseException]] = [OSError]
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & {"s3", "s3a"}:
+        with contextlib.suppress(ImportError):
+            from botocore.exceptions import BotoCoreError
+
+            errors.append(BotoCoreError)
+        with contextlib.suppress(ImportError):
+            from aiohttp import ClientError
+
+            errors.append(ClientError)
+    return tuple(errors)
 
 
 #: fsspec options per URL scheme (first match); other schemes get none.
@@ -151,6 +187,10 @@ class Storage:
         except ImportError as e:  # s3fs missing: name the extra that brings it
             raise StorageError(f"storage {url}: {e}; install the extra: pip install '.[s3]'") from e
         self.local = isinstance(self.fs, LocalFileSystem)
+        if hasattr(self.fs, "retries"):  # s3fs's own retry loop (around reading a body): the same bound
+            self.fs.retries = self.settings.max_attempts
+        #: errors that mean the storage, not the object asked for, failed (StorageUnavailable)
+        self._io_errors = _transport_errors(self.fs)
         self.root = str(Path(root).resolve()) if self.local else root.rstrip("/")
         self.cache_dir = Path(cache_dir)
         self.node_cache = NodeCache(
@@ -171,6 +211,31 @@ class Storage:
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
 
+    def _unreadable(self, path: str, e: BaseException) -> StorageUnavailable:
+        return StorageUnavailable(f"storage {self.url} cannot be read: {path}: {_describe(e)}")
+
+    @contextlib.contextmanager
+    def _writing(self, path: str) -> Iterator[None]:
+        """The store's failures while writing ``path`` (the network, a permission, a full volume) as
+        :class:`StorageUnavailable` naming it."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except self._io_errors as e:
+            raise StorageUnavailable(f"storage {self.url} cannot be written: {path}: {_describe(e)}") from e
+
+    @contextlib.contextmanager
+    def _reading(self, path: str) -> Iterator[None]:
+        """The store's own failures while reading ``path`` as :class:`StorageUnavailable`; a missing
+        object (FileNotFoundError) is left to the caller."""
+        try:
+            yield
+        except (FileNotFoundError, StorageError):
+            raise
+        except self._io_errors as e:
+            raise self._unreadable(path, e) from e
+
     def check_reachable(self) -> None:
         """Raise :class:`StorageUnavailable` unless the root can be listed. A serving replica asks when a
         name it serves reads as unpublished: a store it has served from has a root, so a root that is
@@ -180,8 +245,8 @@ class Storage:
                 self.fs.ls(self.root, detail=False)
                 return
             problem = "its root is missing"
-        except OSError as e:
-            problem = str(e)
+        except self._io_errors as e:
+            problem = _describe(e)
         raise StorageUnavailable(f"storage {self.url} cannot be read: {problem}")
 
     # ----------------------------------------------------------------- layout
@@ -193,10 +258,12 @@ class Storage:
     def names(self, kind: Kind) -> list[str]:
         """Names with a current version, sorted."""
         base = f"{self.root}/{_KIND_DIRS[kind]}"
-        if not self.fs.exists(base):
-            return []
+        with self._reading(base):
+            if not self.fs.exists(base):
+                return []
+            listed = self.fs.ls(base, detail=False)
         out = []
-        for p in self.fs.ls(base, detail=False):
+        for p in listed:
             name = str(p).rstrip("/").rsplit("/", 1)[-1]
             if not name.startswith(".") and self.current_version(kind, name) is not None:
                 out.append(name)
@@ -209,8 +276,8 @@ class Storage:
             raw = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
-        except OSError as e:  # permissions, I/O, the network: the storage, not the name
-            raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
+        except self._io_errors as e:  # permissions, I/O, the network: the storage, not the name
+            raise self._unreadable(path, e) from e
         return self._pointer_version(path, raw)
 
     @staticmethod
@@ -230,21 +297,26 @@ class Storage:
     def versions(self, kind: Kind, name: str) -> list[str]:
         """Complete versions (closed by a manifest), oldest first."""
         slot = self.slot(kind, name)
-        if not self.fs.exists(slot):
-            return []
         found = []
-        for p in self.fs.ls(slot, detail=False):
-            v = str(p).rstrip("/").rsplit("/", 1)[-1]
-            if v.startswith("v") and self.fs.exists(f"{slot}/{v}/{MANIFEST}"):
-                found.append(v)
+        with self._reading(slot):
+            if not self.fs.exists(slot):
+                return []
+            for p in self.fs.ls(slot, detail=False):
+                v = str(p).rstrip("/").rsplit("/", 1)[-1]
+                if v.startswith("v") and self.fs.exists(f"{slot}/{v}/{MANIFEST}"):
+                    found.append(v)
         return sorted(found)
 
     def manifest(self, kind: Kind, name: str, version: str) -> dict[str, Any]:
-        return dict(json.loads(self.fs.cat_file(f"{self.slot(kind, name)}/{version}/{MANIFEST}")))
+        path = f"{self.slot(kind, name)}/{version}/{MANIFEST}"
+        with self._reading(path):
+            return dict(json.loads(self.fs.cat_file(path)))
 
     def read_json(self, kind: Kind, name: str, filename: str, version: str | None = None) -> dict[str, Any]:
         version = version or self._require_current(kind, name)
-        return dict(json.loads(self.fs.cat_file(f"{self.slot(kind, name)}/{version}/{filename}")))
+        path = f"{self.slot(kind, name)}/{version}/{filename}"
+        with self._reading(path):
+            return dict(json.loads(self.fs.cat_file(path)))
 
     def info(self, kind: Kind, name: str, metadata_file: str) -> list[VersionInfo]:
         cur = self.current_version(kind, name)
@@ -262,19 +334,29 @@ class Storage:
         """
         version = version or self._require_current(kind, name)
         remote = f"{self.slot(kind, name)}/{version}"
+        gone = f"{kind} {name!r} version {version}: a file of it is gone from storage (pruned while it was read?)"
         if self.local:  # read in place: every file checked against the manifest first
             folder = Path(remote)
             try:
                 manifest = json.loads((folder / MANIFEST).read_text())
             except (OSError, ValueError) as e:
                 raise StorageError(f"{kind} {name!r} version {version}: no readable manifest ({e})") from e
-            _verify(folder, manifest)
+            try:
+                _verify(folder, manifest)
+            except FileNotFoundError as e:
+                raise StorageError(f"{gone}: {e}") from e
+            except OSError as e:
+                raise self._unreadable(remote, e) from e
             return folder, version
         manifest = self._remote_manifest(kind, name, version)
         try:
             lease = self.node_cache.get(self.fs, remote, manifest)
         except CacheError as e:
             raise StorageError(f"{kind} {name!r} version {version}: {e}") from e
+        except FileNotFoundError as e:
+            raise StorageError(f"{gone}: {e}") from e
+        except self._io_errors as e:
+            raise self._unreadable(remote, e) from e
         with self._leases_lock:  # this process now uses this version of the name, not the one before
             old, self._leases[(kind, name)] = self._leases.get((kind, name)), lease
         if old is not None:
@@ -296,8 +378,8 @@ class Storage:
             return dict(json.loads(self.fs.cat_file(path)))
         except FileNotFoundError as e:
             raise StorageError(f"{kind} {name!r} version {version}: no manifest at {path}") from e
-        except OSError as e:
-            raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
+        except self._io_errors as e:
+            raise self._unreadable(path, e) from e
         except (ValueError, TypeError) as e:
             raise StorageError(f"{path}: manifest is not a JSON object ({e})") from e
 
@@ -321,10 +403,17 @@ class Storage:
     ) -> str:
         """Copy the files of ``src`` into a new version and (by default) make it current atomically
         (only if the current version is still ``expect``, when given: see :meth:`set_current`)."""
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MANIFEST)
+        found = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MANIFEST)
+        # dot-names (.gitattributes, .DS_Store, an editor's swap file) are never part of a version: the
+        # node cache refuses a manifest naming one, and removes what a manifest does not name
+        files = [p for p in found if not any(part.startswith(".") for part in p.relative_to(src).parts)]
+        if len(files) < len(found):
+            logger.info(
+                "%s: not published (dot-names): %s", src, [str(p) for p in found if p not in files][:5]
+            )
         if not files:
             raise StorageError(f"{src}: nothing to publish for {kind} {name!r}")
-        hashes = {str(p.relative_to(src)): sha256_file(p) for p in files}
+        hashes = {p.relative_to(src).as_posix(): sha256_file(p) for p in files}
         digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
         version = version or new_version_id(digest)
         slot = self.slot(kind, name)
@@ -335,11 +424,13 @@ class Storage:
         self._gc_partial(slot)
         staging = f"{slot}/.tmp-{uuid.uuid4().hex}" if self.local else f"{slot}/{version}"
         self._copy_in(src, files, staging, progress)
-        self._write_bytes(f"{staging}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        with self._writing(f"{staging}/{MANIFEST}"):
+            self._write_bytes(f"{staging}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
         final = f"{slot}/{version}"
-        if self.local:
-            os.rename(staging, final)
-        _verify_remote(self.fs, final, manifest)
+        with self._writing(final):
+            if self.local:
+                os.rename(staging, final)
+            _verify_remote(self.fs, final, manifest)
         logger.info(
             "%s %s: wrote version %s (%d files) in %.2fs",
             kind,
@@ -380,16 +471,21 @@ class Storage:
                         f"{version} is not made current (a newer write won)"
                     )
             try:
-                backend.write(path, data, token if expect is not ANY else ANY)
+                with self._writing(path):
+                    backend.write(path, data, token if expect is not ANY else ANY)
             except WriteLost as e:
                 raise lost from e
+            except WriteConflict as e:
+                raise StorageError(
+                    f"{kind} {name!r}: {e}; {version} is not made current: read the pointer again and retry"
+                ) from e
         logger.info("%s %s: current version is now %s", kind, name, version)
 
     def _read_pointer(self, backend: CasBackend, path: str) -> tuple[bytes | None, str | None]:
         try:
             return backend.read(path)
-        except OSError as e:
-            raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
+        except self._io_errors as e:
+            raise self._unreadable(path, e) from e
 
     def check_compare_and_swap(self) -> None:
         """Refuse (:class:`StorageError`) a store on which two writers of a pointer or a state could both
@@ -399,11 +495,17 @@ class Storage:
 
     def _cas(self) -> CasBackend:
         if self._cas_backend is None:
+            no_answer: tuple[type[BaseException], ...] = (*self._io_errors, WriteConflict)
             try:
                 backend = cas_backend(self.fs, single_writer=self.settings.single_writer)
                 backend.probe(self.root)
-            except CasUnsupported as e:
+            except (CasUnsupported, CasProbeRefused) as e:
                 raise StorageError(str(e)) from e
+            except no_answer as e:  # tried again by the next writer
+                raise StorageUnavailable(
+                    f"storage {self.url} cannot be written: the compare-and-swap probe write under "
+                    f"{self.root} failed: {_describe(e)}"
+                ) from e
             if self.settings.single_writer and not self.local:
                 logger.warning(
                     "storage %s: single_writer: pointers and state are written unconditionally", self.url
@@ -424,8 +526,8 @@ class Storage:
             raw = self.fs.cat_file(path)
         except FileNotFoundError:
             return {}, 0
-        except OSError as e:  # permissions, I/O, the network: the storage, not the state
-            raise StorageUnavailable(f"storage {self.url} cannot be read: {e}") from e
+        except self._io_errors as e:  # permissions, I/O, the network: the storage, not the state
+            raise self._unreadable(path, e) from e
         return self._parse_state(path, raw)
 
     @staticmethod
@@ -471,14 +573,18 @@ class Storage:
             revision = expect + 1
             doc = {"revision": revision, "data": data, "writer": uuid.uuid4().hex}
             try:
-                backend.write(path, json.dumps(doc, indent=2, sort_keys=True).encode(), token)
+                with self._writing(path):
+                    backend.write(path, json.dumps(doc, indent=2, sort_keys=True).encode(), token)
             except WriteLost as e:
                 raise conflict(f"> {expect}") from e
+            except WriteConflict as e:
+                raise StateConflict(f"state {name!r}: {e}; read it again and retry") from e
         logger.info("state %s: wrote revision %d", name, revision)
         return revision
 
     def rollback(self, kind: Kind, name: str, to: str | None = None) -> str:
-        """Make the previous complete version (or ``to``) current; return it."""
+        """Make the previous complete version (or ``to``) current; return it. Only from the version it
+        read: one made current meanwhile (a merge finishing) is never silently undone (StorageError)."""
         cur = self._require_current(kind, name)
         versions = self.versions(kind, name)
         if to is None:
@@ -486,7 +592,7 @@ class Storage:
             if not older:
                 raise StorageError(f"{kind} {name!r}: no version older than {cur} to roll back to")
             to = older[-1]
-        self.set_current(kind, name, to)
+        self.set_current(kind, name, to, expect=cur)
         return to
 
     def prune(self, kind: Kind, name: str, keep: int, *, writer_grace_s: float = 3600.0) -> list[str]:
@@ -502,7 +608,8 @@ class Storage:
         protected |= {v for v in versions if v > cur and _age_s(v) < writer_grace_s}
         doomed = [v for v in versions[:-keep] if v not in protected]
         for v in doomed:
-            self.fs.rm(f"{self.slot(kind, name)}/{v}", recursive=True)
+            with self._writing(f"{self.slot(kind, name)}/{v}"):
+                self.fs.rm(f"{self.slot(kind, name)}/{v}", recursive=True)
             logger.info("%s %s: pruned version %s", kind, name, v)
         return doomed
 
@@ -513,15 +620,16 @@ class Storage:
         for p in files:
             rel = p.relative_to(src).as_posix()
             target = f"{dest}/{rel}"
-            if self.local:
-                Path(target).parent.mkdir(parents=True, exist_ok=True)
-                with open(p, "rb") as fin, open(target, "wb") as fout:
-                    while chunk := fin.read(_CHUNK):
-                        fout.write(chunk)
-                    fout.flush()
-                    os.fsync(fout.fileno())
-            else:
-                self.fs.put_file(str(p), target)
+            with self._writing(target):
+                if self.local:
+                    Path(target).parent.mkdir(parents=True, exist_ok=True)
+                    with open(p, "rb") as fin, open(target, "wb") as fout:
+                        while chunk := fin.read(_CHUNK):
+                            fout.write(chunk)
+                        fout.flush()
+                        os.fsync(fout.fileno())
+                else:
+                    self.fs.put_file(str(p), target)
             done += p.stat().st_size
             if progress is not None:
                 progress(done, total, rel)
@@ -539,7 +647,7 @@ class Storage:
         if not self.local:
             try:
                 entries = self.fs.ls(slot, detail=False) if self.fs.exists(slot) else []
-            except OSError:
+            except self._io_errors:
                 return
             for p in entries:
                 v = str(p).rstrip("/").rsplit("/", 1)[-1]
@@ -548,7 +656,8 @@ class Storage:
                     and _age_s(v) > older_than_s
                     and not self.fs.exists(f"{slot}/{v}/{MANIFEST}")
                 ):
-                    self.fs.rm(f"{slot}/{v}", recursive=True)
+                    with self._writing(f"{slot}/{v}"):
+                        self.fs.rm(f"{slot}/{v}", recursive=True)
                     logger.info(
                         "%s: removed version %s that a killed writer left without a manifest", slot, v
                     )
@@ -588,6 +697,11 @@ def _verify_remote(fs: Any, folder: str, manifest: dict[str, Any]) -> None:
                 h.update(chunk)
         if h.hexdigest() != digest:
             raise StorageError(f"{folder}/{rel}: sha256 {h.hexdigest()} does not match manifest {digest}")
+
+
+def _describe(e: BaseException) -> str:
+    """An error for a message: botocore's say nothing of their kind, so it is named."""
+    return f"{type(e).__name__}: {e}"
 
 
 def _age_s(version: str) -> float:

@@ -139,17 +139,40 @@ def demo_cfg(tiny_path: Path) -> DeploymentConfig:
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A real S3 endpoint on loopback for the session: moto's standalone server (tests/s3_server.py),
-    with the test credentials in this process's AWS environment (moto accepts any; never real ones)."""
-    from tests.s3_server import TEST_ENV, moto_server
+    """A real S3 endpoint on loopback for the session: moto's standalone server (tests/s3_server.py). This
+    process's environment is left alone: a test that talks to the endpoint asks for ``s3_env``."""
+    from tests.s3_server import moto_server
 
-    os.environ.update(TEST_ENV)
     with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as url:
         yield url
 
 
+def s3_test_env(mp: pytest.MonkeyPatch) -> None:
+    """Put the loopback endpoint's test credentials in the AWS environment through ``mp`` (restored when
+    it is undone): moto accepts any; the machine's own credentials, profile, session token and endpoint
+    are hidden meanwhile, never sent to it nor mixed with the test keys."""
+    from tests.s3_server import TEST_ENV
+
+    for key in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+    ):
+        mp.delenv(key, raising=False)
+    for key, value in TEST_ENV.items():
+        mp.setenv(key, value)
+
+
 @pytest.fixture
-def s3_settings(s3_endpoint: str, tmp_path: Path) -> StorageConfig:
+def s3_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loopback endpoint's test credentials in this process's AWS environment for one test."""
+    s3_test_env(monkeypatch)
+
+
+@pytest.fixture
+def s3_settings(s3_endpoint: str, s3_env: None, tmp_path: Path) -> StorageConfig:
     """The storage section of a config on a fresh bucket of the loopback S3 endpoint."""
     from tests.s3_server import make_bucket
 

@@ -225,3 +225,32 @@ def test_adapters_of_rows_being_prefilled_count_as_in_use(
     asyncio.run(sched.generate(_req(1, "beta"), SamplingParams(max_tokens=2)))
     assert seen and all(s == {"beta"} for s in seen)
     sched.close()
+
+
+def test_an_adapter_counts_as_in_use_while_its_prompt_is_built(engine: Engine) -> None:
+    """The prompt is built on a worker thread, off the event loop: the adapter cache must not evict the
+    request's adapter meanwhile (the deployment pins it only until the request is submitted)."""
+    import threading
+
+    sched = Scheduler(engine)
+    building, go = threading.Event(), threading.Event()
+    check = sched.check
+
+    def slow_check(request: GenerationRequest, **kw: object) -> object:
+        building.set()
+        go.wait(10)
+        return check(request, **kw)  # type: ignore[arg-type]
+
+    sched.check = slow_check  # type: ignore[method-assign]
+
+    async def go_() -> tuple[set[str], str]:
+        task = asyncio.create_task(sched.generate(_req(3, "gamma"), SamplingParams(max_tokens=2)))
+        while not building.is_set():
+            await asyncio.sleep(0.001)
+        during = sched.in_use()
+        go.set()
+        return during, (await task).text
+
+    during, _ = asyncio.run(go_())
+    assert during == {"gamma"} and sched.in_use() == set()
+    sched.close()

@@ -51,6 +51,51 @@ def test_publish_fetch_rollback_prune(request: pytest.FixtureRequest, tmp_path: 
     st.check_reachable()
 
 
+@pytest.mark.parametrize("url_kind", ["local", "memory"])
+def test_dot_names_are_not_published(request: pytest.FixtureRequest, tmp_path: Path, url_kind: str) -> None:
+    """A folder cloned from a hub has .gitattributes: never part of a version (the node cache refuses a
+    manifest naming a dot-name and removes files a manifest does not name)."""
+    st = _store(request, tmp_path, url_kind)
+    src = _folder(tmp_path / "a", "one")
+    (src / ".gitattributes").write_text("*.bin filter=lfs")
+    (src / ".cache").mkdir()
+    (src / ".cache" / "x").write_text("x")
+    v = st.publish("merged", "cal", src)
+    assert sorted(st.manifest("merged", "cal", v)["files"]) == [
+        "f0.bin.part",
+        "f1.bin.part",
+        "f2.bin.part",
+        "meta.json",
+    ]
+    path, _ = st.fetch("merged", "cal")
+    assert not (path / ".gitattributes").exists()
+
+
+def test_a_rollback_never_undoes_a_version_made_current_while_it_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rollback reads CURRENT, picks the version before it, then moves the pointer only if CURRENT still
+    names what it read: a newer version made current in between (another writer) stays current."""
+    st = Storage(str(tmp_path / "s"), cache_dir=tmp_path / "cache")
+    st.publish("merged", "cal", _folder(tmp_path / "a", "one"))
+    v2 = st.publish("merged", "cal", _folder(tmp_path / "b", "two"))
+    v3 = st.publish("merged", "cal", _folder(tmp_path / "c", "three"), make_current=False)
+    versions, raced = st.versions, []
+
+    def racing(kind: str, name: str) -> list[str]:
+        """Rollback lists the versions after reading CURRENT: another writer makes v3 current now."""
+        out = versions(kind, name)  # type: ignore[arg-type]
+        if not raced:
+            raced.append(True)
+            st.set_current("merged", "cal", v3, expect=v2)
+        return out
+
+    monkeypatch.setattr(st, "versions", racing)
+    with pytest.raises(StorageError, match=f"current version is {v3}, not {v2}"):
+        st.rollback("merged", "cal")
+    assert raced and st.current_version("merged", "cal") == v3
+
+
 @pytest.mark.parametrize("url_kind", ["memory", "s3"])
 def test_a_changed_byte_in_a_remote_version_is_refused_on_fetch(
     request: pytest.FixtureRequest, tmp_path: Path, url_kind: str

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from moe_core.config import ConfigError, StorageConfig
-from moe_core.storage import StateConflict, Storage, StorageError
-from tests.s3_server import Proxy, make_bucket
+from moe_core.local_s3 import local_s3
+from moe_core.storage import StateConflict, Storage, StorageError, StorageUnavailable
+from tests.s3_server import Proxy, Request, make_bucket
 
 ROUNDS = 100
 
@@ -96,6 +98,42 @@ def test_two_writer_processes_racing_exactly_one_wins_every_time(
         assert st.current_version("merged", "cal") == [v for v in versions if v != seen][me]
 
 
+def test_writes_are_conditional_on_exactly_what_was_read(s3_settings: StorageConfig, tmp_path: Path) -> None:
+    """What the store is asked, request by request (the proxy records them): a first write of a pointer or
+    a state carries If-None-Match: *, every later one If-Match with exactly the ETag of the GET that read
+    the bytes compared. (moto's own check of those headers is not atomic, so the races above could pass
+    on it by luck; this does not depend on the server.)"""
+    with Proxy(str(s3_settings.endpoint_url)) as proxy:
+        st = Storage.from_config(s3_settings.model_copy(update={"endpoint_url": proxy.url}))
+        v1, v2 = (
+            st.publish("merged", "cal", _folder(tmp_path / t, t), make_current=False) for t in ("a", "b")
+        )
+        for target, first, then in (
+            (
+                "state/promotion.json",
+                lambda: st.write_state("promotion", {"a": 1}, expect=0),
+                lambda: st.write_state("promotion", {"a": 2}, expect=1),
+            ),
+            (
+                "merged/cal/CURRENT",
+                lambda: st.set_current("merged", "cal", v1, expect=None),
+                lambda: st.set_current("merged", "cal", v2, expect=v1),
+            ),
+        ):
+            proxy.requests.clear()
+            first()
+            (put,) = proxy.requests_to(target, "PUT")
+            assert put.headers.get("if-none-match") == "*" and "if-match" not in put.headers, put.headers
+            assert put.status == 200
+            proxy.requests.clear()
+            then()
+            reads = [r for r in proxy.requests_to(target, "GET") if r.status == 200]
+            (put,) = proxy.requests_to(target, "PUT")
+            assert reads and reads[-1].etag and proxy.requests.index(reads[-1]) < proxy.requests.index(put)
+            assert put.headers.get("if-match") == reads[-1].etag and "if-none-match" not in put.headers
+            assert put.status == 200
+
+
 def test_a_store_that_ignores_conditional_writes_is_refused_unless_single_writer(
     s3_settings: StorageConfig, tmp_path: Path
 ) -> None:
@@ -124,7 +162,7 @@ def test_a_store_that_ignores_conditional_writes_is_refused_unless_single_writer
 
 
 def test_endpoint_region_and_credentials_from_the_aws_environment(
-    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3_endpoint: str, s3_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Nothing but the URL in the config: botocore takes endpoint, region and keys from the environment
     (as a Kubernetes Secret provides them)."""
@@ -169,7 +207,6 @@ def test_a_version_a_killed_writer_left_without_manifest_is_removed_later(
     assert st.versions("merged", "cal") == [v]
     assert not st.fs.exists(f"{slot}/{stale}/model.safetensors")  # over an hour old: removed
     assert st.fs.exists(f"{slot}/{fresh}/model.safetensors")  # maybe a writer still at work: kept
-    assert os.environ["AWS_ACCESS_KEY_ID"].startswith("moe-test")  # only the loopback test credentials
 
 
 def test_the_s3_demo_config_differs_from_the_default_in_storage_only() -> None:
@@ -181,3 +218,91 @@ def test_the_s3_demo_config_differs_from_the_default_in_storage_only() -> None:
     s3 = DeploymentConfig.from_file(root / "deployment.s3.yaml").model_dump()
     assert [k for k in default if default[k] != s3[k]] == ["storage"]
     assert s3["storage"]["url"].startswith("s3://") and s3["storage"]["endpoint_url"]
+
+
+def _put_to(part: str, status: int, code: str, message: str) -> Any:
+    """A proxy answer: PUTs whose path holds ``part`` get the S3 error ``code``."""
+    return lambda r: (status, code, message) if r.method == "PUT" and part in r.path else None
+
+
+def test_write_side_failures_are_storage_errors_that_name_the_path(
+    s3_settings: StorageConfig, tmp_path: Path
+) -> None:
+    """A permission refused, a conditional write that keeps conflicting (409), a probe write refused:
+    StorageUnavailable/StateConflict/StorageError naming what was written, never a raw OSError."""
+    with Proxy(str(s3_settings.endpoint_url)) as proxy:
+        cfg = s3_settings.model_copy(update={"endpoint_url": proxy.url})
+        st = Storage.from_config(cfg)
+        assert st.write_state("promotion", {}, expect=0) == 1
+        proxy.answer = _put_to("state/promotion.json", 403, "AccessDenied", "Access Denied")
+        with pytest.raises(StorageUnavailable, match=r"cannot be written: .*state/promotion\.json.*Access"):
+            st.write_state("promotion", {"a": 1}, expect=1)
+        proxy.answer = _put_to("state/promotion.json", 409, "ConditionalRequestConflict", "in progress")
+        with pytest.raises(
+            StateConflict,
+            match=r"promotion\.json: 6 conditional writes were answered ConditionalRequestConflict",
+        ):
+            st.write_state("promotion", {"a": 1}, expect=1)
+        proxy.answer = _put_to("/experts/", 403, "AccessDenied", "Access Denied")
+        with pytest.raises(StorageUnavailable, match=r"cannot be written: .*experts/cal/v.*Access"):
+            st.publish("expert", "cal", _folder(tmp_path / "a", "a"))
+        proxy.answer = _put_to(".cas-probe-", 403, "AccessDenied", "Access Denied")
+        with pytest.raises(StorageError, match=r"probe write to s3://.*\.cas-probe-.*AccessDenied") as e:
+            Storage.from_config(cfg).check_compare_and_swap()
+        assert "does not honour" not in str(e.value)
+        proxy.answer = None
+        assert st.read_state("promotion") == ({}, 1)  # nothing was written
+
+
+def test_a_version_pruned_while_it_is_fetched_is_a_storage_error(tmp_path: Path) -> None:
+    """A file of the version gone from the store after its manifest was read (pruned by another
+    process): a StorageError naming the version, not a raw FileNotFoundError."""
+    st = Storage(f"memory://pruned-{uuid.uuid4().hex}", cache_dir=tmp_path / "node")
+    v = st.publish("merged", "cal", _folder(tmp_path / "a", "a"))
+    st.fs.rm_file(f"{st.slot('merged', 'cal')}/{v}/adapter_model.safetensors")
+    with pytest.raises(StorageError, match=f"version {v}: a file of it is gone from storage"):
+        st.fetch("merged", "cal")
+
+
+def test_a_store_refusing_botocores_checksums_is_named_not_called_unconditional(
+    s3_settings: StorageConfig,
+) -> None:
+    """Some S3-compatible stores answer 400 InvalidArgument to the CRC32 checksum headers botocore sends
+    by default: the probe names that error and the setting that avoids it, and with
+    request_checksum_calculation: when_required no checksum header is sent and the store is used."""
+
+    def checksummed(r: Request) -> tuple[int, str, str] | None:
+        if r.method == "PUT" and any(
+            h.startswith(("x-amz-checksum-", "x-amz-sdk-checksum")) for h in r.headers
+        ):
+            return 400, "InvalidArgument", "x-amz-checksum-crc32 header is not supported"
+        return None
+
+    with Proxy(str(s3_settings.endpoint_url)) as proxy:
+        proxy.answer = checksummed
+        cfg = s3_settings.model_copy(update={"endpoint_url": proxy.url})
+        with pytest.raises(StorageError) as e:
+            Storage.from_config(cfg).check_compare_and_swap()
+        assert "InvalidArgument" in str(e.value) and "x-amz-checksum-crc32" in str(e.value)
+        assert "request_checksum_calculation: when_required" in str(e.value)
+        assert "does not honour conditional writes" not in str(e.value)
+        assert any(r.answered_by_proxy for r in proxy.requests)
+        proxy.requests.clear()
+        plain = Storage.from_config(cfg.model_copy(update={"request_checksum_calculation": "when_required"}))
+        plain.check_compare_and_swap()
+        assert plain.write_state("promotion", {"a": 1}, expect=0) == 1
+        puts = [r for r in proxy.requests if r.method == "PUT"]
+        assert puts and not any(r.answered_by_proxy for r in puts)
+
+
+def test_the_local_s3_server_is_ready_when_it_answers_s3_not_when_its_port_connects(tmp_path: Path) -> None:
+    """Its port already taken by something that is no S3 server: moto cannot start, and the launcher says
+    so instead of handing out an endpoint because a TCP connection to the port succeeded."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with (
+            pytest.raises(RuntimeError, match="moto server did not start"),
+            local_s3(tmp_path / "moto.log", port=taken.getsockname()[1]),
+        ):
+            pass

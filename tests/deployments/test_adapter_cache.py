@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from deployments.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
+from moe_core.config import StorageConfig
+from moe_core.node_cache import content_key
 from moe_core.storage import Storage
 
 
@@ -114,3 +117,32 @@ def test_concurrent_loads_of_new_adapters_never_overfill_the_slots(tmp_path: Pat
 
     asyncio.run(scenario())
     assert len(eng.loaded) <= 2
+
+
+def test_evicted_and_forgotten_adapters_release_their_version_in_the_node_cache(tmp_path: Path) -> None:
+    """A remote root (memory://, through the node cache, bounded at one byte): an adapter the LRU evicts
+    or forgets releases its lease, so the node cache can evict its version; one still loaded keeps it."""
+    st = Storage.from_config(
+        StorageConfig(
+            url=f"memory://leases-{uuid.uuid4().hex}", cache_dir=str(tmp_path / "node"), cache_max_gb=1e-9
+        )
+    )
+    for n, tag in (("a", "one"), ("b", "two")):
+        _publish(st, tmp_path, n, tag)
+    versions = tmp_path / "node" / "versions"
+    key = {
+        n: content_key(st.manifest("expert", n, st.current_version("expert", n) or "")["files"]) for n in "ab"
+    }
+    eng = RecordingEngine()
+    cache = AdapterCache(eng, st, capacity=1, refresh_interval_s=0.0)
+
+    async def scenario() -> None:
+        await cache.ensure(["a"])
+        assert {p.name for p in versions.iterdir()} == {key["a"]}  # in use: kept over the bound
+        await cache.ensure(["b"])  # a is evicted from the engine, then from the node
+        assert {p.name for p in versions.iterdir()} == {key["b"]}
+        cache.forget("b")
+        st.node_cache.evict()
+        assert not any(versions.iterdir())
+
+    asyncio.run(scenario())

@@ -28,10 +28,12 @@ from deployments.openai_api import (
     ChatCompletionRequest,
     build_conversation,
     host_allowed,
+    model_list,
+    public_storage_root,
     sampling_of,
     validation_error,
 )
-from deployments.routing import Classification, decide
+from deployments.routing import Classification, RoutingPolicy, decide
 from deployments.schemas import BadInput
 from deployments.settings import GatewaySettings
 from moe_core.config import ConfigError, DeploymentConfig, LiveSettings
@@ -246,6 +248,18 @@ def _error(r: Any, status: int, param: str | None, code: str | None = None) -> d
 
 
 # ----------------------------------------------------------------------------- models
+def test_models_list_never_shows_the_bucket() -> None:
+    """On S3 the cards' root keeps its shape (where the adapter lives) but not the bucket or prefix."""
+    cfg = _cfg(storage={"url": "s3://secret-bucket/tenant-a/prod"})
+    settings = GatewaySettings.of(cfg)
+    policy = RoutingPolicy(settings.labels, {"calendar"}, LiveSettings.of(cfg).gateway)
+    cards = {c.id: c for c in model_list(policy, settings, True, 0).data}
+    assert cards["calendar"].root == "s3://<storage>/experts/calendar"
+    assert cards["auto"].root == "s3://<storage>/router/router"
+    assert not any("secret-bucket" in str(c.root) or "tenant-a" in str(c.root) for c in cards.values())
+    assert public_storage_root("storage/") == "storage" and public_storage_root("/mnt/x") == "/mnt/x"
+
+
 def test_models_list_base_experts_and_auto(svc: Service) -> None:
     models = {m.id: m for m in svc.sdk.models.list()}
     assert set(models) == {BASE, "calendar", "login-window", "desktop", "auto"}

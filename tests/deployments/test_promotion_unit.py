@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,40 @@ def test_a_promotion_cut_off_while_loading_is_carried_on(tmp_path: Path) -> None
     asyncio.run(scenario())
 
 
+def test_a_controller_started_during_a_storage_outage_resumes_when_it_is_back(tmp_path: Path) -> None:
+    """Its replica is built while the storage cannot be read (a transient S3 error): the constructor does
+    not fail (Serve would restart the replica over and over); nothing is decided until the stored
+    assignments can be read, then a promotion cut off while loading is carried on."""
+    st, clock, merges = _store(tmp_path), Clock(), []
+    real, down = st.read_state, [True]
+
+    def flaky(name: str) -> tuple[dict[str, Any], int]:
+        if down[0]:
+            raise StorageUnavailable("storage test cannot be read: an outage")
+        return real(name)
+
+    async def scenario() -> None:
+        slot = _slot(st)
+        c = _controller(st, slot, clock, merges)
+        await _traffic(c, clock, {"desktop": 9}, 6)
+        state, rev = st.read_state(ASSIGNMENTS)
+        state["slots"][0]["state"] = "loading"  # as if the controller died before "ready"
+        st.write_state(ASSIGNMENTS, state | {"revision": rev + 1}, expect=rev)
+        assert c._loop is not None
+        c._loop.cancel()
+        st.read_state = flaky  # type: ignore[method-assign]
+        again = _controller(st, slot, clock, merges)  # the outage: built all the same
+        await again.status()
+        assert again.assignments.revision == 0 and await again.tick() == [] and not again._busy
+        down[0] = False
+        await again.tick()  # storage is back: resumed, the cut-off promotion carried on
+        for task in list(again._busy.values()):
+            await task
+        assert again.assignments.revision > rev and read_assignments(st, 1).routed() == {"desktop": 0}
+
+    asyncio.run(scenario())
+
+
 def test_the_gateway_sends_promoted_adapters_to_their_slot_and_falls_back_once(tmp_path: Path) -> None:
     st = _store(tmp_path)
     _publish(st, tmp_path, "merged", "login-window", "m1")
@@ -283,6 +318,30 @@ def test_switches_survive_storage_errors_and_a_merge_that_hangs_is_given_up(tmp_
         await _traffic(other, clock, {"login-window": 9}, 6)
         assert read_assignments(st, 1).slots == (None,)
         assert any(d["kind"] == "promote" and d["adapter"] == "login-window" for d in other.decisions)
+
+    asyncio.run(scenario())
+
+
+def test_a_freed_slot_releases_its_merged_version_in_the_node_cache(tmp_path: Path) -> None:
+    """On a remote root (memory://, through the node cache, bounded at one byte) a slot that is freed lets
+    the node cache evict the merged version it served; while it serves it, the version stays."""
+    st = Storage.from_config(
+        StorageConfig(
+            url=f"memory://slot-{uuid.uuid4().hex}", cache_dir=str(tmp_path / "node"), cache_max_gb=1e-9
+        )
+    )
+    _publish(st, tmp_path, "expert", "login-window", "v1")
+    v = _publish(st, tmp_path, "merged", "login-window", "m1")
+    versions = tmp_path / "node" / "versions"
+
+    async def scenario() -> None:
+        slot = _slot(st)
+        slot._install(await asyncio.to_thread(slot._open, "login-window", v))
+        st.node_cache.evict()
+        assert len(list(versions.iterdir())) == 1  # served: kept over the bound
+        slot._release()
+        st.node_cache.evict()
+        assert not any(versions.iterdir())
 
     asyncio.run(scenario())
 

@@ -48,6 +48,19 @@ def s3_app(  # type: ignore[no-untyped-def]
     loras: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ):
+    from tests.conftest import s3_test_env
+
+    with pytest.MonkeyPatch.context() as mp:  # the endpoint's test credentials, for this module only
+        s3_test_env(mp)
+        yield from _s3_app(s3_endpoint, ray_cluster, loras, tmp_path_factory)
+
+
+def _s3_app(  # type: ignore[no-untyped-def]
+    s3_endpoint: str,
+    ray_cluster: dict[str, str],
+    loras: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+):
     from tests.s3_server import make_bucket
 
     tmp = tmp_path_factory.mktemp("s3-e2e")

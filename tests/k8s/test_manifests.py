@@ -430,9 +430,10 @@ def test_committed_s3_manifest_is_the_generators_output(filename: str) -> None:
 def test_s3_variant_reads_the_bucket_through_the_node_cache_with_credentials_from_a_secret_or_a_role() -> (
     None
 ):
-    """No shared volume: every pod of the RayService and the merge job mounts the node cache (hostPath) at
-    storage.cache_dir, runs as the ServiceAccount (an IAM role annotation) and may take the keys from the
-    Secret; no key value is in the repository."""
+    """No shared volume: the GPU worker pods of the RayService and the merge job mount the node cache
+    (hostPath, which only the GPU nodes have) at storage.cache_dir; the heads, which have no node selector
+    and may land on any node, an emptyDir there. Every pod runs as the ServiceAccount (an IAM role
+    annotation) and may take the keys from the Secret; no key value is in the repository."""
     docs = dict(_docs(K8S_S3))
     cfg = _s3_cfg()
     svc = docs["rayservice.yaml"]["spec"]["rayClusterConfig"]
@@ -445,7 +446,21 @@ def test_s3_variant_reads_the_bucket_through_the_node_cache_with_credentials_fro
         )
         assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
         (cache,) = [v for v in pod["volumes"] if v["name"] == "node-cache"]
-        assert cache["hostPath"] == {"path": kube.NODE_CACHE_HOST_PATH, "type": "Directory"}
+        if pod.get("nodeSelector") == kube.H100_LABEL:  # a GPU node, prepared for the hostPath
+            assert cache["hostPath"] == {"path": kube.NODE_CACHE_HOST_PATH, "type": "Directory"}
+        else:
+            assert cache == {"name": "node-cache", "emptyDir": {}}, (
+                "a hostPath on a pod that may land anywhere"
+            )
+    for cluster in (svc, job):
+        assert "hostPath" not in str(cluster["headGroupSpec"])
+        assert all(
+            g["template"]["spec"]["nodeSelector"] == kube.H100_LABEL
+            and any("hostPath" in v for v in g["template"]["spec"]["volumes"])
+            for g in cluster["workerGroupSpecs"]
+        )
+    assert "kubectl apply -k k8s/s3/" in (K8S_S3 / "networkpolicy.yaml").read_text()
+    assert "kubectl apply -k k8s/`" in (K8S / "networkpolicy.yaml").read_text()
     for c in containers:
         (mount,) = [m for m in c["volumeMounts"] if m["name"] == "node-cache"]
         assert mount["mountPath"] == cfg.storage.cache_dir

@@ -84,14 +84,6 @@ class ToolCall:
     name: str
     arguments: str  # JSON text
 
-    def openai(self, index: int | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
-        return out if index is None else {"index": index, **out}
-
 
 def tools_json(tools: Sequence[Tool]) -> str:
     """The tools as the chat template gets them (OpenAI's shape, as JSON text)."""

@@ -310,7 +310,8 @@ class Engine:
             with peft.disable_adapter():
                 yield {}
         else:
-            peft.set_adapter(only, inference_mode=True)
+            if getattr(peft, "active_adapter", None) != only:  # set_adapter walks every module: only on a change
+                peft.set_adapter(only, inference_mode=True)
             yield {}
 
     # ----------------------------------------------------------------- inputs

@@ -372,7 +372,7 @@ def kv_benchmarks(cfg: DeploymentConfig, *, quick: bool) -> tuple[Samples, dict[
     samples: Samples = {}
     figures: dict[str, Any] = {}
     sizes = [(1, 64), (4, 256)] if quick else [(1, 64), (4, 256), (8, 512), (16, 1024)]
-    rounds = 3 if quick else 9
+    rounds = 3 if quick else 25
     torch.manual_seed(0)
     with torch.inference_mode():
         _join_and_decode(cfg, sizes, rounds, samples, figures)

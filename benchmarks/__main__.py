@@ -4,6 +4,7 @@
     python -m benchmarks --quick         # smoke test (make test): fewer rounds, no Ray Serve
     python -m benchmarks --gpu           # the real Qwen3-VL-8B shapes, random bf16 weights, on CUDA
     python -m benchmarks --only promotion  # just the Zipf mix through Serve, promotion off vs on
+    python -m benchmarks --only engine   # just the engine rounds (latency, batching, memory; no Serve)
     python -m benchmarks --only kv       # just the paged KV cache: joins, KV bytes, agent turns, burst, peer
     python -m benchmarks --only storage    # fetch throughput of a 1 GB version: local S3 vs local copy
     python -m benchmarks --only grammar    # constrained decoding: cost per token at batch 8, compile time
@@ -238,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: few rounds, no Ray Serve")
     p.add_argument("--gpu", action="store_true", help="Qwen3-VL-8B shapes with random bf16 weights on CUDA")
     p.add_argument("--rounds", type=int)
-    p.add_argument("--only", choices=["promotion", "kv", "storage", "grammar"], help="run one part only")
+    p.add_argument(
+        "--only", choices=["engine", "promotion", "kv", "storage", "grammar"], help="run one part only"
+    )
     p.add_argument("--storage-gb", type=float, default=1.0, help="size of the storage benchmark's version")
     p.add_argument(
         "--storage-part-mb", type=int, default=16, help="the storage benchmark's ranged-read size (MiB)"
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         name = args.name or ("cpu-quick" if args.quick else f"cpu-{args.only}" if args.only else "cpu")
         samples, figures = {}, {}
-        if args.only is None:
+        if args.only in (None, "engine"):
             images, prompt = _demo_inputs(settings.batch)
             rep = engine_benchmarks(cfg, settings, images, prompt)
             samples, figures = rep.samples, rep.figures

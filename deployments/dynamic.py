@@ -26,8 +26,8 @@ from deployments.schemas import BadInput, open_image
 from deployments.settings import DynamicSettings
 from moe_core.config import DynamicLive
 from moe_core.engine import ChatTurn, GenerationRequest
+from moe_core.engine.request import Completion, Delta
 from moe_core.engine.sampling import SamplingParams
-from moe_core.engine.scheduler import Completion, Delta
 
 __all__ = ["AdapterNotServed", "DynamicLoRA", "NotConfigured", "RoutingUnavailable"]
 

@@ -18,8 +18,9 @@ from deployments.adapter_cache import AdapterStore
 from deployments.schemas import BadInput, open_image
 from moe_core.config import EngineSettings
 from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest, InvalidInput
+from moe_core.engine.request import Completion, Delta, PromptTooLong, QueueFull
 from moe_core.engine.sampling import SamplingParams
-from moe_core.engine.scheduler import Completion, Delta, PromptTooLong, QueueFull, Scheduler
+from moe_core.engine.scheduler import Scheduler
 from moe_core.storage import Storage
 
 if TYPE_CHECKING:

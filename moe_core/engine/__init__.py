@@ -5,10 +5,11 @@ One module per concern: :mod:`~moe_core.engine.request` (what goes in and out),
 :mod:`~moe_core.engine.kv` (pages, block tables, prefix sharing),
 :mod:`~moe_core.engine.attention` (attention over the pages),
 :mod:`~moe_core.engine.vision_cache` (image features by content and vision identity),
-:mod:`~moe_core.engine.runner` (one packed forward), :mod:`~moe_core.engine.sampling` (and
-:mod:`~moe_core.engine.constraints`, the grammars of constrained rows),
-:mod:`~moe_core.engine.scheduler` (what runs in each step), :mod:`~moe_core.engine.lora` (adapter
-slots) and :mod:`~moe_core.engine.core` (the :class:`Engine` that holds them together).
+:mod:`~moe_core.engine.runner` (one packed forward), :mod:`~moe_core.engine.sequence` (a request's
+tokens, pages and progress), :mod:`~moe_core.engine.scheduler` (what runs in each step),
+:mod:`~moe_core.engine.outputs` (logits to tokens, text and finishes), :mod:`~moe_core.engine.sampling`,
+:mod:`~moe_core.engine.constraints` (grammars), :mod:`~moe_core.engine.lora` (adapter slots) and
+:mod:`~moe_core.engine.core` (the :class:`Engine` that holds them together).
 """
 
 from moe_core.engine.core import Engine
@@ -18,16 +19,19 @@ from moe_core.engine.request import (
     ChatProcessor,
     ChatTurn,
     ClassifyResult,
+    Completion,
+    Delta,
     EngineError,
     GenerationRequest,
     GenerationResult,
     InvalidInput,
     PromptTooLong,
     QueueFull,
+    Timings,
     VisionLanguageModel,
 )
 from moe_core.engine.sampling import FinishReason, SamplingParams
-from moe_core.engine.scheduler import Completion, Delta, Scheduler, StepRecord, Timings, run_batch
+from moe_core.engine.scheduler import Scheduler, StepRecord, run_batch
 
 __all__ = [
     "BASE",

@@ -310,7 +310,9 @@ class Engine:
             with peft.disable_adapter():
                 yield {}
         else:
-            if getattr(peft, "active_adapter", None) != only:  # set_adapter walks every module: only on a change
+            if (
+                getattr(peft, "active_adapter", None) != only
+            ):  # set_adapter walks every module: only on a change
                 peft.set_adapter(only, inference_mode=True)
             yield {}
 

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from PIL import Image
 
 from moe_core.vision import PixelBounds
 
+if TYPE_CHECKING:
+    from moe_core.engine.sampling import FinishReason, TokenLogprob
+
 __all__ = [
     "BASE",
     "ChatProcessor",
     "ChatTurn",
     "ClassifyResult",
+    "Completion",
+    "Delta",
     "EngineError",
     "GenerationRequest",
     "GenerationResult",
     "InvalidInput",
     "PromptTooLong",
     "QueueFull",
+    "Timings",
     "VisionLanguageModel",
 ]
 
@@ -107,6 +113,46 @@ class ClassifyResult:
     label: str
     confidence: float
     scores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where one request's time went, measured in the replica (seconds)."""
+
+    queued_s: float  # submitted -> its first step
+    ttft_s: float  # submitted -> first token
+    total_s: float  # submitted -> last token
+    tpot_s: float  # time per output token after the first (0 with one token)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of one request; the last delta has ``finish_reason`` and the timings."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    batch_size: int = 0  # rows in the step that produced it
+    adapters_in_batch: int = 0
+    timings: Timings | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens since the last delta (when the row asked)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole answer (the deltas of :meth:`~moe_core.engine.scheduler.Scheduler.stream` joined)."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    batch_size: int  # most rows in a step while it ran
+    adapters_in_batch: int
+    timings: Timings
+    cached_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class VisionLanguageModel(Protocol):

@@ -33,88 +33,33 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moe_core.engine.constraints import Grammar, RowMatcher
-from moe_core.engine.kv import chain_hashes
+from moe_core.engine.constraints import Grammar
+from moe_core.engine.outputs import advance, score
 from moe_core.engine.prompts import Prompt
 from moe_core.engine.request import (
     ClassifyResult,
+    Completion,
+    Delta,
     EngineError,
     GenerationRequest,
     PromptTooLong,
     QueueFull,
 )
 from moe_core.engine.runner import RowWork
-from moe_core.engine.sampling import (
-    FinishReason,
-    SamplingParams,
-    TextStream,
-    TokenLogprob,
-    make_generator,
-    next_tokens,
-    token_logprobs,
-)
-from moe_core.engine.vision_cache import Features
+from moe_core.engine.sampling import SamplingParams, TextStream, TokenLogprob, make_generator
+from moe_core.engine.sequence import Job, Seq
 
 if TYPE_CHECKING:
     from moe_core.engine.core import Engine
 
-__all__ = [
-    "Completion",
-    "Delta",
-    "PromptTooLong",
-    "QueueFull",
-    "Scheduler",
-    "StepRecord",
-    "Timings",
-    "run_batch",
-]
+__all__ = ["Scheduler", "StepRecord", "run_batch"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Where one request's time went, measured in the replica (seconds)."""
-
-    queued_s: float  # submitted -> its first step
-    ttft_s: float  # submitted -> first token
-    total_s: float  # submitted -> last token
-    tpot_s: float  # time per output token after the first (0 with one token)
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New text of one request; the last delta has ``finish_reason`` and the timings."""
-
-    text: str
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    batch_size: int = 0  # rows in the step that produced it
-    adapters_in_batch: int = 0
-    timings: Timings | None = None
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens since the last delta (when the row asked)
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A whole answer (the deltas of :meth:`Scheduler.stream` joined)."""
-
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    batch_size: int  # most rows in a step while it ran
-    adapters_in_batch: int
-    timings: Timings
-    cached_tokens: int = 0
-    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,55 +68,6 @@ class StepRecord:
 
     decode: tuple[str, ...]
     prefill: tuple[tuple[str, int], ...]
-
-
-@dataclass(eq=False)
-class _Job:
-    request: GenerationRequest
-    params: SamplingParams
-    sink: Callable[[Delta | BaseException | ClassifyResult], None]
-    prompt: Prompt
-    request_id: str = ""
-    labels: tuple[str, ...] = ()  # a classification: score these as the answer's first token
-    arrived: float = field(default_factory=time.perf_counter)
-    started: float = 0.0
-    first: float = 0.0
-    cancelled: bool = False
-    seq: _Seq | None = None  # its state once admitted (kept through a preemption)
-    grammar: Grammar | None = None  # its answer's grammar, compiled
-
-
-@dataclass(eq=False)
-class _Seq:
-    """An admitted request: its tokens, its pages and how many of them hold computed KV."""
-
-    job: _Job
-    tokens: list[int]  # the prompt, then every generated token
-    root: bytes  # the hash chain's root: what decides the KV besides the tokens (model, adapter)
-    vision: str | None
-    text: TextStream | None
-    generator: torch.Generator | None
-    order: int = 0  # admission order: the youngest is preempted first
-    computed: int = 0  # tokens whose keys and values are in ``pages``
-    pages: list[int] = field(default_factory=list)
-    hashes: list[bytes] = field(default_factory=list)  # hash of each full page, as far as known
-    registered: int = 0  # pages registered in the prefix table (or found there)
-    prefilled: bool = False  # read the whole prompt (decoding now)
-    generated: int = 0
-    cached_tokens: int = 0
-    most_rows: int = 0
-    most_adapters: int = 0
-    features: dict[str, Features] = field(default_factory=dict)
-    matcher: RowMatcher | None = None  # where its answer is in its grammar
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent
-
-    @property
-    def adapter(self) -> str | None:
-        return self.job.request.adapter
-
-    @property
-    def request_id(self) -> str:
-        return self.job.request_id
 
 
 class Scheduler:
@@ -188,8 +84,8 @@ class Scheduler:
         kv = engine.settings.kv
         self.page_tokens = engine.kv.layout.page_tokens
         self.max_prefill_tokens = kv.max_prefill_tokens_per_step
-        self._waiting: deque[_Job] = deque()
-        self._running: list[_Seq] = []  # admission order: oldest first
+        self._waiting: deque[Job] = deque()
+        self._running: list[Seq] = []  # admission order: oldest first
         self._pending: list[GenerationRequest] = []  # submitted, prompt being built off the event loop
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -297,7 +193,7 @@ class Scheduler:
         labels: Sequence[str] = (),
         prompt: Prompt | None = None,
         grammar: Grammar | None = None,
-    ) -> _Job:
+    ) -> Job:
         """Queue one request; ``sink`` gets its deltas (from the scheduler's thread). Raises at once for
         a request that cannot run (:class:`QueueFull`, :class:`PromptTooLong`, ``UnicodeEncodeError``,
         :class:`~moe_core.engine.constraints.ConstraintError`)."""
@@ -305,7 +201,7 @@ class Scheduler:
             self._room()
         if prompt is None:
             prompt, grammar = self._prepare(request, params)
-        job = _Job(request, params, sink, prompt, request_id, tuple(labels), grammar=grammar)
+        job = Job(request, params, sink, prompt, request_id, tuple(labels), grammar=grammar)
         with self._cond:
             self._room()
             self._waiting.append(job)
@@ -327,13 +223,13 @@ class Scheduler:
         """Queue one request without starting the loop thread: whoever calls :meth:`iterate` runs it
         (:func:`run_batch`, tests that step the scheduler). ``limit`` off skips the serving token limit."""
         grammar = self.engine.grammars.compile(params.constraint) if params.constraint is not None else None
-        job = _Job(request, params, sink, self.check(request, limit=limit), request_id, grammar=grammar)
+        job = Job(request, params, sink, self.check(request, limit=limit), request_id, grammar=grammar)
         with self._cond:
             self._waiting.append(job)
 
     async def _submit(
         self, request: GenerationRequest, params: SamplingParams, sink: Callable[[Any], None], **kw: Any
-    ) -> _Job:
+    ) -> Job:
         """:meth:`submit` with the prompt built on a worker thread: the event loop never waits for it."""
         with self._cond:
             self._room()
@@ -461,11 +357,11 @@ class Scheduler:
             self._waiting.clear()
 
     # -------------------------------------------------------------- planning
-    def _plan(self) -> list[tuple[_Seq, RowWork]]:
+    def _plan(self) -> list[tuple[Seq, RowWork]]:
         """This step's rows: decoding rows, then prompt chunks, then newly admitted requests."""
         for seq in [s for s in self._running if s.job.cancelled]:
             self._drop(seq, None)
-        plan: list[tuple[_Seq, RowWork]] = []
+        plan: list[tuple[Seq, RowWork]] = []
         budget = self.max_prefill_tokens
         i = 0
         while i < len(self._running):  # 1. a token for every decoding row, oldest first
@@ -473,12 +369,12 @@ class Scheduler:
             if seq.prefilled:
                 if not self._grow(seq, seq.computed + 1):
                     continue  # it was preempted (or failed): the list shifted
-                plan.append((seq, self._work(seq, 1, decode=True)))
+                plan.append((seq, seq.work(1, decode=True)))
             i += 1
         for seq in self._running:  # 2. the next chunk of rows reading their prompt
             if not seq.prefilled and budget > 0:
                 n = min(len(seq.tokens) - seq.computed, budget)
-                plan.append((seq, self._work(seq, n, decode=False)))
+                plan.append((seq, seq.work(n, decode=False)))
                 budget -= n
         while self._waiting and len(self._running) < self.max_running and budget > 0:  # 3. admit
             job = self._waiting[0]
@@ -495,11 +391,11 @@ class Scheduler:
                 break  # its pages do not fit now: it (and everything after it) waits
             self._waiting.popleft()
             n = min(len(admitted.tokens) - admitted.computed, budget)
-            plan.append((admitted, self._work(admitted, n, decode=False)))
+            plan.append((admitted, admitted.work(n, decode=False)))
             budget -= n
         return plan
 
-    def _admit(self, job: _Job) -> _Seq | None:
+    def _admit(self, job: Job) -> Seq | None:
         """Take ``job`` in if its prompt's pages fit beside the running rows' next pages."""
         engine = self.engine
         seq = job.seq
@@ -507,7 +403,7 @@ class Scheduler:
             adapter = job.request.adapter
             engine.check_adapters([adapter])
             identity = engine.identity(adapter)
-            seq = _Seq(
+            seq = Seq(
                 job,
                 list(job.prompt.ids),
                 hashlib.blake2b(identity.encode(), digest_size=16).digest(),
@@ -521,7 +417,7 @@ class Scheduler:
             )
         p = self.page_tokens
         reusable = (len(seq.tokens) - 1) // p  # the last token is always computed: its logits are needed
-        self._hash_upto(seq, reusable)
+        seq.hash_upto(reusable, self.page_tokens)
         hits = engine.pages.match(seq.hashes[:reusable])
         need = -(-len(seq.tokens) // p) - len(hits)
         reserve = sum(1 for s in self._running if s.prefilled)  # each decoding row may need a page soon
@@ -542,7 +438,7 @@ class Scheduler:
         self._running.append(seq)
         return seq
 
-    def _grow(self, seq: _Seq, tokens: int) -> bool:
+    def _grow(self, seq: Seq, tokens: int) -> bool:
         """Pages for ``tokens`` tokens of ``seq``, preempting the youngest running rows when the pool is
         out; False when ``seq`` itself had to go."""
         pages = self.engine.pages
@@ -565,7 +461,7 @@ class Scheduler:
             seq.pages += pages.allocate(1)
         return True
 
-    def _preempt(self, seq: _Seq) -> None:
+    def _preempt(self, seq: Seq) -> None:
         """Free ``seq``'s pages and put its request back at the head of the queue (its tokens kept)."""
         self._running.remove(seq)
         self.engine.pages.release(seq.pages)
@@ -578,7 +474,7 @@ class Scheduler:
             "%s: %s: preempted (KV cache full), %d tokens kept", self.name, seq.request_id, len(seq.tokens)
         )
 
-    def _drop(self, seq: _Seq, error: BaseException | None) -> None:
+    def _drop(self, seq: Seq, error: BaseException | None) -> None:
         """``seq`` leaves: its pages go back (unregistered if it failed), its sink gets ``error``."""
         if seq in self._running:
             self._running.remove(seq)
@@ -589,36 +485,8 @@ class Scheduler:
         seq.pages = []
         seq.features.clear()
 
-    def _hash_upto(self, seq: _Seq, pages: int) -> None:
-        if len(seq.hashes) < pages:
-            images = [(im.key, im.start, im.tokens) for im in seq.job.prompt.images]
-            previous = seq.hashes[-1] if seq.hashes else seq.root
-            seq.hashes += chain_hashes(previous, seq.tokens, images, self.page_tokens, len(seq.hashes), pages)
-
-    def _work(self, seq: _Seq, n: int, *, decode: bool) -> RowWork:
-        start = seq.computed
-        prompt = seq.job.prompt
-        end = min(start + n, len(prompt))
-        parts = [prompt.positions[:, start:end]] if start < end else []
-        if start + n > len(prompt):  # generated tokens: one position on all three axes
-            first = max(start, len(prompt))
-            pos = torch.arange(first, start + n) - len(prompt) + prompt.next_position
-            parts.append(pos.expand(3, -1))
-        return RowWork(
-            seq.adapter,
-            decode,
-            seq.tokens[start : start + n],
-            start,
-            parts[0] if len(parts) == 1 else torch.cat(parts, dim=1),
-            seq.pages,
-            logits=start + n == len(seq.tokens),
-            prompt=None if decode else prompt,
-            vision=seq.vision,
-            features=seq.features,
-        )
-
     # ------------------------------------------------------------- running
-    def _forward(self, plan: list[tuple[_Seq, RowWork]]) -> dict[int, torch.Tensor | BaseException]:
+    def _forward(self, plan: list[tuple[Seq, RowWork]]) -> dict[int, torch.Tensor | BaseException]:
         """Logits per asking row (by ``id`` of its seq), or the error that row alone caused: a failed
         forward is retried by halves, so one bad row fails only itself."""
         try:
@@ -634,7 +502,7 @@ class Scheduler:
         return {id(seq): logits[k] for k, seq in enumerate(asked)}
 
     def _finish(
-        self, plan: list[tuple[_Seq, RowWork]], results: dict[int, torch.Tensor | BaseException]
+        self, plan: list[tuple[Seq, RowWork]], results: dict[int, torch.Tensor | BaseException]
     ) -> None:
         """Advance every row of a step: record its KV, register its full pages, sample, send, finish."""
         self.steps += 1
@@ -650,7 +518,7 @@ class Scheduler:
         asked = [r for r in results.values() if isinstance(r, torch.Tensor)]
         finite = iter(torch.isfinite(torch.stack(asked)).all(-1).tolist() if asked else [])
         ok = {k: next(finite) for k, r in results.items() if isinstance(r, torch.Tensor)}
-        sampling: list[tuple[_Seq, torch.Tensor]] = []
+        sampling: list[tuple[Seq, torch.Tensor]] = []
         for seq, work in plan:
             result = results.get(id(seq))
             if isinstance(result, BaseException):
@@ -663,7 +531,7 @@ class Scheduler:
                 self.prefills += 1
                 self.prompt_tokens_computed += len(work.ids)
             seq.most_rows, seq.most_adapters = max(seq.most_rows, rows), max(seq.most_adapters, n_adapters)
-            self._register(seq)
+            seq.register(self.engine.pages, self.page_tokens)
             if result is None:
                 continue
             if not ok[id(seq)]:
@@ -673,97 +541,11 @@ class Scheduler:
             seq.features.clear()
             if seq.job.labels:
                 self._drop(seq, None)
-                seq.job.sink(self._score(seq.job, result))
+                seq.job.sink(score(self.engine, seq.job, result))
                 continue
             sampling.append((seq, result))
         if sampling:
-            self._advance(sampling)
-
-    def _register(self, seq: _Seq) -> None:
-        """Register ``seq``'s newly full pages in the prefix table."""
-        pages = self.engine.pages
-        full = seq.computed // self.page_tokens
-        if not pages.prefix_caching or full <= seq.registered:
-            return
-        self._hash_upto(seq, full)
-        for k in range(seq.registered, full):
-            pages.register(seq.pages[k], seq.hashes[k])
-        seq.registered = full
-
-    def _score(self, job: _Job, logits: torch.Tensor) -> ClassifyResult | BaseException:
-        tok = self.engine.processor.tokenizer
-        firsts = [tok.encode(label, add_special_tokens=False)[0] for label in job.labels]
-        if len(set(firsts)) < len(firsts):  # labels share a first token: score whole label sequences
-            r = job.request
-            try:
-                image = r.images[-1] if r.images else None
-                if image is None:
-                    raise EngineError("classifying by label sequences needs an image")
-                return self.engine.classify(
-                    image, r.prompt, job.labels, r.adapter, system_prompt="", bounds=r.bounds
-                )
-            except Exception as e:
-                return e
-        scores = torch.log_softmax(logits, -1)[firsts]
-        probs = torch.softmax(scores, -1).tolist()
-        best = max(range(len(job.labels)), key=lambda i: probs[i])
-        return ClassifyResult(job.labels[best], probs[best], dict(zip(job.labels, probs, strict=True)))
-
-    def _advance(self, rows: list[tuple[_Seq, torch.Tensor]]) -> None:
-        """Pick each row's next token, send its new text, and let finished rows leave."""
-        seqs = [s for s, _ in rows]
-        params = [s.job.params for s in seqs]
-        raw = torch.stack([t for _, t in rows])  # [rows, vocab], fp32
-        blocked = [p.blocks_eos(s.generated) for s, p in zip(seqs, params, strict=True)]
-        # grammar masks and blocked ends on a copy: the raw logits are what logprobs report
-        logits = self.engine.grammars.mask(raw, [s.matcher for s in seqs], blocked)
-        history = [(s.tokens, len(s.job.prompt)) for s in seqs]
-        tokens = next_tokens(logits, params, [s.generator for s in seqs], history=history)
-        asked = [p.logprobs for p in params]
-        logprobs = token_logprobs(raw, tokens, asked, self.engine.token_text)
-        now = time.perf_counter()
-        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
-            job = seq.job
-            assert seq.text is not None
-            seq.generated += 1
-            seq.tokens.append(token)
-            if seq.matcher is not None and not seq.matcher.accept(token):
-                self._drop(seq, EngineError(f"token {token} breaks the row's grammar"))
-                continue
-            if lp is not None and token not in self._eos:
-                seq.logprobs.append(lp)
-            if seq.generated == 1:
-                job.first = now
-            limit = job.params.max_tokens or self.engine.max_new_tokens
-            finish: FinishReason | None = "stop" if token in self._eos else None
-            text = ""
-            if finish is None:
-                text = seq.text.add(token)
-                if seq.text.stopped or (seq.matcher is not None and seq.matcher.done):
-                    finish = "stop"
-            if finish is None and seq.generated >= limit:
-                finish = "length"
-            timings = None
-            if finish is not None:
-                text += seq.text.flush()
-                tpot = (now - job.first) / (seq.generated - 1) if seq.generated > 1 else 0.0
-                timings = Timings(job.started - job.arrived, job.first - job.arrived, now - job.arrived, tpot)
-                self._drop(seq, None)
-            if text or finish is not None:
-                job.sink(
-                    Delta(
-                        text,
-                        finish,
-                        len(job.prompt),
-                        seq.generated,
-                        seq.most_rows,
-                        seq.most_adapters,
-                        timings,
-                        seq.cached_tokens,
-                        tuple(seq.logprobs),
-                    )
-                )
-                seq.logprobs.clear()
+            advance(self.engine, self._eos, sampling, self._drop)
 
 
 def run_batch(

@@ -24,8 +24,8 @@ from deployments.schemas import BadInput, InferRequest
 from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings
 from moe_core.config import ConfigError, DeploymentConfig, EngineSettings, GatewayLive, LiveSettings
 from moe_core.engine import ClassifyResult, GenerationRequest
+from moe_core.engine.request import Completion, Delta, PromptTooLong, Timings
 from moe_core.engine.sampling import SamplingParams
-from moe_core.engine.scheduler import Completion, Delta, PromptTooLong, Timings
 from moe_core.storage import Storage
 from moe_core.structured import Constraint
 from moe_core.vision import PixelBounds

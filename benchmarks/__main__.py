@@ -258,10 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         samples, figures, settings = gpu_benchmarks(rounds=args.rounds or 5)
     else:
         cfg = DeploymentConfig.from_file(args.config)
-        settings = BenchSettings(
-            rounds=args.rounds or (3 if args.quick else 20),
-            memory_points=(1, 2) if args.quick else (1, 8, 32),
-        )
+        settings = BenchSettings(rounds=args.rounds or 20)
+        if args.quick:  # the smoke test of make test: every measurement runs, on the smallest shapes
+            settings = BenchSettings(
+                rounds=args.rounds or 2, new_tokens=4, batch=4, adapters_in_batch=2, memory_points=(1, 2)
+            )
         name = args.name or ("cpu-quick" if args.quick else f"cpu-{args.only}" if args.only else "cpu")
         samples, figures = {}, {}
         if args.only in (None, "engine"):

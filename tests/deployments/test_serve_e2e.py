@@ -870,9 +870,10 @@ def test_fuzzing_every_endpoint_finds_no_5xx(service) -> None:  # type: ignore[n
 
 
 def test_a_merged_replica_killed_under_load_fails_no_request(service) -> None:  # type: ignore[no-untyped-def]
-    """Faults under load (hardening issue): 8 clients for 60 s over merged and dynamic experts; the merged
-    calendar replica is SIGKILLed after 10 s. Every request is answered (the gateway falls back to dynamic
-    while Serve restarts the replica), and merged answers come back afterwards."""
+    """Faults under load (hardening issue): 8 clients (for up to 60 s) over merged and dynamic experts; the
+    merged calendar replica is SIGKILLed after 10 s. Every request is answered (the gateway falls back to
+    dynamic while Serve restarts the replica), and merged answers come back afterwards (the clients stop
+    a few seconds after the first)."""
     import os
     import signal
     import threading
@@ -881,14 +882,15 @@ def test_a_merged_replica_killed_under_load_fails_no_request(service) -> None:  
 
     url = service["url"]
     screens = split("heldout", 2, ("calendar", "login-window", "desktop"))
-    stop = time.time() + 60.0
+    stop = [time.time() + 60.0]
+    killed = [0.0]
     results: list[tuple[float, int, str]] = []
     lock = threading.Lock()
 
     def client(k: int) -> None:
         n = k
         with requests.Session() as session:
-            while time.time() < stop:
+            while time.time() < stop[0]:
                 screen = screens[n % len(screens)]
                 n += 1
                 body = {"image_b64": _b64(screen), "prompt": screen.prompt, "expert": screen.kind}
@@ -899,6 +901,8 @@ def test_a_merged_replica_killed_under_load_fails_no_request(service) -> None:  
                     status, mode = 0, ""
                 with lock:
                     results.append((time.time(), status, mode))
+                    if killed[0] and mode == "merged" and results[-1][0] > killed[0] + 1:  # merged again
+                        stop[0] = min(stop[0], time.time() + 5.0)  # a little more load, then stop
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
     for t in threads:
@@ -910,6 +914,8 @@ def test_a_merged_replica_killed_under_load_fails_no_request(service) -> None:  
     )
     killed_at = time.time()
     os.kill(int(victim.pid), signal.SIGKILL)
+    with lock:
+        killed[0] = killed_at
     for t in threads:
         t.join()
     failed = [(t, code) for t, code, _ in results if code != 200]

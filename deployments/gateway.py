@@ -461,7 +461,10 @@ class Gateway:
         """Decode and check the image; resolve the pixels the model sees of it and what they cost in tokens."""
         limits = self.settings.limits
         data, img = decode_image(
-            req.image_b64, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
+            req.image_b64,
+            max_bytes=limits.max_image_bytes,
+            max_pixels=limits.max_image_pixels,
+            formats=limits.image_formats,
         )
         trace.pixels = img.width * img.height
         try:

@@ -717,7 +717,11 @@ def _plan(raw: bytes, param: str, bounds: PixelBounds, settings: GatewaySettings
     limits = settings.limits
     try:
         img = verify_image(
-            raw, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, field=param
+            raw,
+            max_bytes=limits.max_image_bytes,
+            max_pixels=limits.max_image_pixels,
+            formats=limits.image_formats,
+            field=param,
         )
     except BadInput as e:
         raise ApiError(

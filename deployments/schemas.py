@@ -6,6 +6,7 @@ import base64
 import binascii
 import io
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.errors import BadInput
 from deployments.outputs import StructuredFields
+from moe_core.config import IMAGE_FORMATS
 
 __all__ = [
     "AdapterStatus",
@@ -144,7 +146,12 @@ class AdapterStatus(BaseModel):
 
 
 def decode_image(
-    data: str, *, max_bytes: int, max_pixels: int, field: str = "image_b64"
+    data: str,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    formats: Sequence[str] = IMAGE_FORMATS,
+    field: str = "image_b64",
 ) -> tuple[bytes, Image.Image]:
     """Decode base64 (or a data URL) into image bytes and a verified PIL image; raise :class:`BadInput`
     naming ``field``."""
@@ -155,36 +162,53 @@ def decode_image(
         raw = base64.b64decode(raw_b64, validate=True)
     except (binascii.Error, ValueError) as e:
         raise BadInput(field, f"not valid base64: {e}") from e
-    return raw, verify_image(raw, max_bytes=max_bytes, max_pixels=max_pixels, field=field)
+    return raw, verify_image(raw, max_bytes=max_bytes, max_pixels=max_pixels, formats=formats, field=field)
 
 
-def verify_image(raw: bytes, *, max_bytes: int, max_pixels: int, field: str = "image_b64") -> Image.Image:
-    """Image file bytes to a verified, loaded PIL image; raise :class:`BadInput` naming ``field``."""
+def verify_image(
+    raw: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    formats: Sequence[str] = IMAGE_FORMATS,
+    field: str = "image_b64",
+) -> Image.Image:
+    """Image file bytes to a verified, loaded PIL image; raise :class:`BadInput` naming ``field``.
+
+    Only the decoders of ``formats`` (``limits.image_formats``) are tried: Pillow tells the format from the
+    header, so no other plugin (EPS's Ghostscript, DDS, TGA, ...) ever sees the bytes. Any error of those
+    decoders, whatever its type, is the client's bad image, not a 500."""
     if not raw:
         raise BadInput(field, "empty image")
     if len(raw) > max_bytes:
         raise BadInput(field, f"image is larger than {max_bytes} bytes", 413)
+    allowed = list(formats)
     try:
-        with Image.open(io.BytesIO(raw)) as probe:
+        with Image.open(io.BytesIO(raw), formats=allowed) as probe:
             w, h = probe.size
             if w * h > max_pixels:
                 raise BadInput(
                     field, f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}", 413
                 )
             probe.verify()
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(io.BytesIO(raw), formats=allowed)
         image.load()
     except BadInput:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadInput(field, f"bytes are not a readable image: {e}") from e
+    except UnidentifiedImageError as e:
+        raise BadInput(field, f"not an image in an accepted format (accepted: {', '.join(allowed)})") from e
+    except Exception as e:  # any decoder failure (NotImplementedError, struct.error, ...) is a bad image
+        raise BadInput(field, f"bytes are not a readable image: {type(e).__name__}: {e}") from e
     return image
 
 
 def open_image(data: bytes) -> Image.Image:
     """Image bytes already validated by :func:`decode_image` (in the router) to a loaded PIL image."""
-    img = Image.open(io.BytesIO(data))
-    img.load()
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # verified at the gateway: only bytes that bypassed it get here
+        raise BadInput("image", f"bytes are not a readable image: {type(e).__name__}: {e}") from e
     return img
 
 

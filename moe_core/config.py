@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from moe_core.structured import Constraint, GrammarError
 from moe_core.vision import PixelBounds
@@ -431,6 +439,10 @@ class GatewayConfig(StrictModel):
     request_timeout_s: float = Field(default=60.0, gt=0, description="Per-hop timeout for a request.")
 
 
+#: The image formats accepted by default: what screenshots and documents arrive as.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+
 class LimitsConfig(StrictModel):
     max_image_pixels: int = Field(default=1024 * 1024, ge=1, description="Largest image (width*height).")
     max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1, description="Largest decoded image file.")
@@ -470,6 +482,25 @@ class LimitsConfig(StrictModel):
         ge=1,
         description="Longest prompt in tokens, the image's tokens and the chat template included.",
     )
+    image_formats: list[str] = Field(
+        default_factory=lambda: list(IMAGE_FORMATS),
+        min_length=1,
+        description="Image file formats accepted (Pillow's names), told from the file's header before any "
+        "decoder runs: no other decoder is reachable (TIFF, TGA, ICO, DDS, EPS, which hands files to "
+        "Ghostscript, ...). Anything else is a 400 naming the image's field.",
+    )
+
+    @field_validator("image_formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        from PIL import Image
+
+        Image.init()
+        names = [f.upper() for f in v]
+        unknown = sorted(set(names) - set(Image.OPEN))
+        if unknown:
+            raise ValueError(f"limits.image_formats: {unknown} are not formats Pillow reads")
+        return list(dict.fromkeys(names))
 
     @model_validator(mode="after")
     def _pixels(self) -> Self:

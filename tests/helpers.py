@@ -50,3 +50,51 @@ def screenshot(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
 
 #: Merge probes for tests: screenshots of several sizes with their prompts.
 PROBES = [(screenshot(i, (160 + 16 * i, 128)), f"Click the button {i}") for i in range(6)]
+
+
+#: Formats refused by the default ``limits.image_formats``, and those accepted.
+REFUSED_FORMATS = ("DDS", "TGA", "ICO", "TIFF", "EPS", "PDF", "SVG", "DDS-NO-PIXEL-FORMAT")
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+
+def image_file(fmt: str, image: Image.Image | None = None) -> bytes:
+    """``image`` (a 64x64 red square by default) as a file of ``fmt``. ``SVG`` is a drawing Pillow cannot
+    read; ``DDS-NO-PIXEL-FORMAT`` is a DDS header whose pixel format has no flags (Pillow's DDS plugin raises
+    ``NotImplementedError`` on it, which was once a 500)."""
+    import io
+    import struct
+
+    if fmt == "SVG":
+        return b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="64" height="64"/></svg>'
+    if fmt == "DDS-NO-PIXEL-FORMAT":
+        header = struct.pack(
+            "<4sIIIIIII44sII4sIIIIIIIIII",
+            *(
+                b"DDS ",
+                124,
+                0x1007,
+                4,
+                4,
+                0,
+                0,
+                0,
+                b"\0" * 44,
+                32,
+                0,
+                b"\0" * 4,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0x1000,
+                0,
+                0,
+                0,
+                0,
+            ),
+        )
+        return header + b"\0" * 64
+    buf = io.BytesIO()
+    (image or Image.new("RGB", (64, 64), (200, 30, 30))).convert("RGB").save(buf, format=fmt)
+    return buf.getvalue()

@@ -7,6 +7,8 @@ import pytest
 from PIL import Image
 
 from deployments.schemas import BadInput, InferRequest, decode_image
+from moe_core.config import DeploymentConfig
+from tests.helpers import ACCEPTED_FORMATS, REFUSED_FORMATS, image_file
 
 
 def _png(size: tuple[int, int] = (40, 30)) -> bytes:
@@ -26,7 +28,7 @@ def test_bare_base64_and_data_url() -> None:
     ("text", "status", "words"),
     [
         ("not base64 at all!!", 422, "not valid base64"),
-        (base64.b64encode(b"hello, not an image").decode(), 422, "not a readable image"),
+        (base64.b64encode(b"hello, not an image").decode(), 422, "not an image in an accepted format"),
         (base64.b64encode(_png((2000, 2000))).decode(), 413, "over the limit"),
         ("", 422, "empty image"),
     ],
@@ -35,6 +37,34 @@ def test_bad_images(text: str, status: int, words: str) -> None:
     with pytest.raises(BadInput) as e:
         decode_image(text, max_bytes=10**6, max_pixels=1000 * 1000)
     assert e.value.field == "image_b64" and e.value.status == status and words in e.value.message
+
+
+@pytest.mark.parametrize("fmt", REFUSED_FORMATS)
+def test_formats_outside_the_allowlist_are_refused_before_any_decoder(fmt: str) -> None:
+    """DDS, TGA, ICO, TIFF, EPS (Ghostscript's way in), PDF, SVG, and a DDS header Pillow's DDS plugin
+    raises NotImplementedError on: each a 4xx naming the field, none reaching its decoder."""
+    with pytest.raises(BadInput) as e:
+        decode_image(base64.b64encode(image_file(fmt)).decode(), max_bytes=10**6, max_pixels=10**6)
+    assert e.value.field == "image_b64" and e.value.status == 422, e.value
+    assert "accepted: PNG, JPEG, WEBP, GIF, BMP" in e.value.message
+
+
+@pytest.mark.parametrize("fmt", ACCEPTED_FORMATS)
+def test_the_allowlisted_formats_decode(fmt: str) -> None:
+    _, img = decode_image(base64.b64encode(image_file(fmt)).decode(), max_bytes=10**6, max_pixels=10**6)
+    assert img.size == (64, 64) and img.format == fmt
+
+
+def test_any_decoder_error_is_a_bad_image_and_the_allowlist_is_configured() -> None:
+    """A format let in by config whose decoder raises anything (the DDS plugin's NotImplementedError) is
+    a 4xx, not a 500; a name Pillow does not read is refused in the config."""
+    text = base64.b64encode(image_file("DDS-NO-PIXEL-FORMAT")).decode()
+    with pytest.raises(BadInput, match="NotImplementedError") as e:
+        decode_image(text, max_bytes=10**6, max_pixels=10**6, formats=["DDS"], field="messages[0]")
+    assert e.value.field == "messages[0]" and e.value.status == 422
+    assert DeploymentConfig(limits={"image_formats": ["png", "tiff"]}).limits.image_formats == ["PNG", "TIFF"]
+    with pytest.raises(ValueError, match="not formats Pillow reads"):
+        DeploymentConfig(limits={"image_formats": ["PNG", "HEIC"]})
 
 
 def test_too_many_bytes() -> None:

@@ -29,6 +29,7 @@ from deployments.serve_config import render
 from moe_core.config import DeploymentConfig
 from moe_demo.screens import SCREEN_TYPES, Screen, split
 from tests.conftest import ROOT, _free_port
+from tests.helpers import ACCEPTED_FORMATS, REFUSED_FORMATS, image_file
 
 pytestmark = pytest.mark.slow
 
@@ -383,6 +384,38 @@ def test_openai_chat_per_expert_equals_infer(service) -> None:  # type: ignore[n
         assert moe["images"] == [want["image"]]
         assert raw.headers["x-moe-adapter"] == screen.kind and raw.headers["x-moe-mode"] == moe["mode"]
         assert raw.headers["x-request-id"] == moe["request_id"]
+
+
+def test_images_outside_the_allowlist_are_4xx_on_both_apis_and_the_allowed_ones_answer(service) -> None:  # type: ignore[no-untyped-def]
+    """limits.image_formats: DDS (one Pillow's DDS plugin raised NotImplementedError on: a 500 before),
+    TGA, ICO, TIFF, EPS, PDF and SVG are refused on /infer and /v1 naming the image's field; a screenshot
+    as PNG, JPEG, WebP, GIF or BMP is answered on both."""
+    url = service["url"]
+    screen = split("heldout", 1, ("login-window",))[0]
+    for fmt in REFUSED_FORMATS + ACCEPTED_FORMATS:
+        b64 = base64.b64encode(image_file(fmt, screen.image)).decode()
+        infer = requests.post(
+            f"{url}/infer",
+            json={"image_b64": b64, "prompt": screen.prompt, "expert": "login-window"},
+            timeout=60,
+        )
+        image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}
+        chat = requests.post(
+            f"{url}/v1/chat/completions",
+            json={
+                "model": "login-window",
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": [image, {"type": "text", "text": screen.prompt}]}],
+            },
+            timeout=60,
+        )
+        if fmt in ACCEPTED_FORMATS:
+            assert (infer.status_code, chat.status_code) == (200, 200), (fmt, infer.text, chat.text)
+            continue
+        assert infer.status_code == 422 and infer.json()["error"]["field"] == "image_b64", (fmt, infer.text)
+        assert chat.status_code == 400, (fmt, chat.text)
+        err = chat.json()["error"]
+        assert (err["code"], err["param"]) == ("invalid_image", "messages.0.content.0.image_url.url"), fmt
 
 
 def test_openai_auto_routes_as_infer_does(service) -> None:  # type: ignore[no-untyped-def]

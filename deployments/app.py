@@ -55,6 +55,10 @@ GATEWAY_MAX_QUEUED = 512
 #: replica 60 -> 114 MB, gateway 14 -> 37 MB over 4,000 requests). A fixed threshold (glibc's default
 #: starting value) keeps blocks of 128 KiB and more in mmap, returned to the system when freed.
 REPLICA_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+#: Serve's logging for the app (JSON lines, an access line per request), and for deployments whose only
+#: callers are internal periodic loops (no access line per call).
+LOGGING: dict[str, Any] = {"encoding": "JSON", "log_level": "INFO", "enable_access_log": True}
+QUIET_ACCESS_LOG: dict[str, Any] = LOGGING | {"enable_access_log": False}
 
 
 def _actor_options(num_cpus: float, num_gpus: float = 0) -> dict[str, Any]:
@@ -148,6 +152,9 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             .options(
                 name=CONTROLLER_NAME,
                 num_replicas=1,  # the one writer of the assignments
+                # its callers are the gateways' reporting loops, each once a report interval: no access
+                # line per call (its own decisions are logged); the app's format and level otherwise
+                logging_config=QUIET_ACCESS_LOG,
                 ray_actor_options=_actor_options(0),
                 **_user_config(live.promotion if live else None),
             )

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from deployments.app import CONTROLLER_NAME, DYNAMIC_NAME, GATEWAY_NAME, user_configs
+from deployments.app import CONTROLLER_NAME, DYNAMIC_NAME, GATEWAY_NAME, LOGGING, user_configs
 from moe_core.config import ConfigError, DeploymentConfig, DynamicLive, GatewayLive, LiveModel, PromotionLive
 
 LIVE_MODELS: dict[str, type[LiveModel]] = {
@@ -46,7 +46,7 @@ def serve_config(cfg: DeploymentConfig, *, host: str = "0.0.0.0", port: int = 80
             "port": port,
             "request_timeout_s": cfg.gateway.request_timeout_s * 2,
         },
-        "logging_config": {"encoding": "JSON", "log_level": "INFO", "enable_access_log": True},
+        "logging_config": dict(LOGGING),
         "applications": [
             {
                 "name": APP_NAME,

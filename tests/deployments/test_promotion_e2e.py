@@ -197,6 +197,14 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     )
     assert all(g >= WINDOWS["cooldown_s"] for g in gaps), gaps
 
+    # the controller's log holds its decisions, not an access line per gateway report (one a second)
+    logs = list(
+        Path(promo["cluster"]["logs"]).glob("session_*/logs/serve/replica_promo_PromotionController_*.log")
+    )
+    text = "".join(p.read_text(errors="replace") for p in logs)
+    assert "promotion: promote " in text, logs
+    assert "CALL report" not in text, [line for line in text.splitlines() if "CALL report" in line][:3]
+
 
 def _status(promo: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     """``python -m deployments.promotion status --json``: the stored table and the controller's view."""

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments.adapter_cache import AdapterCache, AdapterNotFound
+from deployments.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
 from deployments.engines import DeploymentEngine, ModelDeployment, engine_refusal, engine_stats
 from deployments.messages import Answer, Chunk, DynamicStats, Query, RouteRequest, RouteResult
 from deployments.observability import DynamicMetrics
@@ -47,6 +47,10 @@ class NotConfigured(RuntimeError):
 
 
 class DynamicLoRA(ModelDeployment[DynamicSettings]):
+    def expected_errors(self) -> dict[type[BaseException], int]:
+        # an adapter no longer configured or not published (a 404/503 at the gateway), the cache full
+        return super().expected_errors() | {AdapterNotServed: logging.WARNING, CacheBusy: logging.WARNING}
+
     def _start(self) -> None:
         settings = self.settings
         self.metrics = DynamicMetrics()

@@ -7,6 +7,7 @@ unit-tested with a fake engine and no model; production and the end-to-end tests
 from __future__ import annotations
 
 import hashlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 from PIL import Image
 
 from deployments.adapter_cache import AdapterStore
+from deployments.observability import quiet_expected_errors
 from deployments.schemas import BadInput, open_image
 from moe_core.config import EngineSettings
 from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest, InvalidInput
@@ -137,7 +139,13 @@ class ModelDeployment(ABC, Generic[S]):
         self.settings = settings
         self.engine_factory = engine_factory
         self.storage: AdapterStore = storage or Storage.from_config(settings.storage)
+        quiet_expected_errors(self.expected_errors())
         self._start()
+
+    def expected_errors(self) -> dict[type[BaseException], int]:
+        """What this replica raises for the client's request (logged at INFO) or for a condition the
+        gateway answers itself (WARNING), instead of Serve's ERROR with a traceback."""
+        return {BadInput: logging.INFO, QueueFull: logging.WARNING}
 
     def make_engine(self, path: Path | None, name: str) -> DeploymentEngine:
         s = self.settings

@@ -58,6 +58,9 @@ class _MergedBase(ModelDeployment[S]):
     await in between: a request reads the three together and never pairs one adapter's name with another's
     engine."""
 
+    def expected_errors(self) -> dict[type[BaseException], int]:
+        return super().expected_errors() | {ModelUnavailable: logging.WARNING}  # the gateway falls back
+
     def _start(self) -> None:
         self.adapter: str | None = None
         self.metrics = MergedMetrics()

@@ -33,8 +33,10 @@ __all__ = [
     "GatewayMetrics",
     "MergedMetrics",
     "PromotionMetrics",
+    "ReplicaErrorLog",
     "RequestTrace",
     "current_request_id",
+    "quiet_expected_errors",
     "request_logger",
 ]
 
@@ -419,3 +421,34 @@ class PromotionMetrics:
             tags = {"slot": str(slot), "adapter": adapter, "state": state}
             self.slot.set(1, tags=tags)
             self._held[slot] = tags
+
+
+class ReplicaErrorLog(logging.Filter):
+    """Serve logs every exception a replica raises at ERROR with its traceback ("Request failed."): a
+    client's bad request (a 4xx at the gateway) or a condition the gateway answers itself (a merged model
+    not up: it falls back) is logged at the level ``levels`` gives its type, in one line, without the
+    traceback. Anything else stays an ERROR with its traceback."""
+
+    def __init__(self, levels: Mapping[type[BaseException], int]) -> None:
+        super().__init__()
+        self.levels = dict(levels)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or record.msg != "Request failed.":
+            return True
+        level = next((lv for kind, lv in self.levels.items() if isinstance(exc, kind)), None)
+        if level is not None:
+            record.levelno, record.levelname = level, logging.getLevelName(level)
+            record.msg, record.args = f"Request refused: {type(exc).__name__}: {exc}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_expected_errors(levels: Mapping[type[BaseException], int]) -> None:
+    """Install :class:`ReplicaErrorLog` on Serve's replica logger (once a process)."""
+    serve_logger = logging.getLogger("ray.serve")
+    for f in list(serve_logger.filters):
+        if isinstance(f, ReplicaErrorLog):
+            serve_logger.removeFilter(f)
+    serve_logger.addFilter(ReplicaErrorLog(levels))

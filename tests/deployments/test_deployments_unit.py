@@ -562,3 +562,37 @@ async def test_gateway_reports_image_size_and_refuses_oversized_images(store: St
         and e.value.status == 413
         and "over the prompt limit of 100" in e.value.message
     )
+
+
+def test_expected_replica_errors_are_logged_in_one_line_at_their_level() -> None:
+    """Serve logs whatever a replica raises at ERROR with a traceback ("Request failed."): a client's bad
+    request is an INFO line and a merged model not up a WARNING (the gateway falls back); anything else
+    stays an ERROR with its traceback."""
+    import logging
+
+    from deployments.observability import ReplicaErrorLog
+
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    log = logging.getLogger("test.replica")
+    log.propagate, handler = False, Keep()
+    log.addHandler(handler)
+    log.addFilter(ReplicaErrorLog({BadInput: logging.INFO, ModelUnavailable: logging.WARNING}))
+    for exc in (BadInput("prompt", "too long", 413), ModelUnavailable("serves None"), RuntimeError("bug")):
+        try:
+            raise exc
+        except Exception:
+            log.exception("Request failed.")
+    log.error("Request failed.")  # no exception: untouched
+    assert [(r.levelname, r.exc_info is None) for r in seen] == [
+        ("INFO", True),
+        ("WARNING", True),
+        ("ERROR", False),
+        ("ERROR", True),
+    ]
+    assert seen[0].getMessage() == "Request refused: BadInput: prompt: too long"
+    assert seen[2].getMessage() == "Request failed."

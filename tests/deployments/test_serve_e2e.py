@@ -812,6 +812,25 @@ def test_bad_grammars_tools_and_logprobs_are_400s_naming_the_field(service) -> N
     )
     assert r.status_code == 400 and r.json()["error"]["field"] == "guided_regex"
     assert _infer(url, screen).status_code == 200  # still serving
+    # the model replicas logged each refusal in one INFO line, not as an ERROR with a traceback
+    for replica in ("Merged-calendar", "DynamicLoRA"):
+        records = _replica_log(service, f"moe_{replica}")
+        refused = [r for r in records if "objectx" in r.get("message", "")]
+        assert refused and all(r["levelname"] == "INFO" and "exc_text" not in r for r in refused), refused
+        errors = [r for r in records if r["levelname"] == "ERROR" and "BadInput" in r.get("exc_text", "")]
+        assert not errors, errors[:1]
+
+
+def _replica_log(service: dict[str, Any], replica: str) -> list[dict[str, Any]]:
+    """The JSON records of a Serve replica's log (``<app>_<deployment>``) in the test cluster."""
+    files = list(Path(service["logs"]).glob(f"session_*/logs/serve/replica_{replica}_*.log"))
+    assert files, replica
+    records = []
+    for f in files:
+        for line in f.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
 
 
 def test_guidellm_sweeps_with_ignore_eos_and_gets_the_tokens_it_asked_for(service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

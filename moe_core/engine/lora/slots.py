@@ -3,9 +3,10 @@
 PEFT applies a mixed batch by looping over the adapters in every LoRA layer (and masking rows), so a
 batch of 8 adapters costs 8 small matmul pairs per layer plus Python dispatch. Here, as in S-LoRA and
 Punica, every targeted linear holds the adapters in pre-allocated slots
-(:class:`~moe_core.engine.lora.layer.SlottedLinear`) and one slot index per row (or per token, for the
-packed batches of the paged engine and for the vision tower's patches) is set once per batch
-composition (:meth:`LoraSlots.rows`) and read by every layer.
+(:class:`~moe_core.engine.lora.layer.SlottedLinear`) and reads them in place through index metadata
+set once per batch composition (:meth:`LoraSlots.rows`: a slot index per row, or runs of tokens per
+adapter for packed prompt chunks and the vision tower's patches), shared by every layer. A row
+joining or leaving changes that metadata only; the weights are never gathered per composition.
 
 PEFT stays the format: adapters are PEFT folders (``adapter_config.json`` + safetensors), read here.
 Loading is two steps: :func:`parse_adapter` reads and checks the files (no lock needed), and
@@ -29,14 +30,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_core.engine.lora.layer import SlotBatch, SlottedLinear
+from moe_core.engine.lora.layer import LoraOps, SlotBatch, SlottedLinear, TorchLoraOps
 
 __all__ = ["LoraSlots", "ParsedAdapter", "SlotError", "parse_adapter"]
 
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
-#: Batch compositions whose gathered slot weights are kept (the packed step and the LM head differ).
-_CACHED_BATCHES = 4
+#: Batch compositions whose index metadata is kept (the packed step and the LM head differ).
+_CACHED_BATCHES = 8
 
 
 class SlotError(ValueError):
@@ -99,6 +100,7 @@ class LoraSlots:
         self.batch: SlotBatch | None = None  # the language model's rows (or tokens) and the LM head's
         self.vision_batch: SlotBatch | None = None  # the vision tower's rows (patches of each image)
         self.layers: dict[str, SlottedLinear] = {}
+        self.ops: LoraOps = TorchLoraOps()  # the arithmetic; a fused kernel may replace it on CUDA
         pattern = re.compile(targets)
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and pattern.fullmatch(name):
@@ -113,11 +115,22 @@ class LoraSlots:
         self.names: list[str | None] = [None] * slots  # adapter held by each slot
         self.vision: set[str] = set()  # loaded adapters with weights in the vision tower
         self.identity: dict[str, str] = {}  # loaded adapter -> content identity
-        self._generation = 0  # bumped on every change of slot contents: cached batches are stale then
         self._cached: OrderedDict[tuple[object, ...], SlotBatch] = OrderedDict()
-        self.gathers = 0  # batch compositions gathered (a changed composition re-gathers its slots)
+        self.compositions = 0  # batch compositions whose index metadata was built (weights are not copied)
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Bytes the kept batch compositions hold (their slot indices; no weights are kept per composition)."""
+        return sum(
+            b.index.numel() * b.index.element_size() for b in self._cached.values() if b.index is not None
+        )
 
     # ------------------------------------------------------------------ slots
+    @property
+    def null(self) -> int:
+        """The null slot (zeros): what the base model's rows read in a gathered pass."""
+        return self.slots
+
     def slot_of(self, name: str) -> int | None:
         return self.names.index(name) if name in self.names else None
 
@@ -150,8 +163,8 @@ class LoraSlots:
         self._clear(slot)
         with torch.no_grad():
             for layer, a, b in checked:
-                layer.lora_A[slot, :rank].copy_(a)
-                layer.lora_B[slot, :, :rank].copy_(b * adapter.scaling)
+                layer.lora_A[slot, :, :rank].copy_(a.T)
+                layer.lora_B[slot, :rank].copy_(b.T * adapter.scaling)
         self.names[slot] = name
         self.identity[name] = adapter.identity
         if adapter.vision:
@@ -179,10 +192,9 @@ class LoraSlots:
             layer.resize(slots, keep)
         self.names = [n for _, n in loaded] + [None] * (slots - len(loaded))
         self.slots = slots
-        self._generation += 1
+        self._cached.clear()  # slot numbers (and the null slot) moved
 
     def _clear(self, slot: int) -> None:
-        self._generation += 1
         with torch.no_grad():
             for layer in self.layers.values():
                 layer.lora_A[slot].zero_()
@@ -199,8 +211,8 @@ class LoraSlots:
         flat run of tokens (``[1, tokens, features]`` packed rows of the language model, or
         ``[tokens, features]`` patches of the vision tower): row ``i`` is the next ``tokens[i]`` of them.
         ``vision`` applies the rows to the vision tower's layers instead of the language model's and the
-        LM head. The gathered weights are kept while the same composition comes back (a running
-        batch's decode steps) and the slots' contents do not change.
+        LM head. The index metadata is kept while the same composition comes back (a running batch's
+        decode steps); the slots' contents may change under it (an adapter reloaded in place).
         """
         missing = sorted({a for a in adapters if a is not None and a not in self.names})
         if missing:
@@ -210,11 +222,11 @@ class LoraSlots:
         if not used:
             yield
             return
-        key = (slots, tuple(tokens) if tokens is not None else None, self._generation)
+        key = (slots, tuple(tokens) if tokens is not None else None)
         batch = self._cached.get(key)
         if batch is None:
-            batch = self._cached[key] = self._batch(slots, used, tokens)
-            self.gathers += 1
+            batch = self._cached[key] = self._batch(slots, tokens)
+            self.compositions += 1
             while len(self._cached) > _CACHED_BATCHES:
                 self._cached.popitem(last=False)
         else:
@@ -226,18 +238,18 @@ class LoraSlots:
         finally:
             setattr(self, attr, None)
 
-    def _batch(self, slots: tuple[int, ...], used: list[int], tokens: Sequence[int] | None) -> SlotBatch:
-        first = next(iter(self.layers.values())).lora_A
-        mask: torch.Tensor | None = None
-        if len(set(slots)) > 1:  # several adapters, or adapters and the base model
-            mask = torch.zeros(
-                len(slots), 1, len(used) * self.max_rank, device=first.device, dtype=first.dtype
-            )
-            for i, s in enumerate(slots):
-                if s >= 0:
-                    j = used.index(s)
-                    mask[i, 0, j * self.max_rank : (j + 1) * self.max_rank] = 1.0
-            if tokens is not None:  # one mask row per token of each row
-                counts = torch.tensor(list(tokens), device=first.device)
-                mask = mask[:, 0].repeat_interleave(counts, dim=0)
-        return SlotBatch(torch.tensor(used, device=first.device), mask)
+    def _batch(self, slots: tuple[int, ...], tokens: Sequence[int] | None) -> SlotBatch:
+        if tokens is None or all(n == 1 for n in tokens):  # [rows, L] inputs, or packed single tokens
+            device = next(iter(self.layers.values())).lora_A.device
+            index = torch.tensor([s if s >= 0 else self.null for s in slots], device=device)
+            return SlotBatch(len(slots), index=index)
+        runs: list[tuple[int, int, int]] = []
+        start = 0
+        for s, n in zip(slots, tokens, strict=True):
+            if s >= 0 and n:
+                if runs and runs[-1][2] == s and runs[-1][0] + runs[-1][1] == start:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + n, s)  # the next row of the same adapter
+                else:
+                    runs.append((start, n, s))
+            start += n
+        return SlotBatch(len(slots), segments=tuple(runs))

@@ -610,6 +610,14 @@ class EngineConfig(StrictModel):
         ge=0,
         description="Images whose vision-tower features each engine keeps (by content and vision identity).",
     )
+    step: Literal["auto", "eager", "static", "compile", "cuda_graphs"] = Field(
+        default="auto",
+        description="How a decode step (every row decoding one token) runs. eager: the variable-shape step. "
+        "static: padded to a batch-size bucket (1, 2, 4, 8, 16, 32), with no branch on data and no host sync "
+        "inside, run eagerly. compile: that step through torch.compile (inductor; compiled per bucket on first "
+        "use). cuda_graphs: that step captured as a CUDA graph per bucket on first use and replayed (CUDA "
+        "only). auto: cuda_graphs on CUDA, eager on the CPU (measured faster there: python -m benchmarks).",
+    )
 
 
 class OutputGrammar(StrictModel):

@@ -113,6 +113,8 @@ class Engine:
             lambda: self.slots,
             self.prompts.make_pixels,
         )
+        step = kv.step if kv.step != "auto" else "cuda_graphs" if self.device.type == "cuda" else "eager"
+        self.runner.set_step(step)
         logger.info(
             "%s: KV cache of %d pages x %d tokens (%.1f MiB, %d bytes/token)",
             name,

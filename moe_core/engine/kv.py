@@ -69,33 +69,41 @@ class KVLayout:
         return self.bytes_per_token * self.page_tokens
 
     def pages_for(self, budget_bytes: int) -> int:
-        """Usable pages in ``budget_bytes`` (the null page is on top)."""
-        return max(0, budget_bytes // self.bytes_per_page - 1)
+        """Usable pages in ``budget_bytes`` (the null and scratch pages are on top)."""
+        return max(0, budget_bytes // self.bytes_per_page - 2)
 
 
 class KVCache:
-    """Keys and values of every layer: ``[layers, pages + 1, page_tokens, kv_heads, head_dim]`` each."""
+    """Keys and values of every layer, one tensor per layer and kind: ``[(pages + 2) * page_tokens,
+    kv_heads, head_dim]`` (slot = page * page_tokens + offset).
+
+    Page 0 is the null page (zeros: what masked padding reads), pages ``1 .. pages`` are the pool, and
+    the last is the scratch page, where the padding rows of a static decode step write and read. Each
+    layer's tensor is its own allocation, not a view of a shared one, so a compiled step writes it in
+    place (a write through a view makes ``torch.compile`` copy the whole base)."""
 
     def __init__(self, layout: KVLayout, pages: int) -> None:
         if pages < 1:
             raise ValueError(f"the KV cache needs at least one page, got {pages}")
         self.layout, self.pages = layout, pages
-        shape = (layout.layers, pages + 1, layout.page_tokens, layout.kv_heads, layout.head_dim)
-        self.k = torch.zeros(shape, dtype=layout.dtype, device=layout.device)
-        self.v = torch.zeros(shape, dtype=layout.dtype, device=layout.device)
+        self.scratch = pages + 1  # never allocated, never read by a request
+        shape = ((pages + 2) * layout.page_tokens, layout.kv_heads, layout.head_dim)
+        self.k = [torch.zeros(shape, dtype=layout.dtype, device=layout.device) for _ in range(layout.layers)]
+        self.v = [torch.zeros(shape, dtype=layout.dtype, device=layout.device) for _ in range(layout.layers)]
         self.bytes_written = 0  # KV bytes written since start (a proxy for memory traffic, tested)
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def page(self, layer: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s keys and values of page ``page``: ``[page_tokens, kv_heads, head_dim]`` views."""
+        p = self.layout.page_tokens
+        return self.k[layer][page * p : (page + 1) * p], self.v[layer][page * p : (page + 1) * p]
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s keys and values as ``[slots, kv_heads, head_dim]`` (slot = page * P + offset)."""
-        lay = self.layout
-        return (
-            self.k[layer].view(-1, lay.kv_heads, lay.head_dim),
-            self.v[layer].view(-1, lay.kv_heads, lay.head_dim),
-        )
+        return self.k[layer], self.v[layer]
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``keys``/``values`` ``[tokens, kv_heads, head_dim]`` at ``slots`` ``[tokens]``, in place."""

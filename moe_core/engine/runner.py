@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from moe_core.engine.attention import NO_MASK, PagedStep, Segment, register, slot_index
+from moe_core.engine.graphs import DecodeGraphs, StepMode
 from moe_core.engine.kv import KVCache
 from moe_core.engine.lora import LoraSlots
 from moe_core.engine.prompts import Prompt, PromptImage
@@ -65,6 +66,21 @@ class ModelRunner:
         self.forwards = 0  # steps run (a PEFT engine mixing adapters runs a step as one forward per adapter)
         self.vision_images = 0  # images run through the vision tower
         self.fail_hook: Callable[[Sequence[RowWork]], None] | None = None  # tests: simulate a fault
+        self.graphs: DecodeGraphs | None = None  # decode-only steps, padded and static (engine.step)
+
+    def set_step(self, mode: StepMode) -> None:
+        """How decode-only steps run from now on (:mod:`moe_core.engine.graphs`)."""
+        self.graphs = (
+            None
+            if mode == "eager"
+            else DecodeGraphs(
+                mode,
+                self.kv,
+                lambda: self._vlm().language_model,
+                lambda: self._top(self.model).lm_head,
+                self._slots,
+            )
+        )
 
     @staticmethod
     def _top(model: Any) -> Any:
@@ -127,10 +143,16 @@ class ModelRunner:
         """Run one step; next-token logits ``[rows asking, vocab]`` (fp32), in row order."""
         if self.fail_hook is not None:
             self.fail_hook(rows)
-        self._row_features(rows)
         self.forwards += 1
         slots = self._slots()
         adapters = {r.adapter for r in rows}
+        if (
+            self.graphs is not None
+            and self.graphs.handles(rows)
+            and (slots is not None or (adapters == {None} and not hasattr(self.model, "peft_config")))
+        ):
+            return self.graphs.run(rows)
+        self._row_features(rows)
         if slots is None and len(adapters) > 1:  # PEFT's layers take one adapter a forward: by groups
             out: list[tuple[int, torch.Tensor]] = []
             order = sorted(range(len(rows)), key=lambda i: (rows[i].adapter or "", i))

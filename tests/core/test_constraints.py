@@ -150,7 +150,7 @@ def test_a_constrained_row_preempted_mid_answer_resumes_its_grammar(engine: Engi
         engine.processor,
         SETTINGS.model_copy(update={"kv": kv}),
         name="tight",
-        kv_cache_bytes=(4 * prompt_pages + 1) * engine.kv.layout.bytes_per_page,
+        kv_cache_bytes=(4 * prompt_pages + 2) * engine.kv.layout.bytes_per_page,
     )
     sched = Scheduler(small, max_running=4, name="tight")
     out: list[list[Any]] = [[] for _ in reqs]

@@ -122,7 +122,7 @@ def test_admission_waits_for_pages_instead_of_failing(adapters: dict[str, Path])
         adapters,
         "small",
         settings={"kv": SETTINGS.kv.model_copy(update={"prefix_caching": False})},
-        kv_cache_bytes=(pages + 1) * probe.kv.layout.bytes_per_page,
+        kv_cache_bytes=(pages + 2) * probe.kv.layout.bytes_per_page,
     )
     assert small.kv.pages == pages
     sched = Scheduler(small, max_running=6, name="small")
@@ -161,7 +161,7 @@ def test_running_out_of_pages_mid_decode_preempts_the_youngest_and_it_resumes(
         adapters,
         "tight",
         settings={"kv": SETTINGS.kv.model_copy(update={"prefix_caching": prefix_caching})},
-        kv_cache_bytes=(pages + 1) * probe.kv.layout.bytes_per_page,
+        kv_cache_bytes=(pages + 2) * probe.kv.layout.bytes_per_page,
     )
     sched = Scheduler(small, max_running=4, name="tight")
     sinks = [Collect() for _ in reqs]
@@ -211,7 +211,9 @@ def test_non_finite_state_fails_its_row_alone_and_is_never_shared(engine: Engine
     sched.enqueue(good_req, SamplingParams(max_tokens=8), good, request_id="good")
     sched.iterate()
     (seq,) = [s for s in sched._running if s.request_id == "bad"]
-    engine.kv.k[:, seq.pages] = float("nan")  # every layer's keys of every page of that row
+    for layer in range(engine.kv.layout.layers):  # every layer's keys of every page of that row
+        for page in seq.pages:
+            engine.kv.page(layer, page)[0].fill_(float("nan"))
     while sched.iterate():
         pass
     assert isinstance(bad.error, EngineError) and "non-finite" in str(bad.error)

@@ -1,0 +1,239 @@
+"""The static-shape decode step: eager, compiled with ``torch.compile``, or captured as CUDA graphs.
+
+A step in which every row decodes one token is the engine's hot loop. Here it is one function of
+fixed-shape tensors: the rows are padded to a batch-size bucket (1, 2, 4, 8, 16, 32) and the block
+tables to a power-of-two number of pages, and everything that varies with the batch (tokens,
+M-RoPE positions, where each row writes its keys and values, its block table and length, its LoRA
+slot) is an input tensor. Nothing inside branches on data or copies to the host, so the step can be
+compiled (inductor, on the CPU) or captured once per bucket as a CUDA graph and replayed, which
+removes the per-operation launch cost that bounds an eager decode step of a large model.
+
+Padding rows are inert: they feed token 0 at position 0, write their keys and values into the KV
+cache's scratch page (never allocated to a request, never read by one), attend to that page alone,
+read the null LoRA slot, and their logits are dropped. Rows of prompt chunks, and batches past the
+largest bucket, take the runner's variable-shape path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from moe_core.engine.attention import NO_MASK
+from moe_core.engine.kv import KVCache
+from moe_core.engine.lora import LoraSlots, SlotBatch
+
+if TYPE_CHECKING:
+    from moe_core.engine.runner import RowWork
+
+__all__ = ["BUCKETS", "DecodeGraphs", "StepMode", "bucket"]
+
+#: Batch sizes a decode step is padded to (vLLM's and SGLang's capture sizes start the same way).
+BUCKETS = (1, 2, 4, 8, 16, 32)
+#: How a decode step runs: ``eager`` (the runner's variable-shape path), ``static`` (the padded step, eager:
+#: the reference for the other two), ``compile`` (the padded step through ``torch.compile``),
+#: ``cuda_graphs`` (the padded step captured per bucket on CUDA).
+StepMode = Literal["eager", "static", "compile", "cuda_graphs"]
+
+
+def bucket(n: int, sizes: Sequence[int] = BUCKETS) -> int | None:
+    """The smallest size in ``sizes`` holding ``n`` rows; None past the largest."""
+    return next((b for b in sizes if b >= n), None)
+
+
+def _pages_bucket(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class DecodeAttention:
+    """The attention layout of a padded decode step, built from tensors only (graph-safe).
+
+    The model receives it as its ``cache`` (:meth:`update` writes each row's new keys and values in
+    place) and as ``moe_step`` (:meth:`attend`: each row attends to its own pages, masked to its length).
+    """
+
+    def __init__(self, kv: KVCache, write: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor) -> None:
+        p = kv.layout.page_tokens
+        self.kv = kv
+        self.write_slots = write  # [rows]
+        self.rows, self.width = table.shape[0], table.shape[1] * p
+        j = torch.arange(self.width, device=table.device)
+        self.index = (table[:, j // p] * p + j % p).reshape(-1)  # [rows * width] slots of each row's pages
+        self.mask = (j[None, :] < lengths[:, None])[:, None, None, :]  # [rows, 1, 1, width]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, **_: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv.flat(layer_idx)
+        # index_put_, not index_copy_: inductor writes it in place in the cache (no copy of the cache)
+        k[self.write_slots] = key_states[0].transpose(0, 1).to(k.dtype)
+        v[self.write_slots] = value_states[0].transpose(0, 1).to(v.dtype)
+        return key_states, value_states
+
+    def attend(self, layer: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        keys, values = self.kv.flat(layer)
+        heads, dim = keys.shape[1], keys.shape[2]
+        q = query[0].transpose(0, 1).unsqueeze(2)  # [rows, heads, 1, head_dim]
+        k = keys.index_select(0, self.index).view(self.rows, self.width, heads, dim).transpose(1, 2)
+        v = values.index_select(0, self.index).view(self.rows, self.width, heads, dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scaling, enable_gqa=True)
+        return o[:, :, 0].unsqueeze(0)  # [1, rows, heads, head_dim]
+
+
+@dataclass
+class _Inputs:
+    """One bucket's input tensors (static buffers for a CUDA graph) and, once captured, its graph."""
+
+    tokens: torch.Tensor  # [rows]
+    positions: torch.Tensor  # [3, rows]
+    write: torch.Tensor  # [rows]
+    table: torch.Tensor  # [rows, pages]
+    lengths: torch.Tensor  # [rows]
+    lora: SlotBatch | None
+    graph: Any = None  # torch.cuda.CUDAGraph
+    logits: torch.Tensor | None = None  # the graph's output buffer
+
+
+class DecodeGraphs:
+    """Runs decode-only steps as the padded static step, in ``mode``; counts what it ran."""
+
+    def __init__(
+        self,
+        mode: StepMode,
+        kv: KVCache,
+        lm: Callable[[], Any],
+        lm_head: Callable[[], Any],
+        slots: Callable[[], LoraSlots | None],
+    ) -> None:
+        if mode == "cuda_graphs" and kv.layout.device.type != "cuda":
+            raise ValueError("engine.step cuda_graphs needs a CUDA device; use compile or eager on the CPU")
+        self.mode = mode
+        self.kv = kv
+        self._lm, self._lm_head, self._slots = lm, lm_head, slots
+        self._inputs: dict[tuple[int, int, bool], _Inputs] = {}
+        self._step: Callable[..., torch.Tensor] = self._forward
+        if mode == "compile":
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._step = torch.compile(self._forward, dynamic=False, fullgraph=True)
+        self.steps = 0  # decode steps run here
+        self.padded_rows = 0  # padding rows run (and dropped)
+        self.captures = 0  # CUDA graphs captured
+
+    def handles(self, rows: Sequence[RowWork]) -> bool:
+        """Whether ``rows`` is a step this path runs: decoding rows only, at most the largest bucket."""
+        return bool(rows) and len(rows) <= BUCKETS[-1] and all(r.decode for r in rows)
+
+    def _forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        write: torch.Tensor,
+        table: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> torch.Tensor:
+        step = DecodeAttention(self.kv, write, table, lengths)
+        lm = self._lm()
+        hidden = lm(
+            inputs_embeds=lm.embed_tokens(tokens)[None],
+            position_ids=positions[:, None, :],
+            attention_mask=NO_MASK,
+            cache=step,
+            use_cache=True,
+            moe_step=step,
+        ).last_hidden_state[0]  # [rows, hidden]
+        logits: torch.Tensor = self._lm_head()(hidden[:, None, :])[:, 0].float()
+        return logits
+
+    def _buffers(self, n: int, pages: int, lora: bool) -> _Inputs:
+        rows = bucket(n)
+        assert rows is not None
+        key = (rows, _pages_bucket(pages), lora)
+        found = self._inputs.get(key)
+        if found is None:
+            d = self.kv.layout.device
+            scratch = self.kv.scratch * self.kv.layout.page_tokens
+            slots = self._slots()
+            found = self._inputs[key] = _Inputs(
+                tokens=torch.zeros(rows, dtype=torch.long, device=d),
+                positions=torch.zeros(3, rows, dtype=torch.long, device=d),
+                write=torch.full((rows,), scratch, dtype=torch.long, device=d),
+                table=torch.full((rows, key[1]), self.kv.scratch, dtype=torch.long, device=d),
+                lengths=torch.ones(rows, dtype=torch.long, device=d),
+                lora=SlotBatch(rows, index=torch.full((rows,), slots.null, device=d))
+                if lora and slots is not None
+                else None,
+            )
+        return found
+
+    def run(self, rows: Sequence[RowWork]) -> torch.Tensor:
+        """Next-token logits ``[rows, vocab]`` (fp32) of a decode-only step, in row order."""
+        p = self.kv.layout.page_tokens
+        slots = self._slots()
+        lora = slots is not None and any(r.adapter is not None for r in rows)
+        pages = max(len(r.pages) for r in rows)
+        buf = self._buffers(len(rows), pages, lora)
+        size, width = buf.tokens.shape[0], buf.table.shape[1]
+        pad = size - len(rows)
+        scratch = self.kv.scratch
+        # the step's inputs, built on the host and copied in one transfer per tensor
+        tokens = [r.ids[0] for r in rows] + [0] * pad
+        positions = torch.cat([r.positions for r in rows] + [torch.zeros(3, pad, dtype=torch.long)], dim=1)
+        write = [r.pages[r.start // p] * p + r.start % p for r in rows] + [scratch * p] * pad
+        table = [list(r.pages) + [scratch] * (width - len(r.pages)) for r in rows] + [[scratch] * width] * pad
+        lengths = [r.start + 1 for r in rows] + [1] * pad
+        buf.tokens.copy_(torch.tensor(tokens), non_blocking=True)
+        buf.positions.copy_(positions, non_blocking=True)
+        buf.write.copy_(torch.tensor(write), non_blocking=True)
+        buf.table.copy_(torch.tensor(table), non_blocking=True)
+        buf.lengths.copy_(torch.tensor(lengths), non_blocking=True)
+        if buf.lora is not None and slots is not None:
+            assert buf.lora.index is not None
+            index = [slots.slot_of(r.adapter) if r.adapter is not None else None for r in rows]
+            if any(r.adapter is not None and i is None for r, i in zip(rows, index, strict=True)):
+                missing = sorted(
+                    {r.adapter for r, i in zip(rows, index, strict=True) if i is None and r.adapter}
+                )
+                from moe_core.engine.lora import SlotError
+
+                raise SlotError(f"adapters {missing} are not loaded")
+            buf.lora.index.copy_(
+                torch.tensor([slots.null if i is None else i for i in index] + [slots.null] * pad)
+            )
+        self.steps += 1
+        self.padded_rows += pad
+        self.kv.bytes_written += len(rows) * self.kv.layout.bytes_per_token
+        logits = self._replay(buf) if self.mode == "cuda_graphs" else self._call(buf)
+        return logits[: len(rows)]
+
+    def _call(self, buf: _Inputs) -> torch.Tensor:
+        slots = self._slots()
+        if slots is not None:
+            slots.batch = buf.lora
+        try:
+            return self._step(buf.tokens, buf.positions, buf.write, buf.table, buf.lengths)
+        finally:
+            if slots is not None:
+                slots.batch = None
+
+    def _replay(self, buf: _Inputs) -> torch.Tensor:
+        if buf.graph is None:  # warm up on a side stream, then capture this bucket once
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._call(buf)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                buf.logits = self._call(buf)
+            buf.graph = graph
+            self.captures += 1
+        buf.graph.replay()
+        assert buf.logits is not None
+        return buf.logits.clone()

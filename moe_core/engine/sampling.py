@@ -181,20 +181,38 @@ def next_tokens(
             if ids:
                 logits[i, list(ids)] = float("-inf")
     out = logits.argmax(-1).tolist()  # greedy rows: what generate(do_sample=False) picks
-    for i, (p, g) in enumerate(zip(params, generators, strict=True)):
-        if p.greedy:
-            continue
-        scaled = logits[i] / p.temperature
-        if 0 < p.top_k < scaled.numel():
-            kth = scaled.topk(p.top_k).values[-1]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = torch.softmax(scaled, -1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(-1) - sorted_probs < p.top_p  # the smallest set reaching top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        out[i] = int(torch.multinomial(probs, 1, generator=g))
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        probs = _filtered_probs(logits[sampled], [params[i] for i in sampled])
+        for row, i in enumerate(sampled):  # each row draws from its own (seeded) random stream
+            out[i] = int(torch.multinomial(probs[row], 1, generator=generators[i]))
     return [int(t) for t in out]
+
+
+def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Sampling probabilities ``[rows, vocab]`` of the sampled rows after each row's temperature,
+    ``top_k`` and ``top_p``, for all rows at once (one sort, however many rows sample): unnormalised where
+    filtered, as ``torch.multinomial`` takes them."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
+    scaled = logits / temperature[:, None]
+    vocab = scaled.shape[-1]
+    k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(k):
+        top = scaled.sort(-1, descending=True).values  # the k-th largest of each row, its threshold
+        kth = top.gather(1, torch.tensor([max(n, 1) - 1 for n in k], device=device)[:, None])
+        off = torch.tensor([n == 0 for n in k], device=device)[:, None]
+        scaled = scaled.masked_fill((scaled < kth) & ~off, float("-inf"))
+    probs = torch.softmax(scaled, -1)
+    top_p = [p.top_p for p in params]
+    if any(t < 1.0 for t in top_p):
+        sorted_probs, order = probs.sort(-1, descending=True)
+        limit = torch.tensor(top_p, device=device, dtype=probs.dtype)[:, None]
+        keep = (sorted_probs.cumsum(-1) - sorted_probs < limit) | (
+            limit >= 1.0
+        )  # the smallest set reaching it
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs.masked_fill(~keep, 0.0))
+    return probs
 
 
 @dataclass

@@ -8,6 +8,7 @@
     python -m benchmarks --only kv       # just the paged KV cache: joins, KV bytes, agent turns, burst, peer
     python -m benchmarks --only storage    # fetch throughput of a 1 GB version: local S3 vs local copy
     python -m benchmarks --only grammar    # constrained decoding: cost per token at batch 8, compile time
+    python -m benchmarks --only step       # the decode step: operations launched, eager vs compiled
 
 Writes benchmarks/results/<name>.json, .md and .png with the machine's description.
 """
@@ -240,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="Qwen3-VL-8B shapes with random bf16 weights on CUDA")
     p.add_argument("--rounds", type=int)
     p.add_argument(
-        "--only", choices=["engine", "promotion", "kv", "storage", "grammar"], help="run one part only"
+        "--only",
+        choices=["engine", "promotion", "kv", "storage", "grammar", "step"],
+        help="run one part only",
     )
     p.add_argument("--storage-gb", type=float, default=1.0, help="size of the storage benchmark's version")
     p.add_argument(
@@ -299,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
             s6, f6 = grammar_benchmarks(cfg, quick=args.quick)
             samples.update(s6)
             figures.update(f6)
+        if args.only == "step" or (not args.quick and args.only is None):  # benchmarks/step_bench.py
+            from benchmarks.step_bench import step_benchmarks
+
+            s7, f7 = step_benchmarks(cfg, quick=args.quick)
+            samples.update(s7)
+            figures.update(f7)
     result = {
         "name": name,
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),

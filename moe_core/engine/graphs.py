@@ -16,6 +16,7 @@ largest bucket, take the runner's variable-shape path.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,12 +26,14 @@ import torch.nn.functional as F
 
 from moe_core.engine.attention import NO_MASK
 from moe_core.engine.kv import KVCache
-from moe_core.engine.lora import LoraSlots, SlotBatch
+from moe_core.engine.lora import LoraSlots, SlotBatch, SlotError
 
 if TYPE_CHECKING:
     from moe_core.engine.runner import RowWork
 
 __all__ = ["BUCKETS", "DecodeGraphs", "StepMode", "bucket"]
+
+logger = logging.getLogger(__name__)
 
 #: Batch sizes a decode step is padded to (vLLM's and SGLang's capture sizes start the same way).
 BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -86,16 +89,42 @@ class DecodeAttention:
 
 @dataclass
 class _Inputs:
-    """One bucket's input tensors (static buffers for a CUDA graph) and, once captured, its graph."""
+    """One bucket's input tensors, views of one buffer filled by one copy a step (static for a CUDA
+    graph), and, once captured, its graph."""
 
-    tokens: torch.Tensor  # [rows]
-    positions: torch.Tensor  # [3, rows]
-    write: torch.Tensor  # [rows]
-    table: torch.Tensor  # [rows, pages]
-    lengths: torch.Tensor  # [rows]
+    data: torch.Tensor  # [7 * rows + rows * pages]: tokens, positions (3 rows), write, lengths, slots, table
+    rows: int
+    pages: int
     lora: SlotBatch | None
     graph: Any = None  # torch.cuda.CUDAGraph
     logits: torch.Tensor | None = None  # the graph's output buffer
+
+    def part(self, k: int, n: int = 1) -> torch.Tensor:
+        return self.data[k * self.rows : (k + n) * self.rows]
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.part(0)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.part(1, 3).view(3, self.rows)
+
+    @property
+    def write(self) -> torch.Tensor:
+        return self.part(4)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.part(5)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.part(6)
+
+    @property
+    def table(self) -> torch.Tensor:
+        return self.data[7 * self.rows :].view(self.rows, self.pages)
 
 
 class DecodeGraphs:
@@ -124,6 +153,7 @@ class DecodeGraphs:
         self.steps = 0  # decode steps run here
         self.padded_rows = 0  # padding rows run (and dropped)
         self.captures = 0  # CUDA graphs captured
+        self._pool: Any = None
 
     def handles(self, rows: Sequence[RowWork]) -> bool:
         """Whether ``rows`` is a step this path runs: decoding rows only, at most the largest bucket."""
@@ -156,19 +186,12 @@ class DecodeGraphs:
         key = (rows, _pages_bucket(pages), lora)
         found = self._inputs.get(key)
         if found is None:
-            d = self.kv.layout.device
-            scratch = self.kv.scratch * self.kv.layout.page_tokens
+            data = torch.zeros(7 * rows + rows * key[1], dtype=torch.long, device=self.kv.layout.device)
+            found = _Inputs(data, rows, key[1], None)
             slots = self._slots()
-            found = self._inputs[key] = _Inputs(
-                tokens=torch.zeros(rows, dtype=torch.long, device=d),
-                positions=torch.zeros(3, rows, dtype=torch.long, device=d),
-                write=torch.full((rows,), scratch, dtype=torch.long, device=d),
-                table=torch.full((rows, key[1]), self.kv.scratch, dtype=torch.long, device=d),
-                lengths=torch.ones(rows, dtype=torch.long, device=d),
-                lora=SlotBatch(rows, index=torch.full((rows,), slots.null, device=d))
-                if lora and slots is not None
-                else None,
-            )
+            if lora and slots is not None:
+                found.lora = SlotBatch(rows, index=found.slots)
+            self._inputs[key] = found
         return found
 
     def run(self, rows: Sequence[RowWork]) -> torch.Tensor:
@@ -176,35 +199,34 @@ class DecodeGraphs:
         p = self.kv.layout.page_tokens
         slots = self._slots()
         lora = slots is not None and any(r.adapter is not None for r in rows)
-        pages = max(len(r.pages) for r in rows)
-        buf = self._buffers(len(rows), pages, lora)
-        size, width = buf.tokens.shape[0], buf.table.shape[1]
-        pad = size - len(rows)
+        buf = self._buffers(len(rows), max(len(r.pages) for r in rows), lora)
+        pad = buf.rows - len(rows)
         scratch = self.kv.scratch
-        # the step's inputs, built on the host and copied in one transfer per tensor
-        tokens = [r.ids[0] for r in rows] + [0] * pad
-        positions = torch.cat([r.positions for r in rows] + [torch.zeros(3, pad, dtype=torch.long)], dim=1)
-        write = [r.pages[r.start // p] * p + r.start % p for r in rows] + [scratch * p] * pad
-        table = [list(r.pages) + [scratch] * (width - len(r.pages)) for r in rows] + [[scratch] * width] * pad
-        lengths = [r.start + 1 for r in rows] + [1] * pad
-        buf.tokens.copy_(torch.tensor(tokens), non_blocking=True)
-        buf.positions.copy_(positions, non_blocking=True)
-        buf.write.copy_(torch.tensor(write), non_blocking=True)
-        buf.table.copy_(torch.tensor(table), non_blocking=True)
-        buf.lengths.copy_(torch.tensor(lengths), non_blocking=True)
-        if buf.lora is not None and slots is not None:
-            assert buf.lora.index is not None
-            index = [slots.slot_of(r.adapter) if r.adapter is not None else None for r in rows]
-            if any(r.adapter is not None and i is None for r, i in zip(rows, index, strict=True)):
-                missing = sorted(
-                    {r.adapter for r, i in zip(rows, index, strict=True) if i is None and r.adapter}
-                )
-                from moe_core.engine.lora import SlotError
-
+        null = 0
+        index: list[int] = []
+        if slots is not None:
+            null = slots.null
+            named = [slots.slot_of(r.adapter) if r.adapter is not None else null for r in rows]
+            missing = sorted({r.adapter for r, i in zip(rows, named, strict=True) if i is None and r.adapter})
+            if missing:
                 raise SlotError(f"adapters {missing} are not loaded")
-            buf.lora.index.copy_(
-                torch.tensor([slots.null if i is None else i for i in index] + [slots.null] * pad)
-            )
+            index = [null if i is None else i for i in named]
+        positions = [r.position for r in rows] + [0] * pad
+        values = (  # every input of the step, in one host list and one copy to the device
+            [r.ids[0] for r in rows]
+            + [0] * pad
+            + positions * 3
+            + [r.pages[r.start // p] * p + r.start % p for r in rows]
+            + [scratch * p] * pad
+            + [r.start + 1 for r in rows]
+            + [1] * pad
+            + (index + [null] * pad if index else [0] * buf.rows)
+        )
+        for r in rows:
+            values += r.pages
+            values += [scratch] * (buf.pages - len(r.pages))
+        values += [scratch] * (buf.pages * pad)
+        buf.data.copy_(torch.tensor(values), non_blocking=True)
         self.steps += 1
         self.padded_rows += pad
         self.kv.bytes_written += len(rows) * self.kv.layout.bytes_per_token
@@ -223,15 +245,24 @@ class DecodeGraphs:
 
     def _replay(self, buf: _Inputs) -> torch.Tensor:
         if buf.graph is None:  # warm up on a side stream, then capture this bucket once
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._call(buf)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                buf.logits = self._call(buf)
+            try:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # (writes the rows' keys and values, as the replay will again)
+                        self._call(buf)
+                torch.cuda.current_stream().wait_stream(stream)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    buf.logits = self._call(buf)
+            except Exception:  # never fail a request for a capture: run the same step eagerly from now on
+                logger.exception(
+                    "CUDA graph capture of a decode step of %d rows failed; running it eagerly", buf.rows
+                )
+                self.mode = "static"
+                return self._call(buf)
             buf.graph = graph
             self.captures += 1
         buf.graph.replay()

@@ -36,12 +36,13 @@ class RowWork:
     decode: bool  # a decoding row (its last token); else a chunk of its prompt (or of a resumed row)
     ids: list[int]  # the tokens fed now
     start: int  # their first index in the row's sequence (tokens before it are cached)
-    positions: torch.Tensor  # [3, len(ids)]
+    positions: torch.Tensor | None  # [3, len(ids)]; None for a decoding row (``position`` on all 3 axes)
     pages: list[int]  # the row's block table, covering start + len(ids) tokens
     logits: bool  # next-token logits wanted (a decoding row, or the last chunk of a prompt)
     prompt: Prompt | None = None  # for the images of a prompt chunk
     vision: str | None = None  # the vision tower's identity for this row (None: the base tower)
     features: dict[str, Features] = field(default_factory=dict)  # the row's images' features, kept
+    position: int = 0  # a decoding row's M-RoPE position (text: the same on every axis)
 
 
 class ModelRunner:
@@ -195,7 +196,9 @@ class ModelRunner:
             [r.start + 1 for r in decode],
             segments,
         )
-        positions = torch.cat([r.positions for r in packed], dim=1).to(device)  # [3, tokens]
+        parts = [torch.tensor([r.position for r in decode]).expand(3, -1)] if decode else []
+        parts += [r.positions for r in chunks if r.positions is not None]
+        positions = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(device)  # [3, tokens]
         tokens = torch.tensor(ids, device=device)
         vlm = self._vlm()
         lm = vlm.language_model

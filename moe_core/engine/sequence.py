@@ -84,6 +84,19 @@ class Seq:
         seq = self
         start = seq.computed
         prompt = seq.job.prompt
+        if decode:  # its last generated token: one position, on all three axes
+            return RowWork(
+                seq.adapter,
+                True,
+                seq.tokens[start : start + 1],
+                start,
+                None,
+                seq.pages,
+                logits=True,
+                vision=seq.vision,
+                features=seq.features,
+                position=start - len(prompt) + prompt.next_position,
+            )
         end = min(start + n, len(prompt))
         parts = [prompt.positions[:, start:end]] if start < end else []
         if start + n > len(prompt):  # generated tokens: one position on all three axes
@@ -98,7 +111,7 @@ class Seq:
             parts[0] if len(parts) == 1 else torch.cat(parts, dim=1),
             seq.pages,
             logits=start + n == len(seq.tokens),
-            prompt=None if decode else prompt,
+            prompt=prompt,
             vision=seq.vision,
             features=seq.features,
         )

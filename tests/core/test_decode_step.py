@@ -173,3 +173,17 @@ def test_slots_equal_peft_per_row_at_ranks_2_4_8_while_rows_join_and_leave(
     assert weights == {
         n: (layer.lora_A.data_ptr(), layer.lora_B.data_ptr()) for n, layer in slots.layers.items()
     }
+
+
+def test_a_failed_cuda_graph_capture_runs_the_step_eagerly(engines: dict[str, Engine]) -> None:
+    engine, eager = engines["static"], engines["eager"]
+    graphs = engine.runner.graphs
+    assert graphs is not None and not torch.cuda.is_available()
+    reqs = _requests(ADAPTERS[:3])
+    graphs.mode = "cuda_graphs"  # here the capture fails at its first step (no CUDA device)
+    try:
+        texts = [r.text for r in engine.generate(reqs)]
+        assert graphs.mode == "static" and graphs.captures == 0  # fell back, and stays so
+    finally:
+        graphs.mode = "static"
+    assert texts == [r.text for r in eager.generate(reqs)]

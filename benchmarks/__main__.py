@@ -302,10 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             s6, f6 = grammar_benchmarks(cfg, quick=args.quick)
             samples.update(s6)
             figures.update(f6)
-        if args.only == "step" or (not args.quick and args.only is None):  # benchmarks/step_bench.py
+        if args.only in (None, "step"):  # benchmarks/step_bench.py
             from benchmarks.step_bench import step_benchmarks
 
-            s7, f7 = step_benchmarks(cfg, quick=args.quick)
+            modes = ("eager", "static") if args.quick and args.only is None else ("eager", "compile")
+            s7, f7 = step_benchmarks(cfg, quick=args.quick, modes=modes)
             samples.update(s7)
             figures.update(f7)
     result = {

@@ -49,5 +49,10 @@ def test_quick_benchmark_writes_results(tmp_path: Path) -> None:
     ):
         assert s["ratios"][ratio] > 0, ratio
     assert s["figures"]["rss_mb_1_adapters"] > 0 and s["figures"]["merge_s"] > 0
+    f = s["figures"]  # benchmarks/step_bench.py, on the padded step uncompiled (static) in the smoke run
+    for key in ("ops_step_base_eager", "ops_step_mixed8_static", "ops_lora_per_slotted_linear_eager"):
+        assert f[key] > 0, key
+    assert f["ops_layer_mixed8_eager"] > f["ops_layer_base_eager"]  # the LoRA slots' operations counted
+    assert s["p50_ms"]["step_mixed8_b16_static"] > 0 and f["dynamic/merged decode step b1 static"] > 0
     assert "| ratio | measured | target | met |" in (tmp_path / "smoke.md").read_text()
     assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

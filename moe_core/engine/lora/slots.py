@@ -239,6 +239,8 @@ class LoraSlots:
             setattr(self, attr, None)
 
     def _batch(self, slots: tuple[int, ...], tokens: Sequence[int] | None) -> SlotBatch:
+        if tokens is not None and len(set(slots)) == 1:  # one adapter for every token: one plain matmul pair
+            return SlotBatch(len(slots), segments=((0, sum(tokens), slots[0]),))
         if tokens is None or all(n == 1 for n in tokens):  # [rows, L] inputs, or packed single tokens
             device = next(iter(self.layers.values())).lora_A.device
             index = torch.tensor([s if s >= 0 else self.null for s in slots], device=device)

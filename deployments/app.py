@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.dynamic import DynamicLoRA
-from deployments.gateway import GatewayIngress
+from deployments.gateway.service import GatewayIngress
 from deployments.merged import MergedModel
 from deployments.promotion import CONTROLLER_NAME, PromotionController
 from deployments.settings import (

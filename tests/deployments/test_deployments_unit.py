@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from deployments.dynamic import AdapterNotServed, DynamicLoRA, NotConfigured
-from deployments.gateway import Gateway, ServiceUnavailable
+from deployments.gateway.errors import ServiceUnavailable
+from deployments.gateway.service import Gateway
 from deployments.merged import MergedModel, ModelUnavailable
 from deployments.messages import Answer, Query, RouteRequest, Sampling
 from deployments.routing import RoutingPolicy

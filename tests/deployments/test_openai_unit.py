@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from deployments.gateway import Gateway, api
+from deployments.gateway.api import api
+from deployments.gateway.service import Gateway
 from deployments.messages import Answer, Chunk, Query, RouteRequest, RouteResult, TokenLogprob, Turn
 from deployments.openai_api import (
     ApiError,

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from deployments.gateway import Gateway, ServiceUnavailable
+from deployments.gateway.errors import ServiceUnavailable
+from deployments.gateway.service import Gateway
 from deployments.promotion import PromotionController
 from deployments.promotion_policy import Assignment, Assignments
 from deployments.settings import GatewaySettings, PromotionSettings, SlotSettings

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.gateway import api
+from deployments.gateway.api import api
 from deployments.openai_api import set_body_limit
 
 

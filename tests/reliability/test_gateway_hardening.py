@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deployments.gateway import Gateway
+from deployments.gateway.service import Gateway
 from deployments.settings import GatewaySettings
 from moe_core.config import DeploymentConfig, LiveSettings
 from moe_core.storage import Storage

@@ -1,0 +1,18 @@
+"""The gateway, the HTTP ingress: validates input, routes, and translates every failure to an HTTP status,
+here only.
+
+No model and no GPU. The image is decoded once to validate it and forwarded as bytes, crossing each
+hop once; a request is generated exactly once (merged, or dynamic, or dynamic after a merged failure).
+Two APIs over the same deployments: ``POST /infer`` (one screenshot, one instruction) and the
+OpenAI-compatible ``/v1`` (:mod:`deployments.openai_api`: chat completions, streamed or not, and the
+model list), each with its own error shape.
+
+- :mod:`deployments.gateway.api`: the FastAPI app, its middlewares and request-validation errors.
+- :mod:`deployments.gateway.errors`: a deployment call's failure as the client sees it.
+- :mod:`deployments.gateway.core`: :class:`~deployments.gateway.core.GatewayCore`, live settings,
+  promotion, and the calls to the model deployments (timeouts, fallback from merged to dynamic).
+- :mod:`deployments.gateway.infer`: ``POST /infer``.
+- :mod:`deployments.gateway.openai_routes`: the ``/v1`` routes.
+- :mod:`deployments.gateway.service`: :class:`~deployments.gateway.service.Gateway`, the operational
+  routes, and :data:`~deployments.gateway.service.GatewayIngress` for Serve.
+"""

@@ -1,0 +1,343 @@
+"""The OpenAI-compatible routes (``/v1/models``, ``/v1/chat/completions``, streamed or not); the request
+and response models, and the conversion of messages, are :mod:`deployments.openai_api`'s."""
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from deployments.gateway.api import V1_ERRORS, api
+from deployments.gateway.core import GatewayCore, logger
+from deployments.gateway.errors import ServiceUnavailable, api_error, translated
+from deployments.messages import Answer, Chunk, Query, TokenLogprob
+from deployments.observability import RequestTrace, current_request_id
+from deployments.openai_api import (
+    DONE,
+    ApiError,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChunkWriter,
+    CompletionUsage,
+    Conversation,
+    ModelCard,
+    ModelChoice,
+    ModelList,
+    MoeInfo,
+    build_conversation,
+    calls_tools,
+    chat_completion,
+    check_request,
+    completion_id,
+    model_list,
+    moe_headers,
+    resolve_model,
+    routing_available,
+)
+from deployments.routing import RoutedVia, RoutingPolicy, Target
+from deployments.schemas import BadInput
+from deployments.tool_calls import ToolCall, ToolCallParser
+
+__all__ = ["OpenAIRoutes"]
+
+
+class ChunkStream(Protocol):
+    """A streaming handle call's chunks (Serve's ``DeploymentResponseGenerator``)."""
+
+    def __anext__(self) -> Any: ...
+    def cancel(self) -> None: ...
+
+
+def _request_id() -> str:
+    return current_request_id() or uuid.uuid4().hex
+
+
+class _Answered:
+    """A stream that has nothing after its first chunk (an answer the routing hop gave in place)."""
+
+    async def __anext__(self) -> Chunk:
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        pass
+
+
+def _whole(answer: Answer) -> Chunk:
+    """A whole answer as the one and last chunk of a stream."""
+    return Chunk(
+        answer.text,
+        answer.adapter,
+        answer.mode,
+        answer.version,
+        answer.finish_reason,
+        answer.prompt_tokens,
+        answer.completion_tokens,
+        answer.cached_tokens,
+        answer.logprobs,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    """Who answers a chat request, and how that was decided."""
+
+    adapter: str | None
+    target: Target
+    via: RoutedVia
+    confidence: float | None = None
+    answer: Answer | None = None  # the routing hop's answer, when it answered in place
+
+
+class OpenAIRoutes(GatewayCore):
+    """The ``/v1`` API of :class:`deployments.gateway.service.Gateway`."""
+
+    @api.get("/v1/models", response_model=ModelList, responses=V1_ERRORS)
+    async def list_models(self) -> Any:
+        """The base model, every expert adapter and the routed model (OpenAI's model list)."""
+        try:
+            policy = self.policy
+        except ServiceUnavailable as e:
+            return api_error(e).response()
+        return model_list(policy, self.settings, self._routing(policy), int(self.started_at))
+
+    @api.get("/v1/models/{model:path}", response_model=ModelCard, responses=V1_ERRORS)
+    async def retrieve_model(self, model: str) -> Any:
+        try:
+            policy = self.policy
+            resolve_model(model, policy, self.settings, self._routing(policy))
+        except (ApiError, ServiceUnavailable) as e:
+            return api_error(e).response()
+        cards = model_list(policy, self.settings, self._routing(policy), int(self.started_at)).data
+        return next(c for c in cards if c.id == model)
+
+    @api.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses=V1_ERRORS | {200: {"content": {"text/event-stream": {}}}},
+    )
+    async def chat_completions(self, req: ChatCompletionRequest) -> Any:
+        """OpenAI's chat completion: streamed as Server-Sent Events with ``stream: true``."""
+        trace = RequestTrace(_request_id(), api="chat")
+        try:
+            if req.stream:
+                return await self._chat_stream(req, trace)  # the stream records its own metrics
+            response: Any = await self._chat(req, trace)
+            status = 200
+        except (ApiError, BadInput, ServiceUnavailable) as e:
+            err = api_error(e)
+            status, response = err.status, err.response()
+        self.metrics.record(trace, status)
+        return response
+
+    def _routing(self, policy: RoutingPolicy) -> bool:
+        return routing_available(policy, self.settings, self.dynamic is not None)
+
+    async def _conversation(
+        self, req: ChatCompletionRequest, trace: RequestTrace
+    ) -> tuple[RoutingPolicy, ModelChoice, Conversation]:
+        """Check the request, resolve its model and convert its messages (images decoded once, here)."""
+        check_request(req)
+        policy = self.policy  # one snapshot per request, even across a reconfigure
+        choice = resolve_model(req.model, policy, self.settings, self._routing(policy))
+        trace.adapter = choice.adapter or "none"
+        conv = await build_conversation(
+            req, self.settings, trace.request_id, needs_image=choice.kind == "routed"
+        )
+        trace.pixels = sum(p.width * p.height for p in conv.images)
+        trace.image_tokens = conv.query.image_tokens
+        return policy, choice, conv
+
+    async def _decide(
+        self,
+        policy: RoutingPolicy,
+        choice: ModelChoice,
+        query: Query,
+        prefer_merged: bool | None,
+        trace: RequestTrace,
+        stream: bool,
+    ) -> _Route:
+        """Who answers: the named adapter, the base model, or the routing adapter's choice."""
+        if choice.kind == "adapter":
+            trace.routed_via = "explicit"
+            return _Route(choice.adapter, policy.target(choice.adapter, prefer_merged), "explicit")
+        if choice.kind == "base":
+            trace.routed_via = "explicit"
+            return _Route(None, "dynamic", "explicit")
+        trace.routed_via = "router"
+        routed = await self._route(policy, query, prefer_merged, trace, answer_in_place=not stream)
+        d = routed.decision
+        return _Route(d.adapter, d.target, d.routed_via, d.classification.confidence, routed.answer)
+
+    def _info(
+        self, trace: RequestTrace, route: _Route, conv: Conversation, out: Answer | Chunk, fallback: bool
+    ) -> MoeInfo:
+        """The ``moe`` object, and the trace's record of who answered."""
+        trace.adapter = out.adapter or "base"
+        trace.mode = out.mode if out.adapter else "base"
+        return MoeInfo(
+            request_id=trace.request_id,
+            adapter=out.adapter,
+            mode=out.mode,
+            routed_via=route.via,
+            confidence=route.confidence,
+            fallback=fallback,
+            merged_version=out.version if out.mode == "merged" else None,
+            images=conv.image_info,
+        )
+
+    async def _chat(self, req: ChatCompletionRequest, trace: RequestTrace) -> JSONResponse:
+        policy, choice, conv = await self._conversation(req, trace)
+        route = await self._decide(policy, choice, conv.query, req.prefer_merged, trace, stream=False)
+        out, fallback = route.answer, False
+        if out is not None:
+            self._served(route.adapter)  # answered where it was routed: it counts for promotion too
+        if out is None:
+            out, fallback = await self._generate(policy, route.adapter, route.target, conv.query, trace)
+        info = self._info(trace, route, conv, out, fallback)
+        trace.prompt_tokens, trace.completion_tokens = out.prompt_tokens, out.completion_tokens
+        usage = CompletionUsage.of(
+            out.prompt_tokens, out.completion_tokens, out.cached_tokens, conv.query.image_tokens
+        )
+        text, calls = out.text, list[ToolCall]()
+        if calls_tools(req):  # the model's <tool_call> blocks as tool calls; anything malformed stays text
+            parser = ToolCallParser([t.function.name for t in req.tools or ()])
+            parts = parser.feed(out.text) + parser.end()
+            text = "".join(p for p in parts if isinstance(p, str))
+            calls = [p for p in parts if isinstance(p, ToolCall)]
+        logprobs = out.logprobs if req.logprobs else None
+        body = chat_completion(
+            req.model, text, out.finish_reason, usage, info, calls=calls, logprobs=logprobs
+        )
+        return JSONResponse(body.model_dump(mode="json", exclude_none=False), headers=moe_headers(info))
+
+    async def _chat_stream(self, req: ChatCompletionRequest, trace: RequestTrace) -> StreamingResponse:
+        """Route, then wait for the first chunk (a failure until then is an ordinary error response, and
+        a merged deployment down by then falls back); the rest streams as Server-Sent Events."""
+        policy, choice, conv = await self._conversation(req, trace)
+        route = await self._decide(policy, choice, conv.query, req.prefer_merged, trace, stream=True)
+        t0 = time.perf_counter()
+        if route.answer is not None:  # the routing hop answered in place: one chunk
+            self._served(route.adapter)
+            stream: ChunkStream = _Answered()
+            first, fallback = _whole(route.answer), False
+        else:
+            stream, first, fallback = await self._open_stream(policy, route, conv.query, trace)
+        info = self._info(trace, route, conv, first, fallback)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        writer = ChunkWriter(completion_id(trace.request_id), int(time.time()), req.model, include_usage)
+        parser = ToolCallParser([t.function.name for t in req.tools or ()]) if calls_tools(req) else None
+        events = self._events(writer, info, first, stream, trace, t0, parser, conv.query.image_tokens)
+        headers = moe_headers(info) | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    async def _open_stream(
+        self, policy: RoutingPolicy, route: _Route, query: Query, trace: RequestTrace
+    ) -> tuple[ChunkStream, Chunk, bool]:
+        """Start streaming from the route's target: the stream, its first chunk, and whether it fell back."""
+        adapter = route.adapter
+        self._served(adapter)
+        if route.target == "merged":
+            assert adapter is not None
+            try:
+                handle = self._merged_handle(adapter).options(stream=True)
+                return (*await self._first(handle.stream.remote(query, adapter)), False)
+            except ServiceUnavailable as e:  # nothing was sent yet: answered once, by dynamic
+                dynamic = self._fall_back(policy, adapter, query, e, trace)
+                return (*await self._first(dynamic.options(stream=True).stream.remote(query, adapter)), True)
+        handle = self._dynamic(adapter).options(stream=True)
+        return (*await self._first(handle.stream.remote(query, adapter)), False)
+
+    async def _first(self, response: Any) -> tuple[ChunkStream, Chunk]:
+        """A streaming call (``handle.options(stream=True).stream.remote(...)``) and its first chunk."""
+        stream: ChunkStream = response
+        try:
+            first = await self._next(stream)
+        except BaseException:
+            stream.cancel()
+            raise
+        if first is None:
+            raise ServiceUnavailable("the stream ended before its first chunk")
+        return stream, first
+
+    async def _next(self, stream: ChunkStream) -> Chunk | None:
+        """The next chunk (None at the end), within the per-hop timeout."""
+        timeout_s = self.settings.request_timeout_s
+        try:
+            chunk: Chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+            return chunk
+        except StopAsyncIteration:
+            return None
+        except TimeoutError as e:
+            raise ServiceUnavailable(f"no chunk within {timeout_s:.0f}s", "timeout") from e
+        except Exception as e:
+            raise translated(e) from e
+
+    async def _events(
+        self,
+        writer: ChunkWriter,
+        info: MoeInfo,
+        first: Chunk,
+        stream: ChunkStream,
+        trace: RequestTrace,
+        started: float,
+        parser: ToolCallParser | None = None,
+        image_tokens: int = 0,
+    ) -> AsyncIterator[str]:
+        """The Server-Sent Events of one answer: role, text and tool-call deltas, finish reason, usage,
+        ``[DONE]``; an error after the first chunk is an error event before ``[DONE]`` (the answer is
+        never restarted). With ``parser``, tool calls are sent as OpenAI's tool-call deltas as each
+        closes; logprobs ride on the next event sent after their tokens."""
+        status, chunk, done = 500, first, False
+        held: list[TokenLogprob] = []
+        try:
+            yield writer.role(info)
+            while True:
+                held += chunk.logprobs
+                pieces: list[str | ToolCall] = [chunk.text] if parser is None else parser.feed(chunk.text)
+                if chunk.finish_reason is not None and parser is not None:
+                    pieces += parser.end()
+                for piece in pieces:
+                    if isinstance(piece, ToolCall):
+                        yield writer.tool_call(parser.calls_sent if parser else 0, piece, held or None)
+                        if parser is not None:
+                            parser.calls_sent += 1
+                    elif piece:
+                        yield writer.content(piece, held or None)
+                    else:
+                        continue
+                    held = []
+                trace.prompt_tokens, trace.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                if chunk.finish_reason is not None:
+                    done = True
+                    break
+                nxt = await self._next(stream)
+                if nxt is None:
+                    raise ServiceUnavailable("the stream ended without a finish reason")
+                chunk = nxt
+            calls = parser is not None and parser.calls_sent > 0
+            yield writer.finish(
+                "tool_calls" if calls and chunk.finish_reason == "stop" else chunk.finish_reason, held
+            )
+            if writer.include_usage:
+                usage = CompletionUsage.of(
+                    chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens, image_tokens
+                )
+                yield writer.usage(usage)
+            status = 200
+        except (BadInput, ServiceUnavailable) as e:
+            err = api_error(e)
+            status = err.status
+            logger.warning("gateway: %s: stream failed after its first chunk: %s", trace.request_id, e)
+            yield writer.error(err)
+        except (asyncio.CancelledError, GeneratorExit):
+            status = 499  # the client went away
+            raise
+        finally:
+            if not done:
+                stream.cancel()  # never left generating for nobody
+            trace.answer_s = time.perf_counter() - started
+            self.metrics.record(trace, status)
+        yield DONE

@@ -8,6 +8,7 @@ OpenAI-compatible ``/v1`` (:mod:`deployments.openai_api`: chat completions, stre
 model list), each with its own error shape.
 
 - :mod:`deployments.gateway.api`: the FastAPI app, its middlewares and request-validation errors.
+- :mod:`deployments.gateway.middleware`: API keys and the request-body bound, as ASGI middlewares.
 - :mod:`deployments.gateway.errors`: a deployment call's failure as the client sees it.
 - :mod:`deployments.gateway.core`: :class:`~deployments.gateway.core.GatewayCore`, live settings,
   promotion, and the calls to the model deployments (timeouts, fallback from merged to dynamic).

@@ -7,11 +7,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from deployments.gateway.middleware import ApiKeyMiddleware, BodyLimitMiddleware, GuardSettings
 from deployments.observability import GatewayMetrics, RequestTrace, current_request_id
-from deployments.openai_api import ApiKeyMiddleware, BodyLimitMiddleware, ErrorResponse, validation_error
+from deployments.openai_api.errors import ErrorResponse, validation_error
 from deployments.schemas import error_body
 
-__all__ = ["METRICS", "V1_ERRORS", "api", "api_label"]
+__all__ = ["GUARDS", "METRICS", "V1_ERRORS", "api", "api_label"]
 
 api = FastAPI(
     title="moe-inference-server",
@@ -20,8 +21,12 @@ api = FastAPI(
     "the base model or the routed model `auto`).",
     version="0.1.0",
 )
-api.add_middleware(ApiKeyMiddleware)
-api.add_middleware(BodyLimitMiddleware)  # outermost: an oversized body is refused before anything reads it
+#: What the middlewares enforce: the replica's gateway sets the keys, the body limit and the metrics callback
+#: when it starts (:class:`deployments.gateway.core.GatewayCore`).
+GUARDS = GuardSettings()
+api.add_middleware(ApiKeyMiddleware, settings=GUARDS)
+# outermost: an oversized body is refused before anything reads it
+api.add_middleware(BodyLimitMiddleware, settings=GUARDS)
 #: OpenAI's error shape, for the OpenAPI schema of the /v1 routes.
 V1_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)

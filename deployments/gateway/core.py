@@ -10,11 +10,11 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.gateway.api import METRICS, api_label
+from deployments.gateway.api import GUARDS, METRICS, api_label
 from deployments.gateway.errors import ServiceUnavailable, first_line, translated
+from deployments.gateway.middleware import ApiKeys
 from deployments.messages import Answer, Query, RouteRequest, RouteResult
 from deployments.observability import GatewayMetrics, RequestTrace, current_request_id, request_logger
-from deployments.openai_api import ApiKeys, on_refused, set_api_keys, set_body_limit
 from deployments.routing import RoutingPolicy, Target
 from deployments.schemas import BadInput
 from deployments.settings import GatewaySettings
@@ -54,9 +54,9 @@ class GatewayCore:
         self._storage: Any = None  # opened on first use by /adapters (published merged versions)
         self.metrics = GatewayMetrics()
         METRICS[:] = [self.metrics]
-        set_body_limit(settings.limits.max_body_bytes)
-        set_api_keys(ApiKeys.of(settings.api))  # refuses to start when keys are on and none is found
-        on_refused(self._refused)
+        GUARDS.max_body_bytes = settings.limits.max_body_bytes
+        GUARDS.keys = ApiKeys.of(settings.api)  # refuses to start when keys are on and none is found
+        GUARDS.on_refused = self._refused
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live settings from `serve deploy`; validated, then swapped in one assignment."""

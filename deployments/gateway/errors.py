@@ -2,7 +2,7 @@
 
 from ray.serve.exceptions import BackPressureError
 
-from deployments.openai_api import ApiError
+from deployments.openai_api.errors import ApiError
 from deployments.schemas import BadInput
 
 __all__ = ["ServiceUnavailable", "api_error", "first_line", "translated"]

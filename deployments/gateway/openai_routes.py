@@ -15,28 +15,26 @@ from deployments.gateway.core import GatewayCore, logger
 from deployments.gateway.errors import ServiceUnavailable, api_error, translated
 from deployments.messages import Answer, Chunk, Query, TokenLogprob
 from deployments.observability import RequestTrace, current_request_id
-from deployments.openai_api import (
-    DONE,
-    ApiError,
-    ChatCompletion,
-    ChatCompletionRequest,
-    ChunkWriter,
-    CompletionUsage,
-    Conversation,
+from deployments.openai_api.conversation import Conversation, build_conversation
+from deployments.openai_api.errors import ApiError
+from deployments.openai_api.models import (
     ModelCard,
     ModelChoice,
     ModelList,
-    MoeInfo,
-    build_conversation,
-    calls_tools,
-    chat_completion,
-    check_request,
-    completion_id,
     model_list,
-    moe_headers,
     resolve_model,
     routing_available,
 )
+from deployments.openai_api.request import ChatCompletionRequest, calls_tools, check_request
+from deployments.openai_api.responses import (
+    ChatCompletion,
+    CompletionUsage,
+    MoeInfo,
+    chat_completion,
+    completion_id,
+    moe_headers,
+)
+from deployments.openai_api.stream import DONE, ChunkWriter
 from deployments.routing import RoutedVia, RoutingPolicy, Target
 from deployments.schemas import BadInput
 from deployments.tool_calls import ToolCall, ToolCallParser

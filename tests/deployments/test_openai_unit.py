@@ -20,20 +20,14 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from deployments.gateway.api import api
+from deployments.gateway.api import GUARDS, api
+from deployments.gateway.middleware import ApiKeys
 from deployments.gateway.service import Gateway
 from deployments.messages import Answer, Chunk, Query, RouteRequest, RouteResult, TokenLogprob, Turn
-from deployments.openai_api import (
-    ApiError,
-    ApiKeys,
-    ChatCompletionRequest,
-    build_conversation,
-    host_allowed,
-    model_list,
-    public_storage_root,
-    sampling_of,
-    validation_error,
-)
+from deployments.openai_api.conversation import build_conversation, host_allowed
+from deployments.openai_api.errors import ApiError, validation_error
+from deployments.openai_api.models import model_list, public_storage_root
+from deployments.openai_api.request import ChatCompletionRequest, sampling_of
 from deployments.routing import Classification, RoutingPolicy, decide
 from deployments.schemas import BadInput
 from deployments.settings import GatewaySettings
@@ -232,9 +226,7 @@ def svc(monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
     holder["s"] = Service()
     holder["s"].make = make  # type: ignore[attr-defined]
     yield holder["s"]
-    from deployments.openai_api import set_api_keys
-
-    set_api_keys(None)
+    GUARDS.keys = None
 
 
 def _error(r: Any, status: int, param: str | None, code: str | None = None) -> dict[str, Any]:

@@ -8,17 +8,16 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.gateway.api import api
-from deployments.openai_api import set_body_limit
+from deployments.gateway.api import GUARDS, api
 
 
 @pytest.fixture
 def client() -> Iterator[TestClient]:
-    set_body_limit(4096)
+    GUARDS.max_body_bytes = 4096
     try:
         yield TestClient(api)
     finally:
-        set_body_limit(None)
+        GUARDS.max_body_bytes = None
 
 
 def test_a_body_over_the_limit_is_a_413_naming_the_limit(client: TestClient) -> None:

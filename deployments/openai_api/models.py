@@ -1,0 +1,99 @@
+"""``/v1/models``: the base model, the expert adapters and the routed model, and what a request's
+``model`` names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from deployments.openai_api.errors import ApiError
+from deployments.routing import RoutingPolicy
+from deployments.settings import GatewaySettings
+
+__all__ = [
+    "ModelCard",
+    "ModelChoice",
+    "ModelList",
+    "model_list",
+    "public_storage_root",
+    "resolve_model",
+    "routing_available",
+]
+
+OWNED_BY = "moe-inference-server"
+
+
+class ModelCard(BaseModel):
+    """One model of ``/v1/models``: the base, an expert adapter (parent: the base), or the routed model."""
+
+    id: str = Field(description="What to send as `model`.")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the gateway started serving it.")
+    owned_by: str = OWNED_BY
+    root: str = Field(
+        description="Where it comes from: the base model's id, or the adapter's storage folder."
+    )
+    parent: str | None = Field(
+        default=None, description="The base model's id, for adapters and the routed model."
+    )
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What a request's ``model`` names: an expert adapter, the bare base model, or routing."""
+
+    kind: Literal["adapter", "base", "routed"]
+    adapter: str | None = None
+
+
+def routing_available(policy: RoutingPolicy, settings: GatewaySettings, dynamic: bool) -> bool:
+    """The routed model exists when a routing adapter, its labels and the dynamic deployment do."""
+    return dynamic and settings.router is not None and bool(policy.labels)
+
+
+def public_storage_root(url: str) -> str:
+    """The storage root as clients see it: a URL's scheme only (``s3://<storage>``: the bucket and
+    prefix are the operator's, not the API's), a path as it is configured."""
+    scheme, sep, _ = url.partition("://")
+    return f"{scheme}://<storage>" if sep else url.rstrip("/")
+
+
+def model_list(policy: RoutingPolicy, settings: GatewaySettings, routed: bool, created: int) -> ModelList:
+    """The base, every expert the live policy serves (adapters published later appear as the live
+    config names them), and the routed model when routing is available."""
+    base = settings.base_model_name
+    root = public_storage_root(settings.storage.url)
+    cards = [ModelCard(id=base, created=created, root=settings.base_model_id)]
+    cards += [
+        ModelCard(id=name, created=created, root=f"{root}/experts/{name}", parent=base)
+        for name in sorted(policy.experts)
+    ]
+    if routed:
+        cards.append(
+            ModelCard(
+                id=settings.api.routed_model_name,
+                created=created,
+                root=f"{root}/router/{settings.router}",
+                parent=base,
+            )
+        )
+    return ModelList(data=cards)
+
+
+def resolve_model(model: str, policy: RoutingPolicy, settings: GatewaySettings, routed: bool) -> ModelChoice:
+    """``model`` to what answers; an unknown name is a 404 listing the known ones."""
+    if model == settings.api.routed_model_name and routed:
+        return ModelChoice("routed")
+    if model == settings.base_model_name:
+        return ModelChoice("base")
+    if model in policy.experts:
+        return ModelChoice("adapter", model)
+    known = [c.id for c in model_list(policy, settings, routed, 0).data]
+    raise ApiError(404, f"model {model[:80]!r} does not exist; known: {known}", "model", "model_not_found")

@@ -17,7 +17,7 @@ import pytest
 import ray
 import yaml
 
-from deployments import kube
+from deployments.kube import constants, generate, manifests
 from moe_core.config import DeploymentConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,7 +214,7 @@ def test_rayjob_shape() -> None:
     assert rc["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     (worker,) = rc["workerGroupSpecs"]
     assert worker["replicas"] == worker["minReplicas"] == worker["maxReplicas"] == 1
-    assert kube.rayjob(_cfg())["metadata"] == job["metadata"]
+    assert manifests.rayjob(_cfg())["metadata"] == job["metadata"]
     assert (
         (K8S / "rayjob-merge.yaml")
         .read_text()
@@ -237,7 +237,7 @@ def test_rayjob_shares_the_cluster_pieces_of_the_rayservice() -> None:
     job = _rayjob()["spec"]["rayClusterSpec"]
     assert job["rayVersion"] == svc["rayVersion"] == ray.__version__
     containers = _containers(svc) + _containers(job)
-    assert {c["image"] for c in containers} == {kube.IMAGE}
+    assert {c["image"] for c in containers} == {constants.IMAGE}
     hf = [{e["name"]: e for e in c["env"]} for c in containers]
     for env in hf:
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
@@ -253,7 +253,7 @@ def test_rayjob_shares_the_cluster_pieces_of_the_rayservice() -> None:
     assert len(mounts) == 4 and all(m == mounts[0] for m in mounts)
     svc_gpu = svc["workerGroupSpecs"][0]["template"]["spec"]
     job_gpu = job["workerGroupSpecs"][0]["template"]["spec"]
-    assert job_gpu["nodeSelector"] == svc_gpu["nodeSelector"] == kube.H100_LABEL
+    assert job_gpu["nodeSelector"] == svc_gpu["nodeSelector"] == constants.H100_LABEL
     assert job_gpu["tolerations"] == svc_gpu["tolerations"]
 
 
@@ -270,7 +270,7 @@ def test_rayjob_worker_takes_its_resources_from_the_merge_section() -> None:
     res = _worker_resources(_rayjob())
     assert float(res["cpu"]) == cfg.merge.cpu
     assert float(res["nvidia.com/gpu"]) == cfg.merge.gpu
-    assert res["memory"] == kube.MERGE_WORKER_MEMORY
+    assert res["memory"] == constants.MERGE_WORKER_MEMORY
     worker = _rayjob()["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert worker["rayStartParams"]["num-gpus"] == res["nvidia.com/gpu"]
 
@@ -279,7 +279,7 @@ def test_rayjob_worker_takes_its_resources_from_the_merge_section() -> None:
 def test_rayjob_follows_other_merge_sizes(gpu: float, cpu: float) -> None:
     base = _cfg()
     cfg = base.model_copy(update={"merge": base.merge.model_copy(update={"gpu": gpu, "cpu": cpu})})
-    job = yaml.safe_load(kube.render_rayjob(cfg, K8S_CONFIG))
+    job = yaml.safe_load(generate.render_rayjob(cfg, K8S_CONFIG))
     validate_custom(job)
     res = _worker_resources(job)
     assert float(res["cpu"]) == cpu
@@ -287,7 +287,7 @@ def test_rayjob_follows_other_merge_sizes(gpu: float, cpu: float) -> None:
     pod = worker["template"]["spec"]
     if gpu:  # whole devices: Ray's fractional request fits on one
         assert int(res["nvidia.com/gpu"]) == math.ceil(gpu)
-        assert pod["nodeSelector"] == kube.H100_LABEL and pod["tolerations"]
+        assert pod["nodeSelector"] == constants.H100_LABEL and pod["tolerations"]
     else:
         assert "nvidia.com/gpu" not in res and "nodeSelector" not in pod and "tolerations" not in pod
 
@@ -300,9 +300,9 @@ def test_no_secret_values_in_the_repository() -> None:
     assert "secretKeyRef" in text
 
 
-@pytest.mark.parametrize("filename", list(kube.FILES))
+@pytest.mark.parametrize("filename", list(generate.FILES))
 def test_committed_manifest_is_the_generators_output(filename: str) -> None:
-    assert (K8S / filename).read_text() == kube.FILES[filename](_cfg(), K8S_CONFIG), (
+    assert (K8S / filename).read_text() == generate.FILES[filename](_cfg(), K8S_CONFIG), (
         f"k8s/{filename} drifted: python -m deployments.kube --out k8s/"
     )
 
@@ -324,19 +324,19 @@ def test_generated_files_are_current(cmd: list[str]) -> None:
 def test_kube_cli_writes_and_checks_both_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(ROOT / K8S_CONFIG)
     out = tmp_path / "k8s"
-    assert kube.main(["--config", config, "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(kube.FILES)
-    assert kube.main(["--config", config, "--check", str(out)]) == 0
+    assert generate.main(["--config", config, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(generate.FILES)
+    assert generate.main(["--config", config, "--check", str(out)]) == 0
     job = out / "rayjob-merge.yaml"
     job.write_text(job.read_text().replace("moe-merge-", "moe-merged-"))
-    assert kube.main(["--config", config, "--check", str(out)]) == 1
+    assert generate.main(["--config", config, "--check", str(out)]) == 1
     assert "rayjob-merge.yaml is out of date" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        kube.main(["--config", config, "--check", str(out / "rayservice.yaml")])
+        generate.main(["--config", config, "--check", str(out / "rayservice.yaml")])
 
 
 def test_podmonitor_scrapes_the_metrics_port_of_every_ray_pod() -> None:
-    from deployments.kube import METRICS_PORT
+    from deployments.kube.constants import METRICS_PORT
 
     monitor = yaml.safe_load((K8S / "podmonitor.yaml").read_text())
     selector = monitor["spec"]["selector"]["matchLabels"]
@@ -390,7 +390,7 @@ def test_api_keys_come_from_a_secret_on_every_rayservice_pod() -> None:
     svc = _rayservice()["spec"]["rayClusterConfig"]
     for pod in _pods(svc):
         (volume,) = [v for v in pod["volumes"] if v["name"] == "api-keys"]
-        assert volume["secret"] == {"secretName": kube.API_KEY_SECRET, "optional": False}
+        assert volume["secret"] == {"secretName": constants.API_KEY_SECRET, "optional": False}
     for container in _containers(svc):
         (mount,) = [m for m in container["volumeMounts"] if m["name"] == "api-keys"]
         assert mount == {"name": "api-keys", "mountPath": str(PurePath(key_file).parent), "readOnly": True}
@@ -400,11 +400,11 @@ def test_api_keys_come_from_a_secret_on_every_rayservice_pod() -> None:
     with_env = _cfg().model_copy(update={"api": _cfg().api.model_copy(update={"key_env": "MOE_API_KEY"})})
     env = {
         e["name"]: e
-        for e in kube.rayservice(with_env)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
-            "containers"
-        ][0]["env"]
+        for e in manifests.rayservice(with_env)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"][
+            "spec"
+        ]["containers"][0]["env"]
     }
-    assert env["MOE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == kube.API_KEY_SECRET
+    assert env["MOE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == constants.API_KEY_SECRET
     local = DeploymentConfig.from_file(ROOT / "config" / "deployment.yaml")
     assert not local.api.keys_required  # off on the embedded default
 
@@ -420,11 +420,11 @@ def test_s3_config_differs_from_the_volume_config_in_storage_only() -> None:
     assert s3["storage"]["url"].startswith("s3://") and s3["storage"]["cache_dir"].startswith("/mnt/")
 
 
-@pytest.mark.parametrize("filename", sorted(kube.files_for(_s3_cfg())))
+@pytest.mark.parametrize("filename", sorted(generate.files_for(_s3_cfg())))
 def test_committed_s3_manifest_is_the_generators_output(filename: str) -> None:
-    assert (K8S_S3 / filename).read_text() == kube.files_for(_s3_cfg())[filename](_s3_cfg(), K8S_S3_CONFIG), (
-        f"k8s/s3/{filename} drifted: python -m deployments.kube --config {K8S_S3_CONFIG} --out k8s/s3/"
-    )
+    assert (K8S_S3 / filename).read_text() == generate.files_for(_s3_cfg())[filename](
+        _s3_cfg(), K8S_S3_CONFIG
+    ), f"k8s/s3/{filename} drifted: python -m deployments.kube --config {K8S_S3_CONFIG} --out k8s/s3/"
 
 
 def test_s3_variant_reads_the_bucket_through_the_node_cache_with_credentials_from_a_secret_or_a_role() -> (
@@ -442,12 +442,13 @@ def test_s3_variant_reads_the_bucket_through_the_node_cache_with_credentials_fro
     assert len(pods) == 4
     for pod in pods:
         assert (
-            pod["serviceAccountName"] == kube.SERVICE_ACCOUNT and pod["automountServiceAccountToken"] is False
+            pod["serviceAccountName"] == constants.SERVICE_ACCOUNT
+            and pod["automountServiceAccountToken"] is False
         )
         assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
         (cache,) = [v for v in pod["volumes"] if v["name"] == "node-cache"]
-        if pod.get("nodeSelector") == kube.H100_LABEL:  # a GPU node, prepared for the hostPath
-            assert cache["hostPath"] == {"path": kube.NODE_CACHE_HOST_PATH, "type": "Directory"}
+        if pod.get("nodeSelector") == constants.H100_LABEL:  # a GPU node, prepared for the hostPath
+            assert cache["hostPath"] == {"path": constants.NODE_CACHE_HOST_PATH, "type": "Directory"}
         else:
             assert cache == {"name": "node-cache", "emptyDir": {}}, (
                 "a hostPath on a pod that may land anywhere"
@@ -455,7 +456,7 @@ def test_s3_variant_reads_the_bucket_through_the_node_cache_with_credentials_fro
     for cluster in (svc, job):
         assert "hostPath" not in str(cluster["headGroupSpec"])
         assert all(
-            g["template"]["spec"]["nodeSelector"] == kube.H100_LABEL
+            g["template"]["spec"]["nodeSelector"] == constants.H100_LABEL
             and any("hostPath" in v for v in g["template"]["spec"]["volumes"])
             for g in cluster["workerGroupSpecs"]
         )
@@ -465,14 +466,14 @@ def test_s3_variant_reads_the_bucket_through_the_node_cache_with_credentials_fro
         (mount,) = [m for m in c["volumeMounts"] if m["name"] == "node-cache"]
         assert mount["mountPath"] == cfg.storage.cache_dir
         env = {e["name"]: e for e in c["env"]}
-        for key in kube.S3_SECRET_KEYS:
+        for key in constants.S3_SECRET_KEYS:
             assert env[key] == {
                 "name": key,
-                "valueFrom": {"secretKeyRef": {"name": kube.S3_SECRET, "key": key, "optional": True}},
+                "valueFrom": {"secretKeyRef": {"name": constants.S3_SECRET, "key": key, "optional": True}},
             }
         assert env["HF_HOME"]["value"].startswith(cfg.storage.cache_dir)
     account = docs["serviceaccount.yaml"]
-    assert account["metadata"]["name"] == kube.SERVICE_ACCOUNT
+    assert account["metadata"]["name"] == constants.SERVICE_ACCOUNT
     assert set(account["metadata"]["annotations"]) == {"eks.amazonaws.com/role-arn"}
     serve_cfg = yaml.safe_load(docs["rayservice.yaml"]["spec"]["serveConfigV2"])
     storage = serve_cfg["applications"][0]["args"]["config"]["storage"]

@@ -6,7 +6,7 @@ single-stream vs parallel ranged downloads.
 
 One version of four equal shards plus a config file, published once to a bucket of a loopback S3 endpoint
 (moto's server, :mod:`moe_core.local_s3`) and once to a local root. Each fetch goes into an empty node
-cache (:class:`~moe_core.node_cache.NodeCache`: ranged reads, sha256 of every byte, written and fsynced),
+cache (:class:`~moe_core.node_cache.cache.NodeCache`: ranged reads, sha256 of every byte, written and fsynced),
 from S3 and from the local root's files, with one stream and with ``streams``; rounds interleave the
 ways. ``single`` is one stream: each file read as sequential ranged GETs of ``part_mb`` (not one GET per
 file); ``parallel`` keeps ``streams`` of those ranges in flight for files larger than one part. The
@@ -26,7 +26,7 @@ from typing import Any
 
 from moe_core.config import StorageConfig
 from moe_core.local_s3 import TEST_ENV, local_s3, make_bucket
-from moe_core.node_cache import NodeCache
+from moe_core.node_cache.cache import NodeCache
 from moe_core.storage import Storage
 
 __all__ = ["storage_benchmarks"]

@@ -53,7 +53,8 @@ from moe_core.cas import (
     write_local_atomic,
 )
 from moe_core.config import StorageConfig, validate_adapter_name
-from moe_core.node_cache import CacheError, Lease, NodeCache
+from moe_core.node_cache.cache import NodeCache
+from moe_core.node_cache.files import CacheError, Lease
 
 __all__ = [
     "Kind",

@@ -21,7 +21,8 @@ import fsspec
 import pytest
 
 from moe_core.config import StorageConfig
-from moe_core.node_cache import CacheError, NodeCache, content_key
+from moe_core.node_cache.cache import NodeCache
+from moe_core.node_cache.files import CacheError, content_key
 from moe_core.storage import Storage
 from tests.s3_server import Proxy
 
@@ -253,7 +254,7 @@ STALLED_WRITER = """
 import json, sys, time
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from moe_core.node_cache import NodeCache
+from moe_core.node_cache.cache import NodeCache
 
 class Stalling(LocalFileSystem):
     def cat_file(self, path, start=None, end=None, **kw):

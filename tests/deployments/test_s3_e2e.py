@@ -182,7 +182,7 @@ def test_served_merged_and_dynamic_from_s3_then_promoted(s3_app) -> None:  # typ
     adapters = {a["name"]: a for a in requests.get(f"{url}/adapters", timeout=10).json()}
     assert adapters[HOT]["serving"] == "promoted" and adapters[PINNED]["serving"] == "pinned"
     cached = sorted(p.name for p in (Path(cfg.storage.cache_dir) / "versions").iterdir())
-    from moe_core.node_cache import content_key
+    from moe_core.node_cache.files import content_key
 
     for kind, name in (("merged", PINNED), ("merged", HOT), ("expert", HOT)):
         files = st.manifest(kind, name, st.current_version(kind, name) or "")["files"]

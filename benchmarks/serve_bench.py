@@ -15,7 +15,7 @@ import requests
 from benchmarks.core import Samples
 from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 
 #: How long the served app may take to answer its first requests (model loads, merged replicas).
 READY_TIMEOUT_S = 300.0

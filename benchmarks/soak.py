@@ -30,7 +30,7 @@ import requests
 from benchmarks.core import make_loras
 from benchmarks.serve_bench import READY_TIMEOUT_S, _free_port
 from moe_core.config import DeploymentConfig
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

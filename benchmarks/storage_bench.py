@@ -27,7 +27,7 @@ from typing import Any
 from moe_core.config import StorageConfig
 from moe_core.local_s3 import TEST_ENV, local_s3, make_bucket
 from moe_core.node_cache.cache import NodeCache
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 
 __all__ = ["storage_benchmarks"]
 

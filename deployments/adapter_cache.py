@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from moe_core.storage import Kind, StorageError, StorageUnavailable
+from moe_core.storage.errors import StorageError, StorageUnavailable
+from moe_core.storage.layout import Kind
 
 __all__ = ["AdapterCache", "AdapterEngine", "AdapterNotFound", "AdapterStore", "CacheBusy", "CacheEvents"]
 

@@ -23,7 +23,7 @@ from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest,
 from moe_core.engine.request import Completion, Delta, PromptTooLong, QueueFull
 from moe_core.engine.sampling import SamplingParams
 from moe_core.engine.scheduler import Scheduler
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 
 if TYPE_CHECKING:
     from deployments.messages import Query

@@ -37,7 +37,8 @@ from deployments.promotion_policy import Action, Assignment, Assignments, RateTr
 from deployments.settings import PromotionSettings
 from deployments.slots import ASSIGNMENTS, read_assignments
 from moe_core.config import ConfigError, PromotionLive, validate_adapter_name
-from moe_core.storage import StateConflict, Storage, StorageError, StorageUnavailable
+from moe_core.storage.errors import StateConflict, StorageError, StorageUnavailable
+from moe_core.storage.store import Storage
 
 __all__ = ["CONTROLLER_NAME", "PromotionController", "main"]
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from merge_jobs.merge import MergeRefused, merge_adapter, result_dict
 from moe_core.config import DeploymentConfig
-from moe_core.storage import Storage, StorageError
+from moe_core.storage.errors import StorageError
+from moe_core.storage.store import Storage
 
 logger = logging.getLogger("merge_jobs")
 

@@ -27,7 +27,9 @@ from moe_core.engine import Engine, EngineError, GenerationRequest
 from moe_core.modeling import base_model_id, resolve_device, resolve_dtype
 from moe_core.probes import Probe, load_probes
 from moe_core.registry import METADATA, adapter_digest, validate_adapter
-from moe_core.storage import Storage, StorageError, sha256_file
+from moe_core.storage.errors import StorageError
+from moe_core.storage.layout import sha256_file
+from moe_core.storage.store import Storage
 
 __all__ = ["MERGE_METADATA", "MergeRefused", "MergeResult", "merge_adapter", "merge_loaded"]
 

@@ -1,7 +1,7 @@
 """Compare-and-swap of one small object (a CURRENT pointer, a controller state), per kind of storage.
 
-:meth:`Storage.set_current <moe_core.storage.Storage.set_current>` and
-:meth:`~moe_core.storage.Storage.write_state` read an object, compare what they read with what the writer
+:meth:`Storage.set_current <moe_core.storage.store.Storage.set_current>` and
+:meth:`~moe_core.storage.store.Storage.write_state` read an object, compare what they read with what the writer
 expects, and replace it only if nobody changed it in between. How "in between" is closed depends on the
 store, so each kind has a backend (first match in :data:`_BACKENDS`):
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from PIL import Image
 
 from moe_core.config import DeploymentConfig
-from moe_core.storage import Storage, StorageError
+from moe_core.storage.errors import StorageError
+from moe_core.storage.store import Storage
 
 __all__ = ["PROBES_FILE", "Probe", "load_probes", "publish_probes", "read_probe_folder", "write_probe_folder"]
 

@@ -30,7 +30,8 @@ from typing import Any, Literal
 
 from moe_core.config import DeploymentConfig, validate_adapter_name
 from moe_core.modeling import base_model_id, module_shapes, resolve_model_path
-from moe_core.storage import Kind, Progress, Storage, VersionInfo, sha256_file
+from moe_core.storage.layout import Kind, Progress, VersionInfo, sha256_file
+from moe_core.storage.store import Storage
 
 __all__ = [
     "AdapterRejected",

@@ -31,7 +31,8 @@ from moe_core.engine import Engine
 from moe_core.modeling import resolve_model_path
 from moe_core.probes import publish_probes, write_probe_folder
 from moe_core.registry import METADATA, Role, deploy_adapter
-from moe_core.storage import Storage, sha256_file
+from moe_core.storage.layout import sha256_file
+from moe_core.storage.store import Storage
 from moe_demo import screens, train
 from moe_demo.screens import READING_TYPES, SCREEN_TYPES, split
 from moe_demo.train import (

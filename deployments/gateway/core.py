@@ -105,7 +105,7 @@ class GatewayCore:
     async def _promotion_loop(self) -> None:
         """Each report interval: send the counts to the controller, and route by the stored assignments."""
         from deployments.slots import read_assignments
-        from moe_core.storage import Storage
+        from moe_core.storage.store import Storage
 
         assert self.controller is not None
         store = Storage.from_config(self.settings.storage)

@@ -57,7 +57,7 @@ class Gateway(InferRoutes, OpenAIRoutes):
         """Each merged adapter's published version, read from storage: asking the deployments would wake
         the ones scaled to zero (and wait on each in turn)."""
         if self._storage is None:
-            from moe_core.storage import Storage
+            from moe_core.storage.store import Storage
 
             self._storage = Storage.from_config(self.settings.storage)
         store = self._storage

@@ -23,7 +23,7 @@ import pytest
 from moe_core.config import StorageConfig
 from moe_core.node_cache.cache import NodeCache
 from moe_core.node_cache.files import CacheError, content_key
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 from tests.s3_server import Proxy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ REPLICA = """
 import json, sys, time
 from pathlib import Path
 from moe_core.config import StorageConfig
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 st = Storage.from_config(StorageConfig.model_validate_json(sys.argv[1]))
 print("ready", flush=True)
 go = Path(sys.argv[2])
@@ -150,7 +150,7 @@ def test_a_corrupted_cached_file_is_found_by_its_digest_and_fetched_again(
 HOLDER = """
 import sys
 from moe_core.config import StorageConfig
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 st = Storage.from_config(StorageConfig.model_validate_json(sys.argv[1]))
 st.fetch("merged", sys.argv[2])
 print("holding", flush=True)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from moe_core.config import DeploymentConfig
 from moe_core.registry import AdapterRejected, deploy_adapter, list_adapters, main
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 
 
 def _storage(cfg: DeploymentConfig) -> Storage:

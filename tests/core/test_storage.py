@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_core.storage import Storage, StorageError
+from moe_core.storage.errors import StorageError
+from moe_core.storage.store import Storage
 
 
 def _folder(root: Path, tag: str, n: int = 3, size: int = 1000) -> Path:
@@ -120,7 +121,7 @@ def test_slot_refuses_path_traversal(tmp_path: Path) -> None:
 KILLED_WRITER = """
 import sys, time
 from pathlib import Path
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 st = Storage(sys.argv[1])
 def slow(done, total, name):
     print("progress", done, total, name, flush=True)

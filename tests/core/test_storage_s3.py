@@ -15,7 +15,8 @@ import pytest
 
 from moe_core.config import ConfigError, StorageConfig
 from moe_core.local_s3 import local_s3
-from moe_core.storage import StateConflict, Storage, StorageError, StorageUnavailable
+from moe_core.storage.errors import StateConflict, StorageError, StorageUnavailable
+from moe_core.storage.store import Storage
 from tests.s3_server import Proxy, Request, make_bucket
 
 ROUNDS = 100

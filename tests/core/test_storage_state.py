@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_core.storage import StateConflict, Storage, StorageError
+from moe_core.storage.errors import StateConflict, StorageError
+from moe_core.storage.store import Storage
 
 
 def _store(request: pytest.FixtureRequest, tmp_path: Path, url_kind: str) -> Storage:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moe_core.storage import sha256_file
+from moe_core.storage.layout import sha256_file
 from moe_core.tiny import build_tiny_model
 
 

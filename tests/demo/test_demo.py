@@ -9,7 +9,7 @@ import pytest
 
 from moe_core.config import DeploymentConfig
 from moe_core.probes import read_probe_folder
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 from moe_demo.build import ACCEPT, SEED_STRIDE, build_demo, evaluate_demo, plan
 from moe_demo.screens import GRID, OCR_ALPHABETS, OCR_LAYOUT, SCREEN_TYPES, make_screen, split
 from moe_demo.train import (

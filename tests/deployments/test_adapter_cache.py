@@ -12,7 +12,7 @@ import pytest
 from deployments.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
 from moe_core.config import StorageConfig
 from moe_core.node_cache.files import content_key
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 
 
 class RecordingEngine:

@@ -27,7 +27,7 @@ from moe_core.config import ConfigError, DeploymentConfig, EngineSettings, Gatew
 from moe_core.engine import ClassifyResult, GenerationRequest
 from moe_core.engine.request import Completion, Delta, PromptTooLong, Timings
 from moe_core.engine.sampling import SamplingParams
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 from moe_core.structured import Constraint
 from moe_core.vision import PixelBounds
 

@@ -21,7 +21,8 @@ from deployments.settings import GatewaySettings, PromotionSettings, SlotSetting
 from deployments.slots import ASSIGNMENTS, MergedSlot, read_assignments
 from moe_core.config import DeploymentConfig, LiveSettings, StorageConfig
 from moe_core.engine import ClassifyResult
-from moe_core.storage import Storage, StorageUnavailable
+from moe_core.storage.errors import StorageUnavailable
+from moe_core.storage.store import Storage
 from tests.deployments.test_deployments_unit import (
     FakeEngine,
     FakeHandle,

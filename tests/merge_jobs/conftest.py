@@ -8,7 +8,7 @@ import pytest
 from moe_core.config import DeploymentConfig
 from moe_core.probes import publish_probes
 from moe_core.registry import deploy_adapter
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 from tests.helpers import PROBES
 
 

@@ -14,7 +14,8 @@ from merge_jobs.merge import MERGE_METADATA, MergeRefused, merge_adapter
 from moe_core.engine import Engine, GenerationRequest
 from moe_core.probes import load_probes, publish_probes
 from moe_core.registry import deploy_adapter
-from moe_core.storage import Storage, StorageError
+from moe_core.storage.errors import StorageError
+from moe_core.storage.store import Storage
 from tests.helpers import PROBES
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from merge_jobs.merge import merge_adapter
 from merge_jobs.submit import submit_merge
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 
 ROOT = Path(__file__).resolve().parents[2]
 

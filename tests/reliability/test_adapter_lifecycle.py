@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from moe_core.config import ConfigError, DeploymentConfig
 from moe_core.engine import Engine, EngineError, GenerationRequest
 from moe_core.registry import AdapterRejected, deploy_adapter
-from moe_core.storage import Storage, StorageError
+from moe_core.storage.errors import StorageError
+from moe_core.storage.store import Storage
 from tests.helpers import make_lora, screenshot
 
 Edit = Callable[[dict[str, torch.Tensor], dict[str, object]], None]

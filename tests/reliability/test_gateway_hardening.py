@@ -12,7 +12,7 @@ from typing import Any
 from deployments.gateway.service import Gateway
 from deployments.settings import GatewaySettings
 from moe_core.config import DeploymentConfig, LiveSettings
-from moe_core.storage import Storage
+from moe_core.storage.store import Storage
 
 
 class SleepyHandle:

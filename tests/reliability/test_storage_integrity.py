@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_core.storage import Storage, StorageError
+from moe_core.storage.errors import StorageError
+from moe_core.storage.store import Storage
 
 
 def _folder(path: Path, tag: str) -> Path:

@@ -2,7 +2,8 @@
 
     python -m benchmarks                 # full run on the configured model (CPU here)
     python -m benchmarks --quick         # smoke test (make test): fewer rounds, no Ray Serve
-    python -m benchmarks --gpu           # the real Qwen3-VL-8B shapes, random bf16 weights, on CUDA
+    python -m benchmarks --gpu           # what production runs at Qwen3-VL-8B's shapes on CUDA (benchmarks/gpu.py)
+    python -m benchmarks --gpu --dry-run # the same code on the tiny shapes on the CPU (gpu-dry-run.*)
     python -m benchmarks --only promotion  # just the Zipf mix through Serve, promotion off vs on
     python -m benchmarks --only engine   # just the engine rounds (latency, batching, memory; no Serve)
     python -m benchmarks --only kv       # just the paged KV cache: joins, KV bytes, agent turns, burst, peer
@@ -23,13 +24,14 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from benchmarks.core import BenchSettings, engine_benchmarks, p50, p99
-from moe_core.config import DeploymentConfig
+if TYPE_CHECKING:
+    from benchmarks.core import BenchSettings
 
+# only what --gpu needs is imported at module level: the GPU machine has no Ray (benchmarks/gpu.py)
 RESULTS = Path(__file__).parent / "results"
 
 TARGETS = {
@@ -63,6 +65,15 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def _engine_option(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (an engine.* setting), got {text!r}")
+    return key.removeprefix("engine."), yaml.safe_load(value)
+
+
 def _demo_inputs(n: int) -> tuple[list[Any], str]:
     from moe_demo.screens import SCREEN_TYPES, split
 
@@ -71,6 +82,8 @@ def _demo_inputs(n: int) -> tuple[list[Any], str]:
 
 
 def summarise(samples: dict[str, list[float]], figures: dict[str, Any], s: BenchSettings) -> dict[str, Any]:
+    from benchmarks.core import p50, p99
+
     ms = {k: round(p50(v) * 1000, 3) for k, v in samples.items()}
     out: dict[str, Any] = {"p50_ms": ms, "p99_ms": {k: round(p99(v) * 1000, 3) for k, v in samples.items()}}
     ratios: dict[str, float] = {}
@@ -198,7 +211,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # an optional extra (bench): the results are written without the chart
+        logging.getLogger(__name__).warning("matplotlib is not installed: no chart at %s", path)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -236,9 +253,31 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="config/deployment.yaml")
+    p.add_argument(
+        "--config", help="deployment config (default config/deployment.yaml; with --gpu deployment.k8s.yaml)"
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: few rounds, no Ray Serve")
-    p.add_argument("--gpu", action="store_true", help="Qwen3-VL-8B shapes with random bf16 weights on CUDA")
+    p.add_argument("--gpu", action="store_true", help="production's engine at Qwen3-VL-8B shapes on CUDA")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu: tiny shapes on the CPU, same code")
+    p.add_argument(
+        "--step",
+        choices=["eager", "compile", "cuda_graphs", "auto"],
+        default="auto",
+        help="with --gpu: engine.step of a run that compares no modes (--compare-steps '')",
+    )
+    p.add_argument(
+        "--compare-steps",
+        help="with --gpu: comma-separated engine.step modes, each measured in full (default eager,cuda_graphs)",
+    )
+    p.add_argument("--budget-s", type=float, help="with --gpu: phases not started by then are skipped")
+    p.add_argument("--hbm-tb-s", type=float, help="with --gpu: memory bandwidth (default: by device name)")
+    p.add_argument(
+        "--engine",
+        type=_engine_option,
+        action="append",
+        metavar="KEY=VALUE",
+        help="with --gpu: an engine.* setting over the production config's (repeatable)",
+    )
     p.add_argument("--rounds", type=int)
     p.add_argument(
         "--only",
@@ -249,69 +288,86 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--storage-part-mb", type=int, default=16, help="the storage benchmark's ranged-read size (MiB)"
     )
-    p.add_argument("--name", help="result file name (default: cpu, cpu-quick or gpu)")
+    p.add_argument("--name", help="result file name (default: cpu, cpu-quick, gpu-<device> or gpu-dry-run)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    t0 = time.perf_counter()
+    command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.dry_run and not args.gpu:
+        p.error("--dry-run goes with --gpu")
     if args.gpu:
-        from benchmarks.gpu import gpu_benchmarks
+        try:
+            from benchmarks import gpu
+        except ImportError as e:  # transformers too old or a wheel missing: say so, and how to get them
+            from benchmarks.gpu_env import HOW_TO
 
-        name = args.name or "gpu"
-        samples, figures, settings = gpu_benchmarks(rounds=args.rounds or 5)
-    else:
-        cfg = DeploymentConfig.from_file(args.config)
-        settings = BenchSettings(rounds=args.rounds or 20)
-        if args.quick:  # the smoke test of make test: every measurement runs, on the smallest shapes
-            settings = BenchSettings(
-                rounds=args.rounds or 2, new_tokens=4, batch=4, adapters_in_batch=2, memory_points=(1, 2)
+            print(
+                f"python -m benchmarks --gpu: {e}" + ("" if HOW_TO in str(e) else f"; {HOW_TO}"),
+                file=sys.stderr,
             )
-        name = args.name or ("cpu-quick" if args.quick else f"cpu-{args.only}" if args.only else "cpu")
-        samples, figures = {}, {}
-        if args.only in (None, "engine"):
-            images, prompt = _demo_inputs(settings.batch)
-            rep = engine_benchmarks(cfg, settings, images, prompt)
-            samples, figures = rep.samples, rep.figures
-        if not args.quick and args.only is None:
-            from benchmarks.serve_bench import serve_benchmarks
+            return 2
+        return gpu.main(args, command)
+    return _cpu_main(args, command)
 
-            s2, f2 = serve_benchmarks(cfg, images, prompt, rounds=settings.rounds * 2)
-            samples.update(s2)
-            figures.update(f2)
-        if args.only in (None, "kv"):
-            from benchmarks.kv_bench import kv_benchmarks
 
-            s5, f5 = kv_benchmarks(cfg, quick=args.quick)
-            samples.update(s5)
-            figures.update(f5)
-        if not args.quick and args.only in (None, "promotion"):
-            from benchmarks.promotion_bench import promotion_benchmarks
+def _cpu_main(args: argparse.Namespace, command: str) -> int:
+    from benchmarks.core import BenchSettings, engine_benchmarks
+    from moe_core.config import DeploymentConfig
 
-            s3, f3 = promotion_benchmarks(cfg)
-            samples.update(s3)
-            figures.update(f3)
-        if not args.quick and args.only in (None, "storage"):  # benchmarks/storage_bench.py
-            from benchmarks.storage_bench import storage_benchmarks
+    t0 = time.perf_counter()
+    cfg = DeploymentConfig.from_file(args.config or "config/deployment.yaml")
+    settings = BenchSettings(rounds=args.rounds or 20)
+    if args.quick:  # the smoke test of make test: every measurement runs, on the smallest shapes
+        settings = BenchSettings(
+            rounds=args.rounds or 2, new_tokens=4, batch=4, adapters_in_batch=2, memory_points=(1, 2)
+        )
+    name = args.name or ("cpu-quick" if args.quick else f"cpu-{args.only}" if args.only else "cpu")
+    samples: dict[str, list[float]] = {}
+    figures: dict[str, Any] = {}
+    if args.only in (None, "engine"):
+        images, prompt = _demo_inputs(settings.batch)
+        rep = engine_benchmarks(cfg, settings, images, prompt)
+        samples, figures = rep.samples, rep.figures
+    if not args.quick and args.only is None:
+        from benchmarks.serve_bench import serve_benchmarks
 
-            s4, f4 = storage_benchmarks(args.storage_gb, part_mb=args.storage_part_mb)
-            samples.update(s4)
-            figures.update(f4)
-        if args.only == "grammar" or (not args.quick and args.only is None):  # benchmarks/grammar_bench.py
-            from benchmarks.grammar_bench import grammar_benchmarks
+        s2, f2 = serve_benchmarks(cfg, images, prompt, rounds=settings.rounds * 2)
+        samples.update(s2)
+        figures.update(f2)
+    if args.only in (None, "kv"):
+        from benchmarks.kv_bench import kv_benchmarks
 
-            s6, f6 = grammar_benchmarks(cfg, quick=args.quick)
-            samples.update(s6)
-            figures.update(f6)
-        if args.only in (None, "step"):  # benchmarks/step_bench.py
-            from benchmarks.step_bench import step_benchmarks
+        s5, f5 = kv_benchmarks(cfg, quick=args.quick)
+        samples.update(s5)
+        figures.update(f5)
+    if not args.quick and args.only in (None, "promotion"):
+        from benchmarks.promotion_bench import promotion_benchmarks
 
-            modes = ("eager", "static") if args.quick and args.only is None else ("eager", "compile")
-            s7, f7 = step_benchmarks(cfg, quick=args.quick, modes=modes)
-            samples.update(s7)
-            figures.update(f7)
+        s3, f3 = promotion_benchmarks(cfg)
+        samples.update(s3)
+        figures.update(f3)
+    if not args.quick and args.only in (None, "storage"):  # benchmarks/storage_bench.py
+        from benchmarks.storage_bench import storage_benchmarks
+
+        s4, f4 = storage_benchmarks(args.storage_gb, part_mb=args.storage_part_mb)
+        samples.update(s4)
+        figures.update(f4)
+    if args.only == "grammar" or (not args.quick and args.only is None):  # benchmarks/grammar_bench.py
+        from benchmarks.grammar_bench import grammar_benchmarks
+
+        s6, f6 = grammar_benchmarks(cfg, quick=args.quick)
+        samples.update(s6)
+        figures.update(f6)
+    if args.only in (None, "step"):  # benchmarks/step_bench.py
+        from benchmarks.step_bench import step_benchmarks
+
+        modes = ("eager", "static") if args.quick and args.only is None else ("eager", "compile")
+        s7, f7 = step_benchmarks(cfg, quick=args.quick, modes=modes)
+        samples.update(s7)
+        figures.update(f7)
     result = {
         "name": name,
-        "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "machine": machine(),
         "settings": settings.__dict__ if hasattr(settings, "__dict__") else str(settings),
         "seconds": round(time.perf_counter() - t0, 1),

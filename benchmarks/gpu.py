@@ -390,10 +390,11 @@ def main(args: Any, command: str) -> int:
         }
     )
     config = Path(args.config) if args.config else TINY_CONFIG if plan.dry_run else PRODUCTION_CONFIG
-    try:  # the overrides are checked before any work
-        EngineConfig.model_validate({**EngineConfig().model_dump(), **plan.engine})
+    try:  # the overrides and the step modes are checked before any work
+        for mode in plan.step_modes or (plan.step,):
+            EngineConfig.model_validate({**EngineConfig().model_dump(), **plan.engine, "step": mode})
     except ValueError as e:
-        print(f"python -m benchmarks --gpu: --engine: {e}", file=sys.stderr)
+        print(f"python -m benchmarks --gpu: --engine or --compare-steps: {e}", file=sys.stderr)
         return 2
 
     def stop(signum: int, frame: Any) -> None:

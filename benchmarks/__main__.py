@@ -82,7 +82,7 @@ def _demo_inputs(n: int) -> tuple[list[Any], str]:
 
 
 def summarise(samples: dict[str, list[float]], figures: dict[str, Any], s: BenchSettings) -> dict[str, Any]:
-    from benchmarks.core import p50, p99
+    from benchmarks.stats import p50, p99
 
     ms = {k: round(p50(v) * 1000, 3) for k, v in samples.items()}
     out: dict[str, Any] = {"p50_ms": ms, "p99_ms": {k: round(p99(v) * 1000, 3) for k, v in samples.items()}}

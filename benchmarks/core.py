@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.stats import p50, p99
 from merge_jobs.merge import merge_loaded
 from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest
@@ -41,17 +41,6 @@ class BenchSettings:
 
 
 Samples = dict[str, list[float]]
-
-
-def p50(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def p99(xs: list[float]) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
 
 
 def make_loras(cfg: DeploymentConfig, out: Path, n: int, rank: int, seed: int = 0) -> list[Path]:

@@ -70,16 +70,8 @@ from benchmarks.gpu_model import (  # noqa: E402
     write_adapters,
 )
 from benchmarks.gpu_report import write_results  # noqa: E402
-from benchmarks.gpu_workload import (  # noqa: E402
-    PROMPT,
-    Screens,
-    p50,
-    p90,
-    run_trace,
-    staggered_trace,
-    ttft,
-    warm_up,
-)
+from benchmarks.gpu_workload import PROMPT, Screens, run_trace, staggered_trace, ttft, warm_up  # noqa: E402
+from benchmarks.stats import p50, p90  # noqa: E402
 from moe_core.config import BaseModelConfig, DeploymentConfig, EngineConfig, EngineSettings  # noqa: E402
 from moe_core.engine import Engine, GenerationRequest  # noqa: E402
 from moe_core.engine.kv import KVLayout  # noqa: E402

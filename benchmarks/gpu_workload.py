@@ -12,7 +12,6 @@ serving path (prompt built off the loop, the loop thread, the first delta).
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -162,12 +161,3 @@ def ttft(engine: Engine, requests: Sequence[GenerationRequest]) -> list[tuple[fl
         return [asyncio.run(one(r)) for r in requests]
     finally:
         sched.close()
-
-
-def p50(xs: Sequence[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def p90(xs: Sequence[float]) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(0.9 * (len(s) - 1)))] if s else float("nan")

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="with --gpu: tiny shapes on the CPU, same code")
     p.add_argument(
         "--step",
-        choices=["eager", "compile", "cuda_graphs", "auto"],
+        choices=["eager", "static", "compile", "cuda_graphs", "auto"],
         default="auto",
         help="with --gpu: engine.step of a run that compares no modes (--compare-steps '')",
     )

@@ -189,6 +189,6 @@ def lora_read_bytes(engine: Any, adapters: int) -> int:
     for layer in slots.layers.values():
         if layer.vision:
             continue
-        a, b = layer.lora_A, layer.lora_B  # [slots, r, in], [slots, out, r]
+        a, b = layer.lora_A, layer.lora_B  # [slots + 1, in, r], [slots + 1, r, out]
         per_adapter += (a[0].numel() + b[0].numel()) * a.element_size()
     return per_adapter * adapters

@@ -170,6 +170,8 @@ class Bench:
         return False
 
     def engine_settings(self, mode: str) -> EngineSettings:
+        if self.plan.dry_run and mode == "cuda_graphs":  # no CUDA here: the same padded step, uncompiled
+            mode = "static"
         kv = EngineConfig.model_validate({**self.settings.kv.model_dump(), **self.plan.engine, "step": mode})
         return self.settings.model_copy(update={"kv": kv})
 

@@ -42,7 +42,12 @@ def markdown(r: dict[str, Any]) -> str:
         f"Device: {r['device']}; machine: `{json.dumps(r['machine'])}`; {r['seconds']:.0f} s in all.",
         "",
         f"Engine settings from `{r['production_config']}`; step modes compared (`engine.step`): "
-        f"{', '.join(modes) or '-'}.",
+        f"{', '.join(modes) or '-'}"
+        + (
+            " (cuda_graphs runs as static here: the same padded step, uncaptured, as the CPU has no CUDA)."
+            if r["dry_run"]
+            else "."
+        ),
         "",
         f"Bandwidth floor: {floor.get('weights_read_per_step_gb', math.nan):.3f} GB of weights read per "
         f"decode step / {floor['hbm_tb_s']} TB/s = **{floor.get('floor_ms', math.nan):.4f} ms** per step "

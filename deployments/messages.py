@@ -11,12 +11,11 @@ from typing import Literal
 
 from deployments.routing import Classification, Decision, RoutingPolicy
 from deployments.schemas import Mode
-from moe_core.engine.sampling import TokenLogprob
+from moe_core.answers import FinishReason, TokenLogprob
 from moe_core.structured import Constraint
 from moe_core.vision import PixelBounds
 
 #: Why generation ended, as OpenAI names it.
-FinishReason = Literal["stop", "length"]
 
 __all__ = [
     "Answer",

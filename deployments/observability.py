@@ -24,7 +24,7 @@ from typing import Any, ClassVar, cast
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from moe_core.engine.request import Timings
+from moe_core.answers import Timings
 
 __all__ = [
     "METRIC_NAMES",

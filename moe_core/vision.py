@@ -4,20 +4,24 @@ Serving, demo training, merge verification and the benchmarks all prepare screen
 own fine-tuning recipes do: the aspect ratio is kept and both sides land on the patch grid (patch x
 spatial merge, 32 px for Qwen3-VL) with the pixel count inside ``[min_pixels, max_pixels]``. The model
 then sees ``(width / 32) * (height / 32)`` image tokens, known from the image size alone, before any
-batch: :func:`plan` computes it without touching pixels, :func:`prepare` does the resize.
-qwen-vl-utils (which imports torchvision) is imported only when an image is handled, so the config
-module can import this one.
+batch: :func:`plan` computes it without touching pixels (Qwen's ``smart_resize`` arithmetic, here in plain
+Python, so the gateway plans images without importing torch), :func:`prepare` does the resize.
+qwen-vl-utils (which imports torchvision) is imported only when an image is resized.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["ImagePlan", "PixelBounds", "plan", "prepare"]
+__all__ = ["MAX_RATIO", "ImagePlan", "PixelBounds", "plan", "prepare", "smart_resize"]
+
+#: The most elongated image qwen-vl-utils resizes (long side over short side).
+MAX_RATIO = 200
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,28 @@ def plan(width: int, height: int, bounds: PixelBounds, factor: int) -> ImagePlan
 
     Raises ``ValueError`` for images qwen-vl-utils refuses (an aspect ratio over 200:1).
     """
-    from qwen_vl_utils import smart_resize  # imports torchvision: only where images are handled
-
     h, w = smart_resize(height, width, factor, bounds.min_pixels, bounds.max_pixels)
     return ImagePlan(width, height, w, h, (w // factor) * (h // factor))
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """qwen-vl-utils' ``smart_resize``: the ``(height, width)`` nearest the image's on the ``factor`` grid
+    with the pixel count in ``[min_pixels, max_pixels]`` (equal to it on every size; tested)."""
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than {MAX_RATIO}, got {max(height, width) / min(height, width)}"
+        )
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h = math.floor(height / beta / factor) * factor
+        w = math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
 
 
 def prepare(image: Image.Image, bounds: PixelBounds, patch_size: int) -> Image.Image:

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from PIL import Image
 
+from moe_core.answers import Timings
 from moe_core.vision import PixelBounds
 
 if TYPE_CHECKING:
-    from moe_core.engine.sampling import FinishReason, TokenLogprob
+    from moe_core.answers import FinishReason, TokenLogprob
 
 __all__ = [
     "BASE",
@@ -113,16 +114,6 @@ class ClassifyResult:
     label: str
     confidence: float
     scores: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Where one request's time went, measured in the replica (seconds)."""
-
-    queued_s: float  # submitted -> its first step
-    ttft_s: float  # submitted -> first token
-    total_s: float  # submitted -> last token
-    tpot_s: float  # time per output token after the first (0 with one token)
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from moe_core.answers import FinishReason, TokenLogprob
 from moe_core.structured import Constraint
 
 __all__ = [
@@ -34,9 +35,6 @@ __all__ = [
 
 #: The most alternatives a row may ask to be reported per token (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
-
-#: Why a row ended: ``stop`` (end of sequence or a stop string) or ``length`` (its token limit).
-FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
@@ -91,15 +89,6 @@ class SamplingParams:
     def blocks_eos(self, generated: int) -> bool:
         """Whether the end of sequence may not be picked after ``generated`` tokens."""
         return self.ignore_eos or generated < self.min_tokens
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A generated token's log probability, and the most likely tokens at its place (OpenAI's logprobs)."""
-
-    token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...] = ()  # (token, logprob), most likely first
 
 
 class TokenTexts:

@@ -92,3 +92,26 @@ class _Screen:
     def __init__(self, image: Image.Image) -> None:
         self.image, self.kind, self.seed = image, "calendar", 0
         self.text, self.glyphs = "", ()  # not a reading screen
+
+
+def test_smart_resize_is_qwen_vl_utils_on_every_size() -> None:
+    import random
+
+    from qwen_vl_utils import smart_resize as theirs
+
+    from moe_core.vision import smart_resize
+
+    rng = random.Random(0)
+    cases = [(rng.randrange(1, 4000), rng.randrange(1, 4000)) for _ in range(5000)]
+    cases += [(h, w) for h in (1, 27, 28, 32, 33, 832, 1080) for w in (1, 31, 32, 64, 1504, 1920)]
+    for h, w in cases:
+        for lo, hi, factor in ((16384, 65536, 32), (3136, 1003520, 28), (200704, 1806336, 32)):
+            try:
+                want: tuple[int, int] | str = tuple(theirs(h, w, factor, lo, hi))  # type: ignore[assignment]
+            except ValueError:
+                want = "refused"
+            try:
+                got: tuple[int, int] | str = smart_resize(h, w, factor, lo, hi)
+            except ValueError:
+                got = "refused"
+            assert got == want, (h, w, lo, hi, factor)

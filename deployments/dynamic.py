@@ -10,7 +10,6 @@ is unit-tested on a fake engine; the end-to-end tests run the real model.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import Counter
@@ -22,7 +21,7 @@ from deployments.engines import DeploymentEngine, ModelDeployment, engine_refusa
 from deployments.messages import Answer, Chunk, DynamicStats, Query, RouteRequest, RouteResult
 from deployments.observability import DynamicMetrics
 from deployments.routing import Classification, decide
-from deployments.schemas import BadInput, open_image
+from deployments.schemas import BadInput
 from deployments.settings import DynamicSettings
 from moe_core.config import DynamicLive
 from moe_core.engine import ChatTurn, GenerationRequest
@@ -208,16 +207,14 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         if q.image is None:
             raise BadInput("messages", "routing needs a screenshot: send an image, or name an expert")
         system = ChatTurn("system", ("",), inline=True)  # the routing adapter's prompt has no system text
-        image = open_image(q.image)
+        image, key = self.images.open(q.image)  # decoded once: the answer in place reads it again
         request = GenerationRequest(
             None,
             self.settings.router_prompt,
             name,
             bounds=q.bounds,
             turns=(system, ChatTurn("user", (image, self.settings.router_prompt))),
-            image_key=hashlib.blake2b(
-                q.image, digest_size=16
-            ).hexdigest(),  # the features serve the answer too
+            image_key=key,  # the features serve the answer too
         )
         try:
             res = await self.engine.classify(request, req.policy.label_names(), request_id=q.request_id)
@@ -244,6 +241,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
             loads=cache.loads,
             evictions=cache.evictions,
             served=tuple(sorted(self.served)),
+            images_decoded=self.images.decodes,
         )
 
     def check_health(self) -> None:

@@ -6,7 +6,6 @@ unit-tested with a fake engine and no model; production and the end-to-end tests
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -16,8 +15,9 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 from PIL import Image
 
 from deployments.adapter_cache import AdapterStore
+from deployments.images import DecodedImages
 from deployments.observability import quiet_expected_errors
-from deployments.schemas import BadInput, open_image
+from deployments.schemas import BadInput
 from moe_core.config import EngineSettings
 from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest, InvalidInput
 from moe_core.engine.request import Completion, Delta, PromptTooLong, QueueFull
@@ -139,6 +139,7 @@ class ModelDeployment(ABC, Generic[S]):
         self.settings = settings
         self.engine_factory = engine_factory
         self.storage: AdapterStore = storage or Storage.from_config(settings.storage)
+        self.images = DecodedImages()  # each image decoded once in this process (routing, then the answer)
         quiet_expected_errors(self.expected_errors())
         self._start()
 
@@ -161,7 +162,7 @@ class ModelDeployment(ABC, Generic[S]):
         """The engine's request for ``query``: images decoded, the conversation built, sampling checked.
         ``expert`` (default ``adapter``) is the expert answering, whose declared grammar applies when the
         query brings none (a merged model answers for its adapter with no adapter of its own)."""
-        images = [open_image(b) for b in query.images]
+        images = [self.images.open(b)[0] for b in query.images]
         turns = tuple(
             ChatTurn(
                 t.role,
@@ -170,8 +171,7 @@ class ModelDeployment(ABC, Generic[S]):
             )
             for t in query.turns
         )
-        image = open_image(query.image) if query.image is not None and not turns else None
-        key = hashlib.blake2b(query.image, digest_size=16).hexdigest() if query.image is not None else None
+        image, key = self.images.open(query.image) if query.image is not None and not turns else (None, None)
         request = GenerationRequest(
             image,
             query.prompt,

@@ -154,3 +154,4 @@ class DynamicStats:
     loads: int
     evictions: int
     served: tuple[str, ...]
+    images_decoded: int = 0  # images this replica decoded (each once, however many steps read it)

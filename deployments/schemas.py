@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import re
-from collections.abc import Sequence
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.errors import BadInput
 from deployments.outputs import StructuredFields
-from moe_core.config import IMAGE_FORMATS
 
 __all__ = [
     "AdapterStatus",
@@ -25,18 +18,13 @@ __all__ = [
     "Mode",
     "RoutedVia",
     "Usage",
-    "decode_image",
     "error_body",
-    "open_image",
-    "verify_image",
 ]
 
 #: Which deployment generated an answer.
 Mode = Literal["merged", "dynamic"]
 #: How the adapter was chosen: named by the client, by the routing adapter, or the base model below threshold.
 RoutedVia = Literal["explicit", "router", "router-below-threshold"]
-
-_DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
 
 class InferRequest(StructuredFields):
@@ -143,73 +131,6 @@ class AdapterStatus(BaseModel):
     merged_version: str | None = Field(description="Published merged version the deployment serves.")
     dynamic: bool = Field(description="Served by the dynamic-LoRA deployment.")
     router_labels: list[int] = Field(description="Router labels that select it.")
-
-
-def decode_image(
-    data: str,
-    *,
-    max_bytes: int,
-    max_pixels: int,
-    formats: Sequence[str] = IMAGE_FORMATS,
-    field: str = "image_b64",
-) -> tuple[bytes, Image.Image]:
-    """Decode base64 (or a data URL) into image bytes and a verified PIL image; raise :class:`BadInput`
-    naming ``field``."""
-    raw_b64 = _DATA_URL.sub("", data.strip(), count=1)
-    if len(raw_b64) > (max_bytes * 4) // 3 + 8:
-        raise BadInput(field, f"image is larger than {max_bytes} bytes", 413)
-    try:
-        raw = base64.b64decode(raw_b64, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise BadInput(field, f"not valid base64: {e}") from e
-    return raw, verify_image(raw, max_bytes=max_bytes, max_pixels=max_pixels, formats=formats, field=field)
-
-
-def verify_image(
-    raw: bytes,
-    *,
-    max_bytes: int,
-    max_pixels: int,
-    formats: Sequence[str] = IMAGE_FORMATS,
-    field: str = "image_b64",
-) -> Image.Image:
-    """Image file bytes to a verified, loaded PIL image; raise :class:`BadInput` naming ``field``.
-
-    Only the decoders of ``formats`` (``limits.image_formats``) are tried: Pillow tells the format from the
-    header, so no other plugin (EPS's Ghostscript, DDS, TGA, ...) ever sees the bytes. Any error of those
-    decoders, whatever its type, is the client's bad image, not a 500."""
-    if not raw:
-        raise BadInput(field, "empty image")
-    if len(raw) > max_bytes:
-        raise BadInput(field, f"image is larger than {max_bytes} bytes", 413)
-    allowed = list(formats)
-    try:
-        with Image.open(io.BytesIO(raw), formats=allowed) as probe:
-            w, h = probe.size
-            if w * h > max_pixels:
-                raise BadInput(
-                    field, f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}", 413
-                )
-            probe.verify()
-        image = Image.open(io.BytesIO(raw), formats=allowed)
-        image.load()
-    except BadInput:
-        raise
-    except UnidentifiedImageError as e:
-        raise BadInput(field, f"not an image in an accepted format (accepted: {', '.join(allowed)})") from e
-    except Exception as e:  # any decoder failure (NotImplementedError, struct.error, ...) is a bad image
-        raise BadInput(field, f"bytes are not a readable image: {type(e).__name__}: {e}") from e
-    return image
-
-
-def open_image(data: bytes) -> Image.Image:
-    """Image bytes already validated by :func:`decode_image` (in the router) to a loaded PIL image."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:  # verified at the gateway: only bytes that bypassed it get here
-        raise BadInput("image", f"bytes are not a readable image: {type(e).__name__}: {e}") from e
-    return img
 
 
 def error_body(field: str, message: str, request_id: str = "") -> dict[str, Any]:

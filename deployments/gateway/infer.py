@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from deployments.gateway.api import api
 from deployments.gateway.core import GatewayCore
 from deployments.gateway.errors import ServiceUnavailable
+from deployments.images import check_image, decode_b64
 from deployments.messages import Answer, Query, Sampling
 from deployments.observability import RequestTrace, current_request_id
 from deployments.outputs import constraint_of
@@ -19,7 +20,6 @@ from deployments.schemas import (
     InferResponse,
     TokenLogprobInfo,
     Usage,
-    decode_image,
     error_body,
 )
 from moe_core.vision import ImagePlan, PixelBounds, plan
@@ -125,8 +125,9 @@ class InferRoutes(GatewayCore):
     def _query(self, req: InferRequest, trace: RequestTrace) -> tuple[Query, ImagePlan]:
         """Decode and check the image; resolve the pixels the model sees of it and what they cost in tokens."""
         limits = self.settings.limits
-        data, img = decode_image(
-            req.image_b64,
+        data = decode_b64(req.image_b64, max_bytes=limits.max_image_bytes)
+        img = check_image(  # from its header: the pixels are decoded once, in the replica
+            data,
             max_bytes=limits.max_image_bytes,
             max_pixels=limits.max_image_pixels,
             formats=limits.image_formats,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
+from deployments.images import check_image
 from deployments.messages import Query, Turn
 from deployments.openai_api.errors import ApiError
 from deployments.openai_api.request import (
@@ -24,7 +25,7 @@ from deployments.openai_api.request import (
     TextPart,
     sampling_of,
 )
-from deployments.schemas import BadInput, ImageInfo, verify_image
+from deployments.schemas import BadInput, ImageInfo
 from deployments.settings import GatewaySettings
 from deployments.tool_calls import tools_json
 from moe_core.config import ApiConfig
@@ -276,7 +277,7 @@ def _plan(raw: bytes, param: str, bounds: PixelBounds, settings: GatewaySettings
     """Verify the image and plan what the model sees of it (its size on the patch grid, its tokens)."""
     limits = settings.limits
     try:
-        img = verify_image(
+        img = check_image(  # from its header: the pixels are decoded once, in the replica
             raw,
             max_bytes=limits.max_image_bytes,
             max_pixels=limits.max_image_pixels,

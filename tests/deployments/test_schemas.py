@@ -6,9 +6,16 @@ import io
 import pytest
 from PIL import Image
 
-from deployments.schemas import BadInput, InferRequest, decode_image
+from deployments.images import DecodedImages, ImageHeader, check_image, decode_b64, open_image
+from deployments.schemas import BadInput, InferRequest
 from moe_core.config import DeploymentConfig
 from tests.helpers import ACCEPTED_FORMATS, REFUSED_FORMATS, image_file
+
+
+def decode_image(text: str, *, max_bytes: int, max_pixels: int, **kw: object) -> tuple[bytes, ImageHeader]:
+    """What the gateway does with an image_b64: its bytes, and its header checked (no pixels decoded)."""
+    raw = decode_b64(text, max_bytes=max_bytes, field=str(kw.get("field", "image_b64")))
+    return raw, check_image(raw, max_bytes=max_bytes, max_pixels=max_pixels, **kw)  # type: ignore[arg-type]
 
 
 def _png(size: tuple[int, int] = (40, 30)) -> bytes:
@@ -21,7 +28,7 @@ def test_bare_base64_and_data_url() -> None:
     b64 = base64.b64encode(_png()).decode()
     for text in (b64, f"data:image/png;base64,{b64}"):
         raw, img = decode_image(text, max_bytes=10**6, max_pixels=10**6)
-        assert img.size == (40, 30) and raw == _png()
+        assert (img.width, img.height, img.format) == (40, 30, "PNG") and raw == _png()
 
 
 @pytest.mark.parametrize(
@@ -51,17 +58,25 @@ def test_formats_outside_the_allowlist_are_refused_before_any_decoder(fmt: str) 
 
 @pytest.mark.parametrize("fmt", ACCEPTED_FORMATS)
 def test_the_allowlisted_formats_decode(fmt: str) -> None:
-    _, img = decode_image(base64.b64encode(image_file(fmt)).decode(), max_bytes=10**6, max_pixels=10**6)
+    raw, header = decode_image(base64.b64encode(image_file(fmt)).decode(), max_bytes=10**6, max_pixels=10**6)
+    assert (header.width, header.height, header.format) == (64, 64, fmt)
+    img = open_image(raw)  # the replica's decode
     assert img.size == (64, 64) and img.format == fmt
 
 
 def test_any_decoder_error_is_a_bad_image_and_the_allowlist_is_configured() -> None:
     """A format let in by config whose decoder raises anything (the DDS plugin's NotImplementedError) is
     a 4xx, not a 500; a name Pillow does not read is refused in the config."""
-    text = base64.b64encode(image_file("DDS-NO-PIXEL-FORMAT")).decode()
-    with pytest.raises(BadInput, match="NotImplementedError") as e:
-        decode_image(text, max_bytes=10**6, max_pixels=10**6, formats=["DDS"], field="messages[0]")
+    raw = image_file("DDS-NO-PIXEL-FORMAT")
+    with pytest.raises(BadInput, match="NotImplementedError") as e:  # at the gateway, from the header
+        check_image(raw, max_bytes=10**6, max_pixels=10**6, formats=["DDS"], field="messages[0]")
     assert e.value.field == "messages[0]" and e.value.status == 422
+    with pytest.raises(BadInput, match="NotImplementedError") as e:  # and in the replica's decoder
+        open_image(raw, formats=["DDS"], field="messages[0]")
+    assert e.value.field == "messages[0]" and e.value.status == 422
+    truncated = _png((64, 64))[:-40]  # a body the header does not give away: the replica's decode says so
+    with pytest.raises(BadInput, match="not a readable image"):
+        open_image(truncated)
     assert DeploymentConfig(limits={"image_formats": ["png", "tiff"]}).limits.image_formats == ["PNG", "TIFF"]
     with pytest.raises(ValueError, match="not formats Pillow reads"):
         DeploymentConfig(limits={"image_formats": ["PNG", "HEIC"]})
@@ -75,3 +90,14 @@ def test_too_many_bytes() -> None:
 def test_blank_prompt_rejected() -> None:
     with pytest.raises(ValueError, match="prompt must not be empty"):
         InferRequest(image_b64="x", prompt="   ")
+
+
+def test_a_replica_decodes_each_image_once() -> None:
+    images = DecodedImages(capacity=2)
+    a, b, c = _png((40, 30)), _png((50, 30)), _png((60, 30))
+    first, key = images.open(a)
+    again, same = images.open(a)  # routing, then the answer of the same request
+    assert again is first and same == key and images.decodes == 1
+    images.open(b)
+    images.open(c)  # a is the least recently used of three in an LRU of two: decoded again when it comes back
+    assert images.open(a)[0] is not first and images.decodes == 4

@@ -309,6 +309,17 @@ def test_concurrent_requests_mix_adapters_in_one_forward(service) -> None:  # ty
     )
 
 
+def test_a_routed_request_decodes_its_image_once(service) -> None:  # type: ignore[no-untyped-def]
+    """Routing (the classification) and the answer in place read one decode of the screenshot; the
+    gateway only read its header."""
+    (screen,) = split("heldout", 1, ("calendar",), offset=760)
+    before = requests.get(f"{service['url']}/stats", timeout=30).json()
+    got = _infer(service["url"], screen, prefer_merged=False).json()
+    after = requests.get(f"{service['url']}/stats", timeout=30).json()
+    assert got["routed_via"] == "router" and got["mode"] == "dynamic", got
+    assert after["images_decoded"] - before["images_decoded"] == 1
+
+
 def test_every_replica_runs_with_a_fixed_mmap_threshold(service) -> None:  # type: ignore[no-untyped-def]
     """The allocator setting that keeps replicas from fragmenting their heap (benchmarks/soak.py) reaches
     each replica process: glibc reads it only at process start, so Ray must start them with it."""

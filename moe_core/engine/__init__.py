@@ -6,10 +6,12 @@ One module per concern: :mod:`~moe_core.engine.request` (what goes in and out),
 :mod:`~moe_core.engine.attention` (attention over the pages),
 :mod:`~moe_core.engine.vision_cache` (image features by content and vision identity),
 :mod:`~moe_core.engine.runner` (one packed forward), :mod:`~moe_core.engine.sequence` (a request's
-tokens, pages and progress), :mod:`~moe_core.engine.scheduler` (what runs in each step),
-:mod:`~moe_core.engine.outputs` (logits to tokens, text and finishes), :mod:`~moe_core.engine.sampling`,
-:mod:`~moe_core.engine.constraints` (grammars), :mod:`~moe_core.engine.lora` (adapter slots) and
-:mod:`~moe_core.engine.core` (the :class:`Engine` that holds them together).
+tokens, pages and progress), :mod:`~moe_core.engine.planner` (what runs in each step: admission,
+chunked prefill, preemption), :mod:`~moe_core.engine.scheduler` (the queue, its thread and the asyncio
+API), :mod:`~moe_core.engine.outputs` (logits to tokens, text and finishes),
+:mod:`~moe_core.engine.sampling`, :mod:`~moe_core.engine.constraints` (grammars),
+:mod:`~moe_core.engine.lora` (adapter slots) and :mod:`~moe_core.engine.core` (the :class:`Engine`
+that holds them together).
 """
 
 from moe_core.engine.core import Engine

@@ -10,8 +10,8 @@ tokens, pages and progress), :mod:`~moe_core.engine.planner` (what runs in each 
 chunked prefill, preemption), :mod:`~moe_core.engine.scheduler` (the queue, its thread and the asyncio
 API), :mod:`~moe_core.engine.outputs` (logits to tokens, text and finishes),
 :mod:`~moe_core.engine.sampling`, :mod:`~moe_core.engine.constraints` (grammars),
-:mod:`~moe_core.engine.lora` (adapter slots) and :mod:`~moe_core.engine.core` (the :class:`Engine`
-that holds them together).
+:mod:`~moe_core.engine.lora` (adapter slots), :mod:`~moe_core.engine.core` (the :class:`Engine` that
+holds them together) and :mod:`~moe_core.engine.reference` (its Hugging Face reference paths).
 """
 
 from moe_core.engine.core import Engine

@@ -4,8 +4,9 @@ One :class:`Engine` owns one model (a base model with LoRA slots or PEFT adapter
 model) and what serving it needs: the prompt builder, the paged KV cache (:mod:`moe_core.engine.kv`),
 the vision-feature cache and the model runner. The step scheduler (:mod:`moe_core.engine.scheduler`)
 decides what runs in each step; :meth:`Engine.generate` runs a list of requests to completion through it.
-The Hugging Face paths (:meth:`Engine.generate_hf`, :meth:`Engine.logits`, :meth:`Engine.classify`)
-run the model's own forward: the reference the paged path is tested against, and training's.
+The Hugging Face paths (:meth:`Engine.generate_hf`, :meth:`Engine.logits`, :meth:`Engine.classify`,
+in :mod:`moe_core.engine.reference`) run the model's own forward: the reference the paged path is tested
+against, and training's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 from moe_core.config import CPU_KV_CACHE_BYTES, EngineSettings
+from moe_core.engine import reference
 from moe_core.engine.constraints import Grammars
 from moe_core.engine.kv import KVCache, KVLayout, PageAllocator
 from moe_core.engine.lora import LoraSlots, SlotError, parse_adapter
@@ -419,42 +421,17 @@ class Engine:
         return sorted({*ids, *([tok_eos] if tok_eos is not None else [])})
 
     # ------------------------------------------------- Hugging Face's forward
-    @torch.inference_mode()
+    # (the model's own forward on a padded batch, in moe_core.engine.reference)
     def generate_hf(
         self, requests: Sequence[GenerationRequest], *, exact_tokens: int | None = None
     ) -> list[GenerationResult]:
-        """The whole batch in one Hugging Face ``generate`` call (greedy, a left-padded batch and its
-        own cache): the reference the paged path is tested against. Adapters with vision-tower weights
-        are refused here (``generate`` runs the tower without the slots)."""
-        if not requests:
-            return []
-        if self.slots is not None and any(r.adapter in self.slots.vision for r in requests):
-            raise EngineError("adapters with vision-tower weights need generate(), not generate_hf()")
-        t0 = time.perf_counter()
-        max_new = exact_tokens or max(r.max_new_tokens or self.max_new_tokens for r in requests)
-        fixed = {"min_new_tokens": exact_tokens} if exact_tokens else {}
-        with self.lock, self.adapter_context([r.adapter for r in requests]) as kwargs:
-            inputs = self._encode_requests(requests)
-            # inputs.input_ids: [batch, prompt_len] -> out: [batch, prompt_len + new]
-            out = self.model.generate(**inputs, **kwargs, **fixed, max_new_tokens=max_new, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1] :]
-        dt = time.perf_counter() - t0
-        n_adapters = len({r.adapter for r in requests})
-        results = []
-        prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
-        for r, row, n_in in zip(requests, new, prompt_lengths, strict=True):
-            row = row[: exact_tokens or r.max_new_tokens or self.max_new_tokens]
-            text = self.processor.tokenizer.decode(row, skip_special_tokens=True).strip()
-            n = int((row != self.processor.tokenizer.pad_token_id).sum())
-            results.append(GenerationResult(text, r.adapter, n, len(requests), n_adapters, dt, int(n_in)))
-        return results
+        """The whole batch in one Hugging Face ``generate`` call (greedy): the reference the paged path is
+        tested against (:func:`~moe_core.engine.reference.generate_hf`)."""
+        return reference.generate_hf(self, requests, exact_tokens=exact_tokens)
 
-    @torch.inference_mode()
     def logits(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
         """Next-token logits over each request's prompt, in fp32: ``[batch, prompt_len, vocab]``."""
-        with self.lock, self.adapter_context([r.adapter for r in requests]) as kwargs:
-            inputs = self._encode_requests(requests)
-            return self.model(**inputs, **kwargs).logits.float()
+        return reference.logits(self, requests)
 
     @torch.inference_mode()
     def image_features(self, inputs: Mapping[str, Any]) -> Any:
@@ -462,7 +439,6 @@ class Engine:
         with self.lock:
             return self._vlm().get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
 
-    @torch.inference_mode()
     def classify(
         self,
         image: Image.Image,
@@ -472,55 +448,6 @@ class Engine:
         system_prompt: str = "",
         bounds: PixelBounds | None = None,
     ) -> ClassifyResult:
-        """Score the label set as the assistant's answer; one forward pass.
-
-        When every label starts with a different token, one batch-1 forward scores them all from the
-        next-token distribution; otherwise one batched forward scores each label's full token sequence.
-        """
-        if not labels:
-            raise EngineError("classify needs at least one label")
-        tok = self.processor.tokenizer
-        with self.lock, self.adapter_context([adapter]) as kwargs:  # the tokenizer is the lock holder's too
-            label_ids = [tok.encode(lbl, add_special_tokens=False) for lbl in labels]
-            firsts = [ids[0] for ids in label_ids]
-            if len(set(firsts)) == len(firsts):
-                inputs = self.encode([image], [prompt], system_prompt, bounds=[bounds])
-                logits = self.model(**inputs, **kwargs).logits[0, -1]  # [vocab]
-                scores = torch.log_softmax(logits.float(), -1)[firsts]
-            else:
-                scores = self._score_sequences(
-                    image, prompt, labels, label_ids, kwargs, system_prompt, bounds
-                )
-        probs = torch.softmax(scores, -1).tolist()
-        best = max(range(len(labels)), key=lambda i: probs[i])
-        return ClassifyResult(labels[best], probs[best], dict(zip(labels, probs, strict=True)))
-
-    def _score_sequences(
-        self,
-        image: Image.Image,
-        prompt: str,
-        labels: Sequence[str],
-        label_ids: list[list[int]],
-        kwargs: dict[str, Any],
-        system_prompt: str,
-        bounds: PixelBounds | None,
-    ) -> torch.Tensor:
-        n = len(labels)
-        inputs = self.encode(
-            [image] * n,
-            [prompt] * n,
-            system_prompt,
-            answers=labels,
-            padding_side="right",
-            bounds=[bounds] * n,
-        )
-        if "adapter_names" in kwargs:
-            kwargs = {"adapter_names": kwargs["adapter_names"] * n}
-        logp = torch.log_softmax(self.model(**inputs, **kwargs).logits.float(), -1)  # [n, len, vocab]
-        lengths = inputs["attention_mask"].sum(-1)
-        out = []
-        for i, ids in enumerate(label_ids):
-            end = int(lengths[i])
-            pos = range(end - len(ids) - 1, end - 1)
-            out.append(sum(float(logp[i, p, t]) for p, t in zip(pos, ids, strict=True)))
-        return torch.tensor(out)
+        """Score the label set as the assistant's answer, in one forward pass
+        (:func:`~moe_core.engine.reference.classify`)."""
+        return reference.classify(self, image, prompt, labels, adapter, system_prompt, bounds)

@@ -1,4 +1,5 @@
-"""Through Ray Serve: /infer latency (merged, dynamic, routed) against a direct engine call on the same request."""
+"""Through Ray Serve: /infer latency (merged, dynamic, routed) against a direct engine call on the same
+request, and where a dynamic request's time goes by hop (proxy, gateway, handle, replica, engine)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from moe_core.storage.store import Storage
 #: How long the served app may take to answer its first requests (model loads, merged replicas).
 READY_TIMEOUT_S = 300.0
 
-__all__ = ["serve_benchmarks"]
+__all__ = ["hops", "serve_benchmarks"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,20 @@ def _b64(image: Any) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def hops(server_timing: str, total_s: float) -> dict[str, float]:
+    """Where one request's time went, by hop (seconds), from the gateway's Server-Timing header and the
+    client's total: the HTTP proxy (and the network), the gateway itself, the handle calls (Serve's routing
+    and the transfer both ways), the replica's method, and its engine."""
+    ms = {p.split(";dur=")[0].strip(): float(p.split(";dur=")[1]) / 1e3 for p in server_timing.split(",")}
+    return {
+        "proxy": total_s - ms["gateway"],
+        "gateway": ms["gateway"] - ms["hops"],
+        "handle": ms["hops"] - ms["replica"],
+        "replica": ms["replica"] - ms["engine"],
+        "engine": ms["engine"],
+    }
 
 
 def serve_benchmarks(
@@ -86,8 +101,12 @@ def serve_benchmarks(
             ):
                 t = time.perf_counter()
                 r = requests.post(url, json=body | extra, timeout=120)
-                samples.setdefault(key, []).append(time.perf_counter() - t)
+                total = time.perf_counter() - t
+                samples.setdefault(key, []).append(total)
                 r.raise_for_status()
+                if key == "infer_http_dynamic":
+                    for hop, seconds in hops(r.headers["Server-Timing"], total).items():
+                        samples.setdefault(f"hop_{hop}", []).append(seconds)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -111,6 +112,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
     # ------------------------------------------------------------ requests
     async def generate(self, query: Query, adapter: str | None) -> Answer:
         """The whole answer of ``adapter`` (None: the bare base model) to ``query``."""
+        t0 = time.perf_counter()
         request, params, version = await self._prepare(query, adapter)
         try:
             done = await self.engine.generate(request, params, request_id=query.request_id)
@@ -130,6 +132,8 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
             done.timings.ttft_s,
             done.cached_tokens,
             done.logprobs,
+            replica_s=time.perf_counter() - t0,
+            engine_s=done.timings.total_s,
         )
 
     async def stream(self, query: Query, adapter: str | None) -> AsyncIterator[Chunk]:

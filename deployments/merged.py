@@ -204,6 +204,7 @@ class _MergedBase(ModelDeployment[S]):
 
     async def generate(self, query: Query, adapter: str | None = None) -> Answer:
         """The whole answer; ``adapter`` names the adapter the caller expects (a slot may have moved on)."""
+        t0 = time.perf_counter()
         engine, served, version, request, params = await self._prepare(query, adapter)
         try:
             done = await engine.generate(request, params, request_id=query.request_id)
@@ -226,6 +227,8 @@ class _MergedBase(ModelDeployment[S]):
             done.timings.ttft_s,
             done.cached_tokens,
             done.logprobs,
+            replica_s=time.perf_counter() - t0,
+            engine_s=done.timings.total_s,
         )
 
     async def stream(self, query: Query, adapter: str | None = None) -> AsyncIterator[Chunk]:

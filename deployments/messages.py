@@ -100,6 +100,8 @@ class Answer:
     ttft_s: float | None = None  # from arrival at the deployment to the first token
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     logprobs: tuple[TokenLogprob, ...] = ()  # the answer's tokens, when the request asked
+    replica_s: float = 0.0  # time in the answering replica's method (Server-Timing: replica)
+    engine_s: float = 0.0  # of which in the engine, from submission to the last token (Server-Timing: engine)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,19 @@ class RequestTrace:
     completion_tokens: int = 0
     route_s: float = 0.0  # time in the routing hop (classify, and the answer when given in place)
     answer_s: float = 0.0  # time in the answering hop(s)
+    replica_s: float = 0.0  # of which in the answering replica's method (reported by it)
+    engine_s: float = 0.0  # of which in its engine, submission to last token (reported by it)
+
+    def server_timing(self) -> str:
+        """W3C Server-Timing of the hops so far (ms): the gateway's whole time, the calls to model
+        replicas as the gateway saw them, the answering replica's method, and its engine."""
+        gateway = (time.perf_counter() - self.started) * 1e3
+        hops = (self.route_s + self.answer_s) * 1e3
+        return (
+            f"gateway;dur={gateway:.2f}, hops;dur={hops:.2f}, replica;dur={self.replica_s * 1e3:.2f}, "
+            f"engine;dur={self.engine_s * 1e3:.2f}"
+        )
+
     started: float = field(default_factory=time.perf_counter)
 
 

@@ -3,6 +3,7 @@
 import asyncio
 from typing import Any
 
+from fastapi import Response
 from fastapi.responses import JSONResponse
 
 from deployments.gateway.api import api
@@ -39,6 +40,7 @@ def _response(
     trace.adapter = out.adapter or "base"
     trace.mode = out.mode if out.adapter else "base"
     trace.prompt_tokens, trace.completion_tokens = out.prompt_tokens, out.completion_tokens
+    trace.replica_s, trace.engine_s = out.replica_s, out.engine_s
     return InferResponse(
         request_id=trace.request_id,
         task_output=out.text,
@@ -75,7 +77,7 @@ class InferRoutes(GatewayCore):
     """The ``/infer`` API of :class:`deployments.gateway.service.Gateway`."""
 
     @api.post("/infer", response_model=InferResponse, responses={404: {}, 413: {}, 422: {}, 503: {}})
-    async def infer(self, req: InferRequest) -> Any:
+    async def infer(self, req: InferRequest, http: Response) -> Any:
         trace = RequestTrace(
             current_request_id(), routed_via="explicit" if req.expert is not None else "router"
         )
@@ -93,6 +95,7 @@ class InferRoutes(GatewayCore):
                 status_code=status, content=error_body("service", str(e), trace.request_id)
             )
         self.metrics.record(trace, status)
+        (http if status == 200 else response).headers["Server-Timing"] = trace.server_timing()
         return response
 
     async def _infer(self, req: InferRequest, trace: RequestTrace | None = None) -> InferResponse:

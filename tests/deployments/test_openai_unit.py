@@ -874,3 +874,22 @@ def test_openapi_schema_has_the_v1_routes(svc: Service) -> None:
     assert {"/v1/chat/completions", "/v1/models", "/infer"} <= set(schema["paths"])
     chat = schema["paths"]["/v1/chat/completions"]["post"]
     assert "400" in chat["responses"] and "401" in chat["responses"]
+
+
+def test_infer_reports_where_its_time_went_by_hop(svc: Service) -> None:
+    """/infer's Server-Timing header: the gateway's whole time, the replica calls as it saw them, and
+    what the answering replica reported of its method and its engine (python -m benchmarks reads it)."""
+    r = svc.http.post(
+        "/infer", json={"image_b64": _data_url(), "prompt": "Click the day", "expert": "calendar"}
+    )
+    assert r.status_code == 200, r.text
+    hops = {p.split(";dur=")[0]: float(p.split(";dur=")[1]) for p in r.headers["server-timing"].split(", ")}
+    assert set(hops) == {"gateway", "hops", "replica", "engine"}
+    assert hops["gateway"] >= hops["hops"] > 0 and hops["replica"] == hops["engine"] == 0.0  # fakes report 0
+    from benchmarks.serve_bench import hops as by_hop
+
+    split = by_hop(r.headers["server-timing"], 1.0)  # a client that waited 1 s
+    assert set(split) == {"proxy", "gateway", "handle", "replica", "engine"}
+    assert abs(sum(split.values()) - 1.0) < 1e-9 and split["proxy"] == 1.0 - hops["gateway"] / 1e3
+    bad = svc.http.post("/infer", json={"image_b64": "not base64!", "prompt": "x", "expert": "calendar"})
+    assert bad.status_code == 422 and "gateway;dur=" in bad.headers["server-timing"]

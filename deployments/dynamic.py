@@ -236,10 +236,10 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         cache = self._cache()
         return DynamicStats(
             pid=os.getpid(),
-            forwards=sum(self.batches.values()),
-            batch_sizes=dict(self.batches),
-            adapters_per_forward=dict(self.mixed),
-            max_adapters_in_one_forward=max(self.mixed, default=0),
+            answered=sum(self.batches.values()),
+            answers_by_batch_size=dict(self.batches),
+            answers_by_adapters_in_step=dict(self.mixed),
+            max_adapters_in_one_step=max(self.mixed, default=0),
             resident=cache.resident,
             capacity=cache.capacity,
             loads=cache.loads,

@@ -147,10 +147,10 @@ class DynamicStats:
     """Batching and adapter-cache counters of one dynamic replica."""
 
     pid: int
-    forwards: int
-    batch_sizes: Mapping[int, int]  # rows in a forward -> forwards
-    adapters_per_forward: Mapping[int, int]  # distinct adapters in a forward -> forwards
-    max_adapters_in_one_forward: int
+    answered: int  # requests answered
+    answers_by_batch_size: Mapping[int, int]  # the most rows in a step while a request ran -> requests
+    answers_by_adapters_in_step: Mapping[int, int]  # the most distinct adapters in such a step -> requests
+    max_adapters_in_one_step: int
     resident: Mapping[str, str]  # adapter -> version, least recently used first
     capacity: int
     loads: int

@@ -180,7 +180,7 @@ async def test_dynamic_batches_mixed_adapters_into_one_forward(store: Storage) -
     assert all(isinstance(a, Answer) and a.mode == "dynamic" for a in answers)
     assert [set(b) for b in engine.batches] == [{"calendar", "login-window", None}]  # one forward
     assert answers[0].version == store.current_version("expert", "calendar") and answers[2].version is None
-    assert d.stats().max_adapters_in_one_forward == 3
+    assert d.stats().max_adapters_in_one_step == 3
 
 
 @on_loop

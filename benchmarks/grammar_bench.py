@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from benchmarks.core import Samples
+from benchmarks.step_bench import timed_steps
 from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest, SamplingParams, Scheduler
 from moe_core.engine.constraints import Grammars
@@ -56,14 +57,7 @@ def _steps(engine: Engine, constrained: int, tokens: int, prompt: str) -> list[f
         sched.enqueue(GenerationRequest(None, f"{prompt} {i}"), params, lambda _: None, request_id=str(i))
     while not sched.history or len(sched.history[-1].decode) < BATCH:  # prefill: every row decoding after
         sched.iterate()
-    out = []
-    for _ in range(tokens):
-        t0 = time.perf_counter()
-        sched.iterate()
-        out.append(time.perf_counter() - t0)
-    while sched.iterate():
-        pass
-    return out
+    return timed_steps(sched, tokens)
 
 
 def grammar_benchmarks(cfg: DeploymentConfig, *, quick: bool = False) -> tuple[Samples, dict[str, Any]]:

@@ -39,7 +39,7 @@ from moe_core.engine import Engine, GenerationRequest
 from moe_core.engine.sampling import SamplingParams
 from moe_core.engine.scheduler import Scheduler
 
-__all__ = ["BEFORE", "step_benchmarks"]
+__all__ = ["BEFORE", "step_benchmarks", "timed_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ def _step_ops(engine: Engine, reqs: list[GenerationRequest], steps: int = 4) -> 
     }
 
 
-def _step_times(engine: Engine, reqs: list[GenerationRequest], steps: int) -> list[float]:
-    sched = _decoding(engine, reqs, steps + 2)
+def timed_steps(sched: Scheduler, steps: int) -> list[float]:
+    """The times of the scheduler's next ``steps`` steps; then it runs its rows to their end."""
     out = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -143,6 +143,10 @@ def _step_times(engine: Engine, reqs: list[GenerationRequest], steps: int) -> li
     while sched.iterate():
         pass
     return out
+
+
+def _step_times(engine: Engine, reqs: list[GenerationRequest], steps: int) -> list[float]:
+    return timed_steps(_decoding(engine, reqs, steps + 2), steps)
 
 
 def step_benchmarks(

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
-from deployments.engines import DeploymentEngine, ModelDeployment, engine_refusal, engine_stats
+from deployments.engines import DeploymentEngine, ModelDeployment, answer_of, engine_refusal, engine_stats
 from deployments.messages import Answer, Chunk, DynamicStats, Query, RouteRequest, RouteResult
 from deployments.observability import DynamicMetrics
 from deployments.routing import Classification, decide
@@ -119,22 +119,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         except Exception as e:
             raise self._failed(e) from e
         self._finished(query, adapter, done)
-        return Answer(
-            done.text,
-            adapter,
-            "dynamic",
-            version,
-            done.batch_size,
-            done.adapters_in_batch,
-            done.prompt_tokens,
-            done.completion_tokens,
-            done.finish_reason,
-            done.timings.ttft_s,
-            done.cached_tokens,
-            done.logprobs,
-            replica_s=time.perf_counter() - t0,
-            engine_s=done.timings.total_s,
-        )
+        return answer_of(done, adapter, "dynamic", version, done.adapters_in_batch, t0)
 
     async def stream(self, query: Query, adapter: str | None) -> AsyncIterator[Chunk]:
         """The answer as it is decoded (Ray Serve streaming: ``handle.options(stream=True)``)."""

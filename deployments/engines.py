@@ -7,6 +7,7 @@ unit-tested with a fake engine and no model; production and the end-to-end tests
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -16,8 +17,9 @@ from PIL import Image
 
 from deployments.adapter_cache import AdapterStore
 from deployments.images import DecodedImages
+from deployments.messages import Answer
 from deployments.observability import quiet_expected_errors
-from deployments.schemas import BadInput
+from deployments.schemas import BadInput, Mode
 from moe_core.config import EngineSettings
 from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest, InvalidInput
 from moe_core.engine.request import Completion, Delta, PromptTooLong, QueueFull
@@ -107,6 +109,33 @@ def engine_refusal(e: Exception, on_queue_full: Callable[[], None]) -> Exception
     if isinstance(e, InvalidInput):  # a grammar that does not compile, special-token text in tools
         return BadInput(e.param or "prompt", e.message, 400)
     return e
+
+
+def answer_of(
+    done: Completion,
+    adapter: str | None,
+    mode: Mode,
+    version: str | None,
+    adapters_in_batch: int,
+    started: float,
+) -> Answer:
+    """A replica's :class:`Answer` from the engine's completion; ``started``: when the replica's method began."""
+    return Answer(
+        done.text,
+        adapter,
+        mode,
+        version,
+        done.batch_size,
+        adapters_in_batch,
+        done.prompt_tokens,
+        done.completion_tokens,
+        done.finish_reason,
+        done.timings.ttft_s,
+        done.cached_tokens,
+        done.logprobs,
+        replica_s=time.perf_counter() - started,
+        engine_s=done.timings.total_s,
+    )
 
 
 def engine_stats(engine: object) -> dict[str, int]:

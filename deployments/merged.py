@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from deployments.engines import DeploymentEngine, ModelDeployment, engine_refusal, engine_stats
+from deployments.engines import DeploymentEngine, ModelDeployment, answer_of, engine_refusal, engine_stats
 from deployments.messages import Answer, Chunk, MergedStatus, Query
 from deployments.observability import MergedMetrics
 from deployments.settings import MergedSettings, ModelSettings
@@ -214,22 +214,7 @@ class _MergedBase(ModelDeployment[S]):
             "merged", served, query.request_id, done.timings, done.prompt_tokens, done.completion_tokens
         )
         self.metrics.engine_state(engine_stats(engine))
-        return Answer(
-            done.text,
-            served,
-            "merged",
-            version,
-            done.batch_size,
-            1,
-            done.prompt_tokens,
-            done.completion_tokens,
-            done.finish_reason,
-            done.timings.ttft_s,
-            done.cached_tokens,
-            done.logprobs,
-            replica_s=time.perf_counter() - t0,
-            engine_s=done.timings.total_s,
-        )
+        return answer_of(done, served, "merged", version, 1, t0)
 
     async def stream(self, query: Query, adapter: str | None = None) -> AsyncIterator[Chunk]:
         """The answer as it is decoded (Ray Serve streaming: ``handle.options(stream=True)``)."""

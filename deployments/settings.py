@@ -162,7 +162,6 @@ class GatewaySettings(StrictModel):
     merged_disabled: tuple[AdapterName, ...] = Field(
         description="Merged adapters whose deployment is disabled: the dynamic deployment serves them."
     )
-    dynamic: bool = Field(description="Whether the dynamic deployment runs.")
     limits: LimitsConfig = Field(description="Request limits checked at the gateway.")
     image_factor: int = Field(ge=1, description="Side of one image token in pixels (patch x spatial merge).")
     request_timeout_s: float = Field(gt=0, description="Per-hop timeout for a request.")
@@ -174,7 +173,6 @@ class GatewaySettings(StrictModel):
         "assignments and the merged versions the gateway reads."
     )
     router: AdapterName | None = Field(description="The routing adapter; None: no routed model.")
-    promotion_slots: int = Field(ge=0, description="Promotion slots (0: promotion off).")
     report_interval_s: float = Field(
         gt=0, description="Seconds between request-count reports to the controller."
     )
@@ -186,7 +184,6 @@ class GatewaySettings(StrictModel):
             labels=dict(cfg.router.labels),
             merged=enabled,
             merged_disabled=tuple(a.name for a in cfg.merged.adapters if a.name not in enabled),
-            dynamic=cfg.dynamic.enabled,
             limits=cfg.limits,
             image_factor=cfg.engine_settings.image_factor,
             request_timeout_s=cfg.gateway.request_timeout_s,
@@ -195,6 +192,5 @@ class GatewaySettings(StrictModel):
             base_model_id=cfg.base_model.id,
             storage=cfg.storage,
             router=cfg.router.adapter,
-            promotion_slots=cfg.promotion.slots,
             report_interval_s=cfg.promotion.report_interval_s,
         )

@@ -107,6 +107,8 @@ def _scaling(s: ScalingConfig, max_queued: int) -> dict[str, Any]:
             "target_ongoing_requests": 8,
             "upscale_delay_s": 2.0,
             "downscale_delay_s": s.scaledown_window,
+            "look_back_period_s": s.look_back_s,
+            "metrics_interval_s": s.metrics_interval_s,
         },
         "ray_actor_options": _actor_options(s.cpu, s.gpu),
     }

@@ -102,6 +102,17 @@ class ScalingConfig(StrictModel):
     scaledown_window: float = Field(
         default=300.0, ge=0.0, description="Seconds idle before a replica is removed (downscale delay)."
     )
+    look_back_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="Seconds of load the autoscaler averages over (Serve's look_back_period_s).",
+    )
+    metrics_interval_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="Seconds between the load reports of replicas and callers to the autoscaler (Serve's "
+        "metrics_interval_s); a report is at most this old when the autoscaler decides.",
+    )
 
     @model_validator(mode="after")
     def _replicas(self) -> Self:

@@ -29,6 +29,7 @@ from deployments.settings import (
     PromotionSettings,
     SlotSettings,
 )
+from deployments.slot_autoscaling import SLOT_POLICY
 from deployments.slots import MergedSlot
 from moe_core.config import DeploymentConfig, LiveSettings, ScalingConfig
 
@@ -114,6 +115,14 @@ def _scaling(s: ScalingConfig, max_queued: int) -> dict[str, Any]:
     }
 
 
+def _slot_scaling(s: ScalingConfig, max_queued: int) -> dict[str, Any]:
+    """A promotion slot's: the same, under a policy that keeps one replica while the slot is assigned
+    (:mod:`deployments.slot_autoscaling`; each slot replica reports whether it is)."""
+    options = _scaling(s, max_queued)
+    options["autoscaling_config"]["policy"] = {"policy_function": SLOT_POLICY}
+    return options
+
+
 def _user_config(live: BaseModel | None) -> dict[str, Any]:
     return {"user_config": live.model_dump(mode="json")} if live is not None else {}
 
@@ -145,7 +154,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     if cfg.promotion.slots > 0 and dynamic is not None:  # slots are static; "enabled" is live
         slots = [
             serve.deployment(MergedSlot)  # type: ignore[attr-defined]
-            .options(name=slot_name(k), **_scaling(cfg.promotion, cfg.limits.max_queued_requests))
+            .options(name=slot_name(k), **_slot_scaling(cfg.promotion, cfg.limits.max_queued_requests))
             .bind(SlotSettings.of(cfg, k))
             for k in range(cfg.promotion.slots)
         ]

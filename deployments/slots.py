@@ -1,14 +1,15 @@
 """Promotion slots: merged deployments that are not tied to an adapter when the app is built.
 
 The app builder binds ``promotion.slots`` of them (``MergedSlot-0``, ``MergedSlot-1``, ...), each with its
-own autoscaling (scaled to zero while nothing is assigned). Which adapter a slot serves is decided by the
-promotion controller (:mod:`deployments.promotion`) and stored in shared storage
-(:data:`ASSIGNMENTS`, written with compare-and-swap); every replica of a slot reads it there and loads
-the adapter's current merged version (every replica re-reads it each refresh interval, a watch kept
-running by Serve's health checks), so a slot changes adapter without a redeploy, and a replica that Serve
-adds or restarts finds its assignment by itself. The controller routes an adapter to a slot once one
-replica serves it; with more replicas, one still loading answers ModelUnavailable and the gateway falls
-back until it has loaded.
+own autoscaling (scaled to zero while nothing is assigned, never while assigned: the policy in
+:mod:`deployments.slot_autoscaling`, fed by each replica's :meth:`MergedSlot.record_autoscaling_stats`).
+Which adapter a slot serves is decided by the promotion controller (:mod:`deployments.promotion`) and
+stored in shared storage (:data:`ASSIGNMENTS`, written with compare-and-swap); every replica of a slot
+reads it there and loads the adapter's current merged version (every replica re-reads it each refresh
+interval, a watch kept running by Serve's health checks and metric calls), so a slot changes adapter
+without a redeploy, and a replica that Serve adds or restarts finds its assignment by itself. The
+controller routes an adapter to a slot once one replica serves it; with more replicas, one still loading
+answers ModelUnavailable and the gateway falls back until it has loaded.
 
 A slot answers only for the adapter the caller names: a request that reaches it after it moved on gets
 :class:`~deployments.merged.ModelUnavailable`, and the gateway falls back to dynamic (answered once).
@@ -21,8 +22,9 @@ import asyncio
 from deployments.merged import _MergedBase
 from deployments.messages import MergedStatus
 from deployments.observability import request_logger
-from deployments.promotion_policy import Assignments
+from deployments.promotion_policy import Assignment, Assignments
 from deployments.settings import SlotSettings
+from deployments.slot_autoscaling import SLOT_HELD
 
 __all__ = ["ASSIGNMENTS", "SERVED_STATES", "MergedSlot", "read_assignments"]
 
@@ -48,16 +50,29 @@ class MergedSlot(_MergedBase[SlotSettings]):
     def _start(self) -> None:
         super()._start()
         self._poll: asyncio.Task[None] | None = None
+        # whether the stored assignments give this slot an adapter, as read last; until they are read,
+        # held (a replica that cannot tell must not let Serve scale away what it may be serving)
+        self.held = True
+
+    def _assignment(self) -> Assignment | None:
+        """This slot's stored assignment; blocking."""
+        k = self.settings.slot
+        return read_assignments(self.storage, k + 1).slots[k]
+
+    def _served(self, a: Assignment | None) -> str | None:
+        """The adapter an assignment asks this replica to hold (none while it is being merged), noting whether
+        the slot is assigned at all (what :meth:`record_autoscaling_stats` reports)."""
+        self.held = a is not None
+        return a.adapter if a is not None and a.state in SERVED_STATES else None
 
     async def _wanted(self) -> str | None:
-        k = self.settings.slot
         try:
-            assignments = await asyncio.to_thread(read_assignments, self.storage, k + 1)
+            a = await asyncio.to_thread(self._assignment)
         except Exception as e:  # unreadable or invalid: keep what is served until it can be read again
+            k = self.settings.slot
             logger.error("slot %d: assignments unreadable (%s); still serving %s", k, e, self.adapter)
             return self.adapter
-        a = assignments.slots[k]
-        return a.adapter if a is not None and a.state in SERVED_STATES else None
+        return self._served(a)
 
     def _watch(self) -> None:
         """Re-read the assignment every refresh interval, requests or not (a freed slot lets its engine
@@ -77,6 +92,13 @@ class MergedSlot(_MergedBase[SlotSettings]):
         assignment watch running, so a replica Serve adds or restarts follows its slot by itself."""
         self._watch()
         super().check_health()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics, asked every few seconds on the replica's loop: whether the
+        slot is assigned (:mod:`deployments.slot_autoscaling` keeps a replica while it is). It also keeps
+        the watch running, so what it reports follows the stored assignments."""
+        self._watch()
+        return {SLOT_HELD: 1.0 if self.held else 0.0}
 
     async def status(self) -> MergedStatus:  # type: ignore[override]
         """What this replica serves; asking starts its watch (the controller asks while it waits)."""

@@ -18,6 +18,12 @@ from deployments.gateway.service import Gateway
 from deployments.promotion import PromotionController
 from deployments.promotion_policy import Assignment, Assignments
 from deployments.settings import GatewaySettings, PromotionSettings, SlotSettings
+from deployments.slot_autoscaling import (
+    SLOT_HELD,
+    SLOT_POLICY,
+    UNREPORTED_GRACE_INTERVALS,
+    keep_assigned_slots,
+)
 from deployments.slots import ASSIGNMENTS, MergedSlot, read_assignments
 from moe_core.config import DeploymentConfig, LiveSettings, StorageConfig
 from moe_core.engine import ClassifyResult
@@ -392,3 +398,95 @@ def test_routed_answers_count_and_promoted_adapters_fall_back_even_when_pinned_o
         assert total.get("login-window") == 2 and total.get("calendar") == 1, total
 
     asyncio.run(scenario())
+
+
+# ----------------------------------------------------------------------------- slots and autoscaling
+def _ctx(held: dict[str, float] | None, *, running: int = 1, requests: float = 0.0, **kw: Any) -> Any:
+    """What Serve's controller gives a policy: replicas ``r0``..., their slot_held metric (None: none
+    reported), ``requests`` ongoing over the look-back window."""
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    config = AutoscalingConfig(
+        min_replicas=0, max_replicas=4, target_ongoing_requests=8, downscale_delay_s=0, upscale_delay_s=0
+    )
+    replicas = [f"r{i}" for i in range(running)]
+    return AutoscalingContext(
+        deployment_id=None,  # type: ignore[arg-type]
+        deployment_name="MergedSlot-0",
+        app_name="moe",
+        current_num_replicas=running,
+        target_num_replicas=kw.get("target", running),
+        running_replicas=replicas,  # type: ignore[arg-type]
+        total_num_requests=requests,
+        total_queued_requests=0.0,
+        aggregated_metrics={} if held is None else {SLOT_HELD: held},  # type: ignore[dict-item]
+        raw_metrics={},
+        capacity_adjusted_min_replicas=0,
+        capacity_adjusted_max_replicas=4,
+        policy_state=kw.get("state", {}),
+        last_scale_up_time=None,
+        last_scale_down_time=None,
+        current_time=kw.get("now", 1000.0),
+        config=config,
+    )
+
+
+def test_the_slot_policy_keeps_one_replica_while_the_slot_is_assigned_and_is_serves_otherwise() -> None:
+    from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy as serves
+
+    idle_assigned = _ctx({"r0": 1.0})
+    assert serves(idle_assigned)[0] == 0  # what Serve alone decides: an idle-looking slot goes to zero
+    assert keep_assigned_slots(idle_assigned)[0] == 1
+    assert keep_assigned_slots(_ctx({"r0": 0.3}))[0] == 1  # assigned within the look-back window
+    assert keep_assigned_slots(_ctx({"r0": 0.0}))[0] == 0  # free: scaled to zero as before
+    assert keep_assigned_slots(_ctx({"r0": 0.0, "r1": 1.0}, running=2))[0] == 1
+    assert keep_assigned_slots(_ctx({}, running=0, target=0))[0] == 0  # at zero: a request wakes it
+    # above the floor it is Serve's policy: 24 ongoing requests at 8 per replica
+    assert keep_assigned_slots(_ctx({"r0": 1.0}, requests=24.0))[0] == serves(_ctx({}, requests=24.0))[0] == 3
+
+
+def test_a_replica_that_has_not_reported_yet_counts_as_assigned_for_a_few_metric_intervals() -> None:
+    desired, state = keep_assigned_slots(_ctx(None, now=1000.0))  # started just now, no report yet
+    assert desired == 1
+    grace = UNREPORTED_GRACE_INTERVALS * 10.0  # Serve's default metrics_interval_s
+    assert keep_assigned_slots(_ctx(None, now=1000.0 + grace - 1, state=state))[0] == 1
+    desired, state = keep_assigned_slots(_ctx(None, now=1000.0 + grace + 1, state=state))
+    assert desired == 0  # a replica that never reports (no custom metrics) does not pin the slot forever
+    assert list(keep_assigned_slots(_ctx(None, running=0, target=0, state=state))[1]["slot_first_seen"]) == []
+
+
+def test_serve_applies_the_slot_policy_with_its_delays_and_loads_it_by_value_without_this_project() -> None:
+    """The policy as Serve's controller runs it: wrapped with the deployment's delays and factors (here
+    none), and unpickled from the bytes the app's build wrote, in a process that cannot import this
+    project (Serve's controller need not have it); and the app binds it to every slot."""
+    import subprocess
+    import sys
+
+    from ray.serve._private.autoscaling_state import _apply_autoscaling_config
+    from ray.serve.config import AutoscalingPolicy
+
+    from deployments.app import build_app, slot_name
+
+    wrapped = _apply_autoscaling_config(keep_assigned_slots)
+    assert wrapped(_ctx({"r0": 1.0}))[0] == 1 and wrapped(_ctx({"r0": 0.0}))[0] == 0
+    pickled = AutoscalingPolicy(policy_function=SLOT_POLICY).get_serialized_policy_def()
+    probe = (
+        "import sys\n"
+        "for name in ('deployments', 'moe_core', 'moe_demo', 'merge_jobs'):\n"
+        "    sys.modules[name] = None  # importing it raises\n"
+        "from ray import cloudpickle\n"
+        "from ray.serve.config import AutoscalingConfig, AutoscalingContext\n"
+        "policy = cloudpickle.loads(sys.stdin.buffer.read())\n"
+        "ctx = AutoscalingContext(None, 'MergedSlot-0', 'moe', 1, 1, ['r0'], 0.0, 0.0,\n"
+        "    {'slot_held': {'r0': 1.0}}, {}, 0, 4, {}, None, None, 1000.0, AutoscalingConfig(min_replicas=0))\n"
+        "print(policy.__name__, policy(ctx)[0])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], input=pickled, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    assert run.stdout.decode().split() == ["keep_assigned_slots", "1"]  # held: one replica kept
+
+    gateway: Any = build_app({"config": "config/deployment.yaml"})._bound_deployment
+    slots = gateway.init_args[3]
+    assert [s._bound_deployment.name for s in slots] == [slot_name(0)]
+    policy = slots[0]._bound_deployment._deployment_config.autoscaling_config.policy
+    assert policy.policy_function == SLOT_POLICY

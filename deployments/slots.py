@@ -7,9 +7,12 @@ Which adapter a slot serves is decided by the promotion controller (:mod:`deploy
 stored in shared storage (:data:`ASSIGNMENTS`, written with compare-and-swap); every replica of a slot
 reads it there and loads the adapter's current merged version (every replica re-reads it each refresh
 interval, a watch kept running by Serve's health checks and metric calls), so a slot changes adapter
-without a redeploy, and a replica that Serve adds or restarts finds its assignment by itself. The
-controller routes an adapter to a slot once one replica serves it; with more replicas, one still loading
-answers ModelUnavailable and the gateway falls back until it has loaded.
+without a redeploy. A replica that Serve adds or restarts reads its assignment and loads it in its
+constructor, before Serve routes it a request: it never answers its slot's adapter with
+ModelUnavailable for want of a load (requests that reach a slot starting from zero wait for it). The
+controller routes an adapter to a slot once one replica serves it; with more replicas, one that was
+already running when the slot moved on answers ModelUnavailable until it has loaded, and the gateway
+falls back meanwhile.
 
 A slot answers only for the adapter the caller names: a request that reaches it after it moved on gets
 :class:`~deployments.merged.ModelUnavailable`, and the gateway falls back to dynamic (answered once).
@@ -18,6 +21,7 @@ A slot answers only for the adapter the caller names: a request that reaches it 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from deployments.merged import _MergedBase
 from deployments.messages import MergedStatus
@@ -48,11 +52,26 @@ class MergedSlot(_MergedBase[SlotSettings]):
     """One promotion slot: serves the merged model of whichever adapter its assignment names."""
 
     def _start(self) -> None:
+        """Read the assignment and load what it names before the replica reports ready, so Serve routes
+        nothing to it before it serves its assignment; blocking, as MergedModel's own load. A store that
+        cannot be read or a version that fails to load leaves the replica empty (ModelUnavailable: the
+        gateway falls back), and its watch tries again."""
         super()._start()
         self._poll: asyncio.Task[None] | None = None
         # whether the stored assignments give this slot an adapter, as read last; until they are read,
         # held (a replica that cannot tell must not let Serve scale away what it may be serving)
         self.held = True
+        k = self.settings.slot
+        try:
+            adapter = self._served(self._assignment())
+            version = self.storage.current_version("merged", adapter) if adapter else None
+            if adapter is not None and version is not None:
+                self._install(self._open(adapter, version))
+            elif adapter is not None:
+                logger.warning("slot %d: %s has no published merged version yet", k, adapter)
+            self._checked = time.monotonic()  # read just now: the watch's first look is a refresh later
+        except Exception as e:  # the watch's first look reads and loads again
+            logger.error("slot %d: assignment not loaded at start (%s); the watch tries again", k, e)
 
     def _assignment(self) -> Assignment | None:
         """This slot's stored assignment; blocking."""

@@ -34,6 +34,7 @@ from tests.deployments.test_deployments_unit import (
     FakeHandle,
     _dynamic,
     _publish,
+    _q,
     _req,
 )
 
@@ -401,6 +402,71 @@ def test_routed_answers_count_and_promoted_adapters_fall_back_even_when_pinned_o
 
 
 # ----------------------------------------------------------------------------- slots and autoscaling
+def _assign(st: Storage, adapter: str | None, state: str = "ready") -> None:
+    _, rev = st.read_state(ASSIGNMENTS)
+    slot = None if adapter is None else Assignment(0, adapter, state, time.time(), "test")  # type: ignore[arg-type]
+    st.write_state(ASSIGNMENTS, Assignments(slots=(slot,), revision=rev + 1).to_json(), expect=rev)
+
+
+async def _looked(slot: MergedSlot) -> None:
+    """The slot's watch has read the assignments anew and loaded or let go what they say (twice: a look
+    its poll began before the test wrote them may still be under way the first time)."""
+    for _ in range(2):
+        await slot.status()
+        if slot._task is not None:
+            await slot._task
+
+
+def test_a_slot_replica_loads_its_assignment_before_it_takes_requests_and_reports_it(tmp_path: Path) -> None:
+    """A replica Serve starts for an assigned slot (scaled up from zero, restarted) serves its adapter from
+    its first request: it loaded it in its constructor, which Serve waits for before routing to it."""
+    st = _store(tmp_path)
+    version = _publish(st, tmp_path, "merged", "login-window", "m1")
+    _assign(st, "login-window")
+
+    async def scenario() -> None:
+        slot = _slot(st)
+        assert (slot.adapter, slot.engine is not None) == ("login-window", True)
+        answer = await slot.generate(_q("p"), "login-window")  # the first request: no ModelUnavailable
+        assert (answer.adapter, answer.mode, answer.version) == ("login-window", "merged", version)
+        assert await slot.record_autoscaling_stats() == {SLOT_HELD: 1.0}
+        _assign(st, None)  # freed: the watch lets the model go and the replica reports the slot free
+        await _looked(slot)
+        assert (slot.adapter, await slot.record_autoscaling_stats()) == (None, {SLOT_HELD: 0.0})
+        _assign(st, "login-window", "merging")  # assigned, still merging: nothing to load, but held
+        await _looked(slot)
+        assert (slot.adapter, await slot.record_autoscaling_stats()) == (None, {SLOT_HELD: 1.0})
+        assert _slot(st).adapter is None and await _slot(st).record_autoscaling_stats() == {SLOT_HELD: 1.0}
+        _assign(st, None)
+        assert await _slot(st).record_autoscaling_stats() == {SLOT_HELD: 0.0}
+
+    asyncio.run(scenario())
+
+
+def test_a_slot_replica_started_in_a_storage_outage_counts_as_held_and_loads_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    st = _store(tmp_path)
+    _publish(st, tmp_path, "merged", "login-window", "m1")
+    _assign(st, "login-window")
+    real, down = st.read_state, [True]
+
+    def flaky(name: str) -> tuple[dict[str, Any], int]:
+        if down[0]:
+            raise StorageUnavailable("storage test cannot be read: an outage")
+        return real(name)
+
+    async def scenario() -> None:
+        st.read_state = flaky  # type: ignore[method-assign]
+        slot = _slot(st)  # built all the same (Serve would restart a failing constructor over and over)
+        assert slot.adapter is None and await slot.record_autoscaling_stats() == {SLOT_HELD: 1.0}
+        down[0] = False
+        await _looked(slot)
+        assert slot.adapter == "login-window" and await slot.record_autoscaling_stats() == {SLOT_HELD: 1.0}
+
+    asyncio.run(scenario())
+
+
 def _ctx(held: dict[str, float] | None, *, running: int = 1, requests: float = 0.0, **kw: Any) -> Any:
     """What Serve's controller gives a policy: replicas ``r0``..., their slot_held metric (None: none
     reported), ``requests`` ongoing over the look-back window."""

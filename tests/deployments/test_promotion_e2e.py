@@ -3,9 +3,10 @@ cluster, with promotion on (one slot, demo thresholds shortened for a test).
 
 Skewed traffic to one dynamic adapter gets it merged (a merge task on the cluster), loaded by the slot
 (scaled up from zero) and answered as merged, with every request answered exactly once and the merged
-answers equal to the dynamic ones; a restarted controller resumes the assignment from storage; when the
-traffic stops the adapter is demoted, the slot freed and dynamic answers again. Pinned merged adapters
-never move.
+answers equal to the dynamic ones; once promoted, steady traffic is answered by the slot alone, quickly,
+across three of the slot's (shortened) autoscaler windows: Serve never scales an assigned slot to zero; a
+restarted controller resumes the assignment from storage; when the traffic stops the adapter is demoted,
+the slot freed and dynamic answers again. Pinned merged adapters never move.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import requests
@@ -36,12 +37,43 @@ pytestmark = pytest.mark.slow
 HOT = "login-window"  # a dynamic adapter
 PINNED = "calendar"
 WINDOWS = {"promote_window_s": 5, "demote_window_s": 8, "cooldown_s": 12, "drain_s": 1}
+#: The slot's autoscaling, shortened: Serve sees the load its callers report every second, averaged over
+#: 2 s, and scales a replica that looks idle away after a second under it. A window of its decisions is
+#: the look-back and the delay: 3 s.
+AUTOSCALING = {"scaledown_window": 1, "look_back_s": 2, "metrics_interval_s": 1}
+WINDOW_S = AUTOSCALING["look_back_s"] + AUTOSCALING["scaledown_window"]
+#: How long traffic holds on the promoted adapter before the controller is killed: over three windows.
+HOLD_S = 10.0
+#: Each client's pace: a request every 2 s, so 3 clients send steady traffic of about 1.5 req/s, above
+#: promote_rps. Requests this short (tens of ms) keep the slot busy a small fraction of the time: Serve's
+#: request-based autoscaling alone sees such a slot idle now and then, and scales it to zero.
+PACE_S = 2.0
+#: The longest a request may take once its adapter is promoted (a request that met a slot scaled to zero
+#: waited for a replica to start and load: seconds).
+MAX_WAIT_S = 2.0
+
+
+class _Result(NamedTuple):
+    sent: float
+    done: float
+    status: int
+    mode: str
+    answer: str
+    screen: int
+    fallback: bool
 
 
 @pytest.fixture(scope="module")
 def promo(demo_cfg: DeploymentConfig, ray_cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     data = demo_cfg.model_dump(mode="json")
-    data["promotion"] |= {"enabled": True, "slots": 1, "promote_rps": 1.0, "demote_rps": 0.2, **WINDOWS}
+    data["promotion"] |= {
+        "enabled": True,
+        "slots": 1,
+        "promote_rps": 1.0,
+        "demote_rps": 0.2,
+        **WINDOWS,
+        **AUTOSCALING,
+    }
     cfg = DeploymentConfig.from_dict(data)
     root = Path(cfg.storage.url)
     shutil.rmtree(root / "merged" / HOT, ignore_errors=True)  # the promotion has to merge it
@@ -78,7 +110,7 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     assert requests.post(f"{url}/infer", json=pinned_body, timeout=60).json()["mode"] == "merged"
     assert _adapters(url)[HOT]["serving"] == "dynamic"
 
-    results: list[tuple[float, int, str, str, int]] = []  # (done at, status, mode, answer, screen)
+    results: list[_Result] = []
     lock = threading.Lock()
     t0 = time.time()
     stop = [t0 + 150.0]
@@ -90,24 +122,42 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
             while time.time() < stop[0]:
                 i = n % len(body)
                 n += 1
+                sent = time.time()
                 try:
                     r = session.post(f"{url}/infer", json=body[i], timeout=60)
                     status, j = r.status_code, r.json() if r.ok else {}
                 except requests.RequestException:
                     status, j = 0, {}
                 with lock:
-                    results.append((time.time(), status, j.get("mode", ""), j.get("task_output", ""), i))
-                    merged = [t for t, _, m, _, _ in results if m == "merged"]
+                    results.append(
+                        _Result(
+                            sent,
+                            time.time(),
+                            status,
+                            j.get("mode", ""),
+                            j.get("task_output", ""),
+                            i,
+                            bool(j.get("fallback")),
+                        )
+                    )
+                    merged = [x.done for x in results if x.mode == "merged"]
                     if merged and time.time() - merged[0] > 8 and resumed.is_set():  # enough
                         stop[0] = min(stop[0], time.time())
+                time.sleep(max(0.0, min(sent + PACE_S, stop[0]) - time.time()))
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()
-    # once merged answers flow, the controller is SIGKILLed under the load: Serve restarts it and the new
-    # replica resumes the assignment from storage (routing never depended on it being up)
-    while not any(m == "merged" for _, _, m, _, _ in list(results)) and time.time() < stop[0]:
+    # once the gateway routes the adapter to its slot, the traffic holds for over three of the slot's
+    # autoscaler windows: every request sent from then on must be answered by the slot (no fallback to
+    # dynamic), none waiting over MAX_WAIT_S
+    while _adapters(url)[HOT]["serving"] != "promoted" and time.time() < stop[0]:
         time.sleep(0.2)
+    promoted_at = time.time()
+    while time.time() < min(promoted_at + HOLD_S, stop[0]):
+        time.sleep(0.2)
+    # then the controller is SIGKILLed under the load: Serve restarts it and the new replica resumes the
+    # assignment from storage (routing never depended on it being up)
     view = _status(promo, tmp_path)  # the controller's own account, before it is killed
     from ray.util.state import list_actors
 
@@ -127,18 +177,38 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     resumed.set()
     for t in threads:
         t.join()
-    first_merged = next((t for t, _, m, _, _ in results if m == "merged"), None)
-    failed = [s for _, s, _, _, _ in results if s != 200]
-    wrong = [(want[i], a) for _, s, m, a, i in results if m == "merged" and a != want[i]]
+    first_merged = next((x.done for x in results if x.mode == "merged"), None)
+    steady = [x for x in results if promoted_at < x.sent <= promoted_at + HOLD_S]  # each one, done or not
+    failed = [x.status for x in results if x.status != 200]
+    wrong = [(want[x.screen], x.answer) for x in results if x.mode == "merged" and x.answer != want[x.screen]]
     row = _adapters(url)[HOT]
     print(
         f"promotion: {len(results)} requests to {HOT} by 3 clients, {len(failed)} failed; first merged answer "
         f"{None if first_merged is None else round(first_merged - t0, 1)} s after the traffic began; "
-        f"merged answers {sum(m == 'merged' for _, _, m, _, _ in results)}, differing from dynamic {len(wrong)}"
+        f"merged answers {sum(x.mode == 'merged' for x in results)}, differing from dynamic {len(wrong)}"
     )
     assert not failed, failed
     assert first_merged is not None and first_merged - t0 < 60, "not answered merged within 60 s"
     assert not wrong, wrong[:3]
+    # promoted, under steady traffic: the slot alone answered (no fallback, the controller's restart
+    # included), and over the first three autoscaler windows at once
+    slow = [round(x.done - x.sent, 2) for x in steady if x.done - x.sent > MAX_WAIT_S]
+    after = [x for x in results if x.sent > promoted_at]  # each one routed to the slot
+    not_slot = [
+        (round(x.sent - promoted_at, 1), x.mode, x.fallback)
+        for x in after
+        if x.mode != "merged" or x.fallback
+    ]
+    print(
+        f"promotion: {len(after)} requests sent once the adapter was promoted, {len(not_slot)} not answered by "
+        f"the slot; {len(steady)} in the first {HOLD_S:.0f} s ({HOLD_S / WINDOW_S:.1f} autoscaler windows), "
+        f"{len(slow)} over {MAX_WAIT_S} s, longest {max((x.done - x.sent for x in steady), default=0):.2f} s"
+    )
+    assert len(steady) >= 10, steady
+    assert not not_slot, (
+        f"{len(not_slot)} of {len(after)} answers not from the slot (s after, mode, fallback): {not_slot[:8]}"
+    )
+    assert not slow, f"{len(slow)} of {len(steady)} requests waited over {MAX_WAIT_S} s: {slow[:10]}"
     assert (row["serving"], row["slot"]) == ("promoted", 0) and row["merged_version"] is not None, row
     assert _adapters(url)[PINNED]["serving"] == "pinned"
     # the controller's view: the parts of the switch, and its decision with the rates that made it
@@ -165,7 +235,7 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     assert held is not None and (held["adapter"], held["state"]) == (HOT, "ready"), restarted["controller"]
 
     # traffic stopped: demoted within its window (plus the cooldown since the promotion), the slot freed
-    t_stop = max(t for t, _, _, _, _ in results)
+    t_stop = max(x.done for x in results)
     while time.time() - t_stop < 60 and _adapters(url)[HOT]["serving"] != "dynamic":
         time.sleep(1.0)
     demoted = time.time() - t_stop

@@ -24,9 +24,19 @@ api = FastAPI(
 #: What the middlewares enforce: the replica's gateway sets the keys, the body limit and the metrics callback
 #: when it starts (:class:`deployments.gateway.core.GatewayCore`).
 GUARDS = GuardSettings()
-api.add_middleware(ApiKeyMiddleware, settings=GUARDS)
+
+
+def guards() -> GuardSettings:
+    """This process's :data:`GUARDS`, looked up by the middlewares at each request. Serve pickles the
+    ingress app, middleware options included, by value: an object handed to the middlewares would be a
+    copy the gateway never fills in (the keys were then never checked), while this function travels by
+    reference and finds the replica's own module."""
+    return GUARDS
+
+
+api.add_middleware(ApiKeyMiddleware, settings=guards)
 # outermost: an oversized body is refused before anything reads it
-api.add_middleware(BodyLimitMiddleware, settings=GUARDS)
+api.add_middleware(BodyLimitMiddleware, settings=guards)
 #: OpenAI's error shape, for the OpenAPI schema of the /v1 routes.
 V1_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)

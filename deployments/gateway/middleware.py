@@ -111,12 +111,13 @@ class ApiKeyMiddleware:
     """ASGI middleware: with keys on, every path but :data:`OPEN_PATHS` needs ``Authorization: Bearer``;
     a refusal is a 401 before the body is read (OpenAI's shape under /v1, ``/infer``'s elsewhere)."""
 
-    def __init__(self, app: ASGIApp, settings: GuardSettings) -> None:
+    def __init__(self, app: ASGIApp, settings: Callable[[], GuardSettings]) -> None:
         self.app = app
-        self.settings = settings
+        self.settings = settings  # looked up per request: see deployments.gateway.api.guards
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        keys = self.settings.keys
+        guards = self.settings()
+        keys = guards.keys
         if scope["type"] != "http" or keys is None:
             await self.app(scope, receive, send)
             return
@@ -135,7 +136,7 @@ class ApiKeyMiddleware:
         else:
             response = JSONResponse(status_code=401, content=error_body("authorization", message))
         response.headers["WWW-Authenticate"] = "Bearer"
-        self.settings.refused(path, 401)
+        guards.refused(path, 401)
         await response(scope, receive, send)
 
 
@@ -144,12 +145,13 @@ class BodyLimitMiddleware:
     whole (by its Content-Length, or while it streams in when it has none), so no request can push the
     gateway out of memory."""
 
-    def __init__(self, app: ASGIApp, settings: GuardSettings) -> None:
+    def __init__(self, app: ASGIApp, settings: Callable[[], GuardSettings]) -> None:
         self.app = app
-        self.settings = settings
+        self.settings = settings  # looked up per request: see deployments.gateway.api.guards
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = self.settings.max_body_bytes
+        guards = self.settings()
+        limit = guards.max_body_bytes
         if scope["type"] != "http" or limit is None:
             await self.app(scope, receive, send)
             return
@@ -182,7 +184,7 @@ class BodyLimitMiddleware:
 
     def _too_large(self, path: str, limit: int) -> JSONResponse:
         message = f"request body is over the limit of {limit} bytes (limits.max_body_bytes)"
-        self.settings.refused(path, 413)
+        self.settings().refused(path, 413)
         if "/v1/" in path:
             return ApiError(413, message, None, "too_large").response()
         return JSONResponse(status_code=413, content=error_body("body", message))

@@ -893,3 +893,15 @@ def test_infer_reports_where_its_time_went_by_hop(svc: Service) -> None:
     assert abs(sum(split.values()) - 1.0) < 1e-9 and split["proxy"] == 1.0 - hops["gateway"] / 1e3
     bad = svc.http.post("/infer", json={"image_b64": "not base64!", "prompt": "x", "expert": "calendar"})
     assert bad.status_code == 422 and "gateway;dur=" in bad.headers["server-timing"]
+
+
+def test_the_middlewares_read_the_replicas_own_guards_after_serve_pickles_the_app() -> None:
+    """Serve ships the ingress app pickled by value: the middlewares must still find the GUARDS the
+    replica's gateway fills in (an object handed to them was a copy, and API keys went unchecked)."""
+    from ray import cloudpickle
+
+    from deployments.gateway import api as api_module
+
+    shipped = cloudpickle.loads(cloudpickle.dumps(api_module.api))
+    for middleware in shipped.user_middleware:
+        assert middleware.kwargs["settings"]() is api_module.GUARDS, middleware

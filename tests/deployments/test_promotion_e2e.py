@@ -4,7 +4,7 @@ cluster, with promotion on (one slot, demo thresholds shortened for a test).
 Skewed traffic to one dynamic adapter gets it merged (a merge task on the cluster), loaded by the slot
 (scaled up from zero) and answered as merged, with every request answered exactly once and the merged
 answers equal to the dynamic ones; once promoted, steady traffic is answered by the slot alone, quickly,
-across three of the slot's (shortened) autoscaler windows: Serve never scales an assigned slot to zero; a
+across over two of the slot's (shortened) autoscaler windows: Serve never scales an assigned slot to zero; a
 restarted controller resumes the assignment from storage; when the traffic stops the adapter is demoted,
 the slot freed and dynamic answers again. Pinned merged adapters never move.
 """
@@ -42,8 +42,8 @@ WINDOWS = {"promote_window_s": 5, "demote_window_s": 8, "cooldown_s": 12, "drain
 #: the look-back and the delay: 3 s.
 AUTOSCALING = {"scaledown_window": 1, "look_back_s": 2, "metrics_interval_s": 1}
 WINDOW_S = AUTOSCALING["look_back_s"] + AUTOSCALING["scaledown_window"]
-#: How long traffic holds on the promoted adapter before the controller is killed: over three windows.
-HOLD_S = 10.0
+#: How long traffic holds on the promoted adapter before the controller is killed: over two windows.
+HOLD_S = 2 * WINDOW_S + 1.0
 #: Each client's pace: a request every 2 s, so 3 clients send steady traffic of about 1.5 req/s, above
 #: promote_rps. Requests this short (tens of ms) keep the slot busy a small fraction of the time: Serve's
 #: request-based autoscaling alone sees such a slot idle now and then, and scales it to zero.
@@ -148,7 +148,7 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()
-    # once the gateway routes the adapter to its slot, the traffic holds for over three of the slot's
+    # once the gateway routes the adapter to its slot, the traffic holds for over two of the slot's
     # autoscaler windows: every request sent from then on must be answered by the slot (no fallback to
     # dynamic), none waiting over MAX_WAIT_S
     while _adapters(url)[HOT]["serving"] != "promoted" and time.time() < stop[0]:
@@ -191,7 +191,7 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
     assert first_merged is not None and first_merged - t0 < 60, "not answered merged within 60 s"
     assert not wrong, wrong[:3]
     # promoted, under steady traffic: the slot alone answered (no fallback, the controller's restart
-    # included), and over the first three autoscaler windows at once
+    # included), and over the first two autoscaler windows at once
     slow = [round(x.done - x.sent, 2) for x in steady if x.done - x.sent > MAX_WAIT_S]
     after = [x for x in results if x.sent > promoted_at]  # each one routed to the slot
     not_slot = [
@@ -204,7 +204,7 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
         f"the slot; {len(steady)} in the first {HOLD_S:.0f} s ({HOLD_S / WINDOW_S:.1f} autoscaler windows), "
         f"{len(slow)} over {MAX_WAIT_S} s, longest {max((x.done - x.sent for x in steady), default=0):.2f} s"
     )
-    assert len(steady) >= 10, steady
+    assert len(steady) >= 6, steady  # about 1.5 req/s held
     assert not not_slot, (
         f"{len(not_slot)} of {len(after)} answers not from the slot (s after, mode, fallback): {not_slot[:8]}"
     )

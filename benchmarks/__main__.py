@@ -178,6 +178,12 @@ def summarise(samples: dict[str, list[float]], figures: dict[str, Any], s: Bench
     if "hop_engine" in ms:  # the same, by hop (each hop's own p50; they need not add up to the above)
         for hop in ("proxy", "gateway", "handle", "replica"):
             ratios[f"serve overhead p50 ms: {hop}"] = ms[f"hop_{hop}"]
+    if "serve_floor_two_deployments" in ms:  # Ray Serve's own cost for the same shape, nothing of ours
+        ratios["serve floor p50 ms: ingress + one handle call"] = ms["serve_floor_two_deployments"]
+        if "infer_http_dynamic" in ms:  # what our code adds on top of Serve's floor
+            ratios["serve overhead over the floor p50 ms"] = (
+                ms["infer_http_dynamic"] - ms["direct_engine"] - ms["serve_floor_two_deployments"]
+            )
     out["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
     out["targets"] = {
         k: {

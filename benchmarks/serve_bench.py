@@ -14,6 +14,7 @@ from typing import Any
 import requests
 
 from benchmarks.core import Samples
+from benchmarks.serve_floor import floor_app
 from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest
 from moe_core.storage.store import Storage
@@ -75,7 +76,9 @@ def serve_benchmarks(
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"config": cfg.model_dump(mode="json")}), name="bench", route_prefix="/")
+        serve.run(floor_app(), name="floor", route_prefix="/floor")
         url = f"http://127.0.0.1:{port}/infer"
+        floor_url = f"http://127.0.0.1:{port}/floor/infer"
         body = {"image_b64": _b64(images[0]), "prompt": prompt}
         deadline = time.monotonic() + READY_TIMEOUT_S
         for expert in (merged_name, dynamic_name, None):
@@ -90,10 +93,13 @@ def serve_benchmarks(
         direct.load_adapter(dynamic_name, storage.fetch("expert", dynamic_name)[0])
         req = GenerationRequest(images[0], prompt, dynamic_name)
         direct.generate([req])
-        for _ in range(rounds):  # interleaved: direct, HTTP dynamic, HTTP merged, HTTP routed
+        for _ in range(rounds):  # interleaved: direct, Serve's floor, HTTP dynamic, HTTP merged, HTTP routed
             t = time.perf_counter()
             direct.generate([req])
             samples.setdefault("direct_engine", []).append(time.perf_counter() - t)
+            t = time.perf_counter()
+            requests.post(floor_url, json=body | {"expert": dynamic_name}, timeout=120).raise_for_status()
+            samples.setdefault("serve_floor_two_deployments", []).append(time.perf_counter() - t)
             for key, extra in (
                 ("infer_http_dynamic", {"expert": dynamic_name}),
                 ("infer_http_merged", {"expert": merged_name}),

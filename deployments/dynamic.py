@@ -27,7 +27,7 @@ from deployments.settings import DynamicSettings
 from moe_core.config import DynamicLive
 from moe_core.engine import ChatTurn, GenerationRequest
 from moe_core.engine.request import Completion, Delta
-from moe_core.engine.sampling import SamplingParams
+from moe_core.generation import SamplingParams
 
 __all__ = ["AdapterNotServed", "DynamicLoRA", "NotConfigured", "RoutingUnavailable"]
 

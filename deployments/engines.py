@@ -10,6 +10,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -23,8 +24,8 @@ from deployments.schemas import BadInput, Mode
 from moe_core.config import EngineSettings
 from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest, InvalidInput
 from moe_core.engine.request import Completion, Delta, PromptTooLong, QueueFull
-from moe_core.engine.sampling import SamplingParams
 from moe_core.engine.scheduler import Scheduler
+from moe_core.generation import SamplingParams
 from moe_core.storage.store import Storage
 
 if TYPE_CHECKING:
@@ -216,28 +217,9 @@ class ModelDeployment(ABC, Generic[S]):
             raise BadInput(
                 "max_tokens", f"max_tokens {s.max_tokens} is over this server's limit of {limit}", 400
             )
-        constraint = s.constraint
-        if constraint is None and s.expert_grammar:
-            constraint = self.settings.output_constraint(expert or adapter)  # the expert's declared grammar
-        try:
-            params = SamplingParams(
-                s.max_tokens,
-                s.temperature,
-                s.top_p,
-                s.seed,
-                s.stop,
-                min_tokens=s.min_tokens,
-                ignore_eos=s.ignore_eos,
-                top_k=s.top_k,
-                repetition_penalty=s.repetition_penalty,
-                presence_penalty=s.presence_penalty,
-                frequency_penalty=s.frequency_penalty,
-                constraint=constraint,
-                logprobs=s.logprobs,
-            )
-        except ValueError as e:
-            raise BadInput(str(e).split(" ", 1)[0], str(e), 400) from e
-        return request, params
+        if s.constraint is None and s.expert_grammar:  # the expert's declared grammar
+            s = replace(s, constraint=self.settings.output_constraint(expert or adapter))
+        return request, s
 
     def check_prompt(self, engine: DeploymentEngine, query: Query) -> None:
         """Refuse a prompt over ``max_prompt_tokens`` (its images' tokens included) with a 4xx."""

@@ -25,7 +25,7 @@ from deployments.messages import Answer, Chunk, MergedStatus, Query
 from deployments.observability import MergedMetrics
 from deployments.settings import MergedSettings, ModelSettings
 from moe_core.engine import GenerationRequest
-from moe_core.engine.sampling import SamplingParams
+from moe_core.generation import SamplingParams
 
 __all__ = ["MergedModel", "ModelUnavailable"]
 

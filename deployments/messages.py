@@ -12,10 +12,8 @@ from typing import Literal
 from deployments.routing import Classification, Decision, RoutingPolicy
 from deployments.schemas import Mode
 from moe_core.answers import FinishReason, TokenLogprob
-from moe_core.structured import Constraint
+from moe_core.generation import SamplingParams
 from moe_core.vision import PixelBounds
-
-#: Why generation ended, as OpenAI names it.
 
 __all__ = [
     "Answer",
@@ -28,7 +26,7 @@ __all__ = [
     "Query",
     "RouteRequest",
     "RouteResult",
-    "Sampling",
+    "SamplingParams",
     "TokenLogprob",
     "Turn",
 ]
@@ -58,30 +56,10 @@ class Query:
     bounds: PixelBounds  # the pixels the model sees of each image: the config's, narrowed by the request
     image_tokens: int  # what the images cost in the prompt at those bounds, known before any batch
     request_id: str = ""  # Serve's request id (the client's X-Request-Id), for log lines in every hop
-    sampling: Sampling = field(default_factory=lambda: Sampling())
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     turns: tuple[Turn, ...] = ()  # a whole conversation (chat API); empty: ``image`` + ``prompt``
     images: tuple[bytes, ...] = ()  # the conversation's images, in order of appearance
     tools: str | None = None  # the functions the model may call, as JSON text (rendered by its template)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Per-request generation settings; the defaults are greedy decoding up to the engine's limit."""
-
-    max_tokens: int | None = None  # None: the engine's max_new_tokens
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None  # with temperature > 0: the same seed, the same text
-    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
-    min_tokens: int = 0  # the end of sequence is not picked before this many tokens
-    ignore_eos: bool = False  # the end of sequence is never picked: max_tokens tokens (unless a grammar ends)
-    top_k: int = 0  # 0: off
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None  # None: none; k: the chosen tokens' and the k most likely ones'
-    constraint: Constraint | None = None  # the request's own grammar for the answer
-    expert_grammar: bool = True  # the expert's declared grammar applies when the request brings none
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 
 from moe_core.config import DeploymentConfig, EngineSettings
 from moe_core.engine import ChatTurn, Completion, Engine, EngineError, GenerationRequest, Scheduler, run_batch
-from moe_core.engine.sampling import SamplingParams
+from moe_core.generation import SamplingParams
 from tests.helpers import make_lora, screenshot
 
 #: the demo's pixel bounds (16 image tokens an image), so prompts stay short

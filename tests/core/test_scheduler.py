@@ -12,8 +12,8 @@ import pytest
 from moe_core.config import DeploymentConfig
 from moe_core.engine import ChatTurn, Engine, EngineError, GenerationRequest
 from moe_core.engine.request import PromptTooLong, QueueFull
-from moe_core.engine.sampling import SamplingParams
 from moe_core.engine.scheduler import Scheduler
+from moe_core.generation import SamplingParams
 from tests.helpers import make_lora, screenshot
 
 

@@ -19,14 +19,14 @@ from deployments.dynamic import AdapterNotServed, DynamicLoRA, NotConfigured
 from deployments.gateway.errors import ServiceUnavailable
 from deployments.gateway.service import Gateway
 from deployments.merged import MergedModel, ModelUnavailable
-from deployments.messages import Answer, Query, RouteRequest, Sampling
+from deployments.messages import Answer, Query, RouteRequest
 from deployments.routing import RoutingPolicy
 from deployments.schemas import BadInput, InferRequest
 from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings
 from moe_core.config import ConfigError, DeploymentConfig, EngineSettings, GatewayLive, LiveSettings
 from moe_core.engine import ClassifyResult, GenerationRequest
 from moe_core.engine.request import Completion, Delta, PromptTooLong, Timings
-from moe_core.engine.sampling import SamplingParams
+from moe_core.generation import SamplingParams
 from moe_core.storage.store import Storage
 from moe_core.structured import Constraint
 from moe_core.vision import PixelBounds
@@ -317,10 +317,14 @@ async def test_each_expert_answers_under_its_declared_grammar_merged_and_dynamic
     await d.generate(_q("c"), "calendar")  # the fallback of the merged one: the same grammar
     await d.generate(_q("d"), None)  # the base model: free
     own = Query(
-        _png(), "e", PixelBounds(1024, 4096), 4, sampling=Sampling(constraint=Constraint.regex("b", "x"))
+        _png(),
+        "e",
+        PixelBounds(1024, 4096),
+        4,
+        sampling=SamplingParams(constraint=Constraint.regex("b", "x")),
     )
     await d.generate(own, "login-window")
-    free = Query(_png(), "f", PixelBounds(1024, 4096), 4, sampling=Sampling(expert_grammar=False))
+    free = Query(_png(), "f", PixelBounds(1024, 4096), 4, sampling=SamplingParams(expert_grammar=False))
     await d.generate(free, "login-window")  # tools in auto mode: no grammar
     got = [p.constraint for e in engines for p in e.params]
     assert [(c.kind, c.value, c.param) if c else None for c in got] == [

@@ -21,7 +21,7 @@ from deployments.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
 from deployments.engines import DeploymentEngine, ModelDeployment, answer_of, engine_refusal, engine_stats
 from deployments.messages import Answer, Chunk, DynamicStats, Query, RouteRequest, RouteResult
 from deployments.observability import DynamicMetrics
-from deployments.routing import Classification, decide
+from deployments.routing import decide
 from deployments.schemas import BadInput
 from deployments.settings import DynamicSettings
 from moe_core.config import DynamicLive
@@ -209,9 +209,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
             res = await self.engine.classify(request, req.policy.label_names(), request_id=q.request_id)
         except Exception as e:
             raise self._failed(e) from e
-        decision = decide(
-            Classification(res.label, res.confidence, res.scores), req.policy, req.prefer_merged
-        )
+        decision = decide(res, req.policy, req.prefer_merged)
         answer = None
         if req.answer_in_place and decision.action == "answer" and decision.target == "dynamic":
             answer = await self.generate(q, decision.adapter)

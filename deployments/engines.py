@@ -22,7 +22,7 @@ from deployments.messages import Answer
 from deployments.observability import quiet_expected_errors
 from deployments.schemas import BadInput, Mode
 from moe_core.config import EngineSettings
-from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest, InvalidInput
+from moe_core.engine import ChatTurn, Classification, Engine, GenerationRequest, InvalidInput
 from moe_core.engine.request import Completion, Delta, PromptTooLong, QueueFull
 from moe_core.engine.scheduler import Scheduler
 from moe_core.generation import SamplingParams
@@ -58,7 +58,7 @@ class DeploymentEngine(Protocol):
     ) -> Completion: ...
     async def classify(
         self, request: GenerationRequest, labels: Sequence[str], *, request_id: str = ""
-    ) -> ClassifyResult: ...
+    ) -> Classification: ...
     def prompt_tokens(
         self,
         prompt: str,

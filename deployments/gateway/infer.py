@@ -13,7 +13,7 @@ from deployments.images import check_image, decode_b64
 from deployments.messages import Answer, Query, SamplingParams
 from deployments.observability import RequestTrace, current_request_id
 from deployments.outputs import constraint_of
-from deployments.routing import RoutedVia, RoutingPolicy, Target
+from deployments.routing import Mode, RoutedVia, RoutingPolicy
 from deployments.schemas import (
     BadInput,
     ImageInfo,
@@ -165,7 +165,7 @@ class InferRoutes(GatewayCore):
         self,
         policy: RoutingPolicy,
         adapter: str | None,
-        target: Target,
+        target: Mode,
         query: Query,
         image: ImagePlan,
         via: RoutedVia,

@@ -35,7 +35,7 @@ from deployments.openai_api.responses import (
     moe_headers,
 )
 from deployments.openai_api.stream import DONE, ChunkWriter
-from deployments.routing import RoutedVia, RoutingPolicy, Target
+from deployments.routing import Mode, RoutedVia, RoutingPolicy
 from deployments.schemas import BadInput
 from deployments.tool_calls import ToolCall, ToolCallParser
 
@@ -83,7 +83,7 @@ class _Route:
     """Who answers a chat request, and how that was decided."""
 
     adapter: str | None
-    target: Target
+    target: Mode
     via: RoutedVia
     confidence: float | None = None
     answer: Answer | None = None  # the routing hop's answer, when it answered in place

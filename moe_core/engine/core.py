@@ -33,7 +33,7 @@ from moe_core.engine.request import (
     BASE,
     ChatProcessor,
     ChatTurn,
-    ClassifyResult,
+    Classification,
     EngineError,
     GenerationRequest,
     GenerationResult,
@@ -447,7 +447,7 @@ class Engine:
         adapter: str | None,
         system_prompt: str = "",
         bounds: PixelBounds | None = None,
-    ) -> ClassifyResult:
+    ) -> Classification:
         """Score the label set as the assistant's answer, in one forward pass
         (:func:`~moe_core.engine.reference.classify`)."""
         return reference.classify(self, image, prompt, labels, adapter, system_prompt, bounds)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from PIL import Image
 
-from moe_core.answers import Timings
+from moe_core.answers import Classification, Timings
 from moe_core.vision import PixelBounds
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ __all__ = [
     "BASE",
     "ChatProcessor",
     "ChatTurn",
-    "ClassifyResult",
+    "Classification",
     "Completion",
     "Delta",
     "EngineError",
@@ -107,13 +107,6 @@ class GenerationResult:
     adapters_in_batch: int
     latency_s: float
     prompt_tokens: int = 0  # the row's prompt, image tokens and chat template included
-
-
-@dataclass(frozen=True)
-class ClassifyResult:
-    label: str
-    confidence: float
-    scores: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from deployments.routing import RoutingPolicy
 from deployments.schemas import BadInput, InferRequest
 from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings
 from moe_core.config import ConfigError, DeploymentConfig, EngineSettings, GatewayLive, LiveSettings
-from moe_core.engine import ClassifyResult, GenerationRequest
+from moe_core.engine import Classification, GenerationRequest
 from moe_core.engine.request import Completion, Delta, PromptTooLong, Timings
 from moe_core.generation import SamplingParams
 from moe_core.storage.store import Storage
@@ -46,7 +46,7 @@ def on_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Non
 class FakeEngine:
     """Answers '<adapter>@<tag>:<prompt>' where tag is the loaded adapter file's content."""
 
-    verdict = ClassifyResult("calendar", 0.9, {"calendar": 0.9, "login-window": 0.1})
+    verdict = Classification("calendar", 0.9, {"calendar": 0.9, "login-window": 0.1})
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
@@ -93,7 +93,7 @@ class FakeEngine:
 
     async def classify(
         self, request: GenerationRequest, labels: Sequence[str], *, request_id: str = ""
-    ) -> ClassifyResult:
+    ) -> Classification:
         self.classified += 1
         return self.verdict
 
@@ -283,7 +283,7 @@ async def test_route_answers_in_place_only_when_the_decision_is_dynamic(store: S
     assert merged.decision.target == "merged" and merged.answer is None and engine.batches == []
     here = await d.route(RouteRequest(_q("p"), _policy(), prefer_merged=False))
     assert here.answer is not None and here.answer.text == "calendar@v1:p"
-    engine.verdict = ClassifyResult("login-window", 0.3, {"login-window": 0.3, "calendar": 0.7})
+    engine.verdict = Classification("login-window", 0.3, {"login-window": 0.3, "calendar": 0.7})
     rejected = await d.route(RouteRequest(_q("p"), _policy()))
     assert rejected.decision.action == "reject" and rejected.answer is None
     base = await d.route(RouteRequest(_q("p"), _policy(below_threshold="base")))
@@ -471,7 +471,7 @@ async def test_gateway_routes_to_merged_and_rejects_when_unsure(store: Storage, 
     )
     r = await _gateway(d, FakeHandle(merged))._infer(_req())
     assert (r.mode, r.adapter, r.routed_via, r.confidence) == ("merged", "calendar", "router", 0.9)
-    engine.verdict = ClassifyResult("calendar", 0.2, {"calendar": 0.2, "login-window": 0.1})
+    engine.verdict = Classification("calendar", 0.2, {"calendar": 0.2, "login-window": 0.1})
     with pytest.raises(BadInput, match=r"below 0\.5.*candidates: calendar"):
         await _gateway(d, FakeHandle(merged))._infer(_req())
 

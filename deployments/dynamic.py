@@ -17,6 +17,8 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+from PIL import Image
+
 from deployments.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
 from deployments.engines import DeploymentEngine, ModelDeployment, answer_of, engine_refusal, engine_stats
 from deployments.messages import Answer, Chunk, DynamicStats, Query, RouteRequest, RouteResult
@@ -25,7 +27,7 @@ from deployments.routing import decide
 from deployments.schemas import BadInput
 from deployments.settings import DynamicSettings
 from moe_core.config import DynamicLive
-from moe_core.engine import ChatTurn, GenerationRequest
+from moe_core.engine import GenerationRequest, Turn
 from moe_core.engine.request import Completion, Delta
 from moe_core.generation import SamplingParams
 
@@ -195,14 +197,14 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         q = req.query
         if q.image is None:
             raise BadInput("messages", "routing needs a screenshot: send an image, or name an expert")
-        system = ChatTurn("system", ("",), inline=True)  # the routing adapter's prompt has no system text
+        system = Turn[Image.Image]("system", ("",), inline=True)  # the routing adapter's: no system text
         image, key = self.images.open(q.image)  # decoded once: the answer in place reads it again
         request = GenerationRequest(
             None,
             self.settings.router_prompt,
             name,
             bounds=q.bounds,
-            turns=(system, ChatTurn("user", (image, self.settings.router_prompt))),
+            turns=(system, Turn("user", (image, self.settings.router_prompt))),
             image_key=key,  # the features serve the answer too
         )
         try:

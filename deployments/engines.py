@@ -22,7 +22,7 @@ from deployments.messages import Answer
 from deployments.observability import quiet_expected_errors
 from deployments.schemas import BadInput, Mode
 from moe_core.config import EngineSettings
-from moe_core.engine import ChatTurn, Classification, Engine, GenerationRequest, InvalidInput
+from moe_core.engine import Classification, Engine, GenerationRequest, InvalidInput, Turn
 from moe_core.engine.request import Completion, Delta, PromptTooLong, QueueFull
 from moe_core.engine.scheduler import Scheduler
 from moe_core.generation import SamplingParams
@@ -64,7 +64,7 @@ class DeploymentEngine(Protocol):
         prompt: str,
         image_tokens: int,
         system_prompt: str | None = None,
-        turns: Sequence[ChatTurn] = (),
+        turns: Sequence[Turn[Image.Image]] = (),
         tools: str | None = None,
     ) -> int: ...
     def load_adapter(self, name: str, path: str | Path) -> None: ...
@@ -194,7 +194,7 @@ class ModelDeployment(ABC, Generic[S]):
         query brings none (a merged model answers for its adapter with no adapter of its own)."""
         images = [self.images.open(b)[0] for b in query.images]
         turns = tuple(
-            ChatTurn(
+            Turn(
                 t.role,
                 tuple(p if isinstance(p, str) else images[p] for p in t.parts),
                 tool_calls=t.tool_calls,
@@ -225,9 +225,7 @@ class ModelDeployment(ABC, Generic[S]):
         """Refuse a prompt over ``max_prompt_tokens`` (its images' tokens included) with a 4xx."""
         limit = self.settings.engine.max_prompt_tokens
         turns = tuple(
-            ChatTurn(
-                t.role, tuple(p if isinstance(p, str) else _IMAGE for p in t.parts), tool_calls=t.tool_calls
-            )
+            Turn(t.role, tuple(p if isinstance(p, str) else _IMAGE for p in t.parts), tool_calls=t.tool_calls)
             for t in query.turns
         )
         try:

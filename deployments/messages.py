@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 from deployments.routing import Classification, Decision, RoutingPolicy
 from deployments.schemas import Mode
 from moe_core.answers import FinishReason, TokenLogprob
-from moe_core.generation import SamplingParams
+from moe_core.generation import SamplingParams, Turn
 from moe_core.vision import PixelBounds
 
 __all__ = [
@@ -33,15 +32,6 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Turn:
-    """One chat message: ``parts`` are text (``str``) and images (``int``: an index into ``Query.images``)."""
-
-    role: Literal["system", "user", "assistant", "tool"]
-    parts: tuple[str | int, ...]
-    tool_calls: tuple[tuple[str, str], ...] = ()  # an assistant's calls: (function name, arguments JSON)
-
-
-@dataclass(frozen=True)
 class Query:
     """One request as the model deployments get it: validated at the gateway, images still encoded.
 
@@ -57,7 +47,7 @@ class Query:
     image_tokens: int  # what the images cost in the prompt at those bounds, known before any batch
     request_id: str = ""  # Serve's request id (the client's X-Request-Id), for log lines in every hop
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    turns: tuple[Turn, ...] = ()  # a whole conversation (chat API); empty: ``image`` + ``prompt``
+    turns: tuple[Turn[int], ...] = ()  # a whole conversation (chat API); empty: ``image`` + ``prompt``
     images: tuple[bytes, ...] = ()  # the conversation's images, in order of appearance
     tools: str | None = None  # the functions the model may call, as JSON text (rendered by its template)
 

@@ -19,7 +19,6 @@ from moe_core.engine.prompts import PROMPT_SLOT, TEMPLATE_CACHE_SIZE, Prompt, Pr
 from moe_core.engine.request import (
     BASE,
     ChatProcessor,
-    ChatTurn,
     Classification,
     Completion,
     Delta,
@@ -30,6 +29,7 @@ from moe_core.engine.request import (
     PromptTooLong,
     QueueFull,
     Timings,
+    Turn,
     VisionLanguageModel,
 )
 from moe_core.engine.sampling import FinishReason, SamplingParams
@@ -40,7 +40,6 @@ __all__ = [
     "PROMPT_SLOT",
     "TEMPLATE_CACHE_SIZE",
     "ChatProcessor",
-    "ChatTurn",
     "Classification",
     "Completion",
     "Delta",
@@ -58,6 +57,7 @@ __all__ = [
     "Scheduler",
     "StepRecord",
     "Timings",
+    "Turn",
     "VisionLanguageModel",
     "run_batch",
 ]

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from moe_core import vision
-from moe_core.engine.request import ChatProcessor, ChatTurn, EngineError, GenerationRequest, InvalidInput
+from moe_core.engine.request import ChatProcessor, EngineError, GenerationRequest, InvalidInput, Turn
 from moe_core.vision import PixelBounds
 
 __all__ = ["PROMPT_SLOT", "TEMPLATE_CACHE_SIZE", "Prompt", "PromptBuilder", "PromptImage"]
@@ -107,7 +107,7 @@ class PromptBuilder:
 
     # ------------------------------------------------------------ templates
     @staticmethod
-    def template_messages(turns: Sequence[ChatTurn]) -> tuple[list[dict[str, Any]], list[str]]:
+    def template_messages(turns: Sequence[Turn[Image.Image]]) -> tuple[list[dict[str, Any]], list[str]]:
         """The chat template's messages with every text part as :data:`PROMPT_SLOT` (and the texts, in order)."""
         messages, texts = [], []
         for turn in turns:
@@ -169,7 +169,7 @@ class PromptBuilder:
         prompt: str,
         image_tokens: int,
         system_prompt: str | None = None,
-        turns: Sequence[ChatTurn] = (),
+        turns: Sequence[Turn[Image.Image]] = (),
         tools: str | None = None,
     ) -> int:
         """Tokens of the chat prompt for ``prompt`` (or the conversation ``turns``, with ``tools``) with images of
@@ -302,7 +302,7 @@ class PromptBuilder:
         answers: Sequence[str] | None = None,
         padding_side: str = "left",
         bounds: Sequence[PixelBounds | None] | None = None,
-        turns: Sequence[Sequence[ChatTurn]] | None = None,
+        turns: Sequence[Sequence[Turn[Image.Image]]] | None = None,
     ) -> Any:
         """Tokenize chat prompts with images (a padded batch); with ``answers``, append them as the
         assistant turn. Row ``i`` is ``images[i]`` and ``prompts[i]`` after the system prompt, or the

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from moe_core.answers import Classification, Timings
+from moe_core.generation import Turn
 from moe_core.vision import PixelBounds
 
 if TYPE_CHECKING:
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
 __all__ = [
     "BASE",
     "ChatProcessor",
-    "ChatTurn",
     "Classification",
     "Completion",
     "Delta",
@@ -29,6 +29,7 @@ __all__ = [
     "PromptTooLong",
     "QueueFull",
     "Timings",
+    "Turn",
     "VisionLanguageModel",
 ]
 
@@ -58,18 +59,6 @@ class QueueFull(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ChatTurn:
-    """One message of a conversation: ``parts`` are text and images, in order."""
-
-    role: str  # system, user, assistant or tool (a tool's result)
-    parts: tuple[str | Image.Image, ...]
-    inline: bool = False  # the text is the server's own (its system prompt): rendered in the template as is
-    tool_calls: tuple[
-        tuple[str, str], ...
-    ] = ()  # an assistant's calls: (function name, arguments as JSON text)
-
-
-@dataclass(frozen=True)
 class GenerationRequest:
     """One row: ``image`` and ``prompt`` after the system prompt, or a whole conversation (``turns``,
     the engine's system prompt first when it has none of its own)."""
@@ -79,17 +68,17 @@ class GenerationRequest:
     adapter: str | None = None
     max_new_tokens: int | None = None
     bounds: PixelBounds | None = None  # this row's images' pixel bounds; None: the engine's
-    turns: tuple[ChatTurn, ...] = ()
+    turns: tuple[Turn[Image.Image], ...] = ()
     image_key: str | None = None  # names the image's content (a hash of its file): saves hashing pixels
     tools: str | None = None  # the functions the model may call (OpenAI's ``tools``, as JSON text)
 
-    def conversation(self, system: str) -> tuple[ChatTurn, ...]:
+    def conversation(self, system: str) -> tuple[Turn[Image.Image], ...]:
         if not self.turns:
             image = (self.image,) if self.image is not None else ()
-            return (ChatTurn("system", (system,), inline=True), ChatTurn("user", (*image, self.prompt)))
+            return (Turn("system", (system,), inline=True), Turn("user", (*image, self.prompt)))
         if self.turns[0].role == "system":
             return self.turns
-        return (ChatTurn("system", (system,), inline=True), *self.turns)
+        return (Turn("system", (system,), inline=True), *self.turns)
 
     @property
     def images(self) -> list[Image.Image]:

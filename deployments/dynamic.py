@@ -130,17 +130,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
             async for d in self.engine.stream(request, params, request_id=query.request_id):
                 if d.timings is not None:
                     self._finished(query, adapter, d)
-                yield Chunk(
-                    d.text,
-                    adapter,
-                    "dynamic",
-                    version,
-                    d.finish_reason,
-                    d.prompt_tokens,
-                    d.completion_tokens,
-                    d.cached_tokens,
-                    d.logprobs,
-                )
+                yield Chunk.of(d, adapter, "dynamic", version)
         except Exception as e:
             raise self._failed(e) from e
 

@@ -121,22 +121,8 @@ def answer_of(
     started: float,
 ) -> Answer:
     """A replica's :class:`Answer` from the engine's completion; ``started``: when the replica's method began."""
-    return Answer(
-        done.text,
-        adapter,
-        mode,
-        version,
-        done.batch_size,
-        adapters_in_batch,
-        done.prompt_tokens,
-        done.completion_tokens,
-        done.finish_reason,
-        done.timings.ttft_s,
-        done.cached_tokens,
-        done.logprobs,
-        replica_s=time.perf_counter() - started,
-        engine_s=done.timings.total_s,
-    )
+    answer = Answer.of(done, adapter, mode, version, replica_s=time.perf_counter() - started)
+    return replace(answer, adapters_in_batch=adapters_in_batch)
 
 
 def engine_stats(engine: object) -> dict[str, int]:

@@ -226,17 +226,7 @@ class _MergedBase(ModelDeployment[S]):
                         "merged", served, query.request_id, d.timings, d.prompt_tokens, d.completion_tokens
                     )
                     self.metrics.engine_state(engine_stats(engine))
-                yield Chunk(
-                    d.text,
-                    served,
-                    "merged",
-                    version,
-                    d.finish_reason,
-                    d.prompt_tokens,
-                    d.completion_tokens,
-                    d.cached_tokens,
-                    d.logprobs,
-                )
+                yield Chunk.of(d, served, "merged", version)
         except Exception as e:
             raise engine_refusal(e, self.metrics.rejected.inc) from e
 

@@ -6,11 +6,12 @@ Ray pickles them between replicas; none holds a model or a Ray object.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from deployments.routing import Classification, Decision, RoutingPolicy
 from deployments.schemas import Mode
-from moe_core.answers import FinishReason, TokenLogprob
+from moe_core.answers import Completion, Delta, FinishReason, TokenLogprob
 from moe_core.generation import SamplingParams, Turn
 from moe_core.vision import PixelBounds
 
@@ -52,39 +53,46 @@ class Query:
     tools: str | None = None  # the functions the model may call, as JSON text (rendered by its template)
 
 
-@dataclass(frozen=True)
-class Answer:
-    """One generated answer, from the merged or the dynamic deployment."""
+@dataclass(frozen=True, kw_only=True)
+class Answer(Completion):
+    """One generated answer: the engine's :class:`~moe_core.answers.Completion` and who answered (the
+    merged or the dynamic deployment, its adapter and version)."""
 
-    text: str
     adapter: str | None  # None: the bare base model
     mode: Mode
     version: str | None  # the merged model's or the adapter's version that answered
-    batch_size: int  # rows in the forward that generated it
-    adapters_in_batch: int  # distinct adapters in that forward
-    prompt_tokens: int  # the prompt as the model read it: chat template and image tokens included
-    completion_tokens: int
-    finish_reason: FinishReason = "stop"  # stop: end of sequence or a stop string; length: max_tokens
-    ttft_s: float | None = None  # from arrival at the deployment to the first token
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    logprobs: tuple[TokenLogprob, ...] = ()  # the answer's tokens, when the request asked
     replica_s: float = 0.0  # time in the answering replica's method (Server-Timing: replica)
-    engine_s: float = 0.0  # of which in the engine, from submission to the last token (Server-Timing: engine)
+
+    @property
+    def engine_s(self) -> float:
+        """Of ``replica_s``, the time in the engine, from submission to the last token (Server-Timing: engine)."""
+        return self.timings.total_s
+
+    @classmethod
+    def of(
+        cls, done: Completion, adapter: str | None, mode: Mode, version: str | None, replica_s: float = 0.0
+    ) -> Answer:
+        return cls(**_engine_fields(done), adapter=adapter, mode=mode, version=version, replica_s=replica_s)
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """One piece of a streamed answer: new ``text``; the last chunk has ``finish_reason`` and the usage."""
+@dataclass(frozen=True, kw_only=True)
+class Chunk(Delta):
+    """One piece of a streamed answer: the engine's :class:`~moe_core.answers.Delta` (new ``text``; the
+    last one has ``finish_reason`` and the usage) and who answered."""
 
-    text: str
     adapter: str | None
     mode: Mode
     version: str | None
-    finish_reason: FinishReason | None = None  # set on the last chunk only
-    prompt_tokens: int = 0
-    completion_tokens: int = 0  # tokens generated so far
-    cached_tokens: int = 0
-    logprobs: tuple[TokenLogprob, ...] = ()  # this chunk's tokens, when the request asked
+
+    @classmethod
+    def of(cls, piece: Delta | Completion, adapter: str | None, mode: Mode, version: str | None) -> Chunk:
+        """``piece`` as a chunk: a delta, or a whole answer as the one and last chunk of a stream."""
+        return cls(**_engine_fields(piece), adapter=adapter, mode=mode, version=version)
+
+
+def _engine_fields(piece: Delta | Completion) -> dict[str, Any]:
+    """The engine's fields of ``piece`` (a delta and a completion have the same ones), not copied."""
+    return {f.name: getattr(piece, f.name) for f in fields(Completion)}
 
 
 @dataclass(frozen=True)

@@ -65,17 +65,7 @@ class _Answered:
 
 def _whole(answer: Answer) -> Chunk:
     """A whole answer as the one and last chunk of a stream."""
-    return Chunk(
-        answer.text,
-        answer.adapter,
-        answer.mode,
-        answer.version,
-        answer.finish_reason,
-        answer.prompt_tokens,
-        answer.completion_tokens,
-        answer.cached_tokens,
-        answer.logprobs,
-    )
+    return Chunk.of(answer, answer.adapter, answer.mode, answer.version)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 
-from moe_core.answers import Classification, Timings
+from moe_core.answers import Classification, Completion, Delta, Timings
 from moe_core.generation import Turn
 from moe_core.vision import PixelBounds
-
-if TYPE_CHECKING:
-    from moe_core.answers import FinishReason, TokenLogprob
 
 __all__ = [
     "BASE",
@@ -96,36 +93,6 @@ class GenerationResult:
     adapters_in_batch: int
     latency_s: float
     prompt_tokens: int = 0  # the row's prompt, image tokens and chat template included
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New text of one request; the last delta has ``finish_reason`` and the timings."""
-
-    text: str
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    batch_size: int = 0  # rows in the step that produced it
-    adapters_in_batch: int = 0
-    timings: Timings | None = None
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens since the last delta (when the row asked)
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A whole answer (the deltas of :meth:`~moe_core.engine.scheduler.Scheduler.stream` joined)."""
-
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    batch_size: int  # most rows in a step while it ran
-    adapters_in_batch: int
-    timings: Timings
-    cached_tokens: int = 0
-    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class VisionLanguageModel(Protocol):

@@ -198,7 +198,7 @@ async def test_dynamic_one_missing_adapter_fails_only_its_row(store: Storage) ->
 @on_loop
 async def test_a_broken_pointer_fails_only_its_adapters_rows(store: Storage) -> None:
     d, _ = _dynamic(store)
-    (Path(store.slot("expert", "login-window")) / "CURRENT").write_text('{"version": "../../x"}')
+    (Path(store.versions_dir("expert", "login-window")) / "CURRENT").write_text('{"version": "../../x"}')
     ok, broken = await asyncio.gather(
         d.generate(_q("a"), "calendar"), d.generate(_q("b"), "login-window"), return_exceptions=True
     )
@@ -601,3 +601,33 @@ def test_expected_replica_errors_are_logged_in_one_line_at_their_level() -> None
     ]
     assert seen[0].getMessage() == "Request refused: BadInput: prompt: too long"
     assert seen[2].getMessage() == "Request failed."
+
+
+def test_an_answer_and_a_chunk_are_the_engines_values_plus_who_answered_and_survive_pickling() -> None:
+    """Ray pickles them between replicas: the engine's fields come through as the engine made them."""
+    import pickle
+
+    from deployments.messages import Chunk
+    from moe_core.answers import TokenLogprob
+
+    timings = Timings(0.01, 0.02, 0.05, 0.01)
+    done = Completion("click(1, 2)", "length", 30, 4, 3, 2, timings, 8, (TokenLogprob("c", -0.1),))
+    answer = Answer.of(done, "calendar", "dynamic", "v2", replica_s=0.07)
+    assert pickle.loads(pickle.dumps(answer)) == answer
+    assert (answer.text, answer.finish_reason, answer.batch_size, answer.cached_tokens) == (
+        "click(1, 2)",
+        "length",
+        3,
+        8,
+    )
+    assert (answer.adapter, answer.mode, answer.version, answer.engine_s) == (
+        "calendar",
+        "dynamic",
+        "v2",
+        0.05,
+    )
+    chunk = Chunk.of(Delta("cl", None, 30, 1), "calendar", "merged", "m1")
+    assert pickle.loads(pickle.dumps(chunk)) == chunk
+    assert (chunk.text, chunk.finish_reason, chunk.mode, chunk.timings) == ("cl", None, "merged", None)
+    whole = Chunk.of(answer, answer.adapter, answer.mode, answer.version)  # an answer as one last chunk
+    assert (whole.text, whole.finish_reason, whole.logprobs) == (answer.text, "length", answer.logprobs)

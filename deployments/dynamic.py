@@ -77,7 +77,8 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live settings from `serve deploy` (validated; a bad value is refused naming the field)."""
         live = DynamicLive.from_user_config(user_config, "DynamicLoRA")
-        slots = live.max_loaded_adapters + (1 if self.router_cache is not None else 0)  # the router's own
+        router_slot = 1 if self.router_cache is not None else 0  # the routing adapter's own LoRA slot
+        lora_slots = live.max_loaded_adapters + router_slot
         if self.cache is None:
             self.cache = AdapterCache(
                 self.engine,
@@ -88,8 +89,8 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
                 busy=self.engine.in_use,
             )
         else:
-            self.cache.resize(live.max_loaded_adapters)  # evicts first: the slots shrink after
-        self.engine.set_lora_slots(slots, self.settings.max_lora_rank)
+            self.cache.resize(live.max_loaded_adapters)  # evicts first: the LoRA slots shrink after
+        self.engine.set_lora_slots(lora_slots, self.settings.max_lora_rank)
         self.live = live
         served = self.served
         for name in [n for n in self.cache.resident if n not in served]:

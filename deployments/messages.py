@@ -65,7 +65,7 @@ class Answer(Completion):
 
     @property
     def engine_s(self) -> float:
-        """Of ``replica_s``, the time in the engine, from submission to the last token (Server-Timing: engine)."""
+        """Of ``replica_s``, the engine's: submission to the last token (Server-Timing: engine)."""
         return self.timings.total_s
 
     @classmethod

@@ -15,7 +15,7 @@ holds them together) and :mod:`~moe_core.engine.reference` (its Hugging Face ref
 """
 
 from moe_core.engine.core import Engine
-from moe_core.engine.prompts import PROMPT_SLOT, TEMPLATE_CACHE_SIZE, Prompt, PromptBuilder
+from moe_core.engine.prompts import TEMPLATE_CACHE_SIZE, TEXT_PLACEHOLDER, Prompt, PromptBuilder
 from moe_core.engine.request import (
     BASE,
     ChatProcessor,
@@ -37,8 +37,8 @@ from moe_core.engine.scheduler import Scheduler, StepRecord, run_batch
 
 __all__ = [
     "BASE",
-    "PROMPT_SLOT",
     "TEMPLATE_CACHE_SIZE",
+    "TEXT_PLACEHOLDER",
     "ChatProcessor",
     "Classification",
     "Completion",

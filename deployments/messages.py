@@ -91,8 +91,9 @@ class Chunk(Delta):
 
 
 def _engine_fields(piece: Delta | Completion) -> dict[str, Any]:
-    """The engine's fields of ``piece`` (a delta and a completion have the same ones), not copied."""
-    return {f.name: getattr(piece, f.name) for f in fields(Completion)}
+    """The engine's fields of ``piece`` (a delta's or a completion's, which have the same names), not
+    copied, and none of who answered when ``piece`` is already an answer or a chunk."""
+    return {f.name: getattr(piece, f.name) for f in fields(Delta if isinstance(piece, Delta) else Completion)}
 
 
 @dataclass(frozen=True)

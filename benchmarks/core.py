@@ -100,8 +100,8 @@ def _continuous_batching(
     row waiting for the batch's longest), all requests arriving at once."""
     import asyncio
 
-    from moe_core.engine.sampling import SamplingParams
     from moe_core.engine.scheduler import Scheduler
+    from moe_core.generation import SamplingParams
 
     sched = Scheduler(engine, max_running=8, max_queued=64)
     streams = [

@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.core import Samples
 from moe_core.config import DeploymentConfig, EngineSettings
-from moe_core.engine import ChatTurn, Engine, GenerationRequest, SamplingParams, Scheduler, run_batch
+from moe_core.engine import Engine, GenerationRequest, SamplingParams, Scheduler, Turn, run_batch
 
 __all__ = ["kv_benchmarks", "v2_decode_write", "v2_join"]
 
@@ -189,11 +189,11 @@ def _join_and_decode(
 
 # ------------------------------------------------------------------------------ the agent session
 def _session(images: list[Any], answers: list[str], turn: int) -> GenerationRequest:
-    turns: list[ChatTurn] = []
+    turns: list[Turn[Any]] = []
     for k in range(turn):
-        turns.append(ChatTurn("user", (images[k], f"Step {k + 1}: what do you click on this screen?")))
+        turns.append(Turn("user", (images[k], f"Step {k + 1}: what do you click on this screen?")))
         if k < turn - 1:
-            turns.append(ChatTurn("assistant", (answers[k],)))
+            turns.append(Turn("assistant", (answers[k],)))
     return GenerationRequest(None, "", None, turns=tuple(turns))
 
 

@@ -36,8 +36,8 @@ from benchmarks.core import Samples, make_loras
 from merge_jobs.merge import merge_loaded
 from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest
-from moe_core.engine.sampling import SamplingParams
 from moe_core.engine.scheduler import Scheduler
+from moe_core.generation import SamplingParams
 
 __all__ = ["BEFORE", "step_benchmarks", "timed_steps"]
 

@@ -88,8 +88,8 @@ def storage_benchmarks(
             local.publish("merged", "bench", src, version=version)
             manifest = s3.manifest("merged", "bench", version)
             ways = {
-                "s3": (s3.fs, f"{s3.slot('merged', 'bench')}/{version}"),
-                "local": (local.fs, f"{local.slot('merged', 'bench')}/{version}"),
+                "s3": (s3.fs, f"{s3.versions_dir('merged', 'bench')}/{version}"),
+                "local": (local.fs, f"{local.versions_dir('merged', 'bench')}/{version}"),
             }
             for _ in range(rounds):
                 for where, (fs, remote) in ways.items():

@@ -33,7 +33,7 @@ class AdapterNotFound(LookupError):
 
 
 class CacheBusy(RuntimeError):
-    """Every adapter slot serves running requests: a new adapter cannot be loaded now (a 503)."""
+    """Every LoRA slot serves running requests: a new adapter cannot be loaded now (a 503)."""
 
 
 class AdapterEngine(Protocol):
@@ -83,10 +83,10 @@ class AdapterCache:
         self.kind = kind
         self.events = events
         self.busy = busy or set  # adapters with queued or running rows: never evicted or reloaded under them
-        self.wait_s = wait_s  # how long a load waits for a slot to free up before it gives up
+        self.wait_s = wait_s  # how long a load waits for a LoRA slot to free up before it gives up
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[None]] = {}
-        self._reserved: set[str] = set()  # new adapters whose load runs: they hold a slot already
+        self._reserved: set[str] = set()  # new adapters whose load runs: they hold a LoRA slot already
         self._pinned: Counter[str] = Counter()  # adapters an ensure() in progress returns to its caller
         self.loads = 0
         self.evictions = 0
@@ -146,7 +146,7 @@ class AdapterCache:
             elif entry is not None and name in self.busy():
                 pass  # rows decode with the loaded version: the new one is loaded once they are done
             else:
-                if entry is None:  # make room first: the engine's slots never hold more than the capacity
+                if entry is None:  # make room first: the LoRA slots never hold more than the capacity
                     await self._make_room(name, keep)
                 try:
                     await asyncio.to_thread(self._load, name, current)

@@ -17,17 +17,19 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+from PIL import Image
+
 from deployments.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
 from deployments.engines import DeploymentEngine, ModelDeployment, answer_of, engine_refusal, engine_stats
 from deployments.messages import Answer, Chunk, DynamicStats, Query, RouteRequest, RouteResult
 from deployments.observability import DynamicMetrics
-from deployments.routing import Classification, decide
+from deployments.routing import decide
 from deployments.schemas import BadInput
 from deployments.settings import DynamicSettings
 from moe_core.config import DynamicLive
-from moe_core.engine import ChatTurn, GenerationRequest
+from moe_core.engine import GenerationRequest, Turn
 from moe_core.engine.request import Completion, Delta
-from moe_core.engine.sampling import SamplingParams
+from moe_core.generation import SamplingParams
 
 __all__ = ["AdapterNotServed", "DynamicLoRA", "NotConfigured", "RoutingUnavailable"]
 
@@ -75,7 +77,8 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live settings from `serve deploy` (validated; a bad value is refused naming the field)."""
         live = DynamicLive.from_user_config(user_config, "DynamicLoRA")
-        slots = live.max_loaded_adapters + (1 if self.router_cache is not None else 0)  # the router's own
+        router_slot = 1 if self.router_cache is not None else 0  # the routing adapter's own LoRA slot
+        lora_slots = live.max_loaded_adapters + router_slot
         if self.cache is None:
             self.cache = AdapterCache(
                 self.engine,
@@ -86,8 +89,8 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
                 busy=self.engine.in_use,
             )
         else:
-            self.cache.resize(live.max_loaded_adapters)  # evicts first: the slots shrink after
-        self.engine.set_lora_slots(slots, self.settings.max_lora_rank)
+            self.cache.resize(live.max_loaded_adapters)  # evicts first: the LoRA slots shrink after
+        self.engine.set_lora_slots(lora_slots, self.settings.max_lora_rank)
         self.live = live
         served = self.served
         for name in [n for n in self.cache.resident if n not in served]:
@@ -128,17 +131,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
             async for d in self.engine.stream(request, params, request_id=query.request_id):
                 if d.timings is not None:
                     self._finished(query, adapter, d)
-                yield Chunk(
-                    d.text,
-                    adapter,
-                    "dynamic",
-                    version,
-                    d.finish_reason,
-                    d.prompt_tokens,
-                    d.completion_tokens,
-                    d.cached_tokens,
-                    d.logprobs,
-                )
+                yield Chunk.of(d, adapter, "dynamic", version)
         except Exception as e:
             raise self._failed(e) from e
 
@@ -195,23 +188,21 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         q = req.query
         if q.image is None:
             raise BadInput("messages", "routing needs a screenshot: send an image, or name an expert")
-        system = ChatTurn("system", ("",), inline=True)  # the routing adapter's prompt has no system text
+        system = Turn[Image.Image]("system", ("",), inline=True)  # the routing adapter's: no system text
         image, key = self.images.open(q.image)  # decoded once: the answer in place reads it again
         request = GenerationRequest(
             None,
             self.settings.router_prompt,
             name,
             bounds=q.bounds,
-            turns=(system, ChatTurn("user", (image, self.settings.router_prompt))),
+            turns=(system, Turn("user", (image, self.settings.router_prompt))),
             image_key=key,  # the features serve the answer too
         )
         try:
             res = await self.engine.classify(request, req.policy.label_names(), request_id=q.request_id)
         except Exception as e:
             raise self._failed(e) from e
-        decision = decide(
-            Classification(res.label, res.confidence, res.scores), req.policy, req.prefer_merged
-        )
+        decision = decide(res, req.policy, req.prefer_merged)
         answer = None
         if req.answer_in_place and decision.action == "answer" and decision.target == "dynamic":
             answer = await self.generate(q, decision.adapter)

@@ -10,6 +10,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -21,10 +22,10 @@ from deployments.messages import Answer
 from deployments.observability import quiet_expected_errors
 from deployments.schemas import BadInput, Mode
 from moe_core.config import EngineSettings
-from moe_core.engine import ChatTurn, ClassifyResult, Engine, GenerationRequest, InvalidInput
+from moe_core.engine import Classification, Engine, GenerationRequest, InvalidInput, Turn
 from moe_core.engine.request import Completion, Delta, PromptTooLong, QueueFull
-from moe_core.engine.sampling import SamplingParams
 from moe_core.engine.scheduler import Scheduler
+from moe_core.generation import SamplingParams
 from moe_core.storage.store import Storage
 
 if TYPE_CHECKING:
@@ -57,13 +58,13 @@ class DeploymentEngine(Protocol):
     ) -> Completion: ...
     async def classify(
         self, request: GenerationRequest, labels: Sequence[str], *, request_id: str = ""
-    ) -> ClassifyResult: ...
+    ) -> Classification: ...
     def prompt_tokens(
         self,
         prompt: str,
         image_tokens: int,
         system_prompt: str | None = None,
-        turns: Sequence[ChatTurn] = (),
+        turns: Sequence[Turn[Image.Image]] = (),
         tools: str | None = None,
     ) -> int: ...
     def load_adapter(self, name: str, path: str | Path) -> None: ...
@@ -120,22 +121,8 @@ def answer_of(
     started: float,
 ) -> Answer:
     """A replica's :class:`Answer` from the engine's completion; ``started``: when the replica's method began."""
-    return Answer(
-        done.text,
-        adapter,
-        mode,
-        version,
-        done.batch_size,
-        adapters_in_batch,
-        done.prompt_tokens,
-        done.completion_tokens,
-        done.finish_reason,
-        done.timings.ttft_s,
-        done.cached_tokens,
-        done.logprobs,
-        replica_s=time.perf_counter() - started,
-        engine_s=done.timings.total_s,
-    )
+    answer = Answer.of(done, adapter, mode, version, replica_s=time.perf_counter() - started)
+    return replace(answer, adapters_in_batch=adapters_in_batch)
 
 
 def engine_stats(engine: object) -> dict[str, int]:
@@ -193,7 +180,7 @@ class ModelDeployment(ABC, Generic[S]):
         query brings none (a merged model answers for its adapter with no adapter of its own)."""
         images = [self.images.open(b)[0] for b in query.images]
         turns = tuple(
-            ChatTurn(
+            Turn(
                 t.role,
                 tuple(p if isinstance(p, str) else images[p] for p in t.parts),
                 tool_calls=t.tool_calls,
@@ -216,36 +203,15 @@ class ModelDeployment(ABC, Generic[S]):
             raise BadInput(
                 "max_tokens", f"max_tokens {s.max_tokens} is over this server's limit of {limit}", 400
             )
-        constraint = s.constraint
-        if constraint is None and s.expert_grammar:
-            constraint = self.settings.output_constraint(expert or adapter)  # the expert's declared grammar
-        try:
-            params = SamplingParams(
-                s.max_tokens,
-                s.temperature,
-                s.top_p,
-                s.seed,
-                s.stop,
-                min_tokens=s.min_tokens,
-                ignore_eos=s.ignore_eos,
-                top_k=s.top_k,
-                repetition_penalty=s.repetition_penalty,
-                presence_penalty=s.presence_penalty,
-                frequency_penalty=s.frequency_penalty,
-                constraint=constraint,
-                logprobs=s.logprobs,
-            )
-        except ValueError as e:
-            raise BadInput(str(e).split(" ", 1)[0], str(e), 400) from e
-        return request, params
+        if s.constraint is None and s.expert_grammar:  # the expert's declared grammar
+            s = replace(s, constraint=self.settings.output_constraint(expert or adapter))
+        return request, s
 
     def check_prompt(self, engine: DeploymentEngine, query: Query) -> None:
         """Refuse a prompt over ``max_prompt_tokens`` (its images' tokens included) with a 4xx."""
         limit = self.settings.engine.max_prompt_tokens
         turns = tuple(
-            ChatTurn(
-                t.role, tuple(p if isinstance(p, str) else _IMAGE for p in t.parts), tool_calls=t.tool_calls
-            )
+            Turn(t.role, tuple(p if isinstance(p, str) else _IMAGE for p in t.parts), tool_calls=t.tool_calls)
             for t in query.turns
         )
         try:

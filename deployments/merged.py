@@ -25,7 +25,7 @@ from deployments.messages import Answer, Chunk, MergedStatus, Query
 from deployments.observability import MergedMetrics
 from deployments.settings import MergedSettings, ModelSettings
 from moe_core.engine import GenerationRequest
-from moe_core.engine.sampling import SamplingParams
+from moe_core.generation import SamplingParams
 
 __all__ = ["MergedModel", "ModelUnavailable"]
 
@@ -99,22 +99,22 @@ class _MergedBase(ModelDeployment[S]):
         )
         self._set_stale(new.stale)
         _retire(old)
-        if old_adapter is not None and old_adapter != new.adapter:  # a slot moved on: the node cache may
-            self._release_storage(old_adapter)  # evict what it served (once unused)
+        if old_adapter is not None and old_adapter != new.adapter:  # a promotion slot moved on: the node
+            self._release_storage(old_adapter)  # cache may evict what it served (once unused)
         self.metrics.serving(
             new.adapter, new.version, old_version if old_adapter == new.adapter else None, new.seconds
         )
         logger.info("merged %s: serving version %s (loaded in %.2fs)", new.adapter, new.version, new.seconds)
 
     def _release(self) -> None:
-        """Serve nothing (a slot that was freed): the engine's running rows finish, then it is dropped;
-        the node cache may evict the version once no process uses it."""
+        """Serve nothing (a promotion slot that was freed): the engine's running rows finish, then it is
+        dropped; the node cache may evict the version once no process uses it."""
         old, adapter = self.engine, self.adapter
         self.engine, self.adapter, self.version, self.source, self.stale = None, None, None, {}, None
         _retire(old)
         if adapter is not None:
             self._release_storage(adapter)
-        logger.info("merged slot: released %s", adapter)
+        logger.info("promotion slot: released %s", adapter)
 
     def _release_storage(self, adapter: str) -> None:
         release = getattr(self.storage, "release", None)  # a test's fake store may have none
@@ -188,8 +188,9 @@ class _MergedBase(ModelDeployment[S]):
     async def _prepare(
         self, query: Query, adapter: str | None
     ) -> tuple[DeploymentEngine, str, str | None, GenerationRequest, SamplingParams]:
-        """The engine, the adapter it serves and its version, read together (a slot changes adapter),
-        and the request; refuses when this replica does not serve ``adapter`` (None: whatever it serves)."""
+        """The engine, the adapter it serves and its version, read together (a promotion slot changes
+        adapter), and the request; refuses when this replica does not serve ``adapter`` (None: whatever it
+        serves)."""
         await self._refresh()
         engine, served, version = self.engine, self.adapter, self.version
         if adapter is not None and adapter != served:
@@ -203,7 +204,8 @@ class _MergedBase(ModelDeployment[S]):
         return engine, served, version, request, params
 
     async def generate(self, query: Query, adapter: str | None = None) -> Answer:
-        """The whole answer; ``adapter`` names the adapter the caller expects (a slot may have moved on)."""
+        """The whole answer; ``adapter`` names the adapter the caller expects (a promotion slot may have
+        moved on)."""
         t0 = time.perf_counter()
         engine, served, version, request, params = await self._prepare(query, adapter)
         try:
@@ -226,17 +228,7 @@ class _MergedBase(ModelDeployment[S]):
                         "merged", served, query.request_id, d.timings, d.prompt_tokens, d.completion_tokens
                     )
                     self.metrics.engine_state(engine_stats(engine))
-                yield Chunk(
-                    d.text,
-                    served,
-                    "merged",
-                    version,
-                    d.finish_reason,
-                    d.prompt_tokens,
-                    d.completion_tokens,
-                    d.cached_tokens,
-                    d.logprobs,
-                )
+                yield Chunk.of(d, served, "merged", version)
         except Exception as e:
             raise engine_refusal(e, self.metrics.rejected.inc) from e
 

@@ -6,16 +6,14 @@ Ray pickles them between replicas; none holds a model or a Ray object.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from deployments.routing import Classification, Decision, RoutingPolicy
 from deployments.schemas import Mode
-from moe_core.answers import FinishReason, TokenLogprob
-from moe_core.structured import Constraint
+from moe_core.answers import Completion, Delta, FinishReason, TokenLogprob
+from moe_core.generation import SamplingParams, Turn
 from moe_core.vision import PixelBounds
-
-#: Why generation ended, as OpenAI names it.
 
 __all__ = [
     "Answer",
@@ -28,19 +26,10 @@ __all__ = [
     "Query",
     "RouteRequest",
     "RouteResult",
-    "Sampling",
+    "SamplingParams",
     "TokenLogprob",
     "Turn",
 ]
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One chat message: ``parts`` are text (``str``) and images (``int``: an index into ``Query.images``)."""
-
-    role: Literal["system", "user", "assistant", "tool"]
-    parts: tuple[str | int, ...]
-    tool_calls: tuple[tuple[str, str], ...] = ()  # an assistant's calls: (function name, arguments JSON)
 
 
 @dataclass(frozen=True)
@@ -58,65 +47,53 @@ class Query:
     bounds: PixelBounds  # the pixels the model sees of each image: the config's, narrowed by the request
     image_tokens: int  # what the images cost in the prompt at those bounds, known before any batch
     request_id: str = ""  # Serve's request id (the client's X-Request-Id), for log lines in every hop
-    sampling: Sampling = field(default_factory=lambda: Sampling())
-    turns: tuple[Turn, ...] = ()  # a whole conversation (chat API); empty: ``image`` + ``prompt``
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    turns: tuple[Turn[int], ...] = ()  # a whole conversation (chat API); empty: ``image`` + ``prompt``
     images: tuple[bytes, ...] = ()  # the conversation's images, in order of appearance
     tools: str | None = None  # the functions the model may call, as JSON text (rendered by its template)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Per-request generation settings; the defaults are greedy decoding up to the engine's limit."""
+@dataclass(frozen=True, kw_only=True)
+class Answer(Completion):
+    """One generated answer: the engine's :class:`~moe_core.answers.Completion` and who answered (the
+    merged or the dynamic deployment, its adapter and version)."""
 
-    max_tokens: int | None = None  # None: the engine's max_new_tokens
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None  # with temperature > 0: the same seed, the same text
-    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
-    min_tokens: int = 0  # the end of sequence is not picked before this many tokens
-    ignore_eos: bool = False  # the end of sequence is never picked: max_tokens tokens (unless a grammar ends)
-    top_k: int = 0  # 0: off
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None  # None: none; k: the chosen tokens' and the k most likely ones'
-    constraint: Constraint | None = None  # the request's own grammar for the answer
-    expert_grammar: bool = True  # the expert's declared grammar applies when the request brings none
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One generated answer, from the merged or the dynamic deployment."""
-
-    text: str
     adapter: str | None  # None: the bare base model
     mode: Mode
     version: str | None  # the merged model's or the adapter's version that answered
-    batch_size: int  # rows in the forward that generated it
-    adapters_in_batch: int  # distinct adapters in that forward
-    prompt_tokens: int  # the prompt as the model read it: chat template and image tokens included
-    completion_tokens: int
-    finish_reason: FinishReason = "stop"  # stop: end of sequence or a stop string; length: max_tokens
-    ttft_s: float | None = None  # from arrival at the deployment to the first token
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    logprobs: tuple[TokenLogprob, ...] = ()  # the answer's tokens, when the request asked
     replica_s: float = 0.0  # time in the answering replica's method (Server-Timing: replica)
-    engine_s: float = 0.0  # of which in the engine, from submission to the last token (Server-Timing: engine)
+
+    @property
+    def engine_s(self) -> float:
+        """Of ``replica_s``, the engine's: submission to the last token (Server-Timing: engine)."""
+        return self.timings.total_s
+
+    @classmethod
+    def of(
+        cls, done: Completion, adapter: str | None, mode: Mode, version: str | None, replica_s: float = 0.0
+    ) -> Answer:
+        return cls(**_engine_fields(done), adapter=adapter, mode=mode, version=version, replica_s=replica_s)
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """One piece of a streamed answer: new ``text``; the last chunk has ``finish_reason`` and the usage."""
+@dataclass(frozen=True, kw_only=True)
+class Chunk(Delta):
+    """One piece of a streamed answer: the engine's :class:`~moe_core.answers.Delta` (new ``text``; the
+    last one has ``finish_reason`` and the usage) and who answered."""
 
-    text: str
     adapter: str | None
     mode: Mode
     version: str | None
-    finish_reason: FinishReason | None = None  # set on the last chunk only
-    prompt_tokens: int = 0
-    completion_tokens: int = 0  # tokens generated so far
-    cached_tokens: int = 0
-    logprobs: tuple[TokenLogprob, ...] = ()  # this chunk's tokens, when the request asked
+
+    @classmethod
+    def of(cls, piece: Delta | Completion, adapter: str | None, mode: Mode, version: str | None) -> Chunk:
+        """``piece`` as a chunk: a delta, or a whole answer as the one and last chunk of a stream."""
+        return cls(**_engine_fields(piece), adapter=adapter, mode=mode, version=version)
+
+
+def _engine_fields(piece: Delta | Completion) -> dict[str, Any]:
+    """The engine's fields of ``piece`` (a delta's or a completion's, which have the same names), not
+    copied, and none of who answered when ``piece`` is already an answer or a chunk."""
+    return {f.name: getattr(piece, f.name) for f in fields(Delta if isinstance(piece, Delta) else Completion)}
 
 
 @dataclass(frozen=True)

@@ -404,7 +404,7 @@ SWITCH_BUCKETS = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 12
 
 
 class PromotionMetrics:
-    """The promotion controller's decisions, what each slot holds, and how long promotions take."""
+    """The promotion controller's decisions, what each promotion slot holds, and how long promotions take."""
 
     def __init__(self) -> None:
         self.switches = _counter(

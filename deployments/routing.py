@@ -7,24 +7,14 @@ out what :func:`decide` returns.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from deployments.schemas import BadInput, RoutedVia
+from deployments.schemas import BadInput, Mode, RoutedVia
+from moe_core.answers import Classification
 from moe_core.config import GatewayLive
 
-__all__ = ["Classification", "Decision", "RoutedVia", "RoutingPolicy", "Target", "decide"]
-
-Target = Literal["merged", "dynamic"]
-
-
-@dataclass(frozen=True)
-class Classification:
-    """The routing adapter's verdict on one screenshot."""
-
-    label: str  # the adapter name it chose
-    confidence: float
-    scores: Mapping[str, float] = field(default_factory=dict)
+__all__ = ["Classification", "Decision", "Mode", "RoutedVia", "RoutingPolicy", "decide"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +45,7 @@ class RoutingPolicy:
             raise BadInput("expert", f"unknown expert {name!r}; known: {sorted(self.experts)}", 404)
         return name
 
-    def target(self, adapter: str | None, prefer_merged: bool | None) -> Target:
+    def target(self, adapter: str | None, prefer_merged: bool | None) -> Mode:
         """Merged when the adapter has an enabled merged deployment and merged is preferred."""
         prefer = self.live.prefer_merged if prefer_merged is None else prefer_merged
         return "merged" if adapter is not None and prefer and adapter in self.merged else "dynamic"
@@ -71,7 +61,7 @@ class Decision:
 
     action: Literal["answer", "reject"]
     adapter: str | None
-    target: Target
+    target: Mode
     routed_via: RoutedVia
     classification: Classification
 

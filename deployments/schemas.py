@@ -21,7 +21,7 @@ __all__ = [
     "error_body",
 ]
 
-#: Which deployment generated an answer.
+#: Which deployment serves a request (the routing decision's target) and so generated its answer.
 Mode = Literal["merged", "dynamic"]
 #: How the adapter was chosen: named by the client, by the routing adapter, or the base model below threshold.
 RoutedVia = Literal["explicit", "router", "router-below-threshold"]
@@ -81,6 +81,10 @@ class ImageInfo(BaseModel):
 
 
 class Usage(BaseModel):
+    """``/infer``'s usage: flat, with the image's tokens and the cached ones beside the counts. The chat
+    API's :class:`~deployments.openai_api.responses.CompletionUsage` counts the same tokens in OpenAI's
+    shape (``prompt_tokens_details``); the two stay apart because their JSON differs on the wire."""
+
     prompt_tokens: int = Field(description="Prompt tokens as the model read them: template, text and image.")
     completion_tokens: int = Field(description="Tokens generated.")
     total_tokens: int = Field(description="prompt_tokens + completion_tokens.")

@@ -15,7 +15,7 @@ from deployments.gateway.errors import ServiceUnavailable, first_line, translate
 from deployments.gateway.middleware import ApiKeys
 from deployments.messages import Answer, Query, RouteRequest, RouteResult
 from deployments.observability import GatewayMetrics, RequestTrace, current_request_id, request_logger
-from deployments.routing import RoutingPolicy, Target
+from deployments.routing import Mode, RoutingPolicy
 from deployments.schemas import BadInput
 from deployments.settings import GatewaySettings
 from moe_core.config import ConfigError, GatewayLive
@@ -168,7 +168,7 @@ class GatewayCore:
         return routed
 
     async def _generate(
-        self, policy: RoutingPolicy, adapter: str | None, target: Target, query: Query, trace: RequestTrace
+        self, policy: RoutingPolicy, adapter: str | None, target: Mode, query: Query, trace: RequestTrace
     ) -> tuple[Answer, bool]:
         """The answer from ``target``, generated once, and whether it is a fallback from merged."""
         t0 = time.perf_counter()

@@ -10,10 +10,10 @@ from deployments.gateway.api import api
 from deployments.gateway.core import GatewayCore
 from deployments.gateway.errors import ServiceUnavailable
 from deployments.images import check_image, decode_b64
-from deployments.messages import Answer, Query, Sampling
+from deployments.messages import Answer, Query, SamplingParams
 from deployments.observability import RequestTrace, current_request_id
 from deployments.outputs import constraint_of
-from deployments.routing import RoutedVia, RoutingPolicy, Target
+from deployments.routing import Mode, RoutedVia, RoutingPolicy
 from deployments.schemas import (
     BadInput,
     ImageInfo,
@@ -156,7 +156,7 @@ class InferRoutes(GatewayCore):
             )
         trace.image_tokens = image.tokens
         constraint = constraint_of(req)
-        sampling = Sampling(
+        sampling = SamplingParams(
             constraint=constraint, expert_grammar=constraint is None, logprobs=0 if req.logprobs else None
         )
         return Query(data, req.prompt, bounds, image.tokens, trace.request_id, sampling), image
@@ -165,7 +165,7 @@ class InferRoutes(GatewayCore):
         self,
         policy: RoutingPolicy,
         adapter: str | None,
-        target: Target,
+        target: Mode,
         query: Query,
         image: ImagePlan,
         via: RoutedVia,

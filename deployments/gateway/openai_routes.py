@@ -35,7 +35,7 @@ from deployments.openai_api.responses import (
     moe_headers,
 )
 from deployments.openai_api.stream import DONE, ChunkWriter
-from deployments.routing import RoutedVia, RoutingPolicy, Target
+from deployments.routing import Mode, RoutedVia, RoutingPolicy
 from deployments.schemas import BadInput
 from deployments.tool_calls import ToolCall, ToolCallParser
 
@@ -65,17 +65,7 @@ class _Answered:
 
 def _whole(answer: Answer) -> Chunk:
     """A whole answer as the one and last chunk of a stream."""
-    return Chunk(
-        answer.text,
-        answer.adapter,
-        answer.mode,
-        answer.version,
-        answer.finish_reason,
-        answer.prompt_tokens,
-        answer.completion_tokens,
-        answer.cached_tokens,
-        answer.logprobs,
-    )
+    return Chunk.of(answer, answer.adapter, answer.mode, answer.version)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +73,7 @@ class _Route:
     """Who answers a chat request, and how that was decided."""
 
     adapter: str | None
-    target: Target
+    target: Mode
     via: RoutedVia
     confidence: float | None = None
     answer: Answer | None = None  # the routing hop's answer, when it answered in place

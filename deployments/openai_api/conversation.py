@@ -200,7 +200,7 @@ async def build_conversation(
     if not any(m.role == "user" for m in req.messages):
         raise ApiError(400, "messages: at least one user message is required", "messages", "invalid_value")
     bounds = _bounds(req, settings)
-    turns: list[Turn] = []
+    turns: list[Turn[int]] = []
     images: list[bytes] = []
     plans: list[ImagePlan] = []
     prompt = ""
@@ -263,7 +263,7 @@ def _tool_calls(message: ChatMessage, i: int) -> tuple[tuple[str, str], ...]:
     return tuple((c.function.name, c.function.arguments) for c in message.tool_calls)
 
 
-def _is_infer_request(turns: list[Turn], prompt: str) -> bool:
+def _is_infer_request(turns: list[Turn[int]], prompt: str) -> bool:
     """One user message: one image, then non-blank text (what /infer sends the engine)."""
     if len(turns) != 1 or turns[0].role != "user":
         return False

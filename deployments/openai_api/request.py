@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.messages import Sampling
+from deployments.messages import SamplingParams
 from deployments.openai_api.errors import ApiError
 from deployments.outputs import StructuredFields, constraint_of
 from deployments.schemas import BadInput
@@ -199,7 +199,7 @@ def check_request(req: ChatCompletionRequest) -> None:
         raise ApiError(400, f"stop: at most {MAX_STOP} non-empty strings", "stop", "invalid_value")
 
 
-def sampling_of(req: ChatCompletionRequest, max_completion_tokens: int) -> Sampling:
+def sampling_of(req: ChatCompletionRequest, max_completion_tokens: int) -> SamplingParams:
     """The request's sampling (temperature 0, greedy, unless asked); asking for more tokens than the
     server's ``limits.max_completion_tokens`` is a 400 naming the field (none asked: the engine's
     ``limits.max_new_tokens``)."""
@@ -228,22 +228,25 @@ def sampling_of(req: ChatCompletionRequest, max_completion_tokens: int) -> Sampl
             "tool_choice",
             "invalid_value",
         )
-    return Sampling(
-        max_tokens=asked,
-        temperature=0.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        seed=req.seed,
-        stop=(req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ()),
-        min_tokens=req.min_tokens or 0,
-        ignore_eos=bool(req.ignore_eos),
-        top_k=max(0, req.top_k or 0),
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        constraint=constraint or tools,
-        expert_grammar=constraint is None and tools is None and not calls_tools(req),
-    )
+    try:
+        return SamplingParams(
+            max_tokens=asked,
+            temperature=0.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+            stop=(req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ()),
+            min_tokens=req.min_tokens or 0,
+            ignore_eos=bool(req.ignore_eos),
+            top_k=max(0, req.top_k or 0),
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            constraint=constraint or tools,
+            expert_grammar=constraint is None and tools is None and not calls_tools(req),
+        )
+    except ValueError as e:  # a value the request model lets through but generation refuses: the field first
+        raise ApiError.of(BadInput(str(e).split(" ", 1)[0], str(e), 400)) from e
 
 
 def calls_tools(req: ChatCompletionRequest) -> bool:

@@ -116,6 +116,9 @@ class PromptTokensDetails(BaseModel):
 
 
 class CompletionUsage(BaseModel):
+    """OpenAI's usage object: the same counts as ``/infer``'s flat :class:`~deployments.schemas.Usage`,
+    in OpenAI's wire shape (cached and image tokens under ``prompt_tokens_details``)."""
+
     prompt_tokens: int = Field(description="Prompt tokens as the model read them: template, text and images.")
     completion_tokens: int = Field(description="Tokens generated.")
     total_tokens: int = Field(description="prompt_tokens + completion_tokens.")

@@ -152,8 +152,8 @@ class DynamicConfig(ScalingConfig, BatchingConfig):
         default=32,
         ge=1,
         le=512,
-        description="Largest LoRA rank served: each of the LRU's slots is this wide in every targeted layer "
-        "(memory: slots x rank x sum of in+out features); adapters of higher rank are refused at deploy.",
+        description="Largest LoRA rank served: each of the LRU's LoRA slots is this wide in every targeted layer "
+        "(memory: LoRA slots x rank x sum of in+out features); adapters of higher rank are refused at deploy.",
     )
 
 

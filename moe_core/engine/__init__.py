@@ -15,12 +15,11 @@ holds them together) and :mod:`~moe_core.engine.reference` (its Hugging Face ref
 """
 
 from moe_core.engine.core import Engine
-from moe_core.engine.prompts import PROMPT_SLOT, TEMPLATE_CACHE_SIZE, Prompt, PromptBuilder
+from moe_core.engine.prompts import TEMPLATE_CACHE_SIZE, TEXT_PLACEHOLDER, Prompt, PromptBuilder
 from moe_core.engine.request import (
     BASE,
     ChatProcessor,
-    ChatTurn,
-    ClassifyResult,
+    Classification,
     Completion,
     Delta,
     EngineError,
@@ -30,6 +29,7 @@ from moe_core.engine.request import (
     PromptTooLong,
     QueueFull,
     Timings,
+    Turn,
     VisionLanguageModel,
 )
 from moe_core.engine.sampling import FinishReason, SamplingParams
@@ -37,11 +37,10 @@ from moe_core.engine.scheduler import Scheduler, StepRecord, run_batch
 
 __all__ = [
     "BASE",
-    "PROMPT_SLOT",
     "TEMPLATE_CACHE_SIZE",
+    "TEXT_PLACEHOLDER",
     "ChatProcessor",
-    "ChatTurn",
-    "ClassifyResult",
+    "Classification",
     "Completion",
     "Delta",
     "Engine",
@@ -58,6 +57,7 @@ __all__ = [
     "Scheduler",
     "StepRecord",
     "Timings",
+    "Turn",
     "VisionLanguageModel",
     "run_batch",
 ]

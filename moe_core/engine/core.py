@@ -32,11 +32,11 @@ from moe_core.engine.prompts import PromptBuilder
 from moe_core.engine.request import (
     BASE,
     ChatProcessor,
-    ChatTurn,
-    ClassifyResult,
+    Classification,
     EngineError,
     GenerationRequest,
     GenerationResult,
+    Turn,
     VisionLanguageModel,
 )
 from moe_core.engine.runner import ModelRunner
@@ -333,7 +333,7 @@ class Engine:
         prompt: str,
         image_tokens: int,
         system_prompt: str | None = None,
-        turns: Sequence[ChatTurn] = (),
+        turns: Sequence[Turn[Image.Image]] = (),
         tools: str | None = None,
     ) -> int:
         """Tokens of the chat prompt (:meth:`PromptBuilder.prompt_tokens`); safe from any thread."""
@@ -347,7 +347,7 @@ class Engine:
         answers: Sequence[str] | None = None,
         padding_side: str = "left",
         bounds: Sequence[PixelBounds | None] | None = None,
-        turns: Sequence[Sequence[ChatTurn]] | None = None,
+        turns: Sequence[Sequence[Turn[Image.Image]]] | None = None,
     ) -> Any:
         """A padded batch for Hugging Face's forward (:meth:`PromptBuilder.encode`), on the model's device."""
         return self.prompts.encode(images, prompts, system_prompt, answers, padding_side, bounds, turns).to(
@@ -447,7 +447,7 @@ class Engine:
         adapter: str | None,
         system_prompt: str = "",
         bounds: PixelBounds | None = None,
-    ) -> ClassifyResult:
+    ) -> Classification:
         """Score the label set as the assistant's answer, in one forward pass
         (:func:`~moe_core.engine.reference.classify`)."""
         return reference.classify(self, image, prompt, labels, adapter, system_prompt, bounds)

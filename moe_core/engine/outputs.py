@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moe_core.engine.request import ClassifyResult, Delta, EngineError, Timings
+from moe_core.engine.request import Classification, Delta, EngineError, Timings
 from moe_core.engine.sampling import FinishReason, next_tokens, token_logprobs
 from moe_core.engine.sequence import Job, Seq
 
@@ -82,7 +82,7 @@ def advance(
             seq.logprobs.clear()
 
 
-def score(engine: Engine, job: Job, logits: torch.Tensor) -> ClassifyResult | BaseException:
+def score(engine: Engine, job: Job, logits: torch.Tensor) -> Classification | BaseException:
     """A classification's verdict from its prompt's next-token ``logits`` (each label's first token), or
     from whole label sequences (Hugging Face's forward) when labels share a first token."""
     tok = engine.processor.tokenizer
@@ -99,4 +99,4 @@ def score(engine: Engine, job: Job, logits: torch.Tensor) -> ClassifyResult | Ba
     scores = torch.log_softmax(logits, -1)[firsts]
     probs = torch.softmax(scores, -1).tolist()
     best = max(range(len(job.labels)), key=lambda i: probs[i])
-    return ClassifyResult(job.labels[best], probs[best], dict(zip(job.labels, probs, strict=True)))
+    return Classification(job.labels[best], probs[best], dict(zip(job.labels, probs, strict=True)))

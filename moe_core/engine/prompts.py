@@ -6,7 +6,7 @@ it runs on the caller's thread with its own processor copy, outside the engine's
 rendering, tokenization and image resizing never hold up a decode step. :meth:`PromptBuilder.encode`
 gives the padded batches of Hugging Face's own forward (training, the reference paths).
 
-The chat template is rendered with :data:`PROMPT_SLOT` for every text part and each text is tokenized
+The chat template is rendered with :data:`TEXT_PLACEHOLDER` for every text part and each text is tokenized
 on its own, as text: a special-token string in a user's text (``<|im_start|>``) is never a control
 token, and ordinary text gets exactly the ids it would get inline (the template ends at special tokens
 on both sides of a text part). An assistant's tool calls (name and arguments) are spliced in the same way;
@@ -28,13 +28,13 @@ import torch
 from PIL import Image
 
 from moe_core import vision
-from moe_core.engine.request import ChatProcessor, ChatTurn, EngineError, GenerationRequest, InvalidInput
+from moe_core.engine.request import ChatProcessor, EngineError, GenerationRequest, InvalidInput, Turn
 from moe_core.vision import PixelBounds
 
-__all__ = ["PROMPT_SLOT", "TEMPLATE_CACHE_SIZE", "Prompt", "PromptBuilder", "PromptImage"]
+__all__ = ["TEMPLATE_CACHE_SIZE", "TEXT_PLACEHOLDER", "Prompt", "PromptBuilder", "PromptImage"]
 
 #: Where the user's text goes in the rendered chat template; a special token no processor expands.
-PROMPT_SLOT = "<|vision_pad|>"
+TEXT_PLACEHOLDER = "<|vision_pad|>"
 #: Clients' own system prompts whose chat template length is kept (besides the engine's own).
 TEMPLATE_CACHE_SIZE = 64
 
@@ -101,14 +101,14 @@ class PromptBuilder:
         self._template_length(system_prompt)  # counted now: the first request's check never waits
         tok = processor.tokenizer
         self.image_token_id = int(tok.convert_tokens_to_ids("<|image_pad|>"))
-        self._slot_id = int(tok.convert_tokens_to_ids(PROMPT_SLOT))
+        self._placeholder_id = int(tok.convert_tokens_to_ids(TEXT_PLACEHOLDER))
         decoder = getattr(tok, "added_tokens_decoder", {})
         self._specials = sorted({t.content for t in decoder.values() if getattr(t, "special", False)})
 
     # ------------------------------------------------------------ templates
     @staticmethod
-    def template_messages(turns: Sequence[ChatTurn]) -> tuple[list[dict[str, Any]], list[str]]:
-        """The chat template's messages with every text part as :data:`PROMPT_SLOT` (and the texts, in order)."""
+    def template_messages(turns: Sequence[Turn[Image.Image]]) -> tuple[list[dict[str, Any]], list[str]]:
+        """The chat template's messages with every text part as :data:`TEXT_PLACEHOLDER` (and the texts, in order)."""
         messages, texts = [], []
         for turn in turns:
             content: list[dict[str, Any]] = []
@@ -117,13 +117,16 @@ class PromptBuilder:
                     content.append({"type": "text", "text": part})
                 elif isinstance(part, str):
                     texts.append(part)
-                    content.append({"type": "text", "text": PROMPT_SLOT})
+                    content.append({"type": "text", "text": TEXT_PLACEHOLDER})
                 else:
                     content.append({"type": "image", "image": part})
             message: dict[str, Any] = {"role": turn.role, "content": content}
             if turn.tool_calls:  # the template writes name and arguments after the content: spliced as text
                 message["tool_calls"] = [
-                    {"type": "function", "function": {"name": PROMPT_SLOT, "arguments": PROMPT_SLOT}}
+                    {
+                        "type": "function",
+                        "function": {"name": TEXT_PLACEHOLDER, "arguments": TEXT_PLACEHOLDER},
+                    }
                     for _ in turn.tool_calls
                 ]
                 texts += [x for call in turn.tool_calls for x in call]
@@ -169,7 +172,7 @@ class PromptBuilder:
         prompt: str,
         image_tokens: int,
         system_prompt: str | None = None,
-        turns: Sequence[ChatTurn] = (),
+        turns: Sequence[Turn[Image.Image]] = (),
         tools: str | None = None,
     ) -> int:
         """Tokens of the chat prompt for ``prompt`` (or the conversation ``turns``, with ``tools``) with images of
@@ -203,7 +206,7 @@ class PromptBuilder:
 
     def _template_length(self, system: str) -> int:
         """Tokens of the chat template around one prompt and one image placeholder (cached per system prompt)."""
-        messages = self._plain_messages(Image.new("RGB", (1, 1)), PROMPT_SLOT, system)
+        messages = self._plain_messages(Image.new("RGB", (1, 1)), TEXT_PLACEHOLDER, system)
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         n = self._template_tokens[system] = len(self._counting(text)["input_ids"])
         while len(self._template_tokens) > TEMPLATE_CACHE_SIZE + 1:  # clients' prompts vary: bounded
@@ -235,7 +238,7 @@ class PromptBuilder:
         merge = self.image_factor // self.patch_size
         k_text = 0
         for token in template:
-            if token == self._slot_id:
+            if token == self._placeholder_id:
                 ids += texts[k_text]
                 k_text += 1
             elif token == self.image_token_id:
@@ -302,7 +305,7 @@ class PromptBuilder:
         answers: Sequence[str] | None = None,
         padding_side: str = "left",
         bounds: Sequence[PixelBounds | None] | None = None,
-        turns: Sequence[Sequence[ChatTurn]] | None = None,
+        turns: Sequence[Sequence[Turn[Image.Image]]] | None = None,
     ) -> Any:
         """Tokenize chat prompts with images (a padded batch); with ``answers``, append them as the
         assistant turn. Row ``i`` is ``images[i]`` and ``prompts[i]`` after the system prompt, or the
@@ -349,13 +352,13 @@ class PromptBuilder:
     def _splice(processor: Any, batch: Any, text_ids: Sequence[list[list[int]]], padding_side: str) -> Any:
         """Put each row's text tokens where the template has its placeholders, and pad the rows again."""
         tok = processor.tokenizer
-        slot = tok.convert_tokens_to_ids(PROMPT_SLOT)
+        placeholder = tok.convert_tokens_to_ids(TEXT_PLACEHOLDER)
         rows: dict[str, list[torch.Tensor]] = {"input_ids": [], "mm_token_type_ids": []}
         keys = [k for k in rows if k in batch]
         for i, parts in enumerate(text_ids):
             real = batch["attention_mask"][i].bool()
             seq = batch["input_ids"][i][real]
-            (where,) = (seq == slot).nonzero(as_tuple=True)
+            (where,) = (seq == placeholder).nonzero(as_tuple=True)
             if len(where) != len(parts):
                 raise EngineError(f"row {i}: {len(where)} text placeholders for {len(parts)} text parts")
             for k in keys:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from moe_core.engine.request import ClassifyResult, EngineError, GenerationRequest, GenerationResult
+from moe_core.engine.request import Classification, EngineError, GenerationRequest, GenerationResult
 from moe_core.vision import PixelBounds
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def classify(
     adapter: str | None,
     system_prompt: str = "",
     bounds: PixelBounds | None = None,
-) -> ClassifyResult:
+) -> Classification:
     """Score the label set as the assistant's answer; one forward pass.
 
     When every label starts with a different token, one batch-1 forward scores them all from the
@@ -92,7 +92,7 @@ def classify(
             scores = _score_sequences(engine, image, prompt, labels, label_ids, kwargs, system_prompt, bounds)
     probs = torch.softmax(scores, -1).tolist()
     best = max(range(len(labels)), key=lambda i: probs[i])
-    return ClassifyResult(labels[best], probs[best], dict(zip(labels, probs, strict=True)))
+    return Classification(labels[best], probs[best], dict(zip(labels, probs, strict=True)))
 
 
 def _score_sequences(

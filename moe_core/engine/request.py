@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 
-from moe_core.answers import Timings
+from moe_core.answers import Classification, Completion, Delta, Timings
+from moe_core.generation import Turn
 from moe_core.vision import PixelBounds
-
-if TYPE_CHECKING:
-    from moe_core.answers import FinishReason, TokenLogprob
 
 __all__ = [
     "BASE",
     "ChatProcessor",
-    "ChatTurn",
-    "ClassifyResult",
+    "Classification",
     "Completion",
     "Delta",
     "EngineError",
@@ -29,6 +26,7 @@ __all__ = [
     "PromptTooLong",
     "QueueFull",
     "Timings",
+    "Turn",
     "VisionLanguageModel",
 ]
 
@@ -58,18 +56,6 @@ class QueueFull(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ChatTurn:
-    """One message of a conversation: ``parts`` are text and images, in order."""
-
-    role: str  # system, user, assistant or tool (a tool's result)
-    parts: tuple[str | Image.Image, ...]
-    inline: bool = False  # the text is the server's own (its system prompt): rendered in the template as is
-    tool_calls: tuple[
-        tuple[str, str], ...
-    ] = ()  # an assistant's calls: (function name, arguments as JSON text)
-
-
-@dataclass(frozen=True)
 class GenerationRequest:
     """One row: ``image`` and ``prompt`` after the system prompt, or a whole conversation (``turns``,
     the engine's system prompt first when it has none of its own)."""
@@ -79,17 +65,17 @@ class GenerationRequest:
     adapter: str | None = None
     max_new_tokens: int | None = None
     bounds: PixelBounds | None = None  # this row's images' pixel bounds; None: the engine's
-    turns: tuple[ChatTurn, ...] = ()
+    turns: tuple[Turn[Image.Image], ...] = ()
     image_key: str | None = None  # names the image's content (a hash of its file): saves hashing pixels
     tools: str | None = None  # the functions the model may call (OpenAI's ``tools``, as JSON text)
 
-    def conversation(self, system: str) -> tuple[ChatTurn, ...]:
+    def conversation(self, system: str) -> tuple[Turn[Image.Image], ...]:
         if not self.turns:
             image = (self.image,) if self.image is not None else ()
-            return (ChatTurn("system", (system,), inline=True), ChatTurn("user", (*image, self.prompt)))
+            return (Turn("system", (system,), inline=True), Turn("user", (*image, self.prompt)))
         if self.turns[0].role == "system":
             return self.turns
-        return (ChatTurn("system", (system,), inline=True), *self.turns)
+        return (Turn("system", (system,), inline=True), *self.turns)
 
     @property
     def images(self) -> list[Image.Image]:
@@ -107,43 +93,6 @@ class GenerationResult:
     adapters_in_batch: int
     latency_s: float
     prompt_tokens: int = 0  # the row's prompt, image tokens and chat template included
-
-
-@dataclass(frozen=True)
-class ClassifyResult:
-    label: str
-    confidence: float
-    scores: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New text of one request; the last delta has ``finish_reason`` and the timings."""
-
-    text: str
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    batch_size: int = 0  # rows in the step that produced it
-    adapters_in_batch: int = 0
-    timings: Timings | None = None
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens since the last delta (when the row asked)
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A whole answer (the deltas of :meth:`~moe_core.engine.scheduler.Scheduler.stream` joined)."""
-
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    batch_size: int  # most rows in a step while it ran
-    adapters_in_batch: int
-    timings: Timings
-    cached_tokens: int = 0
-    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class VisionLanguageModel(Protocol):

@@ -1,8 +1,8 @@
 """Per-row generation settings: greedy or seeded sampling, token limits, stop strings, streamed text.
 
-Every row of a batch carries its own :class:`SamplingParams`; :func:`next_tokens` picks each row's next
-token from the batch's last-position logits (greedy rows by ``argmax``, exactly as ``generate`` does;
-sampled rows with their own seeded generator, so a seed gives the same text whatever else is batched),
+Every row of a batch carries its own :class:`~moe_core.generation.SamplingParams`; :func:`next_tokens`
+picks each row's next token from the batch's last-position logits (greedy rows by ``argmax``, exactly as
+``generate`` does; sampled rows with their own seeded generator, so a seed gives the same text whatever else is batched),
 after the row's penalties (repetition, presence, frequency, as vLLM applies them) and its ``top_k`` /
 ``top_p``. :func:`token_logprobs` reports the chosen token's log probability and the most likely
 alternatives from the model's raw logits (before penalties, grammar masks and temperature, as vLLM does).
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from moe_core.answers import FinishReason, TokenLogprob
-from moe_core.structured import Constraint
+from moe_core.generation import MAX_TOP_LOGPROBS, SamplingParams
 
 __all__ = [
     "MAX_TOP_LOGPROBS",
@@ -32,63 +32,6 @@ __all__ = [
     "next_tokens",
     "token_logprobs",
 ]
-
-#: The most alternatives a row may ask to be reported per token (OpenAI's limit).
-MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One row's generation settings; the defaults are greedy decoding up to the engine's limit."""
-
-    max_tokens: int | None = None  # None: the engine's max_new_tokens
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    min_tokens: int = 0  # end of sequence is ignored before this many tokens (benchmarks' fixed lengths)
-    ignore_eos: bool = False  # end of sequence is ignored until max_tokens (unless a grammar ends the row)
-    top_k: int = 0  # 0: off; else sample among the k most likely tokens
-    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and answer (CTRL's, as vLLM)
-    presence_penalty: float = 0.0  # subtracted from tokens the answer holds (OpenAI's)
-    frequency_penalty: float = 0.0  # subtracted per occurrence in the answer (OpenAI's)
-    constraint: Constraint | None = None  # the answer's grammar
-    logprobs: int | None = None  # None: none; k: the chosen token's log probability and the k best
-
-    def __post_init__(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature must be within 0..2, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty must be within (0, 2], got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name} must be within -2..2, got {getattr(self, name)}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be within 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must not be negative, got {self.min_tokens}")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
-    def penalized(self) -> bool:
-        return (self.repetition_penalty, self.presence_penalty, self.frequency_penalty) != (1.0, 0.0, 0.0)
-
-    def blocks_eos(self, generated: int) -> bool:
-        """Whether the end of sequence may not be picked after ``generated`` tokens."""
-        return self.ignore_eos or generated < self.min_tokens
 
 
 class TokenTexts:

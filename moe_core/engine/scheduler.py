@@ -26,7 +26,7 @@ from moe_core.engine.constraints import Grammar
 from moe_core.engine.planner import StepPlanner, StepRecord
 from moe_core.engine.prompts import Prompt
 from moe_core.engine.request import (
-    ClassifyResult,
+    Classification,
     Completion,
     Delta,
     EngineError,
@@ -248,7 +248,7 @@ class Scheduler(StepPlanner):
 
     async def classify(
         self, request: GenerationRequest, labels: Sequence[str], *, request_id: str = ""
-    ) -> ClassifyResult:
+    ) -> Classification:
         """Score ``labels`` as the answer to ``request`` (prefill only, batched with other rows)."""
         if not labels:
             raise EngineError("classify needs at least one label")
@@ -272,7 +272,7 @@ class Scheduler(StepPlanner):
             job.cancelled = True
         if isinstance(result, BaseException):
             raise result
-        assert isinstance(result, ClassifyResult)
+        assert isinstance(result, Classification)
         return result
 
     # ------------------------------------------------------------------ loop

@@ -13,7 +13,7 @@ import torch
 from moe_core.engine.constraints import Grammar, RowMatcher
 from moe_core.engine.kv import PageAllocator, chain_hashes
 from moe_core.engine.prompts import Prompt
-from moe_core.engine.request import ClassifyResult, Delta, GenerationRequest
+from moe_core.engine.request import Classification, Delta, GenerationRequest
 from moe_core.engine.runner import RowWork
 from moe_core.engine.sampling import SamplingParams, TextStream, TokenLogprob
 from moe_core.engine.vision_cache import Features
@@ -27,7 +27,7 @@ class Job:
 
     request: GenerationRequest
     params: SamplingParams
-    sink: Callable[[Delta | BaseException | ClassifyResult], None]
+    sink: Callable[[Delta | BaseException | Classification], None]
     prompt: Prompt
     request_id: str = ""
     labels: tuple[str, ...] = ()  # a classification: score these as the answer's first token

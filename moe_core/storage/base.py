@@ -149,7 +149,7 @@ class StorageBase:
         raise StorageUnavailable(f"storage {self.url} cannot be read: {problem}")
 
     # ----------------------------------------------------------------- layout
-    def slot(self, kind: Kind, name: str) -> str:
+    def versions_dir(self, kind: Kind, name: str) -> str:
         """The folder holding every version of one adapter or merged model."""
         validate_adapter_name(name)
         return f"{self.root}/{KIND_DIRS[kind]}/{name}"

@@ -34,7 +34,7 @@ class StorageReader(StorageBase):
 
     # ---------------------------------------------------------------- reading
     def current_version(self, kind: Kind, name: str) -> str | None:
-        path = f"{self.slot(kind, name)}/{POINTER}"
+        path = f"{self.versions_dir(kind, name)}/{POINTER}"
         try:
             raw = self.fs.cat_file(path)
         except FileNotFoundError:
@@ -59,25 +59,25 @@ class StorageReader(StorageBase):
 
     def versions(self, kind: Kind, name: str) -> list[str]:
         """Complete versions (closed by a manifest), oldest first."""
-        slot = self.slot(kind, name)
+        folder = self.versions_dir(kind, name)
         found = []
-        with self._reading(slot):
-            if not self.fs.exists(slot):
+        with self._reading(folder):
+            if not self.fs.exists(folder):
                 return []
-            for p in self.fs.ls(slot, detail=False):
+            for p in self.fs.ls(folder, detail=False):
                 v = str(p).rstrip("/").rsplit("/", 1)[-1]
-                if v.startswith("v") and self.fs.exists(f"{slot}/{v}/{MANIFEST}"):
+                if v.startswith("v") and self.fs.exists(f"{folder}/{v}/{MANIFEST}"):
                     found.append(v)
         return sorted(found)
 
     def manifest(self, kind: Kind, name: str, version: str) -> dict[str, Any]:
-        path = f"{self.slot(kind, name)}/{version}/{MANIFEST}"
+        path = f"{self.versions_dir(kind, name)}/{version}/{MANIFEST}"
         with self._reading(path):
             return dict(json.loads(self.fs.cat_file(path)))
 
     def read_json(self, kind: Kind, name: str, filename: str, version: str | None = None) -> dict[str, Any]:
         version = version or self._require_current(kind, name)
-        path = f"{self.slot(kind, name)}/{version}/{filename}"
+        path = f"{self.versions_dir(kind, name)}/{version}/{filename}"
         with self._reading(path):
             return dict(json.loads(self.fs.cat_file(path)))
 
@@ -96,7 +96,7 @@ class StorageReader(StorageBase):
         another version of ``name``, calls :meth:`release` or exits: a version in use is never evicted.
         """
         version = version or self._require_current(kind, name)
-        remote = f"{self.slot(kind, name)}/{version}"
+        remote = f"{self.versions_dir(kind, name)}/{version}"
         gone = f"{kind} {name!r} version {version}: a file of it is gone from storage (pruned while it was read?)"
         if self.local:  # read in place: every file checked against the manifest first
             folder = Path(remote)
@@ -136,7 +136,7 @@ class StorageReader(StorageBase):
             lease.release()
 
     def _remote_manifest(self, kind: Kind, name: str, version: str) -> dict[str, Any]:
-        path = f"{self.slot(kind, name)}/{version}/{MANIFEST}"
+        path = f"{self.versions_dir(kind, name)}/{version}/{MANIFEST}"
         try:
             return dict(json.loads(self.fs.cat_file(path)))
         except FileNotFoundError as e:

@@ -66,17 +66,17 @@ class StorageWriter(StorageReader):
         hashes = {p.relative_to(src).as_posix(): sha256_file(p) for p in files}
         digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
         version = version or new_version_id(digest)
-        slot = self.slot(kind, name)
+        folder = self.versions_dir(kind, name)
         manifest = {"version": version, "files": hashes, "created_at": utc_stamp()}
         t0 = time.perf_counter()
         if make_current:  # a store that cannot swap the pointer safely is refused before the upload
             self.check_compare_and_swap()
-        self._gc_partial(slot)
-        staging = f"{slot}/.tmp-{uuid.uuid4().hex}" if self.local else f"{slot}/{version}"
+        self._gc_partial(folder)
+        staging = f"{folder}/.tmp-{uuid.uuid4().hex}" if self.local else f"{folder}/{version}"
         self._copy_in(src, files, staging, progress)
         with self._writing(f"{staging}/{MANIFEST}"):
             self._write_bytes(f"{staging}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
-        final = f"{slot}/{version}"
+        final = f"{folder}/{version}"
         with self._writing(final):
             if self.local:
                 os.rename(staging, final)
@@ -104,14 +104,14 @@ class StorageWriter(StorageReader):
         """
         if version not in self.versions(kind, name):
             raise StorageError(f"{kind} {name!r} has no complete version {version!r}")
-        path = f"{self.slot(kind, name)}/{POINTER}"
+        path = f"{self.versions_dir(kind, name)}/{POINTER}"
         data = json.dumps({"version": version, "updated_at": utc_stamp(), "writer": uuid.uuid4().hex}).encode()
         backend = self._cas()
         lost = StorageError(
             f"{kind} {name!r}: the current version changed while {version} was being made current, "
             f"not by this writer; {version} is not made current (a newer write won)"
         )
-        with backend.guard(f"{self.slot(kind, name)}/.lock"):
+        with backend.guard(f"{self.versions_dir(kind, name)}/.lock"):
             raw, token = self._read_pointer(backend, path)
             if expect is not ANY:
                 now = self._pointer_version(path, raw)
@@ -189,8 +189,8 @@ class StorageWriter(StorageReader):
         protected |= {v for v in versions if v > cur and version_age_s(v) < writer_grace_s}
         doomed = [v for v in versions[:-keep] if v not in protected]
         for v in doomed:
-            with self._writing(f"{self.slot(kind, name)}/{v}"):
-                self.fs.rm(f"{self.slot(kind, name)}/{v}", recursive=True)
+            with self._writing(f"{self.versions_dir(kind, name)}/{v}"):
+                self.fs.rm(f"{self.versions_dir(kind, name)}/{v}", recursive=True)
             logger.info("%s %s: pruned version %s", kind, name, v)
         return doomed
 
@@ -222,12 +222,12 @@ class StorageWriter(StorageReader):
         else:  # one PUT: object stores replace an object atomically
             self.fs.pipe_file(path, data)
 
-    def _gc_partial(self, slot: str, older_than_s: float = 3600.0) -> None:
+    def _gc_partial(self, folder: str, older_than_s: float = 3600.0) -> None:
         """Remove leftovers of killed writers after an hour: local staging folders, and on object stores
         version folders that never got their manifest (a version id says when it was started)."""
         if not self.local:
             try:
-                entries = self.fs.ls(slot, detail=False) if self.fs.exists(slot) else []
+                entries = self.fs.ls(folder, detail=False) if self.fs.exists(folder) else []
             except self._io_errors:
                 return
             for p in entries:
@@ -235,17 +235,17 @@ class StorageWriter(StorageReader):
                 if (
                     VERSION_RE.fullmatch(v)
                     and version_age_s(v) > older_than_s
-                    and not self.fs.exists(f"{slot}/{v}/{MANIFEST}")
+                    and not self.fs.exists(f"{folder}/{v}/{MANIFEST}")
                 ):
-                    with self._writing(f"{slot}/{v}"):
-                        self.fs.rm(f"{slot}/{v}", recursive=True)
+                    with self._writing(f"{folder}/{v}"):
+                        self.fs.rm(f"{folder}/{v}", recursive=True)
                     logger.info(
-                        "%s: removed version %s that a killed writer left without a manifest", slot, v
+                        "%s: removed version %s that a killed writer left without a manifest", folder, v
                     )
             return
-        if not os.path.isdir(slot):
+        if not os.path.isdir(folder):
             return
         now = time.time()
-        for p in Path(slot).iterdir():
+        for p in Path(folder).iterdir():
             if p.name.startswith(".tmp-") and now - p.stat().st_mtime > older_than_s:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

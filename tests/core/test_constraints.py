@@ -15,8 +15,8 @@ import pytest
 from moe_core.config import DeploymentConfig
 from moe_core.engine import Engine, GenerationRequest
 from moe_core.engine.constraints import ConstraintError, Grammars
-from moe_core.engine.sampling import SamplingParams
 from moe_core.engine.scheduler import Scheduler, run_batch
+from moe_core.generation import SamplingParams
 from moe_core.structured import Constraint, ToolSpec
 from tests.helpers import screenshot
 

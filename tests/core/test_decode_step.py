@@ -19,8 +19,8 @@ import torch
 from moe_core.config import DeploymentConfig, EngineSettings
 from moe_core.engine import Engine, GenerationRequest
 from moe_core.engine.graphs import BUCKETS, bucket
-from moe_core.engine.sampling import SamplingParams
 from moe_core.engine.scheduler import Scheduler
+from moe_core.generation import SamplingParams
 from tests.helpers import make_lora, screenshot
 
 SETTINGS: EngineSettings = DeploymentConfig(limits={"min_pixels": 16384, "max_pixels": 65536}).engine_settings

@@ -171,7 +171,7 @@ def test_clients_system_prompts_are_counted_in_bounded_memory(engine: Engine) ->
 def test_the_paged_prompt_is_the_processors_own_row(engine: Engine) -> None:
     """build() (one row, no processor call, patches only when asked) gives the ids, positions and
     patches of the processor's padded batch, for one image, none, several turns and hostile text."""
-    from moe_core.engine import ChatTurn
+    from moe_core.engine import Turn
 
     shots = [screenshot(30), screenshot(31, (400, 200))]
     cases = [
@@ -182,9 +182,9 @@ def test_the_paged_prompt_is_the_processors_own_row(engine: Engine) -> None:
             None,
             "",
             turns=(
-                ChatTurn("user", (shots[0], "first")),
-                ChatTurn("assistant", ("click(1, 2)",)),
-                ChatTurn("user", (shots[1], "second", shots[0])),
+                Turn("user", (shots[0], "first")),
+                Turn("assistant", ("click(1, 2)",)),
+                Turn("user", (shots[1], "second", shots[0])),
             ),
         ),
     ]

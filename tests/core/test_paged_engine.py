@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from moe_core.config import DeploymentConfig, EngineSettings
-from moe_core.engine import ChatTurn, Completion, Engine, EngineError, GenerationRequest, Scheduler, run_batch
-from moe_core.engine.sampling import SamplingParams
+from moe_core.engine import Completion, Engine, EngineError, GenerationRequest, Scheduler, Turn, run_batch
+from moe_core.generation import SamplingParams
 from tests.helpers import make_lora, screenshot
 
 #: the demo's pixel bounds (16 image tokens an image), so prompts stay short
@@ -222,10 +222,10 @@ def test_non_finite_state_fails_its_row_alone_and_is_never_shared(engine: Engine
     assert again == bad_solo  # recomputed: the poisoned pages were forgotten, stale NaN never read
 
 
-def _turns(image1: Any, answer: str | None, image2: Any | None) -> tuple[ChatTurn, ...]:
-    turns = [ChatTurn("user", (image1, "Open the calendar"))]
+def _turns(image1: Any, answer: str | None, image2: Any | None) -> tuple[Turn[Any], ...]:
+    turns = [Turn("user", (image1, "Open the calendar"))]
     if answer is not None:
-        turns += [ChatTurn("assistant", (answer,)), ChatTurn("user", (image2, "Now pick the 3rd"))]
+        turns += [Turn("assistant", (answer,)), Turn("user", (image2, "Now pick the 3rd"))]
     return tuple(turns)
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from moe_core.config import DeploymentConfig
-from moe_core.engine import ChatTurn, Engine, EngineError, GenerationRequest
+from moe_core.engine import Engine, EngineError, GenerationRequest, Turn
 from moe_core.engine.request import PromptTooLong, QueueFull
-from moe_core.engine.sampling import SamplingParams
 from moe_core.engine.scheduler import Scheduler
+from moe_core.generation import SamplingParams
 from tests.helpers import make_lora, screenshot
 
 
@@ -189,7 +189,7 @@ def test_a_routed_request_runs_the_vision_tower_once(engine: Engine) -> None:
         None,
         "Which screen is this?",
         "gamma",
-        turns=(ChatTurn("system", ("",), inline=True), ChatTurn("user", (image, "Which screen is this?"))),
+        turns=(Turn("system", ("",), inline=True), Turn("user", (image, "Which screen is this?"))),
         image_key="shot-8",
     )
     answer = GenerationRequest(image, "Click Save", "alpha", image_key="shot-8")

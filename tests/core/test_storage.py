@@ -105,17 +105,17 @@ def test_a_changed_byte_in_a_remote_version_is_refused_on_fetch(
     published is never handed to a replica."""
     st = _store(request, tmp_path, url_kind)
     v = st.publish("merged", "cal", _folder(tmp_path / "a", "one"))
-    st.fs.pipe_file(f"{st.slot('merged', 'cal')}/{v}/f1.bin.part", b"tampered")
+    st.fs.pipe_file(f"{st.versions_dir('merged', 'cal')}/{v}/f1.bin.part", b"tampered")
     with pytest.raises(StorageError, match="does not match manifest"):
         st.fetch("merged", "cal")
     assert not any((st.cache_dir / "versions").glob("*"))  # nothing half-fetched is left to take
 
 
-def test_slot_refuses_path_traversal(tmp_path: Path) -> None:
+def test_versions_dir_refuses_path_traversal(tmp_path: Path) -> None:
     st = Storage(str(tmp_path))
     for bad in ["../x", "a/b", "", ".hidden", "A"]:
         with pytest.raises(ValueError, match="invalid adapter name"):
-            st.slot("expert", bad)
+            st.versions_dir("expert", bad)
 
 
 KILLED_WRITER = """

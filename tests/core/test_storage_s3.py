@@ -200,14 +200,14 @@ def test_a_version_a_killed_writer_left_without_manifest_is_removed_later(
     s3_settings: StorageConfig, tmp_path: Path
 ) -> None:
     st = Storage.from_config(s3_settings)
-    slot = st.slot("merged", "cal")
+    folder = st.versions_dir("merged", "cal")
     stale, fresh = "v20200101T000000000000-deadbeef", "v29990101T000000000000-cafecafe"
     for v in (stale, fresh):  # files, no manifest: what a writer killed mid-upload leaves
-        st.fs.pipe_file(f"{slot}/{v}/model.safetensors", b"partial")
+        st.fs.pipe_file(f"{folder}/{v}/model.safetensors", b"partial")
     v = st.publish("merged", "cal", _folder(tmp_path / "a", "a"))
     assert st.versions("merged", "cal") == [v]
-    assert not st.fs.exists(f"{slot}/{stale}/model.safetensors")  # over an hour old: removed
-    assert st.fs.exists(f"{slot}/{fresh}/model.safetensors")  # maybe a writer still at work: kept
+    assert not st.fs.exists(f"{folder}/{stale}/model.safetensors")  # over an hour old: removed
+    assert st.fs.exists(f"{folder}/{fresh}/model.safetensors")  # maybe a writer still at work: kept
 
 
 def test_the_s3_demo_config_differs_from_the_default_in_storage_only() -> None:
@@ -260,7 +260,7 @@ def test_a_version_pruned_while_it_is_fetched_is_a_storage_error(tmp_path: Path)
     process): a StorageError naming the version, not a raw FileNotFoundError."""
     st = Storage(f"memory://pruned-{uuid.uuid4().hex}", cache_dir=tmp_path / "node")
     v = st.publish("merged", "cal", _folder(tmp_path / "a", "a"))
-    st.fs.rm_file(f"{st.slot('merged', 'cal')}/{v}/adapter_model.safetensors")
+    st.fs.rm_file(f"{st.versions_dir('merged', 'cal')}/{v}/adapter_model.safetensors")
     with pytest.raises(StorageError, match=f"version {v}: a file of it is gone from storage"):
         st.fetch("merged", "cal")
 

@@ -19,14 +19,14 @@ from deployments.dynamic import AdapterNotServed, DynamicLoRA, NotConfigured
 from deployments.gateway.errors import ServiceUnavailable
 from deployments.gateway.service import Gateway
 from deployments.merged import MergedModel, ModelUnavailable
-from deployments.messages import Answer, Query, RouteRequest, Sampling
+from deployments.messages import Answer, Query, RouteRequest
 from deployments.routing import RoutingPolicy
 from deployments.schemas import BadInput, InferRequest
 from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings
 from moe_core.config import ConfigError, DeploymentConfig, EngineSettings, GatewayLive, LiveSettings
-from moe_core.engine import ClassifyResult, GenerationRequest
+from moe_core.engine import Classification, GenerationRequest
 from moe_core.engine.request import Completion, Delta, PromptTooLong, Timings
-from moe_core.engine.sampling import SamplingParams
+from moe_core.generation import SamplingParams
 from moe_core.storage.store import Storage
 from moe_core.structured import Constraint
 from moe_core.vision import PixelBounds
@@ -46,7 +46,7 @@ def on_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Non
 class FakeEngine:
     """Answers '<adapter>@<tag>:<prompt>' where tag is the loaded adapter file's content."""
 
-    verdict = ClassifyResult("calendar", 0.9, {"calendar": 0.9, "login-window": 0.1})
+    verdict = Classification("calendar", 0.9, {"calendar": 0.9, "login-window": 0.1})
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
@@ -93,7 +93,7 @@ class FakeEngine:
 
     async def classify(
         self, request: GenerationRequest, labels: Sequence[str], *, request_id: str = ""
-    ) -> ClassifyResult:
+    ) -> Classification:
         self.classified += 1
         return self.verdict
 
@@ -198,7 +198,7 @@ async def test_dynamic_one_missing_adapter_fails_only_its_row(store: Storage) ->
 @on_loop
 async def test_a_broken_pointer_fails_only_its_adapters_rows(store: Storage) -> None:
     d, _ = _dynamic(store)
-    (Path(store.slot("expert", "login-window")) / "CURRENT").write_text('{"version": "../../x"}')
+    (Path(store.versions_dir("expert", "login-window")) / "CURRENT").write_text('{"version": "../../x"}')
     ok, broken = await asyncio.gather(
         d.generate(_q("a"), "calendar"), d.generate(_q("b"), "login-window"), return_exceptions=True
     )
@@ -283,7 +283,7 @@ async def test_route_answers_in_place_only_when_the_decision_is_dynamic(store: S
     assert merged.decision.target == "merged" and merged.answer is None and engine.batches == []
     here = await d.route(RouteRequest(_q("p"), _policy(), prefer_merged=False))
     assert here.answer is not None and here.answer.text == "calendar@v1:p"
-    engine.verdict = ClassifyResult("login-window", 0.3, {"login-window": 0.3, "calendar": 0.7})
+    engine.verdict = Classification("login-window", 0.3, {"login-window": 0.3, "calendar": 0.7})
     rejected = await d.route(RouteRequest(_q("p"), _policy()))
     assert rejected.decision.action == "reject" and rejected.answer is None
     base = await d.route(RouteRequest(_q("p"), _policy(below_threshold="base")))
@@ -317,10 +317,14 @@ async def test_each_expert_answers_under_its_declared_grammar_merged_and_dynamic
     await d.generate(_q("c"), "calendar")  # the fallback of the merged one: the same grammar
     await d.generate(_q("d"), None)  # the base model: free
     own = Query(
-        _png(), "e", PixelBounds(1024, 4096), 4, sampling=Sampling(constraint=Constraint.regex("b", "x"))
+        _png(),
+        "e",
+        PixelBounds(1024, 4096),
+        4,
+        sampling=SamplingParams(constraint=Constraint.regex("b", "x")),
     )
     await d.generate(own, "login-window")
-    free = Query(_png(), "f", PixelBounds(1024, 4096), 4, sampling=Sampling(expert_grammar=False))
+    free = Query(_png(), "f", PixelBounds(1024, 4096), 4, sampling=SamplingParams(expert_grammar=False))
     await d.generate(free, "login-window")  # tools in auto mode: no grammar
     got = [p.constraint for e in engines for p in e.params]
     assert [(c.kind, c.value, c.param) if c else None for c in got] == [
@@ -467,7 +471,7 @@ async def test_gateway_routes_to_merged_and_rejects_when_unsure(store: Storage, 
     )
     r = await _gateway(d, FakeHandle(merged))._infer(_req())
     assert (r.mode, r.adapter, r.routed_via, r.confidence) == ("merged", "calendar", "router", 0.9)
-    engine.verdict = ClassifyResult("calendar", 0.2, {"calendar": 0.2, "login-window": 0.1})
+    engine.verdict = Classification("calendar", 0.2, {"calendar": 0.2, "login-window": 0.1})
     with pytest.raises(BadInput, match=r"below 0\.5.*candidates: calendar"):
         await _gateway(d, FakeHandle(merged))._infer(_req())
 
@@ -597,3 +601,33 @@ def test_expected_replica_errors_are_logged_in_one_line_at_their_level() -> None
     ]
     assert seen[0].getMessage() == "Request refused: BadInput: prompt: too long"
     assert seen[2].getMessage() == "Request failed."
+
+
+def test_an_answer_and_a_chunk_are_the_engines_values_plus_who_answered_and_survive_pickling() -> None:
+    """Ray pickles them between replicas: the engine's fields come through as the engine made them."""
+    import pickle
+
+    from deployments.messages import Chunk
+    from moe_core.answers import TokenLogprob
+
+    timings = Timings(0.01, 0.02, 0.05, 0.01)
+    done = Completion("click(1, 2)", "length", 30, 4, 3, 2, timings, 8, (TokenLogprob("c", -0.1),))
+    answer = Answer.of(done, "calendar", "dynamic", "v2", replica_s=0.07)
+    assert pickle.loads(pickle.dumps(answer)) == answer
+    assert (answer.text, answer.finish_reason, answer.batch_size, answer.cached_tokens) == (
+        "click(1, 2)",
+        "length",
+        3,
+        8,
+    )
+    assert (answer.adapter, answer.mode, answer.version, answer.engine_s) == (
+        "calendar",
+        "dynamic",
+        "v2",
+        0.05,
+    )
+    chunk = Chunk.of(Delta("cl", None, 30, 1), "calendar", "merged", "m1")
+    assert pickle.loads(pickle.dumps(chunk)) == chunk
+    assert (chunk.text, chunk.finish_reason, chunk.mode, chunk.timings) == ("cl", None, "merged", None)
+    whole = Chunk.of(answer, answer.adapter, answer.mode, answer.version)  # an answer as one last chunk
+    assert (whole.text, whole.finish_reason, whole.logprobs) == (answer.text, "length", answer.logprobs)

@@ -31,6 +31,7 @@ from deployments.openai_api.request import ChatCompletionRequest, sampling_of
 from deployments.routing import Classification, RoutingPolicy, decide
 from deployments.schemas import BadInput
 from deployments.settings import GatewaySettings
+from moe_core.answers import Timings
 from moe_core.config import ConfigError, DeploymentConfig, LiveSettings
 
 BASE = "builtin:tiny-qwen3-vl"
@@ -94,17 +95,18 @@ class FakeModel:
             for w in ([words[0]] + [" " + w for w in words[1:]] if asked is not None else [])
         )
         return Answer(
-            " ".join(words),
-            adapter,
-            self.mode,  # type: ignore[arg-type]
-            version,
-            1,
-            1,
-            10 + query.image_tokens,
-            len(words),
-            reason,  # type: ignore[arg-type]
+            text=" ".join(words),
+            finish_reason=reason,  # type: ignore[arg-type]
+            prompt_tokens=10 + query.image_tokens,
+            completion_tokens=len(words),
+            batch_size=1,
+            adapters_in_batch=1,
+            timings=Timings(0.0, 0.0, 0.0, 0.0),
             cached_tokens=4,
             logprobs=logprobs,
+            adapter=adapter,
+            mode=self.mode,  # type: ignore[arg-type]
+            version=version,
         )
 
     async def generate(self, query: Query, adapter: str | None = None) -> Answer:
@@ -126,15 +128,15 @@ class FakeModel:
                 raise RuntimeError("replica died mid-stream")
             last = i == len(words) - 1
             yield Chunk(
-                word if i == 0 else " " + word,
-                adapter,
-                self.mode,  # type: ignore[arg-type]
-                answer.version,
-                answer.finish_reason if last else None,
-                answer.prompt_tokens,
-                i + 1,
-                answer.cached_tokens,
-                answer.logprobs[i : i + 1],
+                text=word if i == 0 else " " + word,
+                finish_reason=answer.finish_reason if last else None,
+                prompt_tokens=answer.prompt_tokens,
+                completion_tokens=i + 1,
+                cached_tokens=answer.cached_tokens,
+                logprobs=answer.logprobs[i : i + 1],
+                adapter=adapter,
+                mode=self.mode,  # type: ignore[arg-type]
+                version=answer.version,
             )
 
     async def route(self, req: RouteRequest) -> RouteResult:

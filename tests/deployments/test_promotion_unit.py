@@ -26,7 +26,7 @@ from deployments.slot_autoscaling import (
 )
 from deployments.slots import ASSIGNMENTS, MergedSlot, read_assignments
 from moe_core.config import DeploymentConfig, LiveSettings, StorageConfig
-from moe_core.engine import ClassifyResult
+from moe_core.engine import Classification
 from moe_core.storage.errors import StorageUnavailable
 from moe_core.storage.store import Storage
 from tests.deployments.test_deployments_unit import (
@@ -366,7 +366,7 @@ def test_routed_answers_count_and_promoted_adapters_fall_back_even_when_pinned_o
 
     async def scenario() -> None:
         d, engine = _dynamic(st)
-        engine.verdict = ClassifyResult("login-window", 0.9, {"login-window": 0.9, "calendar": 0.1})
+        engine.verdict = Classification("login-window", 0.9, {"login-window": 0.9, "calendar": 0.1})
         counted: list[dict[str, int]] = []
 
         class Controller:

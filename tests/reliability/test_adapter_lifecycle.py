@@ -146,7 +146,7 @@ def test_6_a_broken_current_pointer_is_a_storage_error_naming_it(
     src.mkdir()
     (src / "f.txt").write_text("x")
     st.publish("expert", "alpha", src)
-    (Path(st.slot("expert", "alpha")) / "CURRENT").write_bytes(pointer)
+    (Path(st.versions_dir("expert", "alpha")) / "CURRENT").write_bytes(pointer)
     with pytest.raises(StorageError, match=words) as e:
         st.current_version("expert", "alpha")
     assert "CURRENT" in str(e.value)

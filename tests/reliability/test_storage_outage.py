@@ -46,7 +46,7 @@ def test_an_outage_keeps_loaded_adapters_and_refuses_loads_naming_the_storage(tm
 def test_an_unreadable_pointer_is_an_outage_not_an_absence(tmp_path: Path) -> None:
     st = Storage(str(tmp_path / "s"))
     _publish(st, tmp_path, "a", "v1")
-    pointer = Path(st.slot("expert", "a")) / "CURRENT"
+    pointer = Path(st.versions_dir("expert", "a")) / "CURRENT"
     pointer.unlink()
     pointer.mkdir()  # reading it fails with an OSError that is not "no such file"
     with pytest.raises(StorageUnavailable, match="cannot be read"):

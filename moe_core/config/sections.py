@@ -4,27 +4,11 @@ the experts' output grammars, and the merge job."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from moe_core.config.base import (
-    AdapterName,
-    BelowThreshold,
-    ConfidenceThreshold,
-    CooldownS,
-    DemoteRps,
-    DemoteWindowS,
-    DenyAdapters,
-    DynamicAdapters,
-    FallbackToDynamic,
-    MaxLoadedAdapters,
-    PreferMerged,
-    PromoteRps,
-    PromoteWindowS,
-    PromotionEnabled,
-    StrictModel,
-)
+from moe_core.config.base import AdapterName, LiveFields, StrictModel
 from moe_core.structured import Constraint, GrammarError
 
 __all__ = [
@@ -35,15 +19,19 @@ __all__ = [
     "BaseModelConfig",
     "BatchingConfig",
     "DynamicConfig",
+    "DynamicLiveFields",
     "EngineConfig",
     "GatewayConfig",
+    "GatewayLiveFields",
     "LimitsConfig",
     "MergeJobConfig",
     "MergedAdapterConfig",
     "MergedConfig",
     "OutputGrammar",
     "PromotionConfig",
+    "PromotionLiveFields",
     "RouterConfig",
+    "RouterLiveFields",
     "ScalingConfig",
     "check_rates",
 ]
@@ -78,7 +66,23 @@ class BaseModelConfig(StrictModel):
     )
 
 
-class RouterConfig(StrictModel):
+class RouterLiveFields(LiveFields):
+    """The router section's live fields."""
+
+    SECTION: ClassVar[str] = "router"
+    confidence_threshold: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Below this routing confidence the below_threshold rule applies.",
+    )
+    below_threshold: Literal["base", "reject"] = Field(
+        default="reject",
+        description="When unsure: 'base' answers with the base model, 'reject' answers 422 with candidates.",
+    )
+
+
+class RouterConfig(RouterLiveFields):
     adapter: AdapterName | None = Field(
         default="router", description="Name of the routing adapter in storage; null disables routing."
     )
@@ -88,8 +92,6 @@ class RouterConfig(StrictModel):
     prompt: str = Field(
         default="Which screen is this?", description="Prompt given to the routing adapter with the image."
     )
-    confidence_threshold: ConfidenceThreshold = 0.5
-    below_threshold: BelowThreshold = "reject"
 
 
 class ScalingConfig(StrictModel):
@@ -143,11 +145,21 @@ class MergedConfig(BatchingConfig):
     )
 
 
-class DynamicConfig(ScalingConfig, BatchingConfig):
+class DynamicLiveFields(LiveFields):
+    """The dynamic section's live fields."""
+
+    SECTION: ClassVar[str] = "dynamic"
+    adapters: list[AdapterName] = Field(
+        default_factory=list, description="Adapters served only by the dynamic deployment."
+    )
+    max_loaded_adapters: int = Field(
+        default=8, ge=1, description="LRU size: adapters resident in one replica at once."
+    )
+
+
+class DynamicConfig(ScalingConfig, BatchingConfig, DynamicLiveFields):
     enabled: bool = Field(default=True, description="Run the shared dynamic-LoRA deployment.")
     min_replicas: int = Field(default=1, ge=0, description="Autoscaling floor; 0 allows scale to zero.")
-    adapters: DynamicAdapters = Field(default_factory=list)
-    max_loaded_adapters: MaxLoadedAdapters = 8
     max_lora_rank: int = Field(
         default=32,
         ge=1,
@@ -157,25 +169,61 @@ class DynamicConfig(ScalingConfig, BatchingConfig):
     )
 
 
-class PromotionConfig(ScalingConfig):
+class PromotionLiveFields(LiveFields):
+    """The promotion section's live fields: the controller's thresholds, and the switch that empties
+    every slot."""
+
+    SECTION: ClassVar[str] = "promotion"
+    enabled: bool = Field(
+        default=False,
+        description="Give hot adapters a merged slot deployment and demote cold ones; off: every promoted "
+        "adapter is demoted and the slots stay empty.",
+    )
+    promote_rps: float = Field(
+        default=2.0,
+        gt=0,
+        description="Requests/s, averaged over promote_window_s, at or above which an adapter is promoted.",
+    )
+    promote_window_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds the promotion rate is averaged over; no promotion before the controller has "
+        "seen this much traffic history, so a restart does not promote on a burst.",
+    )
+    demote_rps: float = Field(
+        default=0.5,
+        ge=0,
+        description="Requests/s, averaged over demote_window_s, below which a promoted adapter is demoted; "
+        "below promote_rps, so a rate between the two changes nothing (hysteresis).",
+    )
+    demote_window_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds the demotion rate is averaged over, and the least time an adapter stays promoted.",
+    )
+    cooldown_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="Seconds after a switch during which neither that adapter nor that slot switches again: "
+        "a merge costs minutes of GPU time, so a rate hovering at a threshold must not flap.",
+    )
+    deny: list[AdapterName] = Field(
+        default_factory=list, description="Adapters never promoted (demoted when they hold a slot)."
+    )
+
+
+class PromotionConfig(ScalingConfig, PromotionLiveFields):
     """Traffic-aware promotion: ``slots`` merged deployments whose adapter a controller picks by traffic.
 
     The slots are bound when the app is built (Serve cannot add deployments from inside the app), so
     ``slots`` and the scaling fields are static; the thresholds are live (the controller's user_config).
     """
 
-    enabled: PromotionEnabled = False
     slots: int = Field(
         default=0,
         ge=0,
         description="Merged slot deployments bound at build time, each serving at most one promoted adapter.",
     )
-    promote_rps: PromoteRps = 2.0
-    promote_window_s: PromoteWindowS = 30.0
-    demote_rps: DemoteRps = 0.5
-    demote_window_s: DemoteWindowS = 120.0
-    cooldown_s: CooldownS = 300.0
-    deny: DenyAdapters = Field(default_factory=list)
     interval_s: float = Field(default=1.0, gt=0, description="Seconds between the controller's decisions.")
     report_interval_s: float = Field(
         default=1.0,
@@ -190,9 +238,17 @@ class PromotionConfig(ScalingConfig):
     )
 
 
-class GatewayConfig(StrictModel):
-    prefer_merged: PreferMerged = True
-    fallback_to_dynamic: FallbackToDynamic = True
+class GatewayLiveFields(LiveFields):
+    """The gateway section's live fields."""
+
+    SECTION: ClassVar[str] = "gateway"
+    prefer_merged: bool = Field(default=True, description="Send to the merged deployment when one is up.")
+    fallback_to_dynamic: bool = Field(
+        default=True, description="Answer from the dynamic deployment when the merged one fails."
+    )
+
+
+class GatewayConfig(GatewayLiveFields):
     request_timeout_s: float = Field(default=60.0, gt=0, description="Per-hop timeout for a request.")
 
 

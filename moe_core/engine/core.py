@@ -69,7 +69,7 @@ class Engine:
         self.processor.tokenizer.padding_side = "left"
         self.settings = settings
         self.system_prompt = settings.system_prompt
-        self.max_new_tokens = settings.max_new_tokens
+        self.max_new_tokens = settings.limits.max_new_tokens
         self.bounds = settings.bounds
         self.patch_size = settings.base_model.image_patch_size
         ip = getattr(processor, "image_processor", None)

@@ -149,7 +149,7 @@ EngineFactory = Callable[[EngineSettings, Path | None, str, int, int], Deploymen
 
 
 def load_engine(
-    settings: EngineSettings, path: Path | None, name: str, max_running: int = 16, max_queued: int = 64
+    settings: EngineSettings, path: Path | None, name: str, max_running: int, max_queued: int
 ) -> DeploymentEngine:
     return ScheduledEngine(Engine.load(settings, path, name=name), max_running, max_queued)
 

@@ -103,10 +103,6 @@ class SlotSettings(ModelSettings):
         return cls(**cls.common(cfg, cfg.merged), slot=slot)
 
 
-#: Longest a promotion's merge may take (an 8B fp32 merge and its verification take minutes on a GPU).
-MERGE_TIMEOUT_S = 1800.0
-
-
 class PromotionSettings(StrictModel):
     """The promotion controller's static settings (its thresholds are live: ``PromotionLive``)."""
 
@@ -142,9 +138,9 @@ class PromotionSettings(StrictModel):
             storage=cfg.storage,
             interval_s=p.interval_s,
             drain_s=p.drain_s,
-            load_timeout_s=max(60.0, 10 * cfg.gateway.request_timeout_s),
-            merge_timeout_s=MERGE_TIMEOUT_S,
-            write_retry_s=300.0,
+            load_timeout_s=p.load_timeout_s or max(60.0, 10 * cfg.gateway.request_timeout_s),
+            merge_timeout_s=p.merge_timeout_s,
+            write_retry_s=p.write_retry_s,
             merge_cpu=cfg.merge.cpu,
             merge_gpu=cfg.merge.gpu,
             config_json=DeploymentConfig.from_dict(

@@ -8,8 +8,9 @@ This package is the configuration's interface: import from ``moe_core.config``. 
 - :mod:`moe_core.config.base`: :class:`StrictModel`, :class:`ConfigError`, adapter names, and
   :class:`LiveFields`, the mark of a live field.
 - The file schema: :mod:`moe_core.config.schema` (:class:`DeploymentConfig`, the file as a whole,
-  :data:`LIVE_FIELDS`) and its sections, :mod:`moe_core.config.sections` (:class:`EngineConfig` among them) and
-  :mod:`moe_core.config.storage`.
+  :data:`LIVE_FIELDS`) and its sections: :mod:`moe_core.config.sections` (the Serve graph's: routing, the
+  deployments, promotion, the gateway, the API), :mod:`moe_core.config.model` (a model's: the base model,
+  limits, the engine, output grammars, the merge job) and :mod:`moe_core.config.storage`.
 - The runtime models: :mod:`moe_core.config.runtime` (:class:`EngineSettings`, each deployment's live
   settings, built from the live fields the sections declare).
 """
@@ -22,6 +23,16 @@ from moe_core.config.base import (
     StrictModel,
     validate_adapter_name,
 )
+from moe_core.config.model import (
+    BUILTIN_TINY,
+    CPU_KV_CACHE_BYTES,
+    IMAGE_FORMATS,
+    BaseModelConfig,
+    EngineConfig,
+    LimitsConfig,
+    MergeJobConfig,
+    OutputGrammar,
+)
 from moe_core.config.runtime import (
     DynamicLive,
     EngineSettings,
@@ -32,20 +43,12 @@ from moe_core.config.runtime import (
 )
 from moe_core.config.schema import DEFAULT_SYSTEM_PROMPT, LIVE_FIELDS, DeploymentConfig
 from moe_core.config.sections import (
-    BUILTIN_TINY,
-    CPU_KV_CACHE_BYTES,
-    IMAGE_FORMATS,
     ApiConfig,
-    BaseModelConfig,
     BatchingConfig,
     DynamicConfig,
-    EngineConfig,
     GatewayConfig,
-    LimitsConfig,
     MergedAdapterConfig,
     MergedConfig,
-    MergeJobConfig,
-    OutputGrammar,
     PromotionConfig,
     RouterConfig,
     ScalingConfig,

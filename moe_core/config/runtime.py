@@ -11,12 +11,10 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from moe_core.config.base import AdapterName, ConfigError, LiveFields, StrictModel, describe
+from moe_core.config.model import BaseModelConfig, EngineConfig, LimitsConfig
 from moe_core.config.sections import (
-    BaseModelConfig,
     DynamicLiveFields,
-    EngineConfig,
     GatewayLiveFields,
-    LimitsConfig,
     PromotionConfig,
     PromotionLiveFields,
     RouterLiveFields,

@@ -8,18 +8,14 @@ from typing import Self
 from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
 from moe_core.config.base import AdapterName, ConfigError, LiveFields, StrictModel, describe
+from moe_core.config.model import BaseModelConfig, EngineConfig, LimitsConfig, MergeJobConfig, OutputGrammar
 from moe_core.config.runtime import EngineSettings, LiveSettings
 from moe_core.config.sections import (
     ApiConfig,
-    BaseModelConfig,
     DynamicConfig,
-    EngineConfig,
     GatewayConfig,
-    LimitsConfig,
     MergedAdapterConfig,
     MergedConfig,
-    MergeJobConfig,
-    OutputGrammar,
     PromotionConfig,
     RouterConfig,
     check_rates,

@@ -75,6 +75,9 @@ class DynamicSettings(ModelSettings):
         description="Merged adapters: served here too, as their fallback (beside the live dynamic list)."
     )
     max_lora_rank: int = Field(ge=1, description="Rank of the LoRA slots; higher-rank adapters are refused.")
+    adapter_wait_s: float = Field(
+        gt=0, description="Longest a load waits for room in the adapter LRU before its request gets a 503."
+    )
 
     @classmethod
     def of(cls, cfg: DeploymentConfig) -> DynamicSettings:
@@ -83,6 +86,7 @@ class DynamicSettings(ModelSettings):
             router=cfg.router.adapter,
             router_prompt=cfg.router.prompt,
             max_lora_rank=cfg.dynamic.max_lora_rank,
+            adapter_wait_s=cfg.dynamic.adapter_wait_s,
             merged=tuple(a.name for a in cfg.merged.adapters),
         )
 

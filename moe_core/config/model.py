@@ -165,6 +165,12 @@ class EngineConfig(StrictModel):
         ge=0,
         description="Images whose vision-tower features each engine keeps (by content and vision identity).",
     )
+    grammar_cache_size: int = Field(
+        default=128,
+        ge=0,
+        description="Compiled grammars (structured outputs, tool calls, the experts' output grammars) each "
+        "engine keeps, least recently used out first; a grammar not kept is compiled again.",
+    )
     step: Literal["auto", "eager", "static", "compile", "cuda_graphs"] = Field(
         default="auto",
         description="How a decode step (every row decoding one token) runs. eager: the variable-shape step. "

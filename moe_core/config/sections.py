@@ -147,6 +147,12 @@ class DynamicConfig(ScalingConfig, BatchingConfig, DynamicLiveFields):
         description="Largest LoRA rank served: each of the LRU's slots is this wide in every targeted layer "
         "(memory: slots x rank x sum of in+out features); adapters of higher rank are refused at deploy.",
     )
+    adapter_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest a request for an adapter that is not loaded waits for room in the LRU (every "
+        "loaded adapter serving running rows) before it is refused with a 503.",
+    )
 
 
 class PromotionLiveFields(LiveFields):

@@ -104,6 +104,7 @@ class Engine:
             processor.tokenizer,
             int(text_config.vocab_size),
             self.eos_token_ids,
+            kv.grammar_cache_size,
             overlap=self.device.type == "cuda",  # masks computed during the forward where the CPU is idle
         )
         self.token_text = TokenTexts(processor.tokenizer)

@@ -24,10 +24,15 @@ def test_every_deployment_has_a_bounded_queue() -> None:
 def test_the_configured_serve_knobs_reach_the_deployments() -> None:
     data = DeploymentConfig.from_file("config/deployment.yaml").model_dump(mode="json")
     data["gateway"] |= {"max_ongoing_requests": 100, "max_queued_requests": 50}
-    data["dynamic"] |= {"max_ongoing_requests": 12, "target_ongoing_requests": 3.0, "upscale_delay_s": 7.0}
+    data["dynamic"] |= {
+        "max_ongoing_requests": 12,
+        "target_ongoing_requests": 3.0,
+        "upscale_delay_s": 7.0,
+        "adapter_wait_s": 4.0,
+    }
     gateway: Any = build_app({"config": data})._bound_deployment
     assert (gateway.max_ongoing_requests, gateway.max_queued_requests) == (100, 50)
     dynamic = gateway.init_args[1]._bound_deployment
     scaling = dynamic._deployment_config.autoscaling_config
-    assert dynamic.max_ongoing_requests == 12
+    assert dynamic.max_ongoing_requests == 12 and dynamic.init_args[0].adapter_wait_s == 4.0
     assert (scaling.target_ongoing_requests, scaling.upscale_delay_s) == (3.0, 7.0)

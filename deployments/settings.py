@@ -119,6 +119,9 @@ class PromotionSettings(StrictModel):
     drain_s: float = Field(
         ge=0, description="Seconds between routing an adapter back to dynamic and freeing its slot."
     )
+    replace_factor: float = Field(
+        ge=1, description="How many times as busy a candidate must be to replace a promoted adapter."
+    )
     load_timeout_s: float = Field(gt=0, description="Longest wait for a slot to load its merged model.")
     merge_timeout_s: float = Field(
         gt=0, description="Longest a promotion's merge task may run; then it is cancelled."
@@ -142,6 +145,7 @@ class PromotionSettings(StrictModel):
             storage=cfg.storage,
             interval_s=p.interval_s,
             drain_s=p.drain_s,
+            replace_factor=p.replace_factor,
             load_timeout_s=p.load_timeout_s or max(60.0, 10 * cfg.gateway.request_timeout_s),
             merge_timeout_s=p.merge_timeout_s,
             write_retry_s=p.write_retry_s,

@@ -222,6 +222,12 @@ class PromotionConfig(ScalingConfig, PromotionLiveFields):
         description="Seconds between routing a demoted adapter back to the dynamic deployment and freeing its "
         "slot, so requests already sent to the slot finish there.",
     )
+    replace_factor: float = Field(
+        default=2.0,
+        ge=1.0,
+        description="With every slot taken, a candidate replaces the coldest promoted adapter only when it is "
+        "this many times as busy: a merge is too dear to swap two adapters of about the same traffic.",
+    )
     load_timeout_s: float | None = Field(
         default=None,
         gt=0,

@@ -182,7 +182,7 @@ def engine_benchmarks(
     base_settings = cfg.engine_settings
     settings = base_settings.model_copy(
         update={
-            "max_new_tokens": s.new_tokens,
+            "limits": base_settings.limits.model_copy(update={"max_new_tokens": s.new_tokens}),
             "kv": base_settings.kv.model_copy(update={"prefix_caching": False}),
         }
     )

@@ -113,7 +113,12 @@ def _compile_times(engine: Engine, n: int) -> dict[str, float]:
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e3
 
-    cached = Grammars(engine.processor.tokenizer, engine.grammars.vocab, engine.eos_token_ids)
+    cached = Grammars(
+        engine.processor.tokenizer,
+        engine.grammars.vocab,
+        engine.eos_token_ids,
+        capacity=engine.settings.kv.grammar_cache_size,
+    )
     cached.compile(action)
     return {
         "grammar_compile_action_schema_ms": median_ms(fresh, action),

@@ -96,7 +96,14 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def _settings(cfg: DeploymentConfig, **kv: Any) -> EngineSettings:
     s = cfg.engine_settings
-    return s.model_copy(update={"kv": s.kv.model_copy(update=kv), "max_prompt_tokens": 100_000})
+    limits = s.limits.model_copy(update={"max_prompt_tokens": 100_000})
+    return s.model_copy(update={"kv": s.kv.model_copy(update=kv), "limits": limits})
+
+
+def _pixels(settings: EngineSettings, pixels: int) -> EngineSettings:
+    """``settings`` with every image seen at ``pixels`` pixels."""
+    limits = settings.limits.model_copy(update={"min_pixels": pixels, "max_pixels": pixels})
+    return settings.model_copy(update={"limits": limits})
 
 
 def _text(n_words: int, i: int) -> str:
@@ -204,7 +211,7 @@ def _agent_ttft(cfg: DeploymentConfig, rounds: int, samples: Samples, figures: d
 
     size = (640, 384)  # 20 x 12 = 240 image tokens a screenshot at these bounds
     settings = _settings(cfg)
-    settings = settings.model_copy(update={"min_pixels": size[0] * size[1], "max_pixels": size[0] * size[1]})
+    settings = _pixels(settings, size[0] * size[1])
     reuse = Engine.load(settings, name="agent-reuse")
     cold = Engine.load(
         settings.model_copy(
@@ -253,9 +260,7 @@ def _burst(cfg: DeploymentConfig, n_long: int, samples: Samples, figures: dict[s
         settings = _settings(
             cfg, max_prefill_tokens_per_step=budget, prefix_caching=False, vision_cache_images=0
         )
-        settings = settings.model_copy(
-            update={"min_pixels": size[0] * size[1], "max_pixels": size[0] * size[1]}
-        )
+        settings = _pixels(settings, size[0] * size[1])
         engine = Engine.load(settings, name=f"burst-{label}", kv_cache_bytes=128 * 2**20)
         sched = Scheduler(engine, max_running=16, name=f"burst-{label}")
         long_reqs = [

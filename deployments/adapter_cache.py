@@ -70,11 +70,12 @@ class AdapterCache:
         engine: AdapterEngine,
         store: AdapterStore,
         capacity: int,
-        refresh_interval_s: float = 5.0,
+        refresh_interval_s: float,
+        *,
+        wait_s: float,
         kind: Kind = "expert",
         events: CacheEvents | None = None,
         busy: Callable[[], set[str]] | None = None,
-        wait_s: float = 30.0,
     ) -> None:
         self.engine = engine
         self.store = store

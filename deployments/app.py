@@ -45,11 +45,6 @@ __all__ = [
 
 GATEWAY_NAME = "Gateway"
 DYNAMIC_NAME = "DynamicLoRA"
-#: Ray's default of 5 ongoing requests throttles batching; the batched deployments take this many.
-BATCHED_MAX_ONGOING = 64
-GATEWAY_MAX_ONGOING = 256
-#: Requests the gateway queues beyond GATEWAY_MAX_ONGOING before the proxy refuses more with a 503.
-GATEWAY_MAX_QUEUED = 512
 #: Every replica's environment. glibc raises its mmap threshold each time a large block is freed, so
 #: the tensors, images and messages a replica allocates per request come from its heap afterwards and
 #: fragment it: in the soak the in-use heap stayed flat while free-but-resident memory grew (dynamic
@@ -99,14 +94,14 @@ def _scaling(s: ScalingConfig, max_queued: int) -> dict[str, Any]:
     """Autoscaling, resources and backpressure of one model deployment: beyond ``max_queued`` waiting
     calls a caller gets Serve's BackPressureError at once (the gateway's 503/429), never a long wait."""
     return {
-        "max_ongoing_requests": BATCHED_MAX_ONGOING,
+        "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": max_queued,
         "autoscaling_config": {
             "min_replicas": s.min_replicas,
             "initial_replicas": s.min_replicas,
             "max_replicas": s.max_replicas,
-            "target_ongoing_requests": 8,
-            "upscale_delay_s": 2.0,
+            "target_ongoing_requests": s.target_ongoing_requests,
+            "upscale_delay_s": s.upscale_delay_s,
             "downscale_delay_s": s.scaledown_window,
             "look_back_period_s": s.look_back_s,
             "metrics_interval_s": s.metrics_interval_s,
@@ -144,7 +139,6 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             serve.deployment(DynamicLoRA)  # type: ignore[attr-defined]
             .options(
                 name=DYNAMIC_NAME,
-                health_check_period_s=10,
                 **_scaling(cfg.dynamic, cfg.limits.max_queued_requests),
                 **_user_config(live.dynamic if live else None),
             )
@@ -175,8 +169,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         serve.deployment(GatewayIngress)  # type: ignore[attr-defined]
         .options(
             name=GATEWAY_NAME,
-            max_ongoing_requests=GATEWAY_MAX_ONGOING,
-            max_queued_requests=GATEWAY_MAX_QUEUED,  # past it the proxy answers 503 at once
+            max_ongoing_requests=cfg.gateway.max_ongoing_requests,
+            max_queued_requests=cfg.gateway.max_queued_requests,  # past it the proxy answers 503 at once
             ray_actor_options=_actor_options(0),
             **_user_config(live.gateway if live else None),
         )

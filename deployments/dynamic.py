@@ -66,6 +66,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
                 self.storage,
                 1,
                 settings.batching.refresh_interval_s,
+                wait_s=settings.adapter_wait_s,
                 kind="router",
                 events=self.metrics,
                 busy=self.engine.in_use,
@@ -85,6 +86,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
                 self.storage,
                 live.max_loaded_adapters,
                 self.settings.batching.refresh_interval_s,
+                wait_s=self.settings.adapter_wait_s,
                 events=self.metrics,
                 busy=self.engine.in_use,
             )

@@ -136,7 +136,7 @@ EngineFactory = Callable[[EngineSettings, Path | None, str, int, int], Deploymen
 
 
 def load_engine(
-    settings: EngineSettings, path: Path | None, name: str, max_running: int = 16, max_queued: int = 64
+    settings: EngineSettings, path: Path | None, name: str, max_running: int, max_queued: int
 ) -> DeploymentEngine:
     return ScheduledEngine(Engine.load(settings, path, name=name), max_running, max_queued)
 
@@ -198,7 +198,7 @@ class ModelDeployment(ABC, Generic[S]):
             tools=query.tools,
         )
         s = query.sampling
-        limit = self.settings.engine.max_completion_tokens
+        limit = self.settings.engine.limits.max_completion_tokens
         if s.max_tokens is not None and s.max_tokens > limit:
             raise BadInput(
                 "max_tokens", f"max_tokens {s.max_tokens} is over this server's limit of {limit}", 400
@@ -209,7 +209,7 @@ class ModelDeployment(ABC, Generic[S]):
 
     def check_prompt(self, engine: DeploymentEngine, query: Query) -> None:
         """Refuse a prompt over ``max_prompt_tokens`` (its images' tokens included) with a 4xx."""
-        limit = self.settings.engine.max_prompt_tokens
+        limit = self.settings.engine.limits.max_prompt_tokens
         turns = tuple(
             Turn(t.role, tuple(p if isinstance(p, str) else _IMAGE for p in t.parts), tool_calls=t.tool_calls)
             for t in query.turns

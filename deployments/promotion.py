@@ -219,6 +219,7 @@ class PromotionController:
             live=self.live,
             pinned=self.settings.pinned,
             last_switch=self.last_switch,
+            replace_factor=self.settings.replace_factor,
         )
         by_slot: dict[int, list[Action]] = {}
         for action in actions:

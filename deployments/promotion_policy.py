@@ -34,9 +34,6 @@ __all__ = [
 #: route the adapter to the slot; draining: routed back to dynamic, the slot finishes what it holds.
 SlotState = Literal["merging", "loading", "ready", "draining"]
 SLOT_STATES: tuple[str, ...] = get_args(SlotState)
-#: A replacement needs the candidate this many times as busy as the adapter it evicts: a merge is too
-#: dear to swap two adapters of about the same traffic.
-REPLACE_FACTOR = 2.0
 
 
 def slot_key(slot: int) -> str:
@@ -227,6 +224,7 @@ class _Tick:
     tracker: RateTracker
     live: PromotionLive
     last_switch: Mapping[str, float]
+    replace_factor: float
     demotes: list[Action] = field(default_factory=list)
     promotes: list[Action] = field(default_factory=list)
 
@@ -250,6 +248,7 @@ def plan(
     live: PromotionLive,
     pinned: Collection[str],
     last_switch: Mapping[str, float],
+    replace_factor: float,
 ) -> list[Action]:
     """The switches to make now: demotions first (slot order), then promotions (hottest first).
 
@@ -260,7 +259,7 @@ def plan(
     held = [a for a in assignments.slots if a is not None and a.state != "draining"]
     if not live.enabled:
         return [Action("demote", a.adapter, a.slot, "promotion disabled") for a in held]
-    tick = _Tick(now, tracker, live, last_switch)
+    tick = _Tick(now, tracker, live, last_switch, replace_factor)
     _demote_unwanted(tick, held, pinned)
     _demote_cold(tick, held)
     candidates = _candidates(tick, assignments, pinned)
@@ -327,7 +326,7 @@ def _fill_free(
 
 
 def _replace_coldest(tick: _Tick, held: list[Assignment], candidates: list[tuple[str, float]]) -> None:
-    """Evict the coldest ready adapters for candidates at least REPLACE_FACTOR times as busy."""
+    """Evict the coldest ready adapters for candidates at least ``replace_factor`` times as busy."""
     window, taken = tick.live.promote_window_s, tick.taken()
     victims = sorted(
         (
@@ -340,9 +339,11 @@ def _replace_coldest(tick: _Tick, held: list[Assignment], candidates: list[tuple
         ),
     )
     for (name, r), (vr, victim, k) in zip(candidates, victims, strict=False):
-        if r < REPLACE_FACTOR * vr:
+        if r < tick.replace_factor * vr:
             break  # candidates only get colder and victims hotter from here
-        why = f"replaced by {name}: {r:.2f} req/s >= {REPLACE_FACTOR:g}x {vr:.2f} req/s over {window:g} s"
+        why = (
+            f"replaced by {name}: {r:.2f} req/s >= {tick.replace_factor:g}x {vr:.2f} req/s over {window:g} s"
+        )
         tick.demotes.append(Action("demote", victim, k, why))
         tick.promotes.append(
             Action("promote", name, k, f"{_promote_reason(tick, name, r)}, replacing {victim}")

@@ -75,6 +75,9 @@ class DynamicSettings(ModelSettings):
         description="Merged adapters: served here too, as their fallback (beside the live dynamic list)."
     )
     max_lora_rank: int = Field(ge=1, description="Rank of the LoRA slots; higher-rank adapters are refused.")
+    adapter_wait_s: float = Field(
+        gt=0, description="Longest a load waits for room in the adapter LRU before its request gets a 503."
+    )
 
     @classmethod
     def of(cls, cfg: DeploymentConfig) -> DynamicSettings:
@@ -83,6 +86,7 @@ class DynamicSettings(ModelSettings):
             router=cfg.router.adapter,
             router_prompt=cfg.router.prompt,
             max_lora_rank=cfg.dynamic.max_lora_rank,
+            adapter_wait_s=cfg.dynamic.adapter_wait_s,
             merged=tuple(a.name for a in cfg.merged.adapters),
         )
 
@@ -103,10 +107,6 @@ class SlotSettings(ModelSettings):
         return cls(**cls.common(cfg, cfg.merged), slot=slot)
 
 
-#: Longest a promotion's merge may take (an 8B fp32 merge and its verification take minutes on a GPU).
-MERGE_TIMEOUT_S = 1800.0
-
-
 class PromotionSettings(StrictModel):
     """The promotion controller's static settings (its thresholds are live: ``PromotionLive``)."""
 
@@ -118,6 +118,9 @@ class PromotionSettings(StrictModel):
     interval_s: float = Field(gt=0, description="Seconds between decisions.")
     drain_s: float = Field(
         ge=0, description="Seconds between routing an adapter back to dynamic and freeing its slot."
+    )
+    replace_factor: float = Field(
+        ge=1, description="How many times as busy a candidate must be to replace a promoted adapter."
     )
     load_timeout_s: float = Field(gt=0, description="Longest wait for a slot to load its merged model.")
     merge_timeout_s: float = Field(
@@ -142,9 +145,10 @@ class PromotionSettings(StrictModel):
             storage=cfg.storage,
             interval_s=p.interval_s,
             drain_s=p.drain_s,
-            load_timeout_s=max(60.0, 10 * cfg.gateway.request_timeout_s),
-            merge_timeout_s=MERGE_TIMEOUT_S,
-            write_retry_s=300.0,
+            replace_factor=p.replace_factor,
+            load_timeout_s=p.load_timeout_s or max(60.0, 10 * cfg.gateway.request_timeout_s),
+            merge_timeout_s=p.merge_timeout_s,
+            write_retry_s=p.write_retry_s,
             merge_cpu=cfg.merge.cpu,
             merge_gpu=cfg.merge.gpu,
             config_json=DeploymentConfig.from_dict(

@@ -36,8 +36,6 @@ __all__ = ["MERGE_METADATA", "MergeRefused", "MergeResult", "merge_adapter", "me
 logger = logging.getLogger(__name__)
 
 MERGE_METADATA = "merge_metadata.json"
-#: The KV cache of a merge's engines: enough for its probes (not a serving replica's share of the GPU).
-MERGE_KV = 256 * 2**20
 
 
 class MergeRefused(RuntimeError):
@@ -167,7 +165,7 @@ def merge_adapter(
             name=f"merge-{name}",
             dtype=torch.float32,
             device=device,
-            kv_cache_bytes=MERGE_KV,
+            kv_cache_bytes=cfg.merge.kv_cache_bytes,
         )
     with _stage(name, "load adapter", timings):
         engine.load_adapter(name, src)
@@ -187,7 +185,11 @@ def merge_adapter(
         processor = engine.processor
     with _stage(name, "verify", timings):
         engine = Engine(
-            merged, processor, cfg.engine_settings, name=f"merged-{name}", kv_cache_bytes=MERGE_KV
+            merged,
+            processor,
+            cfg.engine_settings,
+            name=f"merged-{name}",
+            kv_cache_bytes=cfg.merge.kv_cache_bytes,
         )
         logits, texts = _logits_and_greedy(engine, probes, None)
         max_diff = float((logits - ref_logits).abs().max())

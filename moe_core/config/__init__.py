@@ -5,24 +5,35 @@ misspelled key or a bad value fails at load with pydantic's field location and t
 
 This package is the configuration's interface: import from ``moe_core.config``. Its modules:
 
-- :mod:`moe_core.config.base`: :class:`StrictModel`, :class:`ConfigError`, adapter names, the live
-  fields' types.
-- The file schema: :mod:`moe_core.config.schema` (:class:`DeploymentConfig`, the file as a whole) and its
-  sections, :mod:`moe_core.config.sections` (:class:`EngineConfig` among them) and
-  :mod:`moe_core.config.storage`.
+- :mod:`moe_core.config.base`: :class:`StrictModel`, :class:`ConfigError`, adapter names, and
+  :class:`LiveFields`, the mark of a live field.
+- The file schema: :mod:`moe_core.config.schema` (:class:`DeploymentConfig`, the file as a whole,
+  :data:`LIVE_FIELDS`) and its sections: :mod:`moe_core.config.sections` (the Serve graph's: routing, the
+  deployments, promotion, the gateway, the API), :mod:`moe_core.config.model` (a model's: the base model,
+  limits, the engine, output grammars, the merge job) and :mod:`moe_core.config.storage`.
 - The runtime models: :mod:`moe_core.config.runtime` (:class:`EngineSettings`, each deployment's live
-  settings, :data:`LIVE_FIELDS`).
+  settings, built from the live fields the sections declare).
 """
 
 from moe_core.config.base import (
     ADAPTER_NAME_RE,
     AdapterName,
     ConfigError,
+    LiveFields,
     StrictModel,
     validate_adapter_name,
 )
+from moe_core.config.model import (
+    BUILTIN_TINY,
+    CPU_KV_CACHE_BYTES,
+    IMAGE_FORMATS,
+    BaseModelConfig,
+    EngineConfig,
+    LimitsConfig,
+    MergeJobConfig,
+    OutputGrammar,
+)
 from moe_core.config.runtime import (
-    LIVE_FIELDS,
     DynamicLive,
     EngineSettings,
     GatewayLive,
@@ -30,22 +41,14 @@ from moe_core.config.runtime import (
     LiveSettings,
     PromotionLive,
 )
-from moe_core.config.schema import DEFAULT_SYSTEM_PROMPT, DeploymentConfig
+from moe_core.config.schema import DEFAULT_SYSTEM_PROMPT, LIVE_FIELDS, DeploymentConfig
 from moe_core.config.sections import (
-    BUILTIN_TINY,
-    CPU_KV_CACHE_BYTES,
-    IMAGE_FORMATS,
     ApiConfig,
-    BaseModelConfig,
     BatchingConfig,
     DynamicConfig,
-    EngineConfig,
     GatewayConfig,
-    LimitsConfig,
     MergedAdapterConfig,
     MergedConfig,
-    MergeJobConfig,
-    OutputGrammar,
     PromotionConfig,
     RouterConfig,
     ScalingConfig,
@@ -73,6 +76,7 @@ __all__ = [
     "GatewayConfig",
     "GatewayLive",
     "LimitsConfig",
+    "LiveFields",
     "LiveModel",
     "LiveSettings",
     "MergeJobConfig",

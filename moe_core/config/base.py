@@ -1,13 +1,13 @@
 """What the file schema and the runtime models are built from: :class:`StrictModel`, the config's
-error, adapter names, and the types of the live fields (declared once, shared by the config sections
-and the live models)."""
+error, adapter names, and :class:`LiveFields`, the mark of the live fields."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, ClassVar, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,20 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 __all__ = [
     "ADAPTER_NAME_RE",
     "AdapterName",
-    "BelowThreshold",
-    "ConfidenceThreshold",
     "ConfigError",
-    "CooldownS",
-    "DemoteRps",
-    "DemoteWindowS",
-    "DenyAdapters",
-    "DynamicAdapters",
-    "FallbackToDynamic",
-    "MaxLoadedAdapters",
-    "PreferMerged",
-    "PromoteRps",
-    "PromoteWindowS",
-    "PromotionEnabled",
+    "LiveFields",
     "StrictModel",
     "describe",
     "validate_adapter_name",
@@ -58,77 +46,6 @@ AdapterName = Annotated[
 ]
 
 
-# The live fields' types, declared once: the config sections and the live models below share them.
-PreferMerged = Annotated[bool, Field(description="Send to the merged deployment when one is up.")]
-FallbackToDynamic = Annotated[
-    bool, Field(description="Answer from the dynamic deployment when the merged one fails.")
-]
-ConfidenceThreshold = Annotated[
-    float,
-    Field(ge=0.0, le=1.0, description="Below this routing confidence the below_threshold rule applies."),
-]
-BelowThreshold = Annotated[
-    Literal["base", "reject"],
-    Field(
-        description="When unsure: 'base' answers with the base model, 'reject' answers 422 with candidates."
-    ),
-]
-DynamicAdapters = Annotated[
-    list[AdapterName], Field(description="Adapters served only by the dynamic deployment.")
-]
-MaxLoadedAdapters = Annotated[
-    int, Field(ge=1, description="LRU size: adapters resident in one replica at once.")
-]
-PromotionEnabled = Annotated[
-    bool,
-    Field(
-        description="Give hot adapters a merged slot deployment and demote cold ones; off: every promoted "
-        "adapter is demoted and the slots stay empty."
-    ),
-]
-PromoteRps = Annotated[
-    float,
-    Field(
-        gt=0,
-        description="Requests/s, averaged over promote_window_s, at or above which an adapter is promoted.",
-    ),
-]
-PromoteWindowS = Annotated[
-    float,
-    Field(
-        gt=0,
-        description="Seconds the promotion rate is averaged over; no promotion before the controller has "
-        "seen this much traffic history, so a restart does not promote on a burst.",
-    ),
-]
-DemoteRps = Annotated[
-    float,
-    Field(
-        ge=0,
-        description="Requests/s, averaged over demote_window_s, below which a promoted adapter is demoted; "
-        "below promote_rps, so a rate between the two changes nothing (hysteresis).",
-    ),
-]
-DemoteWindowS = Annotated[
-    float,
-    Field(
-        gt=0,
-        description="Seconds the demotion rate is averaged over, and the least time an adapter stays promoted.",
-    ),
-]
-CooldownS = Annotated[
-    float,
-    Field(
-        ge=0,
-        description="Seconds after a switch during which neither that adapter nor that slot switches again: "
-        "a merge costs minutes of GPU time, so a rate hovering at a threshold must not flap.",
-    ),
-]
-DenyAdapters = Annotated[
-    list[AdapterName], Field(description="Adapters never promoted (demoted when they hold a slot).")
-]
-
-
 class StrictModel(BaseModel):
     """Base of every config model: unknown keys are errors; instances are immutable."""
 
@@ -152,6 +69,30 @@ class StrictModel(BaseModel):
             return cls.model_validate(data)
         except ValidationError as e:
             raise ConfigError(f"{source}: {describe(e)}") from e
+
+
+class LiveFields(StrictModel):
+    """A section's live fields: the ones `serve deploy` changes in place (Serve user_config).
+
+    The mark of a live field is where it is declared: in a subclass of this one that names its
+    ``SECTION`` of the file, and that the section's model inherits. Type, constraints, default and
+    description are declared there, once; the live models (:mod:`moe_core.config.runtime`) inherit the
+    same classes, and :data:`~moe_core.config.LIVE_FIELDS` lists them.
+    """
+
+    #: The :class:`~moe_core.config.DeploymentConfig` section whose live fields these are.
+    SECTION: ClassVar[str]
+
+    @classmethod
+    def declared(cls) -> list[tuple[type[LiveFields], str]]:
+        """(fragment, field) for each live field of this model, by the fragment that declares it."""
+        return [
+            (base, name)
+            for base in reversed(cls.__mro__)
+            if isinstance(base, type) and issubclass(base, LiveFields) and "SECTION" in vars(base)
+            for name in inspect.get_annotations(base)
+            if name in cls.model_fields
+        ]
 
 
 def describe(e: ValidationError) -> str:

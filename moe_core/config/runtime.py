@@ -3,60 +3,54 @@ deployment's live settings, its Serve user_config, which `serve deploy` changes 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Self
+from copy import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
-from moe_core.config.base import (
-    BelowThreshold,
-    ConfidenceThreshold,
-    ConfigError,
-    CooldownS,
-    DemoteRps,
-    DemoteWindowS,
-    DenyAdapters,
-    DynamicAdapters,
-    FallbackToDynamic,
-    MaxLoadedAdapters,
-    PreferMerged,
-    PromoteRps,
-    PromoteWindowS,
-    PromotionEnabled,
-    StrictModel,
-    describe,
+from moe_core.config.base import AdapterName, ConfigError, LiveFields, StrictModel, describe
+from moe_core.config.model import BaseModelConfig, EngineConfig, LimitsConfig
+from moe_core.config.sections import (
+    DynamicLiveFields,
+    GatewayLiveFields,
+    PromotionConfig,
+    PromotionLiveFields,
+    RouterLiveFields,
+    check_rates,
 )
-from moe_core.config.sections import BaseModelConfig, EngineConfig, PromotionConfig, check_rates
 from moe_core.vision import PixelBounds
 
 if TYPE_CHECKING:
     from moe_core.config.schema import DeploymentConfig
 
 __all__ = [
-    "LIVE_FIELDS",
     "DynamicLive",
     "EngineSettings",
     "GatewayLive",
     "LiveModel",
     "LiveSettings",
     "PromotionLive",
+    "SameAs",
+    "same_as",
 ]
 
 
 class EngineSettings(StrictModel):
-    """What an engine needs: the model, the prompt around each request, generation limits."""
+    """What an engine needs: the model, the prompt around each request, the request limits, the KV cache
+    and step scheduling (the config's sections, passed whole)."""
 
     base_model: BaseModelConfig = Field(description="The base VLM.")
     system_prompt: str = Field(description="System prompt put before each request.")
-    max_new_tokens: int = Field(ge=1, description="Tokens generated per request, at most.")
-    min_pixels: int = Field(ge=1, description="Fewest pixels the model sees of an image.")
-    max_pixels: int = Field(ge=1, description="Most pixels the model sees of an image.")
-    max_prompt_tokens: int = Field(ge=1, description="Longest prompt in tokens, image tokens included.")
-    max_completion_tokens: int = Field(default=512, ge=1, description="Most tokens a request may ask for.")
-    kv: EngineConfig = Field(default_factory=EngineConfig, description="KV cache and step scheduling.")
+    limits: LimitsConfig = Field(
+        description="Request limits: tokens generated and asked for, the prompt's tokens, the image's pixels."
+    )
+    kv: EngineConfig = Field(description="KV cache and step scheduling.")
 
     @property
     def bounds(self) -> PixelBounds:
-        return PixelBounds(self.min_pixels, self.max_pixels)
+        return PixelBounds(self.limits.min_pixels, self.limits.max_pixels)
 
     @property
     def image_factor(self) -> int:
@@ -64,18 +58,52 @@ class EngineSettings(StrictModel):
         return self.base_model.image_patch_size * 2
 
 
-class LiveModel(StrictModel):
+@dataclass(frozen=True)
+class SameAs:
+    """A live model field that is another name for a marked one (its ``fragment``'s ``key``)."""
+
+    fragment: type[LiveFields]
+    key: str
+
+
+def same_as(fragment: type[LiveFields], key: str) -> Any:
+    """The field ``key`` of ``fragment`` under another name in a live model: the same constraints,
+    description and default, and the mark that says where its value comes from."""
+    info = copy(fragment.model_fields[key])
+    info.metadata = [*info.metadata, SameAs(fragment, key)]
+    return info
+
+
+class LiveModel(LiveFields):
     """A deployment's live settings: its Serve user_config, which `serve deploy` changes in place.
 
-    Every field is required: a user_config missing one is refused naming it, never defaulted.
+    Its fields are the marked live fields of the sections (:class:`LiveFields`) it inherits, and fields
+    declared with :func:`same_as`. Every field is required: a user_config missing one is refused naming
+    it, never defaulted.
     """
 
-    #: field -> (section, key) of :class:`DeploymentConfig` it comes from
-    SOURCE: ClassVar[dict[str, tuple[str, str]]] = {}
+    @model_validator(mode="before")
+    @classmethod
+    def _every_field(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            missing = [f for f in cls.model_fields if f not in data]
+            if missing:
+                raise PydanticCustomError("missing", "; ".join(f"{f}: Field required" for f in missing))
+        return data
+
+    @classmethod
+    def sources(cls) -> dict[str, tuple[str, str]]:
+        """Field -> the (section, key) of :class:`DeploymentConfig` it comes from."""
+        out = {name: (fragment.SECTION, name) for fragment, name in cls.declared()}
+        for name, info in cls.model_fields.items():
+            for mark in info.metadata:
+                if isinstance(mark, SameAs):
+                    out[name] = (mark.fragment.SECTION, mark.key)
+        return out
 
     @classmethod
     def of(cls, cfg: DeploymentConfig) -> Self:
-        return cls.model_validate({f: getattr(getattr(cfg, s), k) for f, (s, k) in cls.SOURCE.items()})
+        return cls.model_validate({f: getattr(getattr(cfg, s), k) for f, (s, k) in cls.sources().items()})
 
     @classmethod
     def from_user_config(cls, data: object, deployment: str) -> Self:
@@ -86,53 +114,18 @@ class LiveModel(StrictModel):
             raise ConfigError(f"{deployment} user_config: {describe(e)}") from e
 
 
-class GatewayLive(LiveModel):
-    """The gateway's live settings."""
+class GatewayLive(LiveModel, RouterLiveFields, GatewayLiveFields):
+    """The gateway's live settings: the gateway's and the router's, and the dynamic adapters."""
 
-    SOURCE: ClassVar[dict[str, tuple[str, str]]] = {
-        "prefer_merged": ("gateway", "prefer_merged"),
-        "fallback_to_dynamic": ("gateway", "fallback_to_dynamic"),
-        "confidence_threshold": ("router", "confidence_threshold"),
-        "below_threshold": ("router", "below_threshold"),
-        "dynamic_adapters": ("dynamic", "adapters"),
-    }
-    prefer_merged: PreferMerged
-    fallback_to_dynamic: FallbackToDynamic
-    confidence_threshold: ConfidenceThreshold
-    below_threshold: BelowThreshold
-    dynamic_adapters: DynamicAdapters
+    dynamic_adapters: list[AdapterName] = same_as(DynamicLiveFields, "adapters")
 
 
-class DynamicLive(LiveModel):
+class DynamicLive(LiveModel, DynamicLiveFields):
     """The dynamic deployment's live settings."""
 
-    SOURCE: ClassVar[dict[str, tuple[str, str]]] = {
-        "adapters": ("dynamic", "adapters"),
-        "max_loaded_adapters": ("dynamic", "max_loaded_adapters"),
-    }
-    adapters: DynamicAdapters
-    max_loaded_adapters: MaxLoadedAdapters
 
-
-class PromotionLive(LiveModel):
+class PromotionLive(LiveModel, PromotionLiveFields):
     """The promotion controller's live settings: its thresholds, and the switch that empties every slot."""
-
-    SOURCE: ClassVar[dict[str, tuple[str, str]]] = {
-        "enabled": ("promotion", "enabled"),
-        "promote_rps": ("promotion", "promote_rps"),
-        "promote_window_s": ("promotion", "promote_window_s"),
-        "demote_rps": ("promotion", "demote_rps"),
-        "demote_window_s": ("promotion", "demote_window_s"),
-        "cooldown_s": ("promotion", "cooldown_s"),
-        "deny": ("promotion", "deny"),
-    }
-    enabled: PromotionEnabled
-    promote_rps: PromoteRps
-    promote_window_s: PromoteWindowS
-    demote_rps: DemoteRps
-    demote_window_s: DemoteWindowS
-    cooldown_s: CooldownS
-    deny: DenyAdapters
 
     @model_validator(mode="after")
     def _rates(self) -> Self:
@@ -142,8 +135,7 @@ class PromotionLive(LiveModel):
     @classmethod
     def default(cls) -> PromotionLive:
         """The live fields of a config without a promotion section: promotion off."""
-        section = PromotionConfig()
-        return cls.model_validate({f: getattr(section, k) for f, (_, k) in cls.SOURCE.items()})
+        return cls.model_validate(PromotionConfig().model_dump(include=set(cls.model_fields)))
 
 
 class LiveSettings(StrictModel):
@@ -159,9 +151,3 @@ class LiveSettings(StrictModel):
     @classmethod
     def of(cls, cfg: DeploymentConfig) -> LiveSettings:
         return cls(gateway=GatewayLive.of(cfg), dynamic=DynamicLive.of(cfg), promotion=PromotionLive.of(cfg))
-
-
-#: Config fields `serve deploy` changes in place (Serve user_config), never part of the app's args.
-LIVE_FIELDS: tuple[tuple[str, str], ...] = tuple(
-    sorted({src for m in (GatewayLive, DynamicLive, PromotionLive) for src in m.SOURCE.values()})
-)

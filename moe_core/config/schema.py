@@ -7,26 +7,22 @@ from typing import Self
 
 from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
-from moe_core.config.base import AdapterName, ConfigError, StrictModel, describe
-from moe_core.config.runtime import LIVE_FIELDS, EngineSettings, LiveSettings
+from moe_core.config.base import AdapterName, ConfigError, LiveFields, StrictModel, describe
+from moe_core.config.model import BaseModelConfig, EngineConfig, LimitsConfig, MergeJobConfig, OutputGrammar
+from moe_core.config.runtime import EngineSettings, LiveSettings
 from moe_core.config.sections import (
     ApiConfig,
-    BaseModelConfig,
     DynamicConfig,
-    EngineConfig,
     GatewayConfig,
-    LimitsConfig,
     MergedAdapterConfig,
     MergedConfig,
-    MergeJobConfig,
-    OutputGrammar,
     PromotionConfig,
     RouterConfig,
     check_rates,
 )
 from moe_core.config.storage import StorageConfig
 
-__all__ = ["DEFAULT_SYSTEM_PROMPT", "DeploymentConfig"]
+__all__ = ["DEFAULT_SYSTEM_PROMPT", "LIVE_FIELDS", "DeploymentConfig"]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a computer-use agent. You see a screenshot of the screen and control the mouse and "
@@ -183,11 +179,7 @@ class DeploymentConfig(StrictModel):
         return EngineSettings(
             base_model=self.base_model,
             system_prompt=self.system_prompt,
-            max_new_tokens=self.limits.max_new_tokens,
-            min_pixels=self.limits.min_pixels,
-            max_pixels=self.limits.max_pixels,
-            max_prompt_tokens=self.limits.max_prompt_tokens,
-            max_completion_tokens=self.limits.max_completion_tokens,
+            limits=self.limits,
             kv=self.engine,
         )
 
@@ -199,3 +191,15 @@ class DeploymentConfig(StrictModel):
     @property
     def merged_enabled(self) -> list[MergedAdapterConfig]:
         return [a for a in self.merged.adapters if a.enabled] if self.merged.enabled else []
+
+
+#: Config fields `serve deploy` changes in place (Serve user_config), never part of the app's args: the
+#: fields the sections mark live (:class:`~moe_core.config.base.LiveFields`), as (section, key).
+LIVE_FIELDS: tuple[tuple[str, str], ...] = tuple(
+    sorted(
+        (fragment.SECTION, key)
+        for field in DeploymentConfig.model_fields.values()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, LiveFields)
+        for fragment, key in field.annotation.declared()
+    )
+)

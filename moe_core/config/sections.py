@@ -1,84 +1,50 @@
-"""The sections of ``config/deployment.yaml`` besides ``storage``: the base model, routing, the merged
-and dynamic deployments, promotion, the gateway, request limits, the OpenAI-compatible API, the engine,
-the experts' output grammars, and the merge job."""
+"""The sections of ``config/deployment.yaml`` that shape the Serve graph: routing, the merged and dynamic
+deployments, promotion, the gateway, and the OpenAI-compatible API; the ones a model needs are in
+:mod:`moe_core.config.model`, ``storage`` in :mod:`moe_core.config.storage`."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, ClassVar, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from moe_core.config.base import (
-    AdapterName,
-    BelowThreshold,
-    ConfidenceThreshold,
-    CooldownS,
-    DemoteRps,
-    DemoteWindowS,
-    DenyAdapters,
-    DynamicAdapters,
-    FallbackToDynamic,
-    MaxLoadedAdapters,
-    PreferMerged,
-    PromoteRps,
-    PromoteWindowS,
-    PromotionEnabled,
-    StrictModel,
-)
-from moe_core.structured import Constraint, GrammarError
+from moe_core.config.base import AdapterName, LiveFields, StrictModel
 
 __all__ = [
-    "BUILTIN_TINY",
-    "CPU_KV_CACHE_BYTES",
-    "IMAGE_FORMATS",
     "ApiConfig",
-    "BaseModelConfig",
     "BatchingConfig",
     "DynamicConfig",
-    "EngineConfig",
+    "DynamicLiveFields",
     "GatewayConfig",
-    "LimitsConfig",
-    "MergeJobConfig",
+    "GatewayLiveFields",
     "MergedAdapterConfig",
     "MergedConfig",
-    "OutputGrammar",
     "PromotionConfig",
+    "PromotionLiveFields",
     "RouterConfig",
+    "RouterLiveFields",
     "ScalingConfig",
     "check_rates",
 ]
 
-#: The embedded default: a tiny Qwen3-VL built offline by :mod:`moe_core.tiny`.
-BUILTIN_TINY = "builtin:tiny-qwen3-vl"
 
+class RouterLiveFields(LiveFields):
+    """The router section's live fields."""
 
-class BaseModelConfig(StrictModel):
-    id: str = Field(
-        default=BUILTIN_TINY,
-        description=f"Base model: a Hugging Face id, a local folder, or {BUILTIN_TINY!r} (built offline).",
+    SECTION: ClassVar[str] = "router"
+    confidence_threshold: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Below this routing confidence the below_threshold rule applies.",
     )
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
-    trust_remote_code: bool = Field(
-        default=False, description="Allow code shipped with the checkpoint to run. Off unless asked."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Serving dtype; auto is bfloat16 on CUDA and float32 on the CPU."
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        default="auto", description="Device; auto is cuda when available, else cpu."
-    )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        default="sdpa", description="Attention kernel passed to transformers."
-    )
-    image_patch_size: int = Field(
-        default=16,
-        ge=1,
-        description="The vision tower's patch size (16 for Qwen3-VL, 14 for Qwen2.5-VL); images land on a grid "
-        "of twice this (the spatial merge). Checked against the processor at load.",
+    below_threshold: Literal["base", "reject"] = Field(
+        default="reject",
+        description="When unsure: 'base' answers with the base model, 'reject' answers 422 with candidates.",
     )
 
 
-class RouterConfig(StrictModel):
+class RouterConfig(RouterLiveFields):
     adapter: AdapterName | None = Field(
         default="router", description="Name of the routing adapter in storage; null disables routing."
     )
@@ -88,8 +54,6 @@ class RouterConfig(StrictModel):
     prompt: str = Field(
         default="Which screen is this?", description="Prompt given to the routing adapter with the image."
     )
-    confidence_threshold: ConfidenceThreshold = 0.5
-    below_threshold: BelowThreshold = "reject"
 
 
 class ScalingConfig(StrictModel):
@@ -112,6 +76,24 @@ class ScalingConfig(StrictModel):
         gt=0.0,
         description="Seconds between the load reports of replicas and callers to the autoscaler (Serve's "
         "metrics_interval_s); a report is at most this old when the autoscaler decides.",
+    )
+    max_ongoing_requests: int = Field(
+        default=64,
+        ge=1,
+        description="Calls a replica takes at once (Serve's max_ongoing_requests; Serve's default of 5 would "
+        "throttle batching): the engine batches and queues them (limits.max_batch_size, "
+        "limits.max_queued_requests).",
+    )
+    target_ongoing_requests: float = Field(
+        default=8.0,
+        gt=0.0,
+        description="Ongoing calls per replica the autoscaler aims at (Serve's target_ongoing_requests).",
+    )
+    upscale_delay_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="Seconds the load must stay above the target before a replica is added (Serve's "
+        "upscale_delay_s).",
     )
 
     @model_validator(mode="after")
@@ -143,11 +125,21 @@ class MergedConfig(BatchingConfig):
     )
 
 
-class DynamicConfig(ScalingConfig, BatchingConfig):
+class DynamicLiveFields(LiveFields):
+    """The dynamic section's live fields."""
+
+    SECTION: ClassVar[str] = "dynamic"
+    adapters: list[AdapterName] = Field(
+        default_factory=list, description="Adapters served only by the dynamic deployment."
+    )
+    max_loaded_adapters: int = Field(
+        default=8, ge=1, description="LRU size: adapters resident in one replica at once."
+    )
+
+
+class DynamicConfig(ScalingConfig, BatchingConfig, DynamicLiveFields):
     enabled: bool = Field(default=True, description="Run the shared dynamic-LoRA deployment.")
     min_replicas: int = Field(default=1, ge=0, description="Autoscaling floor; 0 allows scale to zero.")
-    adapters: DynamicAdapters = Field(default_factory=list)
-    max_loaded_adapters: MaxLoadedAdapters = 8
     max_lora_rank: int = Field(
         default=32,
         ge=1,
@@ -155,27 +147,69 @@ class DynamicConfig(ScalingConfig, BatchingConfig):
         description="Largest LoRA rank served: each of the LRU's LoRA slots is this wide in every targeted layer "
         "(memory: LoRA slots x rank x sum of in+out features); adapters of higher rank are refused at deploy.",
     )
+    adapter_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest a request for an adapter that is not loaded waits for room in the LRU (every "
+        "loaded adapter serving running rows) before it is refused with a 503.",
+    )
 
 
-class PromotionConfig(ScalingConfig):
+class PromotionLiveFields(LiveFields):
+    """The promotion section's live fields: the controller's thresholds, and the switch that empties
+    every slot."""
+
+    SECTION: ClassVar[str] = "promotion"
+    enabled: bool = Field(
+        default=False,
+        description="Give hot adapters a merged slot deployment and demote cold ones; off: every promoted "
+        "adapter is demoted and the slots stay empty.",
+    )
+    promote_rps: float = Field(
+        default=2.0,
+        gt=0,
+        description="Requests/s, averaged over promote_window_s, at or above which an adapter is promoted.",
+    )
+    promote_window_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds the promotion rate is averaged over; no promotion before the controller has "
+        "seen this much traffic history, so a restart does not promote on a burst.",
+    )
+    demote_rps: float = Field(
+        default=0.5,
+        ge=0,
+        description="Requests/s, averaged over demote_window_s, below which a promoted adapter is demoted; "
+        "below promote_rps, so a rate between the two changes nothing (hysteresis).",
+    )
+    demote_window_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds the demotion rate is averaged over, and the least time an adapter stays promoted.",
+    )
+    cooldown_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="Seconds after a switch during which neither that adapter nor that slot switches again: "
+        "a merge costs minutes of GPU time, so a rate hovering at a threshold must not flap.",
+    )
+    deny: list[AdapterName] = Field(
+        default_factory=list, description="Adapters never promoted (demoted when they hold a slot)."
+    )
+
+
+class PromotionConfig(ScalingConfig, PromotionLiveFields):
     """Traffic-aware promotion: ``slots`` merged deployments whose adapter a controller picks by traffic.
 
     The slots are bound when the app is built (Serve cannot add deployments from inside the app), so
     ``slots`` and the scaling fields are static; the thresholds are live (the controller's user_config).
     """
 
-    enabled: PromotionEnabled = False
     slots: int = Field(
         default=0,
         ge=0,
         description="Merged slot deployments bound at build time, each serving at most one promoted adapter.",
     )
-    promote_rps: PromoteRps = 2.0
-    promote_window_s: PromoteWindowS = 30.0
-    demote_rps: DemoteRps = 0.5
-    demote_window_s: DemoteWindowS = 120.0
-    cooldown_s: CooldownS = 300.0
-    deny: DenyAdapters = Field(default_factory=list)
     interval_s: float = Field(default=1.0, gt=0, description="Seconds between the controller's decisions.")
     report_interval_s: float = Field(
         default=1.0,
@@ -188,84 +222,54 @@ class PromotionConfig(ScalingConfig):
         description="Seconds between routing a demoted adapter back to the dynamic deployment and freeing its "
         "slot, so requests already sent to the slot finish there.",
     )
-
-
-class GatewayConfig(StrictModel):
-    prefer_merged: PreferMerged = True
-    fallback_to_dynamic: FallbackToDynamic = True
-    request_timeout_s: float = Field(default=60.0, gt=0, description="Per-hop timeout for a request.")
-
-
-#: The image formats accepted by default: what screenshots and documents arrive as.
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-
-
-class LimitsConfig(StrictModel):
-    max_image_pixels: int = Field(default=1024 * 1024, ge=1, description="Largest image (width*height).")
-    max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1, description="Largest decoded image file.")
-    max_body_bytes: int = Field(
-        default=24 * 1024 * 1024,
-        ge=1024,
-        description="Largest request body the gateway reads (a base64 image is 4/3 of its file); larger "
-        "bodies get a 413 before they are read.",
+    replace_factor: float = Field(
+        default=2.0,
+        ge=1.0,
+        description="With every slot taken, a candidate replaces the coldest promoted adapter only when it is "
+        "this many times as busy: a merge is too dear to swap two adapters of about the same traffic.",
     )
-    max_prompt_chars: int = Field(default=4000, ge=1, description="Longest prompt in characters.")
-    max_new_tokens: int = Field(default=24, ge=1, description="Tokens generated per request.")
-    max_batch_size: int = Field(
-        default=16, ge=1, description="Most requests decoding at once in one replica (rows of one forward)."
+    load_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Longest wait for a slot to load its merged model; null: ten times "
+        "gateway.request_timeout_s, at least 60.",
+    )
+    merge_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="Longest a promotion's merge task may run, then it is cancelled (an 8B fp32 merge and its "
+        "verification take minutes on a GPU).",
+    )
+    write_retry_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a switch retries writing the assignments through storage errors.",
+    )
+
+
+class GatewayLiveFields(LiveFields):
+    """The gateway section's live fields."""
+
+    SECTION: ClassVar[str] = "gateway"
+    prefer_merged: bool = Field(default=True, description="Send to the merged deployment when one is up.")
+    fallback_to_dynamic: bool = Field(
+        default=True, description="Answer from the dynamic deployment when the merged one fails."
+    )
+
+
+class GatewayConfig(GatewayLiveFields):
+    request_timeout_s: float = Field(default=60.0, gt=0, description="Per-hop timeout for a request.")
+    max_ongoing_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Requests one gateway replica handles at once (Serve's max_ongoing_requests).",
     )
     max_queued_requests: int = Field(
-        default=64,
+        default=512,
         ge=0,
-        description="Requests a replica queues beyond the running ones; more are refused with a 503 at once.",
+        description="Requests queued for the gateway beyond max_ongoing_requests; past them the proxy answers "
+        "503 at once (Serve's max_queued_requests).",
     )
-    max_completion_tokens: int = Field(
-        default=512, ge=1, description="The most tokens a request may ask to generate (max_tokens)."
-    )
-    min_pixels: int = Field(
-        default=64 * 32 * 32,
-        ge=1,
-        description="Fewest pixels the model sees of an image: smaller ones are scaled up, keeping their "
-        "aspect ratio (Qwen's min_pixels; a request may ask for more, within max_pixels).",
-    )
-    max_pixels: int = Field(
-        default=1024 * 32 * 32,
-        ge=1,
-        description="Most pixels the model sees of an image: larger ones are scaled down, keeping their aspect "
-        "ratio (Qwen's max_pixels; a request may ask for fewer). Image tokens = pixels / (2 * patch)^2.",
-    )
-    max_prompt_tokens: int = Field(
-        default=4096,
-        ge=1,
-        description="Longest prompt in tokens, the image's tokens and the chat template included.",
-    )
-    image_formats: list[str] = Field(
-        default_factory=lambda: list(IMAGE_FORMATS),
-        min_length=1,
-        description="Image file formats accepted (Pillow's names), told from the file's header before any "
-        "decoder runs: no other decoder is reachable (TIFF, TGA, ICO, DDS, EPS, which hands files to "
-        "Ghostscript, ...). Anything else is a 400 naming the image's field.",
-    )
-
-    @field_validator("image_formats")
-    @classmethod
-    def _formats(cls, v: list[str]) -> list[str]:
-        from PIL import Image
-
-        Image.init()
-        names = [f.upper() for f in v]
-        unknown = sorted(set(names) - set(Image.OPEN))
-        if unknown:
-            raise ValueError(f"limits.image_formats: {unknown} are not formats Pillow reads")
-        return list(dict.fromkeys(names))
-
-    @model_validator(mode="after")
-    def _pixels(self) -> Self:
-        if self.min_pixels > self.max_pixels:
-            raise ValueError(
-                f"limits.min_pixels ({self.min_pixels}) must not exceed limits.max_pixels ({self.max_pixels})"
-            )
-        return self
 
 
 #: An environment variable's name.
@@ -323,117 +327,6 @@ class ApiConfig(StrictModel):
     def keys_required(self) -> bool:
         """Whether a key source is configured (requests then need a key)."""
         return self.key_env is not None or self.key_file is not None
-
-
-#: The KV cache pool on the CPU when ``engine.kv_cache_bytes`` is not set.
-CPU_KV_CACHE_BYTES = 64 * 2**20
-
-
-class EngineConfig(StrictModel):
-    """The engine's memory and step scheduling: the paged KV cache, prefix caching, chunked prefill."""
-
-    kv_cache_bytes: int | None = Field(
-        default=None,
-        ge=2**20,
-        description="Bytes of the KV cache pool, allocated at start in pages (keys and values of every layer). "
-        "null: kv_cache_memory_fraction of the device memory free after the model loads on CUDA, 64 MiB on "
-        "the CPU. Requests are admitted while their pages fit; the youngest rows are preempted (and resumed "
-        "later) when decoding runs out of pages.",
-    )
-    kv_cache_memory_fraction: float = Field(
-        default=0.8,
-        gt=0,
-        le=0.95,
-        description="On CUDA with kv_cache_bytes null: the share of the device memory free once the model "
-        "loads that the KV cache takes; LoRA slots and activations share the rest.",
-    )
-    page_tokens: int = Field(
-        default=16, ge=1, le=1024, description="Tokens per KV cache page (vLLM's block size)."
-    )
-    prefix_caching: bool = Field(
-        default=True,
-        description="Share full KV pages between requests with the same prefix (same model and adapter "
-        "version, same tokens, same images by content): an agent's next turn reuses its history's pages and "
-        "skips the vision tower for screenshots already seen.",
-    )
-    max_prefill_tokens_per_step: int = Field(
-        default=512,
-        ge=1,
-        description="Prompt tokens read per engine step (chunked prefill): a long prompt is read in chunks, "
-        "and decoding rows get a token at every step in between.",
-    )
-    vision_cache_images: int = Field(
-        default=32,
-        ge=0,
-        description="Images whose vision-tower features each engine keeps (by content and vision identity).",
-    )
-    step: Literal["auto", "eager", "static", "compile", "cuda_graphs"] = Field(
-        default="auto",
-        description="How a decode step (every row decoding one token) runs. eager: the variable-shape step. "
-        "static: padded to a batch-size bucket (1, 2, 4, 8, 16, 32), with no branch on data and no host sync "
-        "inside, run eagerly. compile: that step through torch.compile (inductor; compiled per bucket on first "
-        "use). cuda_graphs: that step captured as a CUDA graph per bucket on first use and replayed (CUDA "
-        "only). auto: cuda_graphs on CUDA, eager on the CPU, where compile runs a step in 0.55-0.7x the time "
-        "(python -m benchmarks --only step) but spends seconds compiling each bucket at its first use.",
-    )
-
-
-class OutputGrammar(StrictModel):
-    """An expert's answer grammar: exactly one of ``regex``, ``json_schema``, ``choice``. Applied to every
-    answer of that expert unless the request brings its own (a response format, structured outputs, or
-    tools the model may call)."""
-
-    regex: str | None = Field(
-        default=None, description="The answer matches this regular expression (Rust syntax)."
-    )
-    json_schema: dict[str, Any] | None = Field(
-        default=None,
-        description="The answer is JSON valid against this schema (checked when the config loads).",
-    )
-    choice: list[str] | None = Field(
-        default=None, min_length=1, description="The answer is one of these strings."
-    )
-
-    @model_validator(mode="after")
-    def _one_that_compiles(self) -> Self:
-        given = [k for k in ("regex", "json_schema", "choice") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of regex, json_schema, choice (got {given or 'none'})")
-        import llguidance
-
-        try:
-            error = llguidance.LLMatcher.validate_grammar(self.constraint("").grammar_text())
-        except GrammarError as e:
-            error = str(e)
-        if error and not error.startswith("WARNING"):
-            raise ValueError(f"{given[0]} does not compile: {error.strip()}")
-        return self
-
-    def constraint(self, adapter: str) -> Constraint:
-        param = f"outputs.{adapter}"
-        if self.regex is not None:
-            return Constraint.regex(self.regex, param)
-        if self.json_schema is not None:
-            return Constraint.json_schema(self.json_schema, param)
-        return Constraint.choice(self.choice or [], param)
-
-
-class MergeJobConfig(StrictModel):
-    safe_merge: bool = Field(default=True, description="Refuse merges that produce NaN or Inf.")
-    max_logit_diff: float = Field(
-        default=1e-3, ge=0.0, description="Largest allowed logit difference merged vs base+LoRA on probes."
-    )
-    min_greedy_agreement: float = Field(
-        default=1.0, ge=0.0, le=1.0, description="Share of probes whose greedy outputs must agree."
-    )
-    num_probes: int = Field(default=8, ge=1, description="Probe inputs run through both models.")
-    probe_set: AdapterName = Field(
-        default="default",
-        description="Probe set in storage (probes/<name>/) that verifies a merge when the adapter has no "
-        "probe set of its own (probes/<adapter>/); a merge with neither is refused.",
-    )
-    gpu: float = Field(default=0.0, ge=0.0, description="GPUs for the merge task (0 on the CPU default).")
-    cpu: float = Field(default=1.0, ge=0.0, description="CPUs for the merge task.")
 
 
 def check_rates(demote_rps: float, promote_rps: float, prefix: str) -> None:

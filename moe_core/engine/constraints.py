@@ -32,10 +32,7 @@ import torch
 from moe_core.engine.request import EngineError, InvalidInput
 from moe_core.structured import MAX_GRAMMAR_CHARS, Constraint, GrammarError
 
-__all__ = ["GRAMMAR_CACHE_SIZE", "ConstraintError", "Grammar", "Grammars", "RowMatcher"]
-
-#: Compiled grammars kept per engine (least recently used dropped first).
-GRAMMAR_CACHE_SIZE = 128
+__all__ = ["ConstraintError", "Grammar", "Grammars", "RowMatcher"]
 
 
 class ConstraintError(InvalidInput):
@@ -95,7 +92,7 @@ class Grammars:
         tokenizer: Any,
         vocab: int,
         eos: Sequence[int],
-        capacity: int = GRAMMAR_CACHE_SIZE,
+        capacity: int,
         *,
         overlap: bool = False,
     ) -> None:

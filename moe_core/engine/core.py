@@ -69,7 +69,7 @@ class Engine:
         self.processor.tokenizer.padding_side = "left"
         self.settings = settings
         self.system_prompt = settings.system_prompt
-        self.max_new_tokens = settings.max_new_tokens
+        self.max_new_tokens = settings.limits.max_new_tokens
         self.bounds = settings.bounds
         self.patch_size = settings.base_model.image_patch_size
         ip = getattr(processor, "image_processor", None)
@@ -104,6 +104,7 @@ class Engine:
             processor.tokenizer,
             int(text_config.vocab_size),
             self.eos_token_ids,
+            kv.grammar_cache_size,
             overlap=self.device.type == "cuda",  # masks computed during the forward where the CPU is idle
         )
         self.token_text = TokenTexts(processor.tokenizer)

@@ -71,7 +71,6 @@ class StepPlanner:
         self._admitted = 0
         self._eos = set(engine.eos_token_ids)
         self.steps = 0  # engine steps run
-        self.prefills = 0  # prompt chunks read
         self.preemptions = 0
         self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.prompt_tokens_computed = 0  # prompt tokens read by the model
@@ -250,7 +249,6 @@ class StepPlanner:
                 continue
             seq.computed += len(work.ids)
             if not work.decode:
-                self.prefills += 1
                 self.prompt_tokens_computed += len(work.ids)
             seq.most_rows, seq.most_adapters = max(seq.most_rows, rows), max(seq.most_adapters, n_adapters)
             seq.register(self.engine.pages, self.page_tokens)

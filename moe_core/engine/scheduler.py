@@ -108,7 +108,7 @@ class Scheduler(StepPlanner):
         within the serving token limit (unless ``limit`` is off) and the KV cache (else
         :class:`PromptTooLong`). Runs outside any lock."""
         prompt = self.engine.prompts.build(request)
-        most = self.engine.settings.max_prompt_tokens
+        most = self.engine.settings.limits.max_prompt_tokens
         image_tokens = sum(im.tokens for im in prompt.images)
         if limit and len(prompt) > most:
             raise PromptTooLong(

@@ -28,8 +28,6 @@ class FeatureCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._items: OrderedDict[VisionKey, Features] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -41,9 +39,7 @@ class FeatureCache:
     def get(self, key: VisionKey) -> Features | None:
         found = self._items.get(key)
         if found is None:
-            self.misses += 1
             return None
-        self.hits += 1
         self._items.move_to_end(key)
         return found
 

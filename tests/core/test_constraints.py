@@ -212,6 +212,7 @@ def test_grammars_are_compiled_once_per_content_in_a_bounded_cache(engine: Engin
     g.compile(b), g.compile(c)  # a is the least recently used: dropped
     assert g.compile(a) is not first
     assert g.stats["grammar_compiles"] == 4 and g.stats["grammar_cache_hits"] == 1
+    assert engine.grammars.capacity == engine.settings.kv.grammar_cache_size == 128  # the engine's: config
 
 
 def test_sampling_extras_change_what_they_should(engine: Engine) -> None:

@@ -41,7 +41,7 @@ def test_lru_eviction_single_flight_and_new_versions(tmp_path: Path) -> None:
     for n in ("a", "b", "c"):
         _publish(st, tmp_path, n, "v1")
     eng = RecordingEngine()
-    cache = AdapterCache(eng, st, capacity=2, refresh_interval_s=0.0)
+    cache = AdapterCache(eng, st, capacity=2, refresh_interval_s=0.0, wait_s=30.0)
 
     async def scenario() -> None:
         await asyncio.gather(*(cache.ensure(["a"]) for _ in range(5)))  # one load for five callers
@@ -110,7 +110,7 @@ def test_concurrent_loads_of_new_adapters_never_overfill_the_slots(tmp_path: Pat
             super().load_adapter(name, path)
 
     eng = SlotEngine()
-    cache = AdapterCache(eng, st, capacity=2, refresh_interval_s=60.0)
+    cache = AdapterCache(eng, st, capacity=2, refresh_interval_s=60.0, wait_s=30.0)
 
     async def scenario() -> None:
         await asyncio.gather(*(cache.ensure([n]) for n in names * 3))
@@ -134,7 +134,7 @@ def test_evicted_and_forgotten_adapters_release_their_version_in_the_node_cache(
         n: content_key(st.manifest("expert", n, st.current_version("expert", n) or "")["files"]) for n in "ab"
     }
     eng = RecordingEngine()
-    cache = AdapterCache(eng, st, capacity=1, refresh_interval_s=0.0)
+    cache = AdapterCache(eng, st, capacity=1, refresh_interval_s=0.0, wait_s=30.0)
 
     async def scenario() -> None:
         await cache.ensure(["a"])

@@ -62,7 +62,7 @@ def _plan(
     pinned: tuple[str, ...] = (),
     last_switch: Mapping[str, float] | None = None,
 ) -> list[tuple[str, str, int]]:
-    actions = plan(now, tr, a, live=live, pinned=pinned, last_switch=last_switch or {})
+    actions = plan(now, tr, a, live=live, pinned=pinned, last_switch=last_switch or {}, replace_factor=2.0)
     return [(x.kind, x.adapter, x.slot) for x in actions]
 
 
@@ -146,7 +146,13 @@ def test_promotes_into_the_lowest_free_slot_and_leaves_assigned_adapters() -> No
 
 def test_promotion_reason_holds_rate_and_thresholds() -> None:
     (action,) = plan(
-        100, _tracker({"calendar": 3.2}, 100), _ready(None), live=LIVE, pinned=(), last_switch={}
+        100,
+        _tracker({"calendar": 3.2}, 100),
+        _ready(None),
+        live=LIVE,
+        pinned=(),
+        last_switch={},
+        replace_factor=2.0,
     )
     assert action == Action("promote", "calendar", 0, "calendar 3.20 req/s >= 2.0 over 30 s")
 
@@ -173,7 +179,13 @@ def test_demotion_after_traffic_stops(
 
 def test_demotion_reason_holds_rate_and_thresholds() -> None:
     (action,) = plan(
-        400, _tracker({"calendar": 3.0}, 200), _ready("calendar"), live=LIVE, pinned=(), last_switch={}
+        400,
+        _tracker({"calendar": 3.0}, 200),
+        _ready("calendar"),
+        live=LIVE,
+        pinned=(),
+        last_switch={},
+        replace_factor=2.0,
     )
     assert action.reason == "calendar 0.00 req/s < 0.5 over 120 s"
 
@@ -191,7 +203,13 @@ def test_denied_and_pinned_adapters_lose_their_slot_at_once() -> None:
     live = LIVE.model_copy(update={"deny": ["calendar"]})
     last = {"calendar": 90.0, "mail": 90.0}  # the operator's word beats the cooldown
     actions = plan(
-        100, tr, _ready("calendar", "mail", "notes", since=90), live=live, pinned=("mail",), last_switch=last
+        100,
+        tr,
+        _ready("calendar", "mail", "notes", since=90),
+        live=live,
+        pinned=("mail",),
+        last_switch=last,
+        replace_factor=2.0,
     )
     assert [(x.kind, x.adapter, x.slot, x.reason.split(":")[0]) for x in actions] == [
         ("demote", "calendar", 0, "denied"),
@@ -211,7 +229,13 @@ def test_disabled_demotes_everything_assigned() -> None:
         revision=4,
     )
     actions = plan(
-        100, tr, a, live=LIVE.model_copy(update={"enabled": False}), pinned=(), last_switch={"calendar": 99}
+        100,
+        tr,
+        a,
+        live=LIVE.model_copy(update={"enabled": False}),
+        pinned=(),
+        last_switch={"calendar": 99},
+        replace_factor=2.0,
     )
     assert actions == [
         Action("demote", "calendar", 0, "promotion disabled"),
@@ -253,15 +277,19 @@ def test_replacement_needs_twice_the_rate() -> None:
     just_under = _tracker({"warm": 2.5, "cold": 1.5, "hot": 2.9}, 1000)
     assert _plan(1000, just_under, a) == []
     at_twice = _tracker({"warm": 2.5, "cold": 1.5, "hot": 3.0}, 1000)
-    (demote, promote) = plan(1000, at_twice, a, live=LIVE, pinned=(), last_switch={})
+    (demote, promote) = plan(1000, at_twice, a, live=LIVE, pinned=(), last_switch={}, replace_factor=2.0)
     assert (demote.kind, demote.adapter, promote.adapter, promote.slot) == ("demote", "cold", "hot", 1)
     assert "replaced by hot: 3.00 req/s >= 2x 1.50 req/s" in demote.reason
+    # a higher replace_factor (promotion.replace_factor) keeps the cold one at twice its rate
+    assert plan(1000, at_twice, a, live=LIVE, pinned=(), last_switch={}, replace_factor=2.5) == []
+    (demote, _) = plan(1000, at_twice, a, live=LIVE, pinned=(), last_switch={}, replace_factor=1.5)
+    assert "replaced by hot: 3.00 req/s >= 1.5x 1.50 req/s" in demote.reason
 
 
 def test_a_slot_gets_at_most_one_promotion_and_one_demotion_per_plan() -> None:
     tr = _tracker({f"a{i}": 10.0 + i for i in range(8)} | {"cold": 0.0, "warm": 1.0}, 1000)
     a = Assignments(slots=(*_ready("cold", "warm").slots, None), revision=1)
-    actions = plan(1000, tr, a, live=LIVE, pinned=(), last_switch={})
+    actions = plan(1000, tr, a, live=LIVE, pinned=(), last_switch={}, replace_factor=2.0)
     assert [(x.kind, x.adapter, x.slot) for x in actions] == [
         ("demote", "cold", 0),  # idle for a whole window: it drains, its slot is not reused in this plan
         ("demote", "warm", 1),  # replaced
@@ -292,7 +320,7 @@ def _simulate(
     switches: list[tuple[int, Action]] = []
     for t in range(600):
         _feed(tr, rps(t), t, t + 1)
-        actions = plan(float(t), tr, a, live=live, pinned=(), last_switch=last)
+        actions = plan(float(t), tr, a, live=live, pinned=(), last_switch=last, replace_factor=2.0)
         switches += [(t, x) for x in actions]
         a = _apply(a, actions, float(t), last)
     return switches
@@ -386,8 +414,8 @@ def test_a_restarted_controller_does_not_demote_before_it_has_watched_a_whole_wi
     held = Assignments(slots=(Assignment(0, "calendar", "ready", 0.0, "earlier"),), revision=3)
     tracker = RateTracker()
     tracker.add("calendar", 0, 1000.0)  # the first report after the restart
-    assert plan(1001.0, tracker, held, live=live, pinned=(), last_switch={}) == []
+    assert plan(1001.0, tracker, held, live=live, pinned=(), last_switch={}, replace_factor=2.0) == []
     for t in range(1002, 1012):
         tracker.add("calendar", 0, float(t))
-    (action,) = plan(1011.0, tracker, held, live=live, pinned=(), last_switch={})
+    (action,) = plan(1011.0, tracker, held, live=live, pinned=(), last_switch={}, replace_factor=2.0)
     assert (action.kind, action.adapter) == ("demote", "calendar")

@@ -276,6 +276,17 @@ def test_the_merge_task_gets_a_valid_config_from_the_apps_static_args() -> None:
     assert merge_cfg.storage == static.storage
 
 
+def test_the_controllers_timeouts_come_from_the_config() -> None:
+    default = PromotionSettings.of(DeploymentConfig())
+    assert (default.load_timeout_s, default.merge_timeout_s, default.write_retry_s) == (600.0, 1800.0, 300.0)
+    set_ = PromotionSettings.of(
+        DeploymentConfig.from_dict(
+            {"promotion": {"load_timeout_s": 90, "merge_timeout_s": 120, "write_retry_s": 30}}
+        )
+    )
+    assert (set_.load_timeout_s, set_.merge_timeout_s, set_.write_retry_s) == (90.0, 120.0, 30.0)
+
+
 def test_a_new_adapter_version_while_promoted_is_merged_again(tmp_path: Path) -> None:
     st, clock, merges = _store(tmp_path), Clock(), []
 

@@ -23,7 +23,7 @@ def test_an_outage_keeps_loaded_adapters_and_refuses_loads_naming_the_storage(tm
     for n in ("a", "b"):
         _publish(st, tmp_path, n, "v1")
     eng = RecordingEngine()
-    cache = AdapterCache(eng, st, capacity=2, refresh_interval_s=0.0)
+    cache = AdapterCache(eng, st, capacity=2, refresh_interval_s=0.0, wait_s=30.0)
 
     async def scenario() -> None:
         await cache.ensure(["a"])
@@ -63,7 +63,7 @@ def test_an_s3_endpoint_gone_is_an_outage_within_seconds(s3_settings: StorageCon
             _publish(st, tmp_path, n, "v1")
         st.write_state("promotion", {"x": 1}, expect=0)
         eng = RecordingEngine()
-        cache = AdapterCache(eng, st, capacity=2, refresh_interval_s=0.0)
+        cache = AdapterCache(eng, st, capacity=2, refresh_interval_s=0.0, wait_s=30.0)
         resident = asyncio.run(cache.ensure(["a"]))
         proxy.stop()
         for what, call in (

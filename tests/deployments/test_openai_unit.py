@@ -22,6 +22,8 @@ from starlette.testclient import TestClient
 
 from deployments.gateway.api import GUARDS, api
 from deployments.gateway.middleware import ApiKeys
+from deployments.gateway.openai_routes import chat_request
+from deployments.gateway.pipeline import Intake, intake
 from deployments.gateway.service import Gateway
 from deployments.messages import Answer, Chunk, Query, RouteRequest, RouteResult, TokenLogprob, Turn
 from deployments.openai_api.conversation import build_conversation, host_allowed
@@ -562,8 +564,11 @@ def _request(**body: Any) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate({"model": "calendar", "messages": [_user()]} | body)
 
 
-def _convert(req: ChatCompletionRequest, **kw: Any) -> Any:
-    return asyncio.run(build_conversation(req, GatewaySettings.of(CFG), "rid", **kw))
+def _convert(req: ChatCompletionRequest, **kw: Any) -> Intake:
+    """The chat request as the gateway makes it a query: its messages read, then the pipeline's intake."""
+    settings = GatewaySettings.of(CFG)
+    conv = asyncio.run(build_conversation(req, settings.api, settings.limits.max_image_bytes, **kw))
+    return intake(chat_request(req, conv, settings), settings, "rid")
 
 
 def test_a_conversation_goes_whole_as_turns() -> None:

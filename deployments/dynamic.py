@@ -145,10 +145,10 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
     async def _prepare(
         self, query: Query, adapter: str | None
     ) -> tuple[GenerationRequest, SamplingParams, str | None]:
-        """Check the request on its own and make its adapter resident; nothing is queued yet."""
+        """The engine's request (sampling checked) and its adapter made resident; nothing is queued yet.
+        The engine checks the prompt's length as it queues it (a refused row never joins a batch)."""
         if adapter is not None and adapter not in self.served:
             raise AdapterNotServed(f"adapter {adapter!r} is not served by the dynamic deployment")
-        self.check_prompt(self.engine, query)  # before the batch: a refused row never joins one
         request, params = self.request(query, adapter)
         version = None
         if adapter is not None:

@@ -2,8 +2,8 @@
 answers alike.
 
 - :meth:`Dispatcher._decide`: the named adapter, the base model, or the routing adapter's choice (one hop
-  to the dynamic deployment: it classifies, decides, and answers a whole request in place when the decision
-  is dynamic, saving the second hop).
+  to the dynamic deployment: it classifies, decides, and answers in place when the decision is dynamic,
+  saving the second hop: a whole answer with the decision, a stream after it).
 - :meth:`Dispatcher._dispatch`: the call to the decided target, with its merged-to-dynamic fallback, in one
   place. A whole answer's call is ``generate``; a stream's is ``stream`` up to its first chunk. Either way
   a request is answered once: the fallback runs only when the merged deployment failed before sending
@@ -49,32 +49,8 @@ class Route:
     target: Target
     via: RoutedVia
     confidence: float | None = None
-    answer: Answer | None = None  # the routing hop's answer, when it answered in place
-
-
-class _Answered:
-    """A stream that has nothing after its first chunk (an answer the routing hop gave in place)."""
-
-    async def __anext__(self) -> Chunk:
-        raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        pass
-
-
-def _whole(answer: Answer) -> Chunk:
-    """A whole answer as the one and last chunk of a stream."""
-    return Chunk(
-        answer.text,
-        answer.adapter,
-        answer.mode,
-        answer.version,
-        answer.finish_reason,
-        answer.prompt_tokens,
-        answer.completion_tokens,
-        answer.cached_tokens,
-        answer.logprobs,
-    )
+    answer: Answer | None = None  # the routing hop's whole answer, when it answered in place
+    stream: ChunkStream | None = None  # the routing hop's stream of the answer, when it streams in place
 
 
 class Dispatcher(GatewayCore):
@@ -99,9 +75,9 @@ class Dispatcher(GatewayCore):
             trace.routed_via = "explicit"
             return Route(None, "dynamic", "explicit")
         trace.routed_via = "router"
-        routed = await self._route(policy, query, prefer_merged, trace, answer_in_place=whole)
+        routed, stream = await self._route(policy, query, prefer_merged, trace, whole)
         d = routed.decision
-        return Route(d.adapter, d.target, d.routed_via, d.classification.confidence, routed.answer)
+        return Route(d.adapter, d.target, d.routed_via, d.classification.confidence, routed.answer, stream)
 
     async def _route(
         self,
@@ -109,10 +85,11 @@ class Dispatcher(GatewayCore):
         query: Query,
         prefer_merged: bool | None,
         trace: RequestTrace,
-        answer_in_place: bool = True,
-    ) -> RouteResult:
-        """Classify on the dynamic deployment and decide (answered there when the decision is dynamic and
-        ``answer_in_place``); a rejection below the threshold is raised as the 422 naming candidates."""
+        whole: bool,
+    ) -> tuple[RouteResult, ChunkStream | None]:
+        """Classify on the dynamic deployment and decide; answered there when the decision is dynamic: the
+        whole answer in the result, or the rest of the stream (``route_stream``: the decision, then the
+        answer's chunks). A rejection below the threshold is raised as the 422 naming candidates."""
         if self.dynamic is None:
             raise ServiceUnavailable(
                 "routing needs the dynamic deployment, which is disabled; name an expert"
@@ -120,8 +97,16 @@ class Dispatcher(GatewayCore):
         if not policy.labels:
             raise BadInput("expert", "no router labels are configured; name an expert")
         t0 = time.perf_counter()
-        request = RouteRequest(query, policy, prefer_merged, answer_in_place)
-        routed: RouteResult = await self._call(self.dynamic.route.remote(request))
+        request = RouteRequest(query, policy, prefer_merged)
+        stream: ChunkStream | None = None
+        if whole:
+            routed: RouteResult = await self._call(self.dynamic.route.remote(request))
+        else:
+            stream, first = await self._first(self.dynamic.options(stream=True).route_stream.remote(request))
+            if not isinstance(first, RouteResult):
+                stream.cancel()
+                raise ServiceUnavailable(f"routing: expected the decision first, got {type(first).__name__}")
+            routed = first
         trace.route_s = time.perf_counter() - t0
         d = routed.decision
         c = d.classification
@@ -130,7 +115,8 @@ class Dispatcher(GatewayCore):
         self.metrics.routed(c.label, c.confidence, outcome, below=d.routed_via == "router-below-threshold")
         if d.action == "reject":
             raise d.rejection(policy.live.confidence_threshold)
-        return routed
+        in_place = d.action == "answer" and d.target == "dynamic"  # else the routing stream ends here
+        return routed, stream if in_place else None
 
     # ----------------------------------------------------------------- answers
     async def _answer(
@@ -150,10 +136,16 @@ class Dispatcher(GatewayCore):
         self, policy: RoutingPolicy, route: Route, query: Query, trace: RequestTrace
     ) -> tuple[ChunkStream, Chunk, bool]:
         """The stream, its first chunk (a failure until then is an ordinary error, and a merged
-        deployment down by then falls back), and whether it is a fallback from merged."""
-        if route.answer is not None:  # the routing hop answered in place: one chunk
+        deployment down by then falls back), and whether it is a fallback from merged; the routing hop's
+        own stream when it answers in place."""
+        if route.stream is not None:  # the routing hop streams the answer (one hop)
             self._served(route.adapter)
-            return _Answered(), _whole(route.answer), False
+            t0 = time.perf_counter()
+            try:
+                stream, chunk = await self._first(route.stream)
+            finally:
+                trace.answer_s = time.perf_counter() - t0
+            return stream, chunk, False
 
         def first(handle: DeploymentHandle) -> Awaitable[tuple[ChunkStream, Chunk]]:
             return self._first(handle.options(stream=True).stream.remote(query, route.adapter))
@@ -206,7 +198,8 @@ class Dispatcher(GatewayCore):
 
     # ----------------------------------------------------------------- streams
     async def _first(self, response: Any) -> tuple[ChunkStream, Chunk]:
-        """A streaming call (``handle.options(stream=True).stream.remote(...)``) and its first chunk."""
+        """A streaming call (``handle.options(stream=True).stream.remote(...)``) and its first chunk
+        (cancelled when none comes)."""
         stream: ChunkStream = response
         try:
             first = await self._next(stream)

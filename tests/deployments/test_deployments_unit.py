@@ -19,7 +19,7 @@ from deployments.dynamic import AdapterNotServed, DynamicLoRA, NotConfigured
 from deployments.gateway.errors import ServiceUnavailable
 from deployments.gateway.service import Gateway
 from deployments.merged import MergedModel, ModelUnavailable
-from deployments.messages import Answer, Query, RouteRequest, Sampling
+from deployments.messages import Answer, Chunk, Query, RouteRequest, RouteResult, Sampling
 from deployments.routing import RoutingPolicy
 from deployments.schemas import BadInput, InferRequest
 from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings
@@ -286,6 +286,24 @@ async def test_route_answers_in_place_only_when_the_decision_is_dynamic(store: S
     assert base.answer is not None and base.answer.adapter is None
     assert base.decision.routed_via == "router-below-threshold"
     assert engine.classified == 4
+
+
+@on_loop
+async def test_route_stream_sends_the_decision_then_the_answer_only_when_it_is_dynamic(
+    store: Storage,
+) -> None:
+    d, engine = _dynamic(store)
+    merged = [x async for x in d.route_stream(RouteRequest(_q("p"), _policy()))]
+    assert len(merged) == 1 and isinstance(merged[0], RouteResult) and merged[0].answer is None
+    assert merged[0].decision.target == "merged" and engine.batches == []
+    here = [x async for x in d.route_stream(RouteRequest(_q("p"), _policy(), prefer_merged=False))]
+    decision, *chunks = here
+    assert isinstance(decision, RouteResult) and decision.decision.target == "dynamic"
+    assert all(isinstance(c, Chunk) for c in chunks) and len(chunks) > 1
+    assert "".join(c.text for c in chunks) == "calendar@v1:p" and chunks[-1].finish_reason == "stop"  # type: ignore[union-attr]
+    engine.verdict = ClassifyResult("login-window", 0.3, {"login-window": 0.3, "calendar": 0.7})
+    rejected = [x async for x in d.route_stream(RouteRequest(_q("p"), _policy()))]
+    assert len(rejected) == 1 and rejected[0].decision.action == "reject"  # type: ignore[union-attr]
 
 
 @on_loop

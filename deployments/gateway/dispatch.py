@@ -65,8 +65,8 @@ class Dispatcher(GatewayCore):
         trace: RequestTrace,
         whole: bool,
     ) -> Route:
-        """Who answers: the named adapter, the base model, or the routing adapter's choice (which answers
-        in place when ``whole`` and the decision is dynamic)."""
+        """Who answers: the named adapter, the base model, or the routing adapter's choice (the routing
+        hop answers in place when the decision is dynamic: the whole answer, or a stream unless ``whole``)."""
         if choice.kind == "adapter":
             assert choice.adapter is not None
             trace.routed_via, trace.adapter = "explicit", choice.adapter

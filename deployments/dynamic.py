@@ -3,7 +3,9 @@ slots, and every request, whatever its adapter, decoded in one running batch (co
 
 The engine's scheduler batches per decode step (no ``@serve.batch``, whose batches are per call and
 split by multiplexed model id): requests for different adapters join and leave the same forward.
-``stream`` is a generator method (Ray Serve streaming); ``generate`` returns the whole answer. The
+``stream`` is a generator method (Ray Serve streaming); ``generate`` returns the whole answer. ``route``
+classifies and decides, and answers in place when the decision is dynamic (``route_stream``: the decision,
+then the answer's chunks). The
 engine and the store are injectable (``engine_factory``, ``storage``) so that the deployment's logic
 is unit-tested on a fake engine; the end-to-end tests run the real model.
 """
@@ -23,7 +25,7 @@ from deployments.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
 from deployments.engines import DeploymentEngine, ModelDeployment, answer_of, engine_refusal, engine_stats
 from deployments.messages import Answer, Chunk, DynamicStats, Query, RouteRequest, RouteResult
 from deployments.observability import DynamicMetrics
-from deployments.routing import decide
+from deployments.routing import Decision, decide
 from deployments.schemas import BadInput
 from deployments.settings import DynamicSettings
 from moe_core.config import DynamicLive
@@ -140,10 +142,10 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
     async def _prepare(
         self, query: Query, adapter: str | None
     ) -> tuple[GenerationRequest, SamplingParams, str | None]:
-        """Check the request on its own and make its adapter resident; nothing is queued yet."""
+        """The engine's request (sampling checked) and its adapter made resident; nothing is queued yet.
+        The engine checks the prompt's length as it queues it (a refused row never joins a batch)."""
         if adapter is not None and adapter not in self.served:
             raise AdapterNotServed(f"adapter {adapter!r} is not served by the dynamic deployment")
-        self.check_prompt(self.engine, query)  # before the batch: a refused row never joins one
         request, params = self.request(query, adapter)
         version = None
         if adapter is not None:
@@ -180,6 +182,23 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
     async def route(self, req: RouteRequest) -> RouteResult:
         """Classify with the routing adapter (one forward), decide, and answer here when the decision
         is dynamic (one hop); a merged decision or a rejection goes back to the gateway unanswered."""
+        decision = await self._decide(req)
+        answer = None
+        if req.answer_in_place and _answered_here(decision):
+            answer = await self.generate(req.query, decision.adapter)
+        return RouteResult(decision, answer)
+
+    async def route_stream(self, req: RouteRequest) -> AsyncIterator[RouteResult | Chunk]:
+        """:meth:`route` for a streamed request (Ray Serve streaming): the decision first (never with an
+        answer), then, when it is dynamic, the answer's chunks as they are decoded here (one hop)."""
+        decision = await self._decide(req)
+        yield RouteResult(decision, None)
+        if req.answer_in_place and _answered_here(decision):
+            async for chunk in self.stream(req.query, decision.adapter):
+                yield chunk
+
+    async def _decide(self, req: RouteRequest) -> Decision:
+        """The routing adapter's classification of the query's screenshot, and the decision on it."""
         name = self.settings.router
         if self.router_cache is None or name is None:
             raise RoutingUnavailable("no routing adapter is configured (router.adapter)")
@@ -204,11 +223,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
             res = await self.engine.classify(request, req.policy.label_names(), request_id=q.request_id)
         except Exception as e:
             raise self._failed(e) from e
-        decision = decide(res, req.policy, req.prefer_merged)
-        answer = None
-        if req.answer_in_place and decision.action == "answer" and decision.target == "dynamic":
-            answer = await self.generate(q, decision.adapter)
-        return RouteResult(decision, answer)
+        return decide(res, req.policy, req.prefer_merged)
 
     def stats(self) -> DynamicStats:
         cache = self._cache()
@@ -231,3 +246,8 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         its scheduler thread died): Serve then replaces the replica."""
         self._live()
         self.engine.check_health()
+
+
+def _answered_here(decision: Decision) -> bool:
+    """The routing hop answers too: the decision is to answer on the dynamic deployment."""
+    return decision.action == "answer" and decision.target == "dynamic"

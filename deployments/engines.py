@@ -14,8 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
-from PIL import Image
-
 from deployments.adapter_cache import AdapterStore
 from deployments.images import DecodedImages
 from deployments.messages import Answer
@@ -42,9 +40,6 @@ __all__ = [
     "load_engine",
 ]
 
-#: Stands for an image in a conversation whose tokens are counted apart (``Query.image_tokens``).
-_IMAGE = Image.new("RGB", (1, 1))
-
 
 class DeploymentEngine(Protocol):
     """What a deployment calls on its engine: :class:`ScheduledEngine` (the real engine behind its
@@ -59,14 +54,6 @@ class DeploymentEngine(Protocol):
     async def classify(
         self, request: GenerationRequest, labels: Sequence[str], *, request_id: str = ""
     ) -> Classification: ...
-    def prompt_tokens(
-        self,
-        prompt: str,
-        image_tokens: int,
-        system_prompt: str | None = None,
-        turns: Sequence[Turn[Image.Image]] = (),
-        tools: str | None = None,
-    ) -> int: ...
     def load_adapter(self, name: str, path: str | Path) -> None: ...
     def set_lora_slots(self, slots: int, max_rank: int) -> None: ...
     def unload_adapter(self, name: str) -> None: ...
@@ -85,7 +72,6 @@ class ScheduledEngine:
         self.generate = self.scheduler.generate
         self.classify = self.scheduler.classify
         self.in_use = self.scheduler.in_use
-        self.prompt_tokens = engine.prompt_tokens
         self.load_adapter = engine.load_adapter
         self.unload_adapter = engine.unload_adapter
         self.set_lora_slots = engine.set_lora_slots
@@ -98,7 +84,8 @@ class ScheduledEngine:
 
 
 def engine_refusal(e: Exception, on_queue_full: Callable[[], None]) -> Exception:
-    """What the engine refused, as the client's error: a prompt too long (or too large for the KV cache)
+    """What the engine refused, as the client's error: a prompt too long (over ``limits.max_prompt_tokens``,
+    checked once, by the engine's scheduler where the prompt is tokenized, or too large for the KV cache)
     and invalid text are 4xx naming the prompt; a full queue stays itself (a 503)."""
     if isinstance(e, QueueFull):
         on_queue_full()
@@ -206,24 +193,3 @@ class ModelDeployment(ABC, Generic[S]):
         if s.constraint is None and s.expert_grammar:  # the expert's declared grammar
             s = replace(s, constraint=self.settings.output_constraint(expert or adapter))
         return request, s
-
-    def check_prompt(self, engine: DeploymentEngine, query: Query) -> None:
-        """Refuse a prompt over ``max_prompt_tokens`` (its images' tokens included) with a 4xx."""
-        limit = self.settings.engine.limits.max_prompt_tokens
-        turns = tuple(
-            Turn(t.role, tuple(p if isinstance(p, str) else _IMAGE for p in t.parts), tool_calls=t.tool_calls)
-            for t in query.turns
-        )
-        try:
-            n = engine.prompt_tokens(query.prompt, query.image_tokens, turns=turns, tools=query.tools)
-        except UnicodeEncodeError as e:
-            raise BadInput("prompt", f"prompt is not valid unicode ({e.reason} at position {e.start})") from e
-        except InvalidInput as e:
-            raise BadInput(e.param or "prompt", e.message, 400) from e
-        if n > limit:
-            raise BadInput(
-                "prompt",
-                f"the prompt is {n} tokens with its image ({query.image_tokens} image tokens), over the limit "
-                f"of {limit}; shorten the prompt or send a lower max_pixels",
-                413,
-            )

@@ -199,7 +199,6 @@ class _MergedBase(ModelDeployment[S]):
             raise ModelUnavailable(f"merged deployment {served!r} is stale: {self.stale}")
         if engine is None or served is None:
             raise ModelUnavailable(f"merged deployment {served!r} has no published model")
-        self.check_prompt(engine, query)  # before the batch: a refused row never joins one
         request, params = self.request(query, None, expert=served)
         return engine, served, version, request, params
 

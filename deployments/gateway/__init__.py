@@ -11,9 +11,14 @@ model list), each with its own error shape.
 - :mod:`deployments.gateway.middleware`: API keys and the request-body bound, as ASGI middlewares.
 - :mod:`deployments.gateway.errors`: a deployment call's failure as the client sees it.
 - :mod:`deployments.gateway.core`: :class:`~deployments.gateway.core.GatewayCore`, live settings,
-  promotion, and the calls to the model deployments (timeouts, fallback from merged to dynamic).
-- :mod:`deployments.gateway.infer`: ``POST /infer``.
-- :mod:`deployments.gateway.openai_routes`: the ``/v1`` routes.
+  promotion, and a deployment call with its timeout.
+- :mod:`deployments.gateway.pipeline`: either API's request, read, as the query: images checked and
+  planned, the gateway's limits checked, once for both APIs.
+- :mod:`deployments.gateway.dispatch`: who answers (named, base or routed) and the one call that answers,
+  whole or streamed, with the fallback from merged to dynamic.
+- :mod:`deployments.gateway.infer`: ``POST /infer``: its request read, its response shaped.
+- :mod:`deployments.gateway.openai_routes`: the ``/v1`` routes: the chat request read, OpenAI's answer or
+  its Server-Sent Events.
 - :mod:`deployments.gateway.service`: :class:`~deployments.gateway.service.Gateway`, the operational
   routes, and :data:`~deployments.gateway.service.GatewayIngress` for Serve.
 """

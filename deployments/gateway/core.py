@@ -1,6 +1,6 @@
-"""The gateway's state and its calls to the model deployments, shared by both APIs: live settings,
-traffic-aware promotion (which merged deployment answers an adapter), routing on the dynamic
-deployment, and one generation per request with its timeout and its fallback from merged to dynamic."""
+"""The gateway's state, shared by both APIs: live settings, traffic-aware promotion (which merged
+deployment answers an adapter), and a deployment call with its timeout (who answers a request and the
+call that answers it: :mod:`deployments.gateway.dispatch`)."""
 
 import asyncio
 import time
@@ -13,10 +13,8 @@ from ray.serve.handle import DeploymentHandle
 from deployments.gateway.api import GUARDS, METRICS, api_label
 from deployments.gateway.errors import ServiceUnavailable, first_line, translated
 from deployments.gateway.middleware import ApiKeys
-from deployments.messages import Answer, Query, RouteRequest, RouteResult
 from deployments.observability import GatewayMetrics, RequestTrace, current_request_id, request_logger
-from deployments.routing import Mode, RoutingPolicy
-from deployments.schemas import BadInput
+from deployments.routing import RoutingPolicy
 from deployments.settings import GatewaySettings
 from moe_core.config import ConfigError, GatewayLive
 
@@ -137,73 +135,6 @@ class GatewayCore:
                 "gateway: no live settings yet (the Serve config must carry user_config)"
             )
         return self._policy
-
-    async def _route(
-        self,
-        policy: RoutingPolicy,
-        query: Query,
-        prefer_merged: bool | None,
-        trace: RequestTrace,
-        answer_in_place: bool = True,
-    ) -> RouteResult:
-        """Classify on the dynamic deployment and decide (answered there when the decision is dynamic and
-        ``answer_in_place``); a rejection below the threshold is raised as the 422 naming candidates."""
-        if self.dynamic is None:
-            raise ServiceUnavailable(
-                "routing needs the dynamic deployment, which is disabled; name an expert"
-            )
-        if not policy.labels:
-            raise BadInput("expert", "no router labels are configured; name an expert")
-        t0 = time.perf_counter()
-        request = RouteRequest(query, policy, prefer_merged, answer_in_place)
-        routed: RouteResult = await self._call(self.dynamic.route.remote(request))
-        trace.route_s = time.perf_counter() - t0
-        d = routed.decision
-        c = d.classification
-        trace.routed_via, trace.confidence = d.routed_via, c.confidence
-        outcome = "reject" if d.action == "reject" else ("base" if d.adapter is None else "answer")
-        self.metrics.routed(c.label, c.confidence, outcome, below=d.routed_via == "router-below-threshold")
-        if d.action == "reject":
-            raise d.rejection(policy.live.confidence_threshold)
-        return routed
-
-    async def _generate(
-        self, policy: RoutingPolicy, adapter: str | None, target: Mode, query: Query, trace: RequestTrace
-    ) -> tuple[Answer, bool]:
-        """The answer from ``target``, generated once, and whether it is a fallback from merged."""
-        t0 = time.perf_counter()
-        self._served(adapter)
-        try:
-            if target == "merged":
-                assert adapter is not None
-                try:
-                    handle = self._merged_handle(adapter)
-                    return await self._call(handle.generate.remote(query, adapter)), False
-                except ServiceUnavailable as e:
-                    dynamic = self._fall_back(policy, adapter, query, e, trace)
-                    return await self._call(dynamic.generate.remote(query, adapter)), True
-            return await self._call(self._dynamic(adapter).generate.remote(query, adapter)), False
-        finally:
-            trace.answer_s = time.perf_counter() - t0
-
-    def _dynamic(self, adapter: str | None) -> DeploymentHandle:
-        if self.dynamic is None:
-            raise ServiceUnavailable(f"adapter {adapter!r} has no merged deployment and dynamic is disabled")
-        return self.dynamic
-
-    def _fall_back(
-        self, policy: RoutingPolicy, adapter: str, query: Query, e: ServiceUnavailable, trace: RequestTrace
-    ) -> DeploymentHandle:
-        """The dynamic deployment, to answer for a failed merged one; re-raises ``e`` when not allowed."""
-        # a promoted adapter is a dynamic one: it always falls back (fallback_to_dynamic is about pinned ones)
-        if self.dynamic is None or (not policy.live.fallback_to_dynamic and adapter in self.merged):
-            raise e
-        trace.fallback = e.reason
-        self.metrics.fallbacks.inc(tags={"adapter": adapter, "reason": e.reason})
-        logger.warning(
-            "gateway: %s: merged %s failed (%s); answering from dynamic", query.request_id, adapter, e
-        )
-        return self.dynamic
 
     async def _call(self, response: Any, timeout_s: float | None = None) -> Any:
         """Await a deployment call; a failure or a timeout of the callee becomes ServiceUnavailable."""

@@ -2,6 +2,7 @@
 
 from ray.serve.exceptions import BackPressureError
 
+from deployments.gateway.pipeline import Refused
 from deployments.openai_api.errors import ApiError
 from deployments.schemas import BadInput
 
@@ -39,6 +40,9 @@ def api_error(e: ApiError | BadInput | ServiceUnavailable) -> ApiError:
     """Any failure of a /v1 request in OpenAI's terms."""
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, Refused):  # the pipeline's checks: a 400 (or a 413) naming the field, with its code
+        message = e.message if e.message.startswith(e.field) else f"{e.field}: {e.message}"
+        return ApiError(400 if e.status == 422 else e.status, message, e.field, e.code)
     if isinstance(e, BadInput):
         return ApiError.of(e)
     if e.reason == "overloaded":

@@ -1,19 +1,23 @@
-"""The OpenAI-compatible routes (``/v1/models``, ``/v1/chat/completions``, streamed or not); the request
-and response models, and the conversion of messages, are :mod:`deployments.openai_api`'s."""
+"""The OpenAI-compatible routes (``/v1/models``, ``/v1/chat/completions``, streamed or not): a chat request
+is read (:mod:`deployments.openai_api.conversation`), made a query by the gateway's pipeline
+(:mod:`deployments.gateway.pipeline`), answered through the dispatcher (:mod:`deployments.gateway.dispatch`)
+and shaped as OpenAI's answer or its Server-Sent Events (:mod:`deployments.openai_api.responses`,
+:mod:`deployments.openai_api.stream`)."""
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments.gateway.api import V1_ERRORS, api
-from deployments.gateway.core import GatewayCore, logger
-from deployments.gateway.errors import ServiceUnavailable, api_error, translated
-from deployments.messages import Answer, Chunk, Query, TokenLogprob
+from deployments.gateway.core import logger
+from deployments.gateway.dispatch import ChunkStream, Dispatcher, Route
+from deployments.gateway.errors import ServiceUnavailable, api_error
+from deployments.gateway.pipeline import Intake, ParsedRequest, take
+from deployments.messages import Answer, Chunk, TokenLogprob
 from deployments.observability import RequestTrace, current_request_id
 from deployments.openai_api.conversation import Conversation, build_conversation
 from deployments.openai_api.errors import ApiError
@@ -25,7 +29,7 @@ from deployments.openai_api.models import (
     resolve_model,
     routing_available,
 )
-from deployments.openai_api.request import ChatCompletionRequest, calls_tools, check_request
+from deployments.openai_api.request import ChatCompletionRequest, calls_tools, check_request, sampling_of
 from deployments.openai_api.responses import (
     ChatCompletion,
     CompletionUsage,
@@ -35,51 +39,35 @@ from deployments.openai_api.responses import (
     moe_headers,
 )
 from deployments.openai_api.stream import DONE, ChunkWriter
-from deployments.routing import Mode, RoutedVia, RoutingPolicy
+from deployments.routing import RoutingPolicy
 from deployments.schemas import BadInput
+from deployments.settings import GatewaySettings
 from deployments.tool_calls import ToolCall, ToolCallParser
 
 __all__ = ["OpenAIRoutes"]
-
-
-class ChunkStream(Protocol):
-    """A streaming handle call's chunks (Serve's ``DeploymentResponseGenerator``)."""
-
-    def __anext__(self) -> Any: ...
-    def cancel(self) -> None: ...
 
 
 def _request_id() -> str:
     return current_request_id() or uuid.uuid4().hex
 
 
-class _Answered:
-    """A stream that has nothing after its first chunk (an answer the routing hop gave in place)."""
-
-    async def __anext__(self) -> Chunk:
-        raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        pass
-
-
-def _whole(answer: Answer) -> Chunk:
-    """A whole answer as the one and last chunk of a stream."""
-    return Chunk.of(answer, answer.adapter, answer.mode, answer.version)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Route:
-    """Who answers a chat request, and how that was decided."""
-
-    adapter: str | None
-    target: Mode
-    via: RoutedVia
-    confidence: float | None = None
-    answer: Answer | None = None  # the routing hop's answer, when it answered in place
+def chat_request(req: ChatCompletionRequest, conv: Conversation, settings: GatewaySettings) -> ParsedRequest:
+    """A chat request in the pipeline's terms: its messages read, its sampling and pixel bounds."""
+    return ParsedRequest(
+        conv.prompt,
+        conv.images,
+        "messages",
+        conv.chars,
+        "messages",
+        sampling_of(req, settings.limits.max_completion_tokens),
+        req.min_pixels,
+        req.max_pixels,
+        conv.turns,
+        conv.tools,
+    )
 
 
-class OpenAIRoutes(GatewayCore):
+class OpenAIRoutes(Dispatcher):
     """The ``/v1`` API of :class:`deployments.gateway.service.Gateway`."""
 
     @api.get("/v1/models", response_model=ModelList, responses=V1_ERRORS)
@@ -123,44 +111,21 @@ class OpenAIRoutes(GatewayCore):
     def _routing(self, policy: RoutingPolicy) -> bool:
         return routing_available(policy, self.settings, self.dynamic is not None)
 
-    async def _conversation(
+    async def _intake(
         self, req: ChatCompletionRequest, trace: RequestTrace
-    ) -> tuple[RoutingPolicy, ModelChoice, Conversation]:
-        """Check the request, resolve its model and convert its messages (images decoded once, here)."""
+    ) -> tuple[RoutingPolicy, ModelChoice, Intake]:
+        """Check the request, resolve its model, read its messages and make them the query."""
         check_request(req)
         policy = self.policy  # one snapshot per request, even across a reconfigure
         choice = resolve_model(req.model, policy, self.settings, self._routing(policy))
         trace.adapter = choice.adapter or "none"
         conv = await build_conversation(
-            req, self.settings, trace.request_id, needs_image=choice.kind == "routed"
+            req, self.settings.api, self.settings.limits.max_image_bytes, needs_image=choice.kind == "routed"
         )
-        trace.pixels = sum(p.width * p.height for p in conv.images)
-        trace.image_tokens = conv.query.image_tokens
-        return policy, choice, conv
-
-    async def _decide(
-        self,
-        policy: RoutingPolicy,
-        choice: ModelChoice,
-        query: Query,
-        prefer_merged: bool | None,
-        trace: RequestTrace,
-        stream: bool,
-    ) -> _Route:
-        """Who answers: the named adapter, the base model, or the routing adapter's choice."""
-        if choice.kind == "adapter":
-            trace.routed_via = "explicit"
-            return _Route(choice.adapter, policy.target(choice.adapter, prefer_merged), "explicit")
-        if choice.kind == "base":
-            trace.routed_via = "explicit"
-            return _Route(None, "dynamic", "explicit")
-        trace.routed_via = "router"
-        routed = await self._route(policy, query, prefer_merged, trace, answer_in_place=not stream)
-        d = routed.decision
-        return _Route(d.adapter, d.target, d.routed_via, d.classification.confidence, routed.answer)
+        return policy, choice, await take(chat_request(req, conv, self.settings), self.settings, trace)
 
     def _info(
-        self, trace: RequestTrace, route: _Route, conv: Conversation, out: Answer | Chunk, fallback: bool
+        self, trace: RequestTrace, route: Route, taken: Intake, out: Answer | Chunk, fallback: bool
     ) -> MoeInfo:
         """The ``moe`` object, and the trace's record of who answered."""
         trace.adapter = out.adapter or "base"
@@ -173,21 +138,17 @@ class OpenAIRoutes(GatewayCore):
             confidence=route.confidence,
             fallback=fallback,
             merged_version=out.version if out.mode == "merged" else None,
-            images=conv.image_info,
+            images=taken.image_info,
         )
 
     async def _chat(self, req: ChatCompletionRequest, trace: RequestTrace) -> JSONResponse:
-        policy, choice, conv = await self._conversation(req, trace)
-        route = await self._decide(policy, choice, conv.query, req.prefer_merged, trace, stream=False)
-        out, fallback = route.answer, False
-        if out is not None:
-            self._served(route.adapter)  # answered where it was routed: it counts for promotion too
-        if out is None:
-            out, fallback = await self._generate(policy, route.adapter, route.target, conv.query, trace)
-        info = self._info(trace, route, conv, out, fallback)
+        policy, choice, taken = await self._intake(req, trace)
+        route = await self._decide(policy, choice, taken.query, req.prefer_merged, trace, whole=True)
+        out, fallback = await self._answer(policy, route, taken.query, trace)
+        info = self._info(trace, route, taken, out, fallback)
         trace.prompt_tokens, trace.completion_tokens = out.prompt_tokens, out.completion_tokens
         usage = CompletionUsage.of(
-            out.prompt_tokens, out.completion_tokens, out.cached_tokens, conv.query.image_tokens
+            out.prompt_tokens, out.completion_tokens, out.cached_tokens, taken.query.image_tokens
         )
         text, calls = out.text, list[ToolCall]()
         if calls_tools(req):  # the model's <tool_call> blocks as tool calls; anything malformed stays text
@@ -204,64 +165,17 @@ class OpenAIRoutes(GatewayCore):
     async def _chat_stream(self, req: ChatCompletionRequest, trace: RequestTrace) -> StreamingResponse:
         """Route, then wait for the first chunk (a failure until then is an ordinary error response, and
         a merged deployment down by then falls back); the rest streams as Server-Sent Events."""
-        policy, choice, conv = await self._conversation(req, trace)
-        route = await self._decide(policy, choice, conv.query, req.prefer_merged, trace, stream=True)
+        policy, choice, taken = await self._intake(req, trace)
+        route = await self._decide(policy, choice, taken.query, req.prefer_merged, trace, whole=False)
         t0 = time.perf_counter()
-        if route.answer is not None:  # the routing hop answered in place: one chunk
-            self._served(route.adapter)
-            stream: ChunkStream = _Answered()
-            first, fallback = _whole(route.answer), False
-        else:
-            stream, first, fallback = await self._open_stream(policy, route, conv.query, trace)
-        info = self._info(trace, route, conv, first, fallback)
+        stream, first, fallback = await self._stream(policy, route, taken.query, trace)
+        info = self._info(trace, route, taken, first, fallback)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         writer = ChunkWriter(completion_id(trace.request_id), int(time.time()), req.model, include_usage)
         parser = ToolCallParser([t.function.name for t in req.tools or ()]) if calls_tools(req) else None
-        events = self._events(writer, info, first, stream, trace, t0, parser, conv.query.image_tokens)
+        events = self._events(writer, info, first, stream, trace, t0, parser, taken.query.image_tokens)
         headers = moe_headers(info) | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-
-    async def _open_stream(
-        self, policy: RoutingPolicy, route: _Route, query: Query, trace: RequestTrace
-    ) -> tuple[ChunkStream, Chunk, bool]:
-        """Start streaming from the route's target: the stream, its first chunk, and whether it fell back."""
-        adapter = route.adapter
-        self._served(adapter)
-        if route.target == "merged":
-            assert adapter is not None
-            try:
-                handle = self._merged_handle(adapter).options(stream=True)
-                return (*await self._first(handle.stream.remote(query, adapter)), False)
-            except ServiceUnavailable as e:  # nothing was sent yet: answered once, by dynamic
-                dynamic = self._fall_back(policy, adapter, query, e, trace)
-                return (*await self._first(dynamic.options(stream=True).stream.remote(query, adapter)), True)
-        handle = self._dynamic(adapter).options(stream=True)
-        return (*await self._first(handle.stream.remote(query, adapter)), False)
-
-    async def _first(self, response: Any) -> tuple[ChunkStream, Chunk]:
-        """A streaming call (``handle.options(stream=True).stream.remote(...)``) and its first chunk."""
-        stream: ChunkStream = response
-        try:
-            first = await self._next(stream)
-        except BaseException:
-            stream.cancel()
-            raise
-        if first is None:
-            raise ServiceUnavailable("the stream ended before its first chunk")
-        return stream, first
-
-    async def _next(self, stream: ChunkStream) -> Chunk | None:
-        """The next chunk (None at the end), within the per-hop timeout."""
-        timeout_s = self.settings.request_timeout_s
-        try:
-            chunk: Chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
-            return chunk
-        except StopAsyncIteration:
-            return None
-        except TimeoutError as e:
-            raise ServiceUnavailable(f"no chunk within {timeout_s:.0f}s", "timeout") from e
-        except Exception as e:
-            raise translated(e) from e
 
     async def _events(
         self,

@@ -1,6 +1,5 @@
 """The OpenAI-compatible API's side of the gateway: request and response models, model names, the
-conversion of chat messages to a :class:`~deployments.messages.Query`, OpenAI's error shape and
-Server-Sent Events.
+reading of chat messages, OpenAI's error shape and Server-Sent Events.
 
 No Ray and no model here: the gateway (:mod:`deployments.gateway`) serves the routes and carries out the
 calls; everything it needs to speak OpenAI is a value or a pure function of this package, unit-tested on
@@ -10,7 +9,8 @@ its own. The API keys and the body limit that guard every route are the gateway'
 - :mod:`deployments.openai_api.errors`: OpenAI's error shape, and FastAPI's validation errors in it.
 - :mod:`deployments.openai_api.request`: the chat completion request, its checks and its sampling.
 - :mod:`deployments.openai_api.models`: ``/v1/models`` and what a request's ``model`` names.
-- :mod:`deployments.openai_api.conversation`: the messages as a query (image URLs fetched, images checked).
+- :mod:`deployments.openai_api.conversation`: the messages read (turns, image sources; image URLs fetched);
+  the gateway's pipeline checks the images and makes the query (:mod:`deployments.gateway.pipeline`).
 - :mod:`deployments.openai_api.responses`: ``chat.completion`` and the ``X-Moe-*`` headers.
 - :mod:`deployments.openai_api.stream`: ``chat.completion.chunk`` events (Server-Sent Events).
 

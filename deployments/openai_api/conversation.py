@@ -1,12 +1,11 @@
-"""A chat request's messages as the :class:`~deployments.messages.Query` the model deployments get:
-text checked, images taken from data URLs (or fetched from allowed hosts), verified, and their tokens
-planned."""
+"""A chat request's messages in the gateway's terms: the text checked, the turns, and each image's source
+(a data URL's base64, or the bytes fetched from an allowed host) with the field that holds it. The gateway
+checks the images and the limits, the same way for both APIs, and makes the query
+(:mod:`deployments.gateway.pipeline`)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -14,8 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from deployments.images import check_image
-from deployments.messages import Query, Turn
+from deployments.messages import Turn
 from deployments.openai_api.errors import ApiError
 from deployments.openai_api.request import (
     ChatCompletionRequest,
@@ -23,15 +21,11 @@ from deployments.openai_api.request import (
     ImagePart,
     ImageURL,
     TextPart,
-    sampling_of,
 )
-from deployments.schemas import BadInput, ImageInfo
-from deployments.settings import GatewaySettings
 from deployments.tool_calls import tools_json
 from moe_core.config import ApiConfig
-from moe_core.vision import ImagePlan, PixelBounds, plan
 
-__all__ = ["Conversation", "Fetcher", "build_conversation", "fetch_url", "host_allowed"]
+__all__ = ["ChatImage", "Conversation", "Fetcher", "build_conversation", "fetch_url", "host_allowed"]
 
 _DATA_IMAGE = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
@@ -41,24 +35,28 @@ Fetcher = Callable[[str, int, float], Awaitable[bytes]]
 
 
 @dataclass(frozen=True)
+class ChatImage:
+    """An image of the conversation: a data URL's base64 text (decoded by the gateway, off the event
+    loop) or a fetched file's bytes, and the request field that holds it."""
+
+    data: bytes | str
+    field: str
+
+
+@dataclass(frozen=True)
 class Conversation:
-    """A chat request as the model deployments get it, and what the model sees of each image."""
+    """A chat request's messages, read: what the gateway's pipeline makes the query of.
 
-    query: Query
-    images: tuple[ImagePlan, ...]
+    One user message holding a screenshot and then text is the ``/infer`` request (``turns`` empty, so
+    the engine adds the configured system prompt, as for ``/infer``); anything else is sent whole as
+    ``turns``. ``prompt`` is the last user message's text.
+    """
 
-    @property
-    def image_info(self) -> list[ImageInfo]:
-        return [
-            ImageInfo(
-                width=p.width,
-                height=p.height,
-                model_width=p.model_width,
-                model_height=p.model_height,
-                tokens=p.tokens,
-            )
-            for p in self.images
-        ]
+    prompt: str
+    turns: tuple[Turn, ...]
+    images: tuple[ChatImage, ...]
+    tools: str | None
+    chars: int  # characters of text in all the messages
 
 
 def host_allowed(host: str, allowed: list[str]) -> bool:
@@ -96,18 +94,12 @@ async def fetch_url(url: str, max_bytes: int, timeout_s: float) -> bytes:
     return await asyncio.wait_for(asyncio.to_thread(get), timeout_s + 1.0)
 
 
-async def _image_bytes(url: str, param: str, api: ApiConfig, max_bytes: int, fetch: Fetcher) -> bytes:
-    """A data URL's bytes, or an allowed host's image; anything else is a 400 naming ``param``."""
+async def _image(url: str, param: str, api: ApiConfig, max_bytes: int, fetch: Fetcher) -> ChatImage:
+    """A data URL's base64, or an allowed host's image; anything else is a 400 naming ``param``."""
     if url.startswith("data:"):
         if not _DATA_IMAGE.match(url):
             raise ApiError(400, f"{param}: expected data:image/<type>;base64,...", param, "invalid_image_url")
-        b64 = url.split(",", 1)[1]
-        if len(b64) > (max_bytes * 4) // 3 + 8:
-            raise ApiError(413, f"{param}: image is larger than {max_bytes} bytes", param, "too_large")
-        try:
-            return base64.b64decode(b64, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise ApiError(400, f"{param}: not valid base64: {e}", param, "invalid_image") from e
+        return ChatImage(url.split(",", 1)[1], param)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ApiError(400, f"{param}: expected a data: URL (or an http(s) URL)", param, "invalid_image_url")
@@ -121,7 +113,7 @@ async def _image_bytes(url: str, param: str, api: ApiConfig, max_bytes: int, fet
             "image_url_not_allowed",
         )
     try:
-        return await fetch(url, max_bytes, api.image_fetch_timeout_s)
+        return ChatImage(await fetch(url, max_bytes, api.image_fetch_timeout_s), param)
     except OverflowError as e:
         raise ApiError(413, f"{param}: {e}", param, "too_large") from e
     except (TimeoutError, ValueError, OSError) as e:
@@ -147,41 +139,18 @@ def _check_text(text: str, param: str) -> None:
         ) from e
 
 
-def _bounds(req: ChatCompletionRequest, settings: GatewaySettings) -> PixelBounds:
-    limits = settings.limits
-    try:
-        return PixelBounds(limits.min_pixels, limits.max_pixels).narrowed(req.min_pixels, req.max_pixels)
-    except ValueError as e:
-        field = str(e).split(" ", 1)[0]
-        raise ApiError(400, str(e), field, "invalid_value") from e
-
-
 async def build_conversation(
     req: ChatCompletionRequest,
-    settings: GatewaySettings,
-    request_id: str,
+    api: ApiConfig,
+    max_image_bytes: int,
     *,
     needs_image: bool = False,
     fetch: Fetcher = fetch_url,
 ) -> Conversation:
-    """The messages as a :class:`Query`: checked, images decoded and verified, their tokens planned.
-
-    One user message holding a screenshot and then text is the ``/infer`` request (``turns`` empty, so
-    the engine adds the configured system prompt, as for ``/infer``); anything else is sent whole as
-    ``turns``. ``image`` is the conversation's last image (what the routing adapter classifies), and
-    ``prompt`` the last user message's text.
-    """
-    api, limits = settings.api, settings.limits
+    """The messages read: their text checked, their turns, and each image's source (fetched when it is
+    a URL of an allowed host); ``needs_image``: the routed model, which classifies a screenshot."""
     contents = [_parts(m) for m in req.messages]
     count = sum(isinstance(p, ImagePart) for parts in contents for p in parts)
-    chars = sum(len(p.text) for parts in contents for p in parts if isinstance(p, TextPart))
-    if chars > limits.max_prompt_chars:
-        raise ApiError(
-            413,
-            f"messages: {chars} characters of text, over the limit of {limits.max_prompt_chars}",
-            "messages",
-            "too_large",
-        )
     if count > api.max_images:
         raise ApiError(
             400,
@@ -199,10 +168,8 @@ async def build_conversation(
         )
     if not any(m.role == "user" for m in req.messages):
         raise ApiError(400, "messages: at least one user message is required", "messages", "invalid_value")
-    bounds = _bounds(req, settings)
     turns: list[Turn[int]] = []
-    images: list[bytes] = []
-    plans: list[ImagePlan] = []
+    images: list[ChatImage] = []
     prompt = ""
     for i, (message, parts) in enumerate(zip(req.messages, contents, strict=True)):
         role: Literal["system", "user", "assistant", "tool"] = (
@@ -223,31 +190,15 @@ async def build_conversation(
             url_param = (
                 f"{param}.image_url.url" if isinstance(part.image_url, ImageURL) else f"{param}.image_url"
             )
-            raw = await _image_bytes(part.url, url_param, api, limits.max_image_bytes, fetch)
-            plans.append(await asyncio.to_thread(_plan, raw, url_param, bounds, settings))  # off the loop
             out.append(len(images))
-            images.append(raw)
+            images.append(await _image(part.url, url_param, api, max_image_bytes, fetch))
         if role == "user":
             prompt = "".join(p for p in out if isinstance(p, str))
         turns.append(Turn(role, tuple(out), _tool_calls(message, i)))
-    image_tokens = sum(p.tokens for p in plans)
-    if image_tokens > limits.max_prompt_tokens:
-        raise ApiError(
-            413,
-            f"messages: the images are {image_tokens} tokens, over the prompt limit of "
-            f"{limits.max_prompt_tokens} tokens; send fewer or smaller images, or a lower max_pixels",
-            "messages",
-            "context_length_exceeded",
-        )
-    sampling = sampling_of(req, limits.max_completion_tokens)
-    last = images[-1] if images else None
-    query = Query(last, prompt, bounds, image_tokens, request_id, sampling)
     tools = tools_json(req.tools) if req.tools else None
-    if tools is not None or not _is_infer_request(turns, prompt):
-        query = Query(
-            last, prompt, bounds, image_tokens, request_id, sampling, tuple(turns), tuple(images), tools
-        )
-    return Conversation(query, tuple(plans))
+    whole = tools is not None or not _is_infer_request(turns, prompt)
+    chars = sum(len(p.text) for parts in contents for p in parts if isinstance(p, TextPart))
+    return Conversation(prompt, tuple(turns) if whole else (), tuple(images), tools, chars)
 
 
 def _tool_calls(message: ChatMessage, i: int) -> tuple[tuple[str, str], ...]:
@@ -271,27 +222,3 @@ def _is_infer_request(turns: list[Turn[int]], prompt: str) -> bool:
     return (
         bool(parts) and parts[0] == 0 and all(isinstance(p, str) for p in parts[1:]) and bool(prompt.strip())
     )
-
-
-def _plan(raw: bytes, param: str, bounds: PixelBounds, settings: GatewaySettings) -> ImagePlan:
-    """Verify the image and plan what the model sees of it (its size on the patch grid, its tokens)."""
-    limits = settings.limits
-    try:
-        img = check_image(  # from its header: the pixels are decoded once, in the replica
-            raw,
-            max_bytes=limits.max_image_bytes,
-            max_pixels=limits.max_image_pixels,
-            formats=limits.image_formats,
-            field=param,
-        )
-    except BadInput as e:
-        raise ApiError(
-            e.status if e.status == 413 else 400,
-            f"{param}: {e.message}",
-            param,
-            "too_large" if e.status == 413 else "invalid_image",
-        ) from e
-    try:
-        return plan(img.width, img.height, bounds, settings.image_factor)
-    except ValueError as e:  # qwen-vl-utils refuses aspect ratios over 200:1
-        raise ApiError(400, f"{param}: image is {img.width}x{img.height}: {e}", param, "invalid_image") from e

@@ -110,9 +110,13 @@ class Scheduler(StepPlanner):
         prompt = self.engine.prompts.build(request)
         most = self.engine.settings.limits.max_prompt_tokens
         image_tokens = sum(im.tokens for im in prompt.images)
+        # The serving limit on the whole prompt, checked once per request, here: the prompt as tokenized
+        # (a deployment reports the refusal as a 413 naming the prompt). The gateway checks the images'
+        # tokens alone, before any replica (deployments.gateway.pipeline.check_image_tokens).
         if limit and len(prompt) > most:
             raise PromptTooLong(
-                f"the prompt is {len(prompt)} tokens ({image_tokens} image tokens), over the limit of {most}"
+                f"the prompt is {len(prompt)} tokens ({image_tokens} image tokens), over the limit of {most}; "
+                "shorten the prompt or send a lower max_pixels"
             )
         pages = -(-(len(prompt) + 1) // self.page_tokens)
         if pages > self.engine.pages.pages:

@@ -19,7 +19,7 @@ from deployments.dynamic import AdapterNotServed, DynamicLoRA, NotConfigured
 from deployments.gateway.errors import ServiceUnavailable
 from deployments.gateway.service import Gateway
 from deployments.merged import MergedModel, ModelUnavailable
-from deployments.messages import Answer, Query, RouteRequest
+from deployments.messages import Answer, Chunk, Query, RouteRequest, RouteResult
 from deployments.routing import RoutingPolicy
 from deployments.schemas import BadInput, InferRequest
 from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings
@@ -62,7 +62,13 @@ class FakeEngine:
     async def generate(
         self, request: GenerationRequest, params: SamplingParams, *, request_id: str = ""
     ) -> Completion:
-        """Requests that arrive together form one batch, as the scheduler's running batch does."""
+        """Requests that arrive together form one batch, as the scheduler's running batch does; a prompt
+        over the limit (a token a word) is refused before it joins, as the scheduler's check does."""
+        words = len(request.prompt.split())
+        if words > CFG.limits.max_prompt_tokens:
+            raise PromptTooLong(
+                f"the prompt is {words} tokens, over the limit of {CFG.limits.max_prompt_tokens}"
+            )
         self._pending.append(request)
         self.params.append(params)
         await asyncio.sleep(0.05)  # requests arriving within this window share the "forward"
@@ -96,16 +102,6 @@ class FakeEngine:
     ) -> Classification:
         self.classified += 1
         return self.verdict
-
-    def prompt_tokens(
-        self,
-        prompt: str,
-        image_tokens: int,
-        system_prompt: str | None = None,
-        turns: Sequence[Any] = (),
-        tools: str | None = None,
-    ) -> int:
-        return len(prompt.split()) + image_tokens
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         if name not in self.loaded and len(self.loaded) >= self.slots[0]:  # as the real engine's slots
@@ -290,6 +286,24 @@ async def test_route_answers_in_place_only_when_the_decision_is_dynamic(store: S
     assert base.answer is not None and base.answer.adapter is None
     assert base.decision.routed_via == "router-below-threshold"
     assert engine.classified == 4
+
+
+@on_loop
+async def test_route_stream_sends_the_decision_then_the_answer_only_when_it_is_dynamic(
+    store: Storage,
+) -> None:
+    d, engine = _dynamic(store)
+    merged = [x async for x in d.route_stream(RouteRequest(_q("p"), _policy()))]
+    assert len(merged) == 1 and isinstance(merged[0], RouteResult) and merged[0].answer is None
+    assert merged[0].decision.target == "merged" and engine.batches == []
+    here = [x async for x in d.route_stream(RouteRequest(_q("p"), _policy(), prefer_merged=False))]
+    decision, *chunks = here
+    assert isinstance(decision, RouteResult) and decision.decision.target == "dynamic"
+    assert all(isinstance(c, Chunk) for c in chunks) and len(chunks) > 1
+    assert "".join(c.text for c in chunks) == "calendar@v1:p" and chunks[-1].finish_reason == "stop"  # type: ignore[union-attr]
+    engine.verdict = Classification("login-window", 0.3, {"login-window": 0.3, "calendar": 0.7})
+    rejected = [x async for x in d.route_stream(RouteRequest(_q("p"), _policy()))]
+    assert len(rejected) == 1 and rejected[0].decision.action == "reject"  # type: ignore[union-attr]
 
 
 @on_loop
@@ -505,15 +519,21 @@ def test_static_settings_do_not_depend_on_live_fields() -> None:
 
 @on_loop
 async def test_prompt_over_the_token_limit_is_refused_before_batching(store: Storage) -> None:
+    """The engine refuses a prompt over limits.max_prompt_tokens (its scheduler's check, the replica's
+    only one): the client's 413 naming the prompt, whole and streamed; the refused row never joins."""
     d, engine = _dynamic(store)
     limit = CFG.limits.max_prompt_tokens
-    long = Query(_png(), "word " * limit, PixelBounds(1024, 4096), 4)
+    long = Query(_png(), "word " * (limit + 1), PixelBounds(1024, 4096), 4)
     ok, refused = await asyncio.gather(
         d.generate(_q("a"), "calendar"), d.generate(long, "calendar"), return_exceptions=True
     )
     assert isinstance(ok, Answer) and engine.batches == [["calendar"]]  # the refused row never joined
     assert isinstance(refused, BadInput) and refused.field == "prompt" and refused.status == 413
     assert f"over the limit of {limit}" in refused.message
+    with pytest.raises(BadInput) as e:
+        async for _ in d.stream(long, "calendar"):
+            pass
+    assert (e.value.field, e.value.status) == ("prompt", 413)
 
 
 def test_bad_input_crosses_a_handle_whole() -> None:

@@ -22,6 +22,8 @@ from starlette.testclient import TestClient
 
 from deployments.gateway.api import GUARDS, api
 from deployments.gateway.middleware import ApiKeys
+from deployments.gateway.openai_routes import chat_request
+from deployments.gateway.pipeline import Intake, intake
 from deployments.gateway.service import Gateway
 from deployments.messages import Answer, Chunk, Query, RouteRequest, RouteResult, TokenLogprob, Turn
 from deployments.openai_api.conversation import build_conversation, host_allowed
@@ -146,6 +148,15 @@ class FakeModel:
         if req.answer_in_place and d.action == "answer" and d.target == "dynamic":
             answer = await self.generate(req.query, d.adapter)
         return RouteResult(d, answer)
+
+    async def route_stream(self, req: RouteRequest) -> AsyncIterator[RouteResult | Chunk]:
+        """The decision, then (when it is dynamic) the answer streamed from here."""
+        self.routed.append(req)
+        d = decide(self.verdict, req.policy, req.prefer_merged)
+        yield RouteResult(d, None)
+        if req.answer_in_place and d.action == "answer" and d.target == "dynamic":
+            async for chunk in self.stream(req.query, d.adapter):
+                yield chunk
 
 
 class FakeStream:
@@ -564,8 +575,11 @@ def _request(**body: Any) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate({"model": "calendar", "messages": [_user()]} | body)
 
 
-def _convert(req: ChatCompletionRequest, **kw: Any) -> Any:
-    return asyncio.run(build_conversation(req, GatewaySettings.of(CFG), "rid", **kw))
+def _convert(req: ChatCompletionRequest, **kw: Any) -> Intake:
+    """The chat request as the gateway makes it a query: its messages read, then the pipeline's intake."""
+    settings = GatewaySettings.of(CFG)
+    conv = asyncio.run(build_conversation(req, settings.api, settings.limits.max_image_bytes, **kw))
+    return intake(chat_request(req, conv, settings), settings, "rid")
 
 
 def test_a_conversation_goes_whole_as_turns() -> None:
@@ -807,24 +821,28 @@ def test_stream_falls_back_before_its_first_chunk(svc: Service) -> None:
     _error(s.chat(stream=True), 413, "messages", "too_large")
 
 
-def test_auto_stream_decides_then_streams(svc: Service) -> None:
+def test_auto_stream_is_answered_by_the_routing_hop_when_it_decides_dynamic(svc: Service) -> None:
+    """A routed stream takes one hop when the decision is dynamic (the routing replica streams the
+    answer after its decision), two when it is merged; the text streams in pieces either way."""
     svc.dynamic.verdict = Classification("login-window", 0.8, {"login-window": 0.8})
     events = _events(svc.chat(model="auto", stream=True).text)
-    assert svc.dynamic.routed[-1].answer_in_place is False
     assert events[0]["moe"]["routed_via"] == "router" and events[0]["moe"]["confidence"] == 0.8
-    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1])
-    assert text == "login-window says Click the day"
-    # a routing hop that answered anyway (an engine without decide-only routing): one chunk
-    original = svc.dynamic.route
-
-    async def answering(req: RouteRequest) -> RouteResult:
-        return await original(RouteRequest(req.query, req.policy, req.prefer_merged, True))
-
-    svc.dynamic.route = answering  # type: ignore[method-assign]
+    pieces = [e["choices"][0]["delta"].get("content", "") for e in events[1:-2]]
+    assert "".join(pieces) == "login-window says Click the day" and len(pieces) > 1
+    assert len(svc.handles["dynamic"].streams) == 1 and len(svc.dynamic.routed) == 1  # one call: route_stream
+    assert svc.dynamic.queries[-1][1] == "login-window" and not svc.merged.queries
+    svc.dynamic.verdict = Classification("calendar", 0.9, {"calendar": 0.9})
     events = _events(svc.chat(model="auto", stream=True).text)
-    assert [e["choices"][0]["delta"].get("content") for e in events[1:-2]] == [
-        "login-window says Click the day"
-    ]
+    assert events[0]["moe"]["mode"] == "merged" and len(svc.handles["merged"].streams) == 1
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-2])
+    assert text == "calendar says Click the day"
+    svc.dynamic.verdict = Classification("calendar", 0.3, {"calendar": 0.3, "login-window": 0.2})
+    _error(svc.chat(model="auto", stream=True), 422, "model", "below_confidence_threshold")
+    svc.dynamic.fail_after = 1  # the routing hop fails mid-answer: an error event, never answered twice
+    svc.dynamic.verdict = Classification("login-window", 0.8, {"login-window": 0.8})
+    events = _events(svc.chat(model="auto", stream=True).text)
+    assert set(events[-2]) == {"error"} and "mid-stream" in events[-2]["error"]["message"]
+    assert svc.handles["dynamic"].streams[-1].cancelled and len(svc.dynamic.queries) == 2
 
 
 # ----------------------------------------------------------------------------- API keys

@@ -184,12 +184,7 @@ class ModelDeployment(ABC, Generic[S]):
             image_key=None if turns else key,
             tools=query.tools,
         )
-        s = query.sampling
-        limit = self.settings.engine.limits.max_completion_tokens
-        if s.max_tokens is not None and s.max_tokens > limit:
-            raise BadInput(
-                "max_tokens", f"max_tokens {s.max_tokens} is over this server's limit of {limit}", 400
-            )
+        s = query.sampling  # its max_tokens is within limits.max_completion_tokens: the gateway checked it
         if s.constraint is None and s.expert_grammar:  # the expert's declared grammar
             s = replace(s, constraint=self.settings.output_constraint(expert or adapter))
         return request, s

@@ -84,19 +84,24 @@ LIMIT_CHECKS = {
     ("deployments/gateway/pipeline.py", "check_image_tokens"),
     ("moe_core/engine/scheduler.py", "Scheduler.check"),
 }
+#: The other request limits, each compared in exactly one place, at the gateway, as the request is read.
+ONE_CHECK = {
+    "max_completion_tokens": {("deployments/openai_api/request.py", "sampling_of")},
+    "max_prompt_chars": {("deployments/gateway/pipeline.py", "check_prompt_chars")},
+}
 
 
-def _mentions(node: ast.AST, names: set[str]) -> bool:
+def _mentions(node: ast.AST, names: set[str], limit: str = "max_prompt_tokens") -> bool:
     return any(
-        (isinstance(n, ast.Attribute) and n.attr == "max_prompt_tokens")
-        or (isinstance(n, ast.Name) and n.id in names)
+        (isinstance(n, ast.Attribute) and n.attr == limit) or (isinstance(n, ast.Name) and n.id in names)
         for n in ast.walk(node)
     )
 
 
-def _comparisons(tree: ast.Module) -> Iterator[str]:
-    """The functions (by qualified name) that compare with ``max_prompt_tokens``, directly or through a
-    local name assigned from it."""
+def _comparisons(tree: ast.Module, limit: str = "max_prompt_tokens") -> Iterator[str]:
+    """The functions (by qualified name) that compare with ``limit`` (an attribute, e.g. of the limits
+    section), directly or through a local name assigned from it; a function's parameter named ``limit``
+    counts too (``sampling_of(req, max_completion_tokens)``)."""
 
     def visit(node: ast.AST, scope: str) -> Iterator[str]:
         for child in ast.iter_child_nodes(node):
@@ -106,15 +111,15 @@ def _comparisons(tree: ast.Module) -> Iterator[str]:
                     aliases = {
                         t.id
                         for a in ast.walk(child)
-                        if isinstance(a, ast.Assign) and _mentions(a.value, set())
+                        if isinstance(a, ast.Assign) and _mentions(a.value, set(), limit)
                         for t in a.targets
                         if isinstance(t, ast.Name)
-                    }
+                    } | {a.arg for a in child.args.args if a.arg == limit}
                     body = [
                         n for n in child.body if not isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
                     ]
                     if any(
-                        isinstance(c, ast.Compare) and _mentions(c, aliases)
+                        isinstance(c, ast.Compare) and _mentions(c, aliases, limit)
                         for b in body
                         for c in ast.walk(b)
                     ):
@@ -134,6 +139,16 @@ def test_max_prompt_tokens_is_compared_once_per_layer() -> None:
         "limits.max_prompt_tokens is checked in one place per layer (LIMIT_CHECKS says why there); "
         f"found {sorted(found - LIMIT_CHECKS)} beside them, or {sorted(LIMIT_CHECKS - found)} gone"
     )
+
+
+@pytest.mark.parametrize("limit", sorted(ONE_CHECK))
+def test_each_other_limit_is_compared_in_one_place(limit: str) -> None:
+    found = {
+        (path.relative_to(ROOT).as_posix(), where)
+        for path in _sources()
+        for where in _comparisons(ast.parse(path.read_text()), limit)
+    }
+    assert found == ONE_CHECK[limit], f"limits.{limit} is checked in one place; found {sorted(found)}"
 
 
 def test_the_comparison_finder_sees_a_second_check(tmp_path: Path) -> None:

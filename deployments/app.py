@@ -18,10 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
-from deployments.dynamic import DynamicLoRA
 from deployments.gateway.service import GatewayIngress
-from deployments.merged import MergedModel
-from deployments.promotion import CONTROLLER_NAME, PromotionController
+from deployments.models.dynamic import DynamicLoRA
+from deployments.models.merged import MergedModel
+from deployments.promotion.autoscaling import SLOT_POLICY
+from deployments.promotion.controller import CONTROLLER_NAME, PromotionController
+from deployments.promotion.slots import MergedSlot
 from deployments.settings import (
     DynamicSettings,
     GatewaySettings,
@@ -29,8 +31,6 @@ from deployments.settings import (
     PromotionSettings,
     SlotSettings,
 )
-from deployments.slot_autoscaling import SLOT_POLICY
-from deployments.slots import MergedSlot
 from moe_core.config import DeploymentConfig, LiveSettings, ScalingConfig
 
 __all__ = [
@@ -112,7 +112,7 @@ def _scaling(s: ScalingConfig, max_queued: int) -> dict[str, Any]:
 
 def _slot_scaling(s: ScalingConfig, max_queued: int) -> dict[str, Any]:
     """A promotion slot's: the same, under a policy that keeps one replica while the slot is assigned
-    (:mod:`deployments.slot_autoscaling`; each slot replica reports whether it is)."""
+    (:mod:`deployments.promotion.autoscaling`; each slot replica reports whether it is)."""
     options = _scaling(s, max_queued)
     options["autoscaling_config"]["policy"] = {"policy_function": SLOT_POLICY}
     return options

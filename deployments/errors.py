@@ -1,4 +1,4 @@
-"""The client's errors, as every part of the gateway raises them (no Ray, no model)."""
+"""The client's errors, as the gateway and the model deployments raise them (no Ray, no model)."""
 
 from __future__ import annotations
 

@@ -103,7 +103,6 @@ class RouteRequest:
     query: Query
     policy: RoutingPolicy  # the gateway's snapshot: the decision uses its rules and values
     prefer_merged: bool | None = None
-    answer_in_place: bool = True  # False: decide only (a streamed request is answered by a stream call)
 
 
 @dataclass(frozen=True)

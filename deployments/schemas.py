@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.errors import BadInput
-from deployments.outputs import StructuredFields
+from deployments.openai_api.outputs import StructuredFields
 
 __all__ = [
     "AdapterStatus",

@@ -1,8 +1,8 @@
 """The gateway, the HTTP ingress: validates input, routes, and translates every failure to an HTTP status,
 here only.
 
-No model and no GPU. The image is decoded once to validate it and forwarded as bytes, crossing each
-hop once; a request is generated exactly once (merged, or dynamic, or dynamic after a merged failure).
+No model, no GPU and no torch. An image is checked from its header only and forwarded as bytes, crossing
+each hop once (a model replica decodes it, once); a request is generated exactly once (merged, or dynamic, or dynamic after a merged failure).
 Two APIs over the same deployments: ``POST /infer`` (one screenshot, one instruction) and the
 OpenAI-compatible ``/v1`` (:mod:`deployments.openai_api`: chat completions, streamed or not, and the
 model list), each with its own error shape.

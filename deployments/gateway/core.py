@@ -41,7 +41,7 @@ class GatewayCore:
         self.settings = settings
         self.dynamic = dynamic
         self.merged = merged  # pinned: one merged deployment per adapter the config names
-        self.slots = list(slots)  # promotion slots (deployments.slots), assigned by the controller
+        self.slots = list(slots)  # promotion slots (deployments.promotion.slots), assigned by the controller
         self.controller = controller
         self.promoted: dict[str, int] = {}  # adapter -> slot, as the stored assignments say (ready ones)
         self._counts: Counter[str] = Counter()  # requests per adapter since the last report
@@ -102,7 +102,7 @@ class GatewayCore:
 
     async def _promotion_loop(self) -> None:
         """Each report interval: send the counts to the controller, and route by the stored assignments."""
-        from deployments.slots import read_assignments
+        from deployments.promotion.slots import read_assignments
         from moe_core.storage.store import Storage
 
         assert self.controller is not None

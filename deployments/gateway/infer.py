@@ -12,8 +12,15 @@ from deployments.gateway.pipeline import ImageInput, Intake, ParsedRequest, take
 from deployments.messages import Answer
 from deployments.observability import RequestTrace, current_request_id
 from deployments.openai_api.models import ModelChoice
-from deployments.outputs import constraint_of
-from deployments.schemas import BadInput, InferRequest, InferResponse, TokenLogprobInfo, Usage, error_body
+from deployments.openai_api.outputs import constraint_of
+from deployments.schemas import (
+    BadInput,
+    InferRequest,
+    InferResponse,
+    TokenLogprobInfo,
+    Usage,
+    error_body,
+)
 from moe_core.generation import SamplingParams
 
 __all__ = ["InferRoutes"]

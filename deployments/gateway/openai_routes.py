@@ -39,10 +39,10 @@ from deployments.openai_api.responses import (
     moe_headers,
 )
 from deployments.openai_api.stream import DONE, ChunkWriter
+from deployments.openai_api.tool_calls import ToolCall, ToolCallParser
 from deployments.routing import RoutingPolicy
 from deployments.schemas import BadInput
 from deployments.settings import GatewaySettings
-from deployments.tool_calls import ToolCall, ToolCallParser
 
 __all__ = ["OpenAIRoutes"]
 

@@ -15,7 +15,7 @@ rest, the same for both, off the event loop:
 
 The whole prompt's tokens (template and text included) are counted where the tokenizer is: the replica's
 engine checks them (:meth:`moe_core.engine.scheduler.Scheduler.check`), and the replica reports a refusal
-as a 413 naming the prompt (:func:`deployments.engines.engine_refusal`).
+as a 413 naming the prompt (:func:`deployments.models.engines.engine_refusal`).
 
 A refusal is :class:`Refused`: a :class:`~deployments.schemas.BadInput` naming the field, with the code
 OpenAI's error shape reports; each API answers it in its own shape (:func:`deployments.gateway.errors.api_error`).

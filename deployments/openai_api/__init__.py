@@ -13,6 +13,10 @@ its own. The API keys and the body limit that guard every route are the gateway'
   the gateway's pipeline checks the images and makes the query (:mod:`deployments.gateway.pipeline`).
 - :mod:`deployments.openai_api.responses`: ``chat.completion`` and the ``X-Moe-*`` headers.
 - :mod:`deployments.openai_api.stream`: ``chat.completion.chunk`` events (Server-Sent Events).
+- :mod:`deployments.openai_api.outputs`: structured outputs as clients ask for them (``response_format``,
+  vLLM's ``structured_outputs``), read into one constraint (``/infer``'s ``response_format`` too).
+- :mod:`deployments.openai_api.tool_calls`: tools rendered by the model's template, its ``<tool_call>``
+  blocks read back as OpenAI's ``tool_calls``.
 
 What a client sees beyond OpenAI's schema (a plain OpenAI client ignores it):
 
@@ -29,6 +33,6 @@ What a client sees beyond OpenAI's schema (a plain OpenAI client ignores it):
 - ``usage.prompt_tokens_details``: ``cached_tokens`` (prompt tokens served from the prefix cache) and
   ``image_tokens``.
 
-Structured outputs (:mod:`deployments.outputs`) and tool calls (:mod:`deployments.tool_calls`) are read
+Structured outputs (:mod:`deployments.openai_api.outputs`) and tool calls (:mod:`deployments.openai_api.tool_calls`) are read
 here into the query's constraint; a tool call the model writes is parsed back by the gateway.
 """

@@ -22,7 +22,7 @@ from deployments.openai_api.request import (
     ImageURL,
     TextPart,
 )
-from deployments.tool_calls import tools_json
+from deployments.openai_api.tool_calls import tools_json
 from moe_core.config import ApiConfig
 
 __all__ = ["ChatImage", "Conversation", "Fetcher", "build_conversation", "fetch_url", "host_allowed"]

@@ -8,9 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.messages import SamplingParams
 from deployments.openai_api.errors import ApiError
-from deployments.outputs import StructuredFields, constraint_of
+from deployments.openai_api.outputs import StructuredFields, constraint_of
+from deployments.openai_api.tool_calls import NamedToolChoice, Tool, ToolCallIn, tool_constraint
 from deployments.schemas import BadInput
-from deployments.tool_calls import NamedToolChoice, Tool, ToolCallIn, tool_constraint
 
 __all__ = [
     "UNSUPPORTED",

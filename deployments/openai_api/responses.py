@@ -9,9 +9,9 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from deployments.messages import FinishReason, TokenLogprob
+from deployments.openai_api.tool_calls import ToolCall
 from deployments.routing import RoutedVia
 from deployments.schemas import ImageInfo, Mode
-from deployments.tool_calls import ToolCall
 
 __all__ = [
     "ChatCompletion",

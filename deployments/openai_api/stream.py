@@ -10,7 +10,7 @@ from typing import Any
 from deployments.messages import TokenLogprob
 from deployments.openai_api.errors import ApiError
 from deployments.openai_api.responses import ChoiceFinish, CompletionUsage, MoeInfo, choice_logprobs
-from deployments.tool_calls import ToolCall
+from deployments.openai_api.tool_calls import ToolCall
 
 __all__ = ["DONE", "ChunkWriter", "sse"]
 

@@ -21,9 +21,15 @@ from typing import Any
 
 from PIL import Image
 
-from deployments.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
-from deployments.engines import DeploymentEngine, ModelDeployment, answer_of, engine_refusal, engine_stats
 from deployments.messages import Answer, Chunk, DynamicStats, Query, RouteRequest, RouteResult
+from deployments.models.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
+from deployments.models.engines import (
+    DeploymentEngine,
+    ModelDeployment,
+    answer_of,
+    engine_refusal,
+    engine_stats,
+)
 from deployments.observability import DynamicMetrics
 from deployments.routing import Decision, decide
 from deployments.schemas import BadInput
@@ -184,7 +190,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         is dynamic (one hop); a merged decision or a rejection goes back to the gateway unanswered."""
         decision = await self._decide(req)
         answer = None
-        if req.answer_in_place and _answered_here(decision):
+        if _answered_here(decision):
             answer = await self.generate(req.query, decision.adapter)
         return RouteResult(decision, answer)
 
@@ -193,7 +199,7 @@ class DynamicLoRA(ModelDeployment[DynamicSettings]):
         answer), then, when it is dynamic, the answer's chunks as they are decoded here (one hop)."""
         decision = await self._decide(req)
         yield RouteResult(decision, None)
-        if req.answer_in_place and _answered_here(decision):
+        if _answered_here(decision):
             async for chunk in self.stream(req.query, decision.adapter):
                 yield chunk
 

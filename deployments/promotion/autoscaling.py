@@ -31,7 +31,7 @@ __all__ = ["SLOT_HELD", "SLOT_POLICY", "held", "keep_assigned_slots"]
 #: The custom autoscaling metric of a slot replica: 1 while its slot is assigned, else 0.
 SLOT_HELD = "slot_held"
 #: The import path of the slot deployments' policy (``autoscaling_config.policy.policy_function``).
-SLOT_POLICY = "deployments.slot_autoscaling:keep_assigned_slots"
+SLOT_POLICY = "deployments.promotion.autoscaling:keep_assigned_slots"
 #: A running replica that has not reported counts as holding its slot for this many metric intervals.
 UNREPORTED_GRACE_INTERVALS = 3
 #: Where the policy remembers when it first saw each running replica (in Serve's policy state).

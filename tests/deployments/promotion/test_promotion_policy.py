@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from deployments.promotion_policy import (
+from deployments.promotion.policy import (
     Action,
     Assignment,
     Assignments,

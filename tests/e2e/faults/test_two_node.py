@@ -60,7 +60,7 @@ from deployments.serve_config import render
 from moe_core.config import DeploymentConfig
 from moe_demo.screens import split
 from tests.conftest import _free_port
-from tests.deployments.test_serve_e2e import _b64, _deploy, _wait_ready
+from tests.e2e.test_serve_e2e import _b64, _deploy, _wait_ready
 
 pytestmark = pytest.mark.slow
 

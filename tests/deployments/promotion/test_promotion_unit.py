@@ -15,21 +15,21 @@ import pytest
 
 from deployments.gateway.errors import ServiceUnavailable
 from deployments.gateway.service import Gateway
-from deployments.promotion import PromotionController
-from deployments.promotion_policy import Assignment, Assignments
-from deployments.settings import GatewaySettings, PromotionSettings, SlotSettings
-from deployments.slot_autoscaling import (
+from deployments.promotion.autoscaling import (
     SLOT_HELD,
     SLOT_POLICY,
     UNREPORTED_GRACE_INTERVALS,
     keep_assigned_slots,
 )
-from deployments.slots import ASSIGNMENTS, MergedSlot, read_assignments
+from deployments.promotion.controller import PromotionController
+from deployments.promotion.policy import Assignment, Assignments
+from deployments.promotion.slots import ASSIGNMENTS, MergedSlot, read_assignments
+from deployments.settings import GatewaySettings, PromotionSettings, SlotSettings
 from moe_core.config import DeploymentConfig, LiveSettings, StorageConfig
 from moe_core.engine import Classification
 from moe_core.storage.errors import StorageUnavailable
 from moe_core.storage.store import Storage
-from tests.deployments.test_deployments_unit import (
+from tests.deployments.models.test_deployments_unit import (
     FakeEngine,
     FakeHandle,
     _dynamic,

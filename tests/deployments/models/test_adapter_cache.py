@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
+from deployments.models.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
 from moe_core.config import StorageConfig
 from moe_core.node_cache.files import content_key
 from moe_core.storage.store import Storage

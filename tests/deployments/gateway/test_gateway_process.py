@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_the_gateway_deployment_imports_no_torch_and_no_engine() -> None:
@@ -16,7 +16,7 @@ def test_the_gateway_deployment_imports_no_torch_and_no_engine() -> None:
         "import json, sys\n"
         "import deployments.gateway.service\n"
         "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', "
-        "'moe_core.engine', 'qwen_vl_utils', 'transformers', 'deployments.engines', 'deployments.dynamic')))))\n"
+        "'moe_core.engine', 'qwen_vl_utils', 'transformers', 'deployments.models.engines', 'deployments.models.dynamic')))))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from deployments.dynamic import AdapterNotServed, DynamicLoRA, NotConfigured
 from deployments.gateway.errors import ServiceUnavailable
 from deployments.gateway.service import Gateway
-from deployments.merged import MergedModel, ModelUnavailable
 from deployments.messages import Answer, Chunk, Query, RouteRequest, RouteResult
+from deployments.models.dynamic import AdapterNotServed, DynamicLoRA, NotConfigured
+from deployments.models.merged import MergedModel, ModelUnavailable
 from deployments.routing import RoutingPolicy
 from deployments.schemas import BadInput, InferRequest
 from deployments.settings import DynamicSettings, GatewaySettings, MergedSettings

@@ -1259,7 +1259,7 @@ def test_metrics_count_what_was_sent_and_request_ids_reach_every_hop(service) ->
     assert _total(after, "ray_moe_batch_rows_count") > _total(before, "ray_moe_batch_rows_count")
     assert _total(after, "ray_moe_merged_version_info", adapter="calendar") == 1
     scraped = {name for name, _ in after}
-    # no such event happened (a preemption needs the KV cache full: tests/core/test_paged_engine.py)
+    # no such event happened (a preemption needs the KV cache full: tests/moe_core/test_paged_engine.py)
     never = {"ray_moe_adapter_load_failures_total", "ray_moe_queue_full_total", "ray_moe_preemptions_total"}
     # promotion is off in this app (test_promotion_e2e.py checks its metrics)
     never |= {

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from deployments.gateway import pipeline
-from tests.deployments.test_openai_unit import Service, _cfg, _data_url, _png, _user
+from tests.deployments.openai_api.test_openai_unit import Service, _cfg, _data_url, _png, _user
 from tests.test_layout import ROOT, _sources
 
 

@@ -145,7 +145,7 @@ class FakeModel:
         self.routed.append(req)
         d = decide(self.verdict, req.policy, req.prefer_merged)
         answer = None
-        if req.answer_in_place and d.action == "answer" and d.target == "dynamic":
+        if d.action == "answer" and d.target == "dynamic":
             answer = await self.generate(req.query, d.adapter)
         return RouteResult(d, answer)
 
@@ -154,7 +154,7 @@ class FakeModel:
         self.routed.append(req)
         d = decide(self.verdict, req.policy, req.prefer_merged)
         yield RouteResult(d, None)
-        if req.answer_in_place and d.action == "answer" and d.target == "dynamic":
+        if d.action == "answer" and d.target == "dynamic":
             async for chunk in self.stream(req.query, d.adapter):
                 yield chunk
 
@@ -389,7 +389,6 @@ def test_auto_routes_and_applies_the_threshold(svc: Service) -> None:
         0.9,
     )
     assert r.headers["x-moe-confidence"] == "0.9000" and r.json()["model"] == "auto"
-    assert svc.dynamic.routed[-1].answer_in_place is True
     svc.dynamic.verdict = Classification("login-window", 0.8, {"login-window": 0.8})
     r = svc.chat(model="auto")  # a dynamic decision: answered where it was routed
     assert r.json()["moe"]["adapter"] == "login-window" and r.json()["choices"][0]["message"]["content"]

@@ -23,7 +23,7 @@ from moe_core.probes import publish_probes
 from moe_core.registry import deploy_adapter
 from moe_core.storage.store import Storage
 from tests.conftest import _free_port
-from tests.deployments.test_serve_e2e import _deploy, _serve_file, _wait_ready
+from tests.e2e.test_serve_e2e import _deploy, _serve_file, _wait_ready
 from tests.helpers import PROBES, screenshot
 
 pytestmark = pytest.mark.slow

@@ -2,8 +2,8 @@
 
 One small deployment (``PromotionController``, one replica, no CPU reserved). Every gateway replica
 reports its per-adapter request counts each ``promotion.report_interval_s``; the controller keeps rates
-over sliding windows (:class:`~deployments.promotion_policy.RateTracker`) and, every ``interval_s``, asks
-:func:`~deployments.promotion_policy.plan` what to switch, with the live thresholds of its user_config.
+over sliding windows (:class:`~deployments.promotion.policy.RateTracker`) and, every ``interval_s``, asks
+:func:`~deployments.promotion.policy.plan` what to switch, with the live thresholds of its user_config.
 
 Promotion of ``a`` into slot ``k``:
     1. ``merging``: make sure a merged version of ``a``'s current LoRA version is published: a merge
@@ -17,7 +17,7 @@ dynamic), ``drain_s`` later the slot is freed. Each step is one compare-and-swap
 in shared storage, so a restarted controller, gateway or slot resumes from there; a promotion that was
 cut off mid-way (``merging`` or ``loading`` found at start) is carried on.
 
-Every decision is logged with the rates that triggered it; ``python -m deployments.promotion status``
+Every decision is logged with the rates that triggered it; ``python -m deployments.promotion.controller status``
 prints the table.
 """
 
@@ -33,9 +33,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from deployments.observability import PromotionMetrics, request_logger
-from deployments.promotion_policy import Action, Assignment, Assignments, RateTracker, plan, slot_key
+from deployments.promotion.policy import Action, Assignment, Assignments, RateTracker, plan, slot_key
+from deployments.promotion.slots import ASSIGNMENTS, read_assignments
 from deployments.settings import PromotionSettings
-from deployments.slots import ASSIGNMENTS, read_assignments
 from moe_core.config import ConfigError, PromotionLive, validate_adapter_name
 from moe_core.storage.errors import StateConflict, StorageError, StorageUnavailable
 from moe_core.storage.store import Storage
@@ -441,8 +441,10 @@ def _table(assignments: Assignments) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m deployments.promotion status``: the slots as stored, and the controller's view."""
-    p = argparse.ArgumentParser(prog="python -m deployments.promotion", description=__doc__.split("\n")[0])
+    """``python -m deployments.promotion.controller status``: the slots as stored, and the controller's view."""
+    p = argparse.ArgumentParser(
+        prog="python -m deployments.promotion.controller", description=__doc__.split("\n")[0]
+    )
     p.add_argument("command", choices=["status"])
     p.add_argument("--config", default="config/deployment.yaml")
     p.add_argument("--app", default="moe", help="Serve application name (for the controller's live view)")

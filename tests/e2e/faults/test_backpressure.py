@@ -1,5 +1,5 @@
 """Overload is refused fast (hardening issue, item 9): every deployment has a bounded queue, and each
-replica's engine a bounded one of its own (moe_core.engine.scheduler, tested in tests/core/test_scheduler.py)."""
+replica's engine a bounded one of its own (moe_core.engine.scheduler, tested in tests/moe_core/test_scheduler.py)."""
 
 from __future__ import annotations
 

@@ -155,7 +155,7 @@ def test_6_a_broken_current_pointer_is_a_storage_error_naming_it(
 def test_10_a_live_reconfigure_of_the_dynamic_deployment_is_validated(tmp_path: Path) -> None:
     """``adapters: calendar`` used to become a set of letters and ``max_loaded_adapters: 0`` broke every
     batch; now each is refused naming its field, and a refused reconfigure changes nothing."""
-    from tests.deployments.test_deployments_unit import LIVE, _dynamic, _publish
+    from tests.deployments.models.test_deployments_unit import LIVE, _dynamic, _publish
 
     st = Storage(str(tmp_path / "storage"))
     _publish(st, tmp_path, "expert", "login-window", "v1")

@@ -14,9 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
-from deployments.adapter_cache import AdapterStore
 from deployments.images import DecodedImages
 from deployments.messages import Answer
+from deployments.models.adapter_cache import AdapterStore
 from deployments.observability import quiet_expected_errors
 from deployments.schemas import BadInput, Mode
 from moe_core.config import EngineSettings

@@ -2,8 +2,8 @@
 
 The app builder binds ``promotion.slots`` of them (``MergedSlot-0``, ``MergedSlot-1``, ...), each with its
 own autoscaling (scaled to zero while nothing is assigned, never while assigned: the policy in
-:mod:`deployments.slot_autoscaling`, fed by each replica's :meth:`MergedSlot.record_autoscaling_stats`).
-Which adapter a slot serves is decided by the promotion controller (:mod:`deployments.promotion`) and
+:mod:`deployments.promotion.autoscaling`, fed by each replica's :meth:`MergedSlot.record_autoscaling_stats`).
+Which adapter a slot serves is decided by the promotion controller (:mod:`deployments.promotion.controller`) and
 stored in shared storage (:data:`ASSIGNMENTS`, written with compare-and-swap); every replica of a slot
 reads it there and loads the adapter's current merged version (every replica re-reads it each refresh
 interval, a watch kept running by Serve's health checks and metric calls), so a slot changes adapter
@@ -15,7 +15,7 @@ already running when the slot moved on answers ModelUnavailable until it has loa
 falls back meanwhile.
 
 A slot answers only for the adapter the caller names: a request that reaches it after it moved on gets
-:class:`~deployments.merged.ModelUnavailable`, and the gateway falls back to dynamic (answered once).
+:class:`~deployments.models.merged.ModelUnavailable`, and the gateway falls back to dynamic (answered once).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from deployments.merged import _MergedBase
 from deployments.messages import MergedStatus
+from deployments.models.merged import _MergedBase
 from deployments.observability import request_logger
-from deployments.promotion_policy import Assignment, Assignments
+from deployments.promotion.autoscaling import SLOT_HELD
+from deployments.promotion.policy import Assignment, Assignments
 from deployments.settings import SlotSettings
-from deployments.slot_autoscaling import SLOT_HELD
 
 __all__ = ["ASSIGNMENTS", "SERVED_STATES", "MergedSlot", "read_assignments"]
 
@@ -114,7 +114,7 @@ class MergedSlot(_MergedBase[SlotSettings]):
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics, asked every few seconds on the replica's loop: whether the
-        slot is assigned (:mod:`deployments.slot_autoscaling` keeps a replica while it is). It also keeps
+        slot is assigned (:mod:`deployments.promotion.autoscaling` keeps a replica while it is). It also keeps
         the watch running, so what it reports follows the stored assignments."""
         self._watch()
         return {SLOT_HELD: 1.0 if self.held else 0.0}

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from deployments.tool_calls import ToolCall, ToolCallParser
-from tests.deployments.test_openai_unit import Service, _data_url, _user
+from deployments.openai_api.tool_calls import ToolCall, ToolCallParser
+from tests.deployments.openai_api.test_openai_unit import Service, _data_url, _user
 
 COMPUTER = {
     "type": "function",

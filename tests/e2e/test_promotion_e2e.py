@@ -30,7 +30,7 @@ import yaml
 from moe_core.config import DeploymentConfig
 from moe_demo.screens import split
 from tests.conftest import _free_port
-from tests.deployments.test_serve_e2e import _b64, _deploy, _serve_file, _settled, _total, _wait_ready
+from tests.e2e.test_serve_e2e import _b64, _deploy, _serve_file, _settled, _total, _wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -277,14 +277,14 @@ def test_skewed_traffic_promotes_the_hot_adapter_and_its_cooling_demotes_it(prom
 
 
 def _status(promo: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
-    """``python -m deployments.promotion status --json``: the stored table and the controller's view."""
+    """``python -m deployments.promotion.controller status --json``: the stored table and the controller's view."""
     conf = tmp_path / "deployment.yaml"
     conf.write_text(yaml.safe_dump(promo["cfg"].model_dump(mode="json")))
     cli = subprocess.run(
         [
             sys.executable,
             "-m",
-            "deployments.promotion",
+            "deployments.promotion.controller",
             "status",
             "--config",
             str(conf),

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from deployments.adapter_cache import AdapterCache, AdapterNotFound
+from deployments.models.adapter_cache import AdapterCache, AdapterNotFound
 from moe_core.config import StorageConfig
 from moe_core.storage.errors import StorageUnavailable
 from moe_core.storage.store import Storage
-from tests.deployments.test_adapter_cache import RecordingEngine, _publish
+from tests.deployments.models.test_adapter_cache import RecordingEngine, _publish
 from tests.s3_server import Proxy
 
 

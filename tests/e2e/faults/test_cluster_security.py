@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-K8S = Path(__file__).resolve().parents[2] / "k8s"
+K8S = Path(__file__).resolve().parents[3] / "k8s"
 
 
 def _load(name: str) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 """Merged-model deployments: the pinned :class:`MergedModel`, bound once per merged adapter by the app
-builder, and (in :mod:`deployments.slots`) the promotion slots, which share everything here but whose
+builder, and (in :mod:`deployments.promotion.slots`) the promotion slots, which share everything here but whose
 adapter changes with their assignment.
 
 Each replica loads the current published version from ``merged/<name>/`` and answers through the
@@ -20,8 +20,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from deployments.engines import DeploymentEngine, ModelDeployment, answer_of, engine_refusal, engine_stats
 from deployments.messages import Answer, Chunk, MergedStatus, Query
+from deployments.models.engines import (
+    DeploymentEngine,
+    ModelDeployment,
+    answer_of,
+    engine_refusal,
+    engine_stats,
+)
 from deployments.observability import MergedMetrics
 from deployments.settings import MergedSettings, ModelSettings
 from moe_core.engine import GenerationRequest
@@ -52,7 +58,7 @@ class _Loaded:
 
 class _MergedBase(ModelDeployment[S]):
     """A deployment serving one merged adapter at a time: the pinned :class:`MergedModel`, or a
-    promotion slot (:class:`deployments.slots.MergedSlot`) whose adapter changes without a redeploy.
+    promotion slot (:class:`deployments.promotion.slots.MergedSlot`) whose adapter changes without a redeploy.
 
     What it serves (adapter, version, engine) changes only on the event loop, in :meth:`_install`, with no
     await in between: a request reads the three together and never pairs one adapter's name with another's

@@ -60,6 +60,7 @@ if _missing := missing_modules():
 
 import torch  # noqa: E402
 
+# (import lists share a shape with other modules' imports: not a repeated block)
 from benchmarks.gpu_model import (  # noqa: E402
     build_model,
     decode_weight_bytes,

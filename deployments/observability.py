@@ -85,6 +85,11 @@ class RequestTrace:
     replica_s: float = 0.0  # of which in the answering replica's method (reported by it)
     engine_s: float = 0.0  # of which in its engine, submission to last token (reported by it)
 
+    def answered(self, adapter: str | None, mode: str) -> None:
+        """Record who answered: the adapter (``base`` for the bare model) and the deployment's mode."""
+        self.adapter = adapter or "base"
+        self.mode = mode if adapter else "base"
+
     def server_timing(self) -> str:
         """W3C Server-Timing of the hops so far (ms): the gateway's whole time, the calls to model
         replicas as the gateway saw them, the answering replica's method, and its engine."""

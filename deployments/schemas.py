@@ -41,6 +41,7 @@ class InferRequest(StructuredFields):
     prefer_merged: bool | None = Field(
         default=None, description="Override the config's gateway.prefer_merged for this request."
     )
+    # the request's own bounds, within the config's limits.min_pixels/max_pixels (same shape, other fields)
     min_pixels: int | None = Field(
         default=None,
         gt=0,

@@ -47,10 +47,10 @@ def _parsed(req: InferRequest) -> ParsedRequest:
 def _response(
     out: Answer, taken: Intake, route: Route, trace: RequestTrace, fallback: bool, logprobs: bool
 ) -> InferResponse:
-    trace.adapter = out.adapter or "base"
-    trace.mode = out.mode if out.adapter else "base"
+    trace.answered(out.adapter, out.mode)
     trace.prompt_tokens, trace.completion_tokens = out.prompt_tokens, out.completion_tokens
     trace.replica_s, trace.engine_s = out.replica_s, out.engine_s
+    # /infer's flat answer; chat's MoeInfo (openai_routes) names the same facts in OpenAI's nested shape
     return InferResponse(
         request_id=trace.request_id,
         task_output=out.text,

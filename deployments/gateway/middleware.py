@@ -107,13 +107,18 @@ class GuardSettings:
             self.on_refused(path, status)
 
 
-class ApiKeyMiddleware:
-    """ASGI middleware: with keys on, every path but :data:`OPEN_PATHS` needs ``Authorization: Bearer``;
-    a refusal is a 401 before the body is read (OpenAI's shape under /v1, ``/infer``'s elsewhere)."""
+class _Guard:
+    """An ASGI middleware configured by the app with a function that returns the replica's
+    :class:`GuardSettings`, called at each request (see :func:`deployments.gateway.api.guards`)."""
 
     def __init__(self, app: ASGIApp, settings: Callable[[], GuardSettings]) -> None:
         self.app = app
-        self.settings = settings  # looked up per request: see deployments.gateway.api.guards
+        self.settings = settings
+
+
+class ApiKeyMiddleware(_Guard):
+    """ASGI middleware: with keys on, every path but :data:`OPEN_PATHS` needs ``Authorization: Bearer``;
+    a refusal is a 401 before the body is read (OpenAI's shape under /v1, ``/infer``'s elsewhere)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guards = self.settings()
@@ -140,14 +145,10 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(_Guard):
     """ASGI middleware: a body over ``limits.max_body_bytes`` is refused with a 413 before it is read
     whole (by its Content-Length, or while it streams in when it has none), so no request can push the
     gateway out of memory."""
-
-    def __init__(self, app: ASGIApp, settings: Callable[[], GuardSettings]) -> None:
-        self.app = app
-        self.settings = settings  # looked up per request: see deployments.gateway.api.guards
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guards = self.settings()

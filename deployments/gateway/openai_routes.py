@@ -128,8 +128,7 @@ class OpenAIRoutes(Dispatcher):
         self, trace: RequestTrace, route: Route, taken: Intake, out: Answer | Chunk, fallback: bool
     ) -> MoeInfo:
         """The ``moe`` object, and the trace's record of who answered."""
-        trace.adapter = out.adapter or "base"
-        trace.mode = out.mode if out.adapter else "base"
+        trace.answered(out.adapter, out.mode)
         return MoeInfo(
             request_id=trace.request_id,
             adapter=out.adapter,

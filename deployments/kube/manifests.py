@@ -157,6 +157,7 @@ def podmonitor(name: str = NAME) -> dict[str, Any]:
     }
 
 
+# Kubernetes objects share their apiVersion/kind/metadata/spec shape: not a repeated block.
 def networkpolicy(name: str = NAME) -> dict[str, Any]:
     """Ingress to the Ray pods: from each other (GCS, object transfer, replicas), Serve's HTTP port from
     anywhere, the dashboard (and its agent) from the KubeRay operator, the metrics port from Prometheus.

@@ -76,7 +76,7 @@ class AdapterCache:
         kind: Kind = "expert",
         events: CacheEvents | None = None,
         busy: Callable[[], set[str]] | None = None,
-    ) -> None:
+    ) -> None:  # a constructor's shape, like the runner's and deploy_adapter's: not a repeated block
         self.engine = engine
         self.store = store
         self.capacity = capacity

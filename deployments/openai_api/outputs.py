@@ -10,6 +10,7 @@ object, an empty choice) is refused here, before anything is sent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -114,16 +115,29 @@ def _choice(options: list[str], param: str) -> Constraint:
     return Constraint.choice(options, param)
 
 
-def _from_structured(so: StructuredOutputs) -> list[Constraint]:
+def _read(
+    json_: dict[str, Any] | str | None,
+    regex: str | None,
+    choice: list[str] | None,
+    grammar: str | None,
+    name: Callable[[str], str],
+) -> list[Constraint]:
+    """The constraints of vLLM's four kinds, as ``structured_outputs`` and the older ``guided_*`` fields
+    both carry them; ``name`` gives each kind's field name (for the error naming it)."""
     found = []
-    if so.json_ is not None:
-        found.append(_schema(so.json_, "structured_outputs.json"))
-    if so.regex is not None:
-        found.append(_text(so.regex, "structured_outputs.regex", "regex"))
-    if so.choice is not None:
-        found.append(_choice(so.choice, "structured_outputs.choice"))
-    if so.grammar is not None:
-        found.append(_text(so.grammar, "structured_outputs.grammar", "grammar"))
+    if json_ is not None:
+        found.append(_schema(json_, name("json")))
+    if regex is not None:
+        found.append(_text(regex, name("regex"), "regex"))
+    if choice is not None:
+        found.append(_choice(choice, name("choice")))
+    if grammar is not None:
+        found.append(_text(grammar, name("grammar"), "grammar"))
+    return found
+
+
+def _from_structured(so: StructuredOutputs) -> list[Constraint]:
+    found = _read(so.json_, so.regex, so.choice, so.grammar, lambda kind: f"structured_outputs.{kind}")
     if so.json_object:
         found.append(Constraint.json_object("structured_outputs.json_object"))
     if len(found) != 1:
@@ -150,14 +164,13 @@ def constraint_of(req: StructuredFields) -> Constraint | None:
         found.append(Constraint.json_schema(schema, "response_format.json_schema.schema"))
     if req.structured_outputs is not None:
         found += _from_structured(req.structured_outputs)
-    if req.guided_json is not None:
-        found.append(_schema(req.guided_json, "guided_json"))
-    if req.guided_regex is not None:
-        found.append(_text(req.guided_regex, "guided_regex", "regex"))
-    if req.guided_choice is not None:
-        found.append(_choice(req.guided_choice, "guided_choice"))
-    if req.guided_grammar is not None:
-        found.append(_text(req.guided_grammar, "guided_grammar", "grammar"))
+    found += _read(
+        req.guided_json,
+        req.guided_regex,
+        req.guided_choice,
+        req.guided_grammar,
+        lambda kind: f"guided_{kind}",
+    )
     if len(found) > 1:
         fields = [c.param.split(".")[0] for c in found]
         raise BadInput(fields[1], f"only one of {fields} may constrain the answer", 400)

@@ -17,7 +17,7 @@ from typing import Any
 
 from moe_core.cas import write_local_atomic
 from moe_core.node_cache.directory import CacheDirectory
-from moe_core.node_cache.files import (
+from moe_core.node_cache.files import (  # shaped as storage/writing.py's imports, other names: not a duplicate
     MANIFEST,
     CacheError,
     Lease,

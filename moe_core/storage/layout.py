@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-# one hash for what storage writes and the node cache checks (sha256_file is re-exported)
-from moe_core.node_cache.files import sha256_file, sha256_stream
+# one manifest name and one hash for what storage writes and the node cache checks (both re-exported)
+from moe_core.node_cache.files import MANIFEST, sha256_file, sha256_stream
 from moe_core.storage.errors import StorageError
 
 __all__ = [
@@ -45,7 +45,6 @@ KIND_DIRS: dict[Kind, str] = {
 POINTER = "CURRENT"
 #: What new_version_id() writes: "v", a UTC timestamp, "-", a short hash (checked on every read).
 VERSION_RE = re.compile(r"v[0-9A-Za-z][0-9A-Za-z-]{0,80}")
-MANIFEST = "MANIFEST.json"
 STATE_DIR = "state"
 CHUNK = 1 << 20
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from moe_core.cas import write_local_atomic
 from moe_core.node_cache.directory import CacheDirectory
-from moe_core.node_cache.files import (  # shaped as storage/writing.py's imports, other names: not a duplicate
+from moe_core.node_cache.files import (
     MANIFEST,
     CacheError,
     Lease,
@@ -28,6 +28,7 @@ from moe_core.node_cache.files import (  # shaped as storage/writing.py's import
     try_lock,
 )
 
+# imports, __all__ and the package logger shaped as storage/writing.py's, other names: not a duplicate
 __all__ = ["NodeCache"]
 
 #: The package's logger: its records are named ``moe_core.node_cache`` whichever module writes them.

@@ -21,6 +21,9 @@ __all__ = [
     "OutputGrammar",
 ]
 
+# Every setting is declared as Field(default, bounds, description=...) (STYLE.md 3), so the models' field
+# blocks share a shape, here and across moe_core/config/: each declares other settings, none is a duplicate.
+
 #: The embedded default: a tiny Qwen3-VL built offline by :mod:`moe_core.tiny`.
 BUILTIN_TINY = "builtin:tiny-qwen3-vl"
 
@@ -64,6 +67,7 @@ class LimitsConfig(StrictModel):
         description="Largest request body the gateway reads (a base64 image is 4/3 of its file); larger "
         "bodies get a 413 before they are read.",
     )
+    # same shape as ScalingConfig's fields (sections.py), different settings: not a duplicate
     max_prompt_chars: int = Field(default=4000, ge=1, description="Longest prompt in characters.")
     max_new_tokens: int = Field(default=24, ge=1, description="Tokens generated per request.")
     max_batch_size: int = Field(
@@ -138,6 +142,7 @@ class EngineConfig(StrictModel):
         "the CPU. Requests are admitted while their pages fit; the youngest rows are preempted (and resumed "
         "later) when decoding runs out of pages.",
     )
+    # same shape as StorageConfig's fields (storage.py), different settings: not a duplicate
     kv_cache_memory_fraction: float = Field(
         default=0.8,
         gt=0,

@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError, ValidationInfo, model_validator
 from moe_core.config.base import AdapterName, ConfigError, LiveFields, StrictModel, describe
 from moe_core.config.model import BaseModelConfig, EngineConfig, LimitsConfig, MergeJobConfig, OutputGrammar
 from moe_core.config.runtime import EngineSettings, LiveSettings
-from moe_core.config.sections import (
+from moe_core.config.sections import (  # the sections composed here (__init__ re-exports them): not a duplicate
     ApiConfig,
     DynamicConfig,
     GatewayConfig,

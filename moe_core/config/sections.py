@@ -27,6 +27,9 @@ __all__ = [
     "check_rates",
 ]
 
+# Every setting is declared as Field(default, bounds, description=...) (STYLE.md 3), so the models' field
+# blocks share a shape, here and across moe_core/config/: each declares other settings, none is a duplicate.
+
 
 class RouterLiveFields(LiveFields):
     """The router section's live fields."""
@@ -210,6 +213,7 @@ class PromotionConfig(ScalingConfig, PromotionLiveFields):
         ge=0,
         description="Merged slot deployments bound at build time, each serving at most one promoted adapter.",
     )
+    # same shape as PromotionLiveFields' fields, different settings: not a duplicate
     interval_s: float = Field(default=1.0, gt=0, description="Seconds between the controller's decisions.")
     report_interval_s: float = Field(
         default=1.0,

@@ -10,6 +10,9 @@ from moe_core.config.base import StrictModel
 
 __all__ = ["S3_SCHEMES", "StorageConfig"]
 
+# Every setting is declared as Field(default, bounds, description=...) (STYLE.md 3), so the models' field
+# blocks share a shape, here and across moe_core/config/: each declares other settings, none is a duplicate.
+
 #: URL schemes that name an S3-compatible store (s3fs); the other storage.* S3 fields apply to them only.
 S3_SCHEMES = ("s3://", "s3a://")
 
@@ -40,6 +43,7 @@ class StorageConfig(StrictModel):
         description="Bound of the node cache in GB (1e9 bytes): least recently used versions that no "
         "replica on the node uses are evicted beyond it.",
     )
+    # same shape as ApiConfig's fields (sections.py), different settings: not a duplicate
     download_streams: int = Field(
         default=8, ge=1, le=64, description="Parallel ranged downloads per file fetched from a remote root."
     )

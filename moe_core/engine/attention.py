@@ -25,12 +25,32 @@ import torch.nn.functional as F
 
 from moe_core.engine.kv import KVCache
 
-__all__ = ["ATTENTION", "NO_MASK", "PagedStep", "Segment", "paged_attention", "register"]
+__all__ = ["ATTENTION", "NO_MASK", "PagedStep", "Segment", "forward_step", "paged_attention", "register"]
 
 #: The attention implementation's name in transformers' registry.
 ATTENTION = "moe_paged"
 #: A 4-d attention mask transformers passes through untouched (the paged step masks for itself).
 NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+
+def forward_step(
+    lm: Any, embeds: torch.Tensor, positions: torch.Tensor, step: Any, **kwargs: Any
+) -> torch.Tensor:
+    """The language model ``lm`` over one packed step, attending through ``step`` (the model's cache and
+    its ``moe_step``: a :class:`PagedStep`, or the decode graphs' own step) instead of a mask; ``kwargs``
+    go to the model (the prefill's visual features).
+    embeds ``[tokens, hidden]``, positions ``[3, tokens]`` -> hidden ``[tokens, hidden]``."""
+    out = lm(
+        inputs_embeds=embeds[None],
+        position_ids=positions[:, None, :],
+        attention_mask=NO_MASK,
+        cache=step,
+        use_cache=True,
+        moe_step=step,
+        **kwargs,
+    )
+    hidden: torch.Tensor = out.last_hidden_state[0]
+    return hidden
 
 
 @dataclass(frozen=True)

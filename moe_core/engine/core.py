@@ -322,6 +322,8 @@ class Engine:
             yield {}
 
     # ----------------------------------------------------------------- inputs
+    # The engine's face of its PromptBuilder: these methods repeat its signatures (typed, for callers that
+    # hold an engine) and hand over; the work is in moe_core/engine/prompts.py, so they are not duplicates.
     def prepare_image(self, image: Image.Image, bounds: PixelBounds | None = None) -> Image.Image:
         return self.prompts.prepare_image(image, bounds)
 
@@ -340,6 +342,7 @@ class Engine:
         """Tokens of the chat prompt (:meth:`PromptBuilder.prompt_tokens`); safe from any thread."""
         return self.prompts.prompt_tokens(prompt, image_tokens, system_prompt, turns, tools)
 
+    # PromptBuilder.encode's parameters, handed over (the batch then goes to the device): not a duplicate
     def encode(
         self,
         images: Sequence[Image.Image | None],
@@ -440,6 +443,7 @@ class Engine:
         with self.lock:
             return self._vlm().get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
 
+    # reference.classify's parameters, handed over as generate_hf and logits are: not a duplicate
     def classify(
         self,
         image: Image.Image,

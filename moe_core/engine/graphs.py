@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 
-from moe_core.engine.attention import NO_MASK
+from moe_core.engine.attention import forward_step
 from moe_core.engine.kv import KVCache
 from moe_core.engine.lora import LoraSlots, SlotBatch, SlotError
 
@@ -169,14 +169,7 @@ class DecodeGraphs:
     ) -> torch.Tensor:
         step = DecodeAttention(self.kv, write, table, lengths)
         lm = self._lm()
-        hidden = lm(
-            inputs_embeds=lm.embed_tokens(tokens)[None],
-            position_ids=positions[:, None, :],
-            attention_mask=NO_MASK,
-            cache=step,
-            use_cache=True,
-            moe_step=step,
-        ).last_hidden_state[0]  # [rows, hidden]
+        hidden = forward_step(lm, lm.embed_tokens(tokens), positions, step)  # [rows, hidden]
         logits: torch.Tensor = self._lm_head()(hidden[:, None, :])[:, 0].float()
         return logits
 

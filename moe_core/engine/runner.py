@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from moe_core.engine.attention import NO_MASK, PagedStep, Segment, register, slot_index
+from moe_core.engine.attention import PagedStep, Segment, forward_step, register, slot_index
 from moe_core.engine.graphs import DecodeGraphs, StepMode
 from moe_core.engine.kv import KVCache
 from moe_core.engine.lora import LoraSlots
@@ -231,15 +231,7 @@ class ModelRunner:
                 kwargs["deepstack_visual_embeds"] = [
                     torch.cat([d[layer] for d in deep]) for layer in range(len(deep[0]))
                 ]
-            hidden = lm(
-                inputs_embeds=embeds[None],
-                position_ids=positions[:, None, :],
-                attention_mask=NO_MASK,
-                cache=step,
-                use_cache=True,
-                moe_step=step,
-                **kwargs,
-            ).last_hidden_state[0]  # [tokens, hidden]
+            hidden = forward_step(lm, embeds, positions, step, **kwargs)  # [tokens, hidden]
         ends: list[int] = []
         asked: list[RowWork] = []
         offset = 0

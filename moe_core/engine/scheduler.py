@@ -132,10 +132,14 @@ class Scheduler(StepPlanner):
         covered by the feature cache or, when that let them go, made in the step that needs them."""
         prompt = self.check(request)
         engine = self.engine
-        grammar = engine.grammars.compile(params.constraint) if params.constraint is not None else None
+        grammar = self._grammar(params)
         vision = engine.vision_identity(request.adapter)
         engine.prompts.make_pixels([im for im in prompt.images if (im.key, vision) not in engine.features])
         return prompt, grammar
+
+    def _grammar(self, params: SamplingParams) -> Grammar | None:
+        """The answer's grammar when ``params`` constrain it (compiled, or from the engine's cache)."""
+        return self.engine.grammars.compile(params.constraint) if params.constraint is not None else None
 
     def _room(self) -> None:
         if self._closed:
@@ -175,6 +179,7 @@ class Scheduler(StepPlanner):
             self._cond.notify()
         return job
 
+    # same shape as submit()'s parameters, a different way in (no loop thread, no room check): not a duplicate
     def enqueue(
         self,
         request: GenerationRequest,
@@ -186,7 +191,7 @@ class Scheduler(StepPlanner):
     ) -> None:
         """Queue one request without starting the loop thread: whoever calls :meth:`iterate` runs it
         (:func:`run_batch`, tests that step the scheduler). ``limit`` off skips the serving token limit."""
-        grammar = self.engine.grammars.compile(params.constraint) if params.constraint is not None else None
+        grammar = self._grammar(params)
         job = Job(request, params, sink, self.check(request, limit=limit), request_id, grammar=grammar)
         with self._cond:
             self._waiting.append(job)

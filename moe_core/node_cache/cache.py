@@ -28,6 +28,7 @@ from moe_core.node_cache.files import (
     try_lock,
 )
 
+# imports, __all__ and the package logger shaped as storage/writing.py's, other names: not a duplicate
 __all__ = ["NodeCache"]
 
 #: The package's logger: its records are named ``moe_core.node_cache`` whichever module writes them.

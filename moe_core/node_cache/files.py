@@ -12,7 +12,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 __all__ = [
     "MANIFEST",
@@ -22,6 +22,7 @@ __all__ = [
     "link_blob",
     "manifest_files",
     "sha256_file",
+    "sha256_stream",
     "try_lock",
 ]
 
@@ -57,12 +58,19 @@ class Lease:
         self.release()
 
 
-def sha256_file(path: Path) -> str:
+def sha256_stream(f: IO[bytes]) -> str:
+    """The sha256 (hex) of what is left to read in ``f``, read in 1 MiB chunks: what manifests record
+    (storage's writer and its remote check use it too)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
+    while chunk := f.read(_HASH_CHUNK):
+        h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256 (hex): :func:`sha256_stream` of its content."""
+    with open(path, "rb") as f:
+        return sha256_stream(f)
 
 
 def manifest_files(manifest: dict[str, Any], where: str) -> dict[str, str]:

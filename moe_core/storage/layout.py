@@ -3,7 +3,6 @@ and the checks of a version's files against its manifest."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import uuid
 from collections.abc import Callable
@@ -12,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+# one manifest name and one hash for what storage writes and the node cache checks (both re-exported)
+from moe_core.node_cache.files import MANIFEST, sha256_file, sha256_stream
 from moe_core.storage.errors import StorageError
 
 __all__ = [
@@ -44,7 +45,6 @@ KIND_DIRS: dict[Kind, str] = {
 POINTER = "CURRENT"
 #: What new_version_id() writes: "v", a UTC timestamp, "-", a short hash (checked on every read).
 VERSION_RE = re.compile(r"v[0-9A-Za-z][0-9A-Za-z-]{0,80}")
-MANIFEST = "MANIFEST.json"
 STATE_DIR = "state"
 CHUNK = 1 << 20
 
@@ -56,14 +56,6 @@ class VersionInfo:
     version: str
     current: bool
     metadata: dict[str, Any]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def new_version_id(digest: str = "") -> str:
@@ -93,13 +85,10 @@ def verify_local(folder: Path, manifest: dict[str, Any]) -> None:
 
 def verify_remote(fs: Any, folder: str, manifest: dict[str, Any]) -> None:
     for rel, digest in manifest["files"].items():
-        h = hashlib.sha256()
         with fs.open(f"{folder}/{rel}", "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-        if h.hexdigest() != digest:
-            raise StorageError(f"{folder}/{rel}: sha256 {h.hexdigest()} does not match manifest {digest}")
-
+            got = sha256_stream(f)
+        if got != digest:
+            raise StorageError(f"{folder}/{rel}: sha256 {got} does not match manifest {digest}")
 
 
 def version_age_s(version: str) -> float:

@@ -13,7 +13,16 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from moe_core.cas import ANY, CasBackend, CasProbeRefused, CasUnsupported, WriteConflict, WriteLost, cas_backend, write_local_atomic
+from moe_core.cas import (
+    ANY,
+    CasBackend,
+    CasProbeRefused,
+    CasUnsupported,
+    WriteConflict,
+    WriteLost,
+    cas_backend,
+    write_local_atomic,
+)
 from moe_core.storage.errors import StorageError, StorageUnavailable, describe
 from moe_core.storage.layout import (
     CHUNK,
@@ -105,7 +114,9 @@ class StorageWriter(StorageReader):
         if version not in self.versions(kind, name):
             raise StorageError(f"{kind} {name!r} has no complete version {version!r}")
         path = f"{self.versions_dir(kind, name)}/{POINTER}"
-        data = json.dumps({"version": version, "updated_at": utc_stamp(), "writer": uuid.uuid4().hex}).encode()
+        data = json.dumps(
+            {"version": version, "updated_at": utc_stamp(), "writer": uuid.uuid4().hex}
+        ).encode()
         backend = self._cas()
         lost = StorageError(
             f"{kind} {name!r}: the current version changed while {version} was being made current, "

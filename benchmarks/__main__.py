@@ -5,6 +5,7 @@
     python -m benchmarks --gpu           # what production runs at Qwen3-VL-8B's shapes on CUDA (benchmarks/gpu.py)
     python -m benchmarks --gpu --dry-run # the same code on the tiny shapes on the CPU (gpu-dry-run.*)
     python -m benchmarks --only promotion  # just the Zipf mix through Serve, promotion off vs on
+    python -m benchmarks --only serve    # just /infer through Serve: overhead by hop, beside Serve's floor
     python -m benchmarks --only engine   # just the engine rounds (latency, batching, memory; no Serve)
     python -m benchmarks --only kv       # just the paged KV cache: joins, KV bytes, agent turns, burst, peer
     python -m benchmarks --only storage    # fetch throughput of a 1 GB version: local S3 vs local copy
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int)
     p.add_argument(
         "--only",
-        choices=["engine", "promotion", "kv", "storage", "grammar", "step"],
+        choices=["engine", "promotion", "kv", "storage", "grammar", "step", "serve"],
         help="run one part only",
     )
     p.add_argument("--storage-gb", type=float, default=1.0, help="size of the storage benchmark's version")
@@ -352,9 +353,10 @@ def _cpu_main(args: argparse.Namespace, command: str) -> int:
         images, prompt = _demo_inputs(settings.batch)
         rep = engine_benchmarks(cfg, settings, images, prompt)
         samples, figures = rep.samples, rep.figures
-    if not args.quick and args.only is None:
+    if not args.quick and args.only in (None, "serve"):
         from benchmarks.serve_bench import serve_benchmarks
 
+        images, prompt = _demo_inputs(settings.batch)
         s2, f2 = serve_benchmarks(cfg, images, prompt, rounds=settings.rounds * 2)
         samples.update(s2)
         figures.update(f2)

@@ -139,7 +139,7 @@ def test_the_import_graph_sees_the_project() -> None:
     assert "moe_core.config" in graph["deployments.app"]  # ``from moe_core.config import ...``
     assert "moe_core.storage.store" in graph["deployments.models.engines"]
     # function-level and TYPE_CHECKING imports do not count
-    assert "moe_core.storage.store" not in graph["deployments.gateway.core"]
+    assert "moe_core.modeling" not in graph["deployments.models.merged"]
     assert "moe_core.engine.core" not in graph["moe_core.engine.scheduler"]
     assert "moe_core.engine.core" not in graph["moe_core.engine.reference"]
     assert (

@@ -14,9 +14,11 @@ from deployments.gateway.api import GUARDS, METRICS, api_label
 from deployments.gateway.errors import ServiceUnavailable, first_line, translated
 from deployments.gateway.middleware import ApiKeys
 from deployments.observability import GatewayMetrics, RequestTrace, current_request_id, request_logger
+from deployments.promotion.policy import read_assignments
 from deployments.routing import RoutingPolicy
 from deployments.settings import GatewaySettings
 from moe_core.config import ConfigError, GatewayLive
+from moe_core.storage.store import Storage
 
 __all__ = ["GatewayCore", "logger"]
 
@@ -102,8 +104,6 @@ class GatewayCore:
 
     async def _promotion_loop(self) -> None:
         """Each report interval: send the counts to the controller, and route by the stored assignments."""
-        from deployments.promotion.slots import read_assignments
-        from moe_core.storage.store import Storage
 
         assert self.controller is not None
         store = Storage.from_config(self.settings.storage)

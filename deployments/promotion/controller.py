@@ -33,8 +33,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from deployments.observability import PromotionMetrics, request_logger
-from deployments.promotion.policy import Action, Assignment, Assignments, RateTracker, plan, slot_key
-from deployments.promotion.slots import ASSIGNMENTS, read_assignments
+from deployments.promotion.policy import (
+    ASSIGNMENTS,
+    Action,
+    Assignment,
+    Assignments,
+    RateTracker,
+    plan,
+    read_assignments,
+    slot_key,
+)
 from deployments.settings import PromotionSettings
 from moe_core.config import ConfigError, PromotionLive, validate_adapter_name
 from moe_core.storage.errors import StateConflict, StorageError, StorageUnavailable

@@ -21,12 +21,14 @@ from typing import Any, Literal, get_args
 from moe_core.config import PromotionLive, validate_adapter_name
 
 __all__ = [
+    "ASSIGNMENTS",
     "Action",
     "Assignment",
     "Assignments",
     "RateTracker",
     "SlotState",
     "plan",
+    "read_assignments",
     "slot_key",
 ]
 
@@ -181,6 +183,20 @@ class Assignments:
         if twice:
             raise ValueError(f"assignments.slots: adapters {twice} hold more than one slot")
         return cls(slots=parsed, revision=revision)
+
+
+#: The state (``Storage.read_state``) holding the slots' assignments: read by the gateways (to route), the
+#: slots (to load) and the controller (which alone writes it, with compare-and-swap).
+ASSIGNMENTS = "promotion"
+
+
+def read_assignments(storage: object, slots: int) -> Assignments:
+    """The stored assignments, cut or padded to ``slots`` (a config with fewer slots drops the rest).
+    Here, free of Ray and of the model, so the gateway reads them without loading model code."""
+    data, revision = storage.read_state(ASSIGNMENTS)  # type: ignore[attr-defined]
+    stored = Assignments.from_json(data) if data else Assignments.empty(slots)
+    held = stored.slots[:slots] + (None,) * max(0, slots - len(stored.slots))
+    return Assignments(slots=held, revision=revision)
 
 
 def _assignment(k: int, s: object) -> Assignment:

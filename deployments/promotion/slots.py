@@ -4,7 +4,7 @@ The app builder binds ``promotion.slots`` of them (``MergedSlot-0``, ``MergedSlo
 own autoscaling (scaled to zero while nothing is assigned, never while assigned: the policy in
 :mod:`deployments.promotion.autoscaling`, fed by each replica's :meth:`MergedSlot.record_autoscaling_stats`).
 Which adapter a slot serves is decided by the promotion controller (:mod:`deployments.promotion.controller`) and
-stored in shared storage (:data:`ASSIGNMENTS`, written with compare-and-swap); every replica of a slot
+stored in shared storage (:data:`~deployments.promotion.policy.ASSIGNMENTS`, written with compare-and-swap); every replica of a slot
 reads it there and loads the adapter's current merged version (every replica re-reads it each refresh
 interval, a watch kept running by Serve's health checks and metric calls), so a slot changes adapter
 without a redeploy. A replica that Serve adds or restarts reads its assignment and loads it in its
@@ -27,25 +27,15 @@ from deployments.messages import MergedStatus
 from deployments.models.merged import _MergedBase
 from deployments.observability import request_logger
 from deployments.promotion.autoscaling import SLOT_HELD
-from deployments.promotion.policy import Assignment, Assignments
+from deployments.promotion.policy import Assignment, read_assignments
 from deployments.settings import SlotSettings
 
-__all__ = ["ASSIGNMENTS", "SERVED_STATES", "MergedSlot", "read_assignments"]
+__all__ = ["SERVED_STATES", "MergedSlot"]
 
 logger = request_logger("slots")  # under ray.serve: in the replica's log, with its ids
 
-#: The state (``Storage.read_state``) holding the slots' assignments.
-ASSIGNMENTS = "promotion"
 #: States in which a slot holds its adapter: loading it, serving it, or draining what it still runs.
 SERVED_STATES = ("loading", "ready", "draining")
-
-
-def read_assignments(storage: object, slots: int) -> Assignments:
-    """The stored assignments, cut or padded to ``slots`` (a config with fewer slots drops the rest)."""
-    data, revision = storage.read_state(ASSIGNMENTS)  # type: ignore[attr-defined]
-    stored = Assignments.from_json(data) if data else Assignments.empty(slots)
-    held = stored.slots[:slots] + (None,) * max(0, slots - len(stored.slots))
-    return Assignments(slots=held, revision=revision)
 
 
 class MergedSlot(_MergedBase[SlotSettings]):

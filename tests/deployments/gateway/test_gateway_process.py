@@ -8,13 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_the_gateway_deployment_imports_no_torch_and_no_engine() -> None:
+@pytest.mark.parametrize(
+    "modules",
+    [
+        "deployments.gateway.service",
+        "deployments.promotion.controller",  # the promotion controller's process, with no CPU reserved
+    ],
+)
+def test_the_gateway_deployment_imports_no_torch_and_no_engine(modules: str) -> None:
     code = (
         "import json, sys\n"
-        "import deployments.gateway.service\n"
+        f"import {modules}\n"
         "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', "
         "'moe_core.engine', 'qwen_vl_utils', 'transformers', 'deployments.models.engines', 'deployments.models.dynamic')))))\n"
     )

@@ -22,8 +22,8 @@ from deployments.promotion.autoscaling import (
     keep_assigned_slots,
 )
 from deployments.promotion.controller import PromotionController
-from deployments.promotion.policy import Assignment, Assignments
-from deployments.promotion.slots import ASSIGNMENTS, MergedSlot, read_assignments
+from deployments.promotion.policy import ASSIGNMENTS, Assignment, Assignments, read_assignments
+from deployments.promotion.slots import MergedSlot
 from deployments.settings import GatewaySettings, PromotionSettings, SlotSettings
 from moe_core.config import DeploymentConfig, LiveSettings, StorageConfig
 from moe_core.engine import Classification

@@ -9,8 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from deployments.routing import Classification, Decision, RoutingPolicy
-from deployments.schemas import Mode
+from deployments.routing import Classification, Decision, Mode, RoutingPolicy
 from moe_core.answers import Completion, Delta, FinishReason, TokenLogprob
 from moe_core.generation import SamplingParams, Turn
 from moe_core.vision import PixelBounds

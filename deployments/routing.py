@@ -10,11 +10,16 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from deployments.schemas import BadInput, Mode, RoutedVia
+from deployments.errors import BadInput
 from moe_core.answers import Classification
 from moe_core.config import GatewayLive
 
 __all__ = ["Classification", "Decision", "Mode", "RoutedVia", "RoutingPolicy", "decide"]
+
+#: Which deployment serves a request (the routing decision's target) and so generated its answer.
+Mode = Literal["merged", "dynamic"]
+#: How the adapter was chosen: named by the client, by the routing adapter, or the base model below threshold.
+RoutedVia = Literal["explicit", "router", "router-below-threshold"]
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.errors import BadInput
 from deployments.openai_api.outputs import StructuredFields
+from deployments.routing import Mode, RoutedVia
 
 __all__ = [
     "AdapterStatus",
@@ -15,16 +16,9 @@ __all__ = [
     "ImageInfo",
     "InferRequest",
     "InferResponse",
-    "Mode",
-    "RoutedVia",
     "Usage",
     "error_body",
 ]
-
-#: Which deployment serves a request (the routing decision's target) and so generated its answer.
-Mode = Literal["merged", "dynamic"]
-#: How the adapter was chosen: named by the client, by the routing adapter, or the base model below threshold.
-RoutedVia = Literal["explicit", "router", "router-below-threshold"]
 
 
 class InferRequest(StructuredFields):

@@ -158,3 +158,23 @@ def test_a_cycle_is_found(tmp_path: Path) -> None:
     (pkg / "b.py").write_text("try:\n    from . import c\nexcept ImportError:\n    pass\n")
     (pkg / "c.py").write_text("import pkg.a\n")
     assert find_cycle(import_graph(tmp_path, ("pkg",))) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
+
+
+def _reached(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), set()) - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_model_deployments_import_nothing_of_the_http_edge() -> None:
+    """The layout's roles hold: a model replica's modules reach neither the gateway, the OpenAI wire
+    format nor /infer's HTTP schemas (what the edge and the models share is at the top of deployments/)."""
+    graph = import_graph()
+    edge = ("deployments.gateway", "deployments.openai_api", "deployments.schemas")
+    models = [m for m in graph if m.startswith(("deployments.models", "deployments.promotion"))]
+    assert len(models) >= 8
+    crossing = {m: sorted(r for r in _reached(graph, m) if r.startswith(edge)) for m in models}
+    assert not {m: r for m, r in crossing.items() if r}

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from deployments.errors import BadInput
 from deployments.messages import Answer, Chunk, DynamicStats, Query, RouteRequest, RouteResult
 from deployments.models.adapter_cache import AdapterCache, AdapterNotFound, CacheBusy
 from deployments.models.engines import (
@@ -32,7 +33,6 @@ from deployments.models.engines import (
 )
 from deployments.observability import DynamicMetrics
 from deployments.routing import Decision, decide
-from deployments.schemas import BadInput
 from deployments.settings import DynamicSettings
 from moe_core.config import DynamicLive
 from moe_core.engine import GenerationRequest, Turn

@@ -14,11 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
+from deployments.errors import BadInput
 from deployments.images import DecodedImages
 from deployments.messages import Answer
 from deployments.models.adapter_cache import AdapterStore
 from deployments.observability import quiet_expected_errors
-from deployments.schemas import BadInput, Mode
+from deployments.routing import Mode
 from moe_core.config import EngineSettings
 from moe_core.engine import Classification, Engine, GenerationRequest, InvalidInput, Turn
 from moe_core.engine.request import Completion, Delta, PromptTooLong, QueueFull

@@ -10,8 +10,8 @@ from pydantic import BaseModel, Field
 
 from deployments.messages import FinishReason, TokenLogprob
 from deployments.openai_api.tool_calls import ToolCall
-from deployments.routing import RoutedVia
-from deployments.schemas import ImageInfo, Mode
+from deployments.routing import Mode, RoutedVia
+from deployments.schemas import ImageInfo
 
 __all__ = [
     "ChatCompletion",

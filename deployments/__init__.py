@@ -9,9 +9,10 @@ By role:
 - :mod:`deployments.app`, :mod:`deployments.settings`, :mod:`deployments.serve_config`,
   :mod:`deployments.kube`: building the graph and its Serve and KubeRay configs.
 - Shared by the edge and the models, free of Ray: :mod:`deployments.messages` (what crosses a handle),
-  :mod:`deployments.routing` (the routing rules), :mod:`deployments.schemas` (``/infer``'s models and the
-  client's error), :mod:`deployments.images` (an image checked from its header at the edge, decoded once
-  in a replica), :mod:`deployments.observability` (metrics, request ids, logs).
+  :mod:`deployments.routing` (the routing rules), :mod:`deployments.errors` (the client's error),
+  :mod:`deployments.images` (an image checked from its header at the edge, decoded once in a replica),
+  :mod:`deployments.observability` (metrics, request ids, logs). :mod:`deployments.schemas` holds
+  ``/infer``'s HTTP models: the edge's; the models import nothing of the edge.
 
 This package imports nothing itself, so a replica loads only its own deployment's modules: the gateway's
 process never imports the engine or torch.

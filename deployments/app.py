@@ -1,7 +1,9 @@
 """The one typed app builder: ``deployments.app:build_app`` turns the deployment config into the graph.
 
     Gateway (ingress) --> MergedModel[<adapter>]   one binding per enabled merged adapter
+                      \\-> MergedSlot-<k>           promotion slots, assigned at runtime
                       \\-> DynamicLoRA              base model + LRU of adapters + routing adapter
+                      \\-> PromotionController      with promotion on: hot adapters into the slots
 
 ``serve run config/serve.yaml`` and KubeRay's ``serveConfigV2`` both call it with ``args.config``. The
 config is validated once, here; each deployment is bound with its typed settings

@@ -2,7 +2,7 @@
 
 The app builder validates the config once and binds these (frozen pydantic models) into the
 deployments; none of them holds a live field, so nothing downstream can read a live value from
-anywhere but the deployment's user_config (:mod:`moe_core.config`'s ``GatewayLive``/``DynamicLive``).
+anywhere but the deployment's user_config (:mod:`moe_core.config`'s ``GatewayLive``, ``DynamicLive``, ``PromotionLive``).
 """
 
 from __future__ import annotations
@@ -162,7 +162,6 @@ class PromotionSettings(StrictModel):
 
 class GatewaySettings(StrictModel):
     labels: dict[int, AdapterName] = Field(description="Router label ids and the adapters they select.")
-    merged: tuple[AdapterName, ...] = Field(description="Adapters with an enabled merged deployment.")
     merged_disabled: tuple[AdapterName, ...] = Field(
         description="Merged adapters whose deployment is disabled: the dynamic deployment serves them."
     )
@@ -186,7 +185,6 @@ class GatewaySettings(StrictModel):
         enabled = tuple(a.name for a in cfg.merged_enabled)
         return cls(
             labels=dict(cfg.router.labels),
-            merged=enabled,
             merged_disabled=tuple(a.name for a in cfg.merged.adapters if a.name not in enabled),
             limits=cfg.limits,
             image_factor=cfg.engine_settings.image_factor,

@@ -21,7 +21,7 @@ from deployments.openai_api.errors import ApiError
 from deployments.schemas import error_body
 from moe_core.config import ApiConfig, ConfigError
 
-__all__ = ["OPEN_PATHS", "ApiKeyMiddleware", "ApiKeys", "BodyLimitMiddleware", "GuardSettings", "Refused"]
+__all__ = ["OPEN_PATHS", "ApiKeyMiddleware", "ApiKeys", "BodyLimitMiddleware", "GuardSettings", "OnRefused"]
 
 #: The logger of the key-file warnings (named for the OpenAI-compatible API, whose section sets the keys).
 logger = logging.getLogger("deployments.openai_api")
@@ -88,7 +88,7 @@ class ApiKeys:
 
 
 #: Called with (path, status) for each request a middleware refuses (the gateway's metrics).
-Refused = Callable[[str, int], None]
+OnRefused = Callable[[str, int], None]
 
 
 @dataclass
@@ -100,7 +100,7 @@ class GuardSettings:
     #: The largest request body read (``limits.max_body_bytes``); None: no bound.
     max_body_bytes: int | None = None
     #: Told of each refusal (the gateway's metrics).
-    on_refused: Refused | None = None
+    on_refused: OnRefused | None = None
 
     def refused(self, path: str, status: int) -> None:
         if self.on_refused is not None:

@@ -1,4 +1,7 @@
-"""The engine as the deployments see it: a protocol, and the factory that makes the real one.
+"""The engine as the deployments see it: a protocol, and the factory that makes the real one; and
+:class:`ModelDeployment`, what every model deployment shares (a query made the engine's request: its
+images decoded once, its conversation built, the expert's grammar filled in; an engine's refusal as the
+client's error; the replica's :class:`~deployments.messages.Answer`).
 
 Deployments take an ``engine_factory`` so their logic (batching, fallback, refresh, reconfigure) is
 unit-tested with a fake engine and no model; production and the end-to-end tests use :func:`load_engine`.

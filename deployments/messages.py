@@ -89,10 +89,16 @@ class Chunk(Delta):
         return cls(**_engine_fields(piece), adapter=adapter, mode=mode, version=version)
 
 
+#: The engine's field names of a delta and of a completion, read once (a chunk is made per token).
+_DELTA_FIELDS = tuple(f.name for f in fields(Delta))
+_COMPLETION_FIELDS = tuple(f.name for f in fields(Completion))
+
+
 def _engine_fields(piece: Delta | Completion) -> dict[str, Any]:
     """The engine's fields of ``piece`` (a delta's or a completion's, which have the same names), not
     copied, and none of who answered when ``piece`` is already an answer or a chunk."""
-    return {f.name: getattr(piece, f.name) for f in fields(Delta if isinstance(piece, Delta) else Completion)}
+    names = _DELTA_FIELDS if isinstance(piece, Delta) else _COMPLETION_FIELDS
+    return {name: getattr(piece, name) for name in names}
 
 
 @dataclass(frozen=True)

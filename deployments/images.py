@@ -25,9 +25,27 @@ from PIL import Image, UnidentifiedImageError
 from deployments.errors import BadInput
 from moe_core.config import IMAGE_FORMATS
 
-__all__ = ["DecodedImages", "ImageHeader", "check_image", "decode_b64", "image_key", "open_image"]
+__all__ = [
+    "DecodedImages",
+    "ImageHeader",
+    "ImageInput",
+    "check_image",
+    "decode_b64",
+    "image_key",
+    "open_image",
+]
 
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a request as its API read it: the file's bytes (a fetched URL) or its base64 text
+    (``/infer``'s field, a data URL; decoded by the gateway's pipeline, off the event loop), and the
+    request field that holds it, named in its errors."""
+
+    data: bytes | str
+    field: str
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,18 @@ class Answer(Completion):
 
     @classmethod
     def of(
-        cls, done: Completion, adapter: str | None, mode: Mode, version: str | None, replica_s: float = 0.0
+        cls,
+        done: Completion,
+        adapter: str | None,
+        mode: Mode,
+        version: str | None,
+        replica_s: float = 0.0,
+        **engine: Any,
     ) -> Answer:
-        return cls(**_engine_fields(done), adapter=adapter, mode=mode, version=version, replica_s=replica_s)
+        """``done`` as the answer of ``adapter``; ``engine`` overrides some of its fields (a merged
+        model's batch has one adapter, whatever its engine counted)."""
+        fields_ = _engine_fields(done) | engine
+        return cls(**fields_, adapter=adapter, mode=mode, version=version, replica_s=replica_s)
 
 
 @dataclass(frozen=True, kw_only=True)

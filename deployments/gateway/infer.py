@@ -8,7 +8,8 @@ from fastapi.responses import JSONResponse
 from deployments.gateway.api import api
 from deployments.gateway.dispatch import Dispatcher, Route
 from deployments.gateway.errors import ServiceUnavailable
-from deployments.gateway.pipeline import ImageInput, Intake, ParsedRequest, take
+from deployments.gateway.pipeline import Intake, ParsedRequest, take
+from deployments.images import ImageInput
 from deployments.messages import Answer
 from deployments.observability import RequestTrace, current_request_id
 from deployments.openai_api.models import ModelChoice

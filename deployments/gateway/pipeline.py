@@ -26,10 +26,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from deployments.errors import BadInput
-from deployments.images import check_image, decode_b64
+from deployments.images import ImageInput, check_image, decode_b64
 from deployments.messages import Query
 from deployments.observability import RequestTrace
 from deployments.schemas import ImageInfo
@@ -39,8 +38,6 @@ from moe_core.generation import SamplingParams, Turn
 from moe_core.vision import ImagePlan, PixelBounds, plan
 
 __all__ = [
-    "ImageInput",
-    "ImageSource",
     "Intake",
     "ParsedRequest",
     "Refused",
@@ -62,32 +59,12 @@ class Refused(BadInput):
         self.code = code
 
 
-class ImageSource(Protocol):
-    """One image of a request as its API read it."""
-
-    @property
-    def data(self) -> bytes | str:
-        """The file's bytes, or its base64 text (decoded here, off the event loop)."""
-
-    @property
-    def field(self) -> str:
-        """The request field that holds it, named in its errors."""
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """An :class:`ImageSource`: ``/infer``'s screenshot."""
-
-    data: bytes | str
-    field: str
-
-
 @dataclass(frozen=True)
 class ParsedRequest:
     """What an API read from its request, in the pipeline's terms."""
 
     prompt: str  # the (last) user instruction
-    images: Sequence[ImageSource]  # in order of appearance; the routing adapter classifies the last
+    images: Sequence[ImageInput]  # in order of appearance; the routing adapter classifies the last
     images_field: str  # the field that holds the images, named when all of them together are too many tokens
     text_chars: int  # characters of text in the whole request
     text_field: str  # the field that holds the text
@@ -142,9 +119,7 @@ def pixel_bounds(limits: LimitsConfig, min_pixels: int | None, max_pixels: int |
         raise Refused(str(e).split(" ", 1)[0], str(e)) from e
 
 
-def image_plan(
-    source: ImageSource, bounds: PixelBounds, settings: GatewaySettings
-) -> tuple[bytes, ImagePlan]:
+def image_plan(source: ImageInput, bounds: PixelBounds, settings: GatewaySettings) -> tuple[bytes, ImagePlan]:
     """One image's bytes, checked from its header, and what the model sees of it at ``bounds``."""
     limits = settings.limits
     try:
@@ -217,7 +192,11 @@ def intake(parsed: ParsedRequest, settings: GatewaySettings, request_id: str) ->
 
 
 async def take(parsed: ParsedRequest, settings: GatewaySettings, trace: RequestTrace) -> Intake:
-    """:func:`intake` on a worker thread (decoding never stalls the event loop), noted in ``trace``."""
-    taken = await asyncio.to_thread(intake, parsed, settings, trace.request_id)
+    """:func:`intake`, noted in ``trace``: on a worker thread when there are images to decode (decoding
+    never stalls the event loop), inline when there are none (a few comparisons, no thread hop)."""
+    if parsed.images:
+        taken = await asyncio.to_thread(intake, parsed, settings, trace.request_id)
+    else:
+        taken = intake(parsed, settings, trace.request_id)
     trace.pixels, trace.image_tokens = taken.pixels, taken.query.image_tokens
     return taken

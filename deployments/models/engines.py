@@ -112,8 +112,8 @@ def answer_of(
     started: float,
 ) -> Answer:
     """A replica's :class:`Answer` from the engine's completion; ``started``: when the replica's method began."""
-    answer = Answer.of(done, adapter, mode, version, replica_s=time.perf_counter() - started)
-    return replace(answer, adapters_in_batch=adapters_in_batch)
+    replica_s = time.perf_counter() - started
+    return Answer.of(done, adapter, mode, version, replica_s, adapters_in_batch=adapters_in_batch)
 
 
 def engine_stats(engine: object) -> dict[str, int]:

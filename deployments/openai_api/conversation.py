@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
+from deployments.images import ImageInput
 from deployments.messages import Turn
 from deployments.openai_api.errors import ApiError
 from deployments.openai_api.request import (
@@ -25,22 +26,13 @@ from deployments.openai_api.request import (
 from deployments.openai_api.tool_calls import tools_json
 from moe_core.config import ApiConfig
 
-__all__ = ["ChatImage", "Conversation", "Fetcher", "build_conversation", "fetch_url", "host_allowed"]
+__all__ = ["Conversation", "Fetcher", "build_conversation", "fetch_url", "host_allowed"]
 
 _DATA_IMAGE = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
 
 #: Fetches an allowed image URL: (url, max_bytes, timeout_s) -> the file's bytes.
 Fetcher = Callable[[str, int, float], Awaitable[bytes]]
-
-
-@dataclass(frozen=True)
-class ChatImage:
-    """An image of the conversation: a data URL's base64 text (decoded by the gateway, off the event
-    loop) or a fetched file's bytes, and the request field that holds it."""
-
-    data: bytes | str
-    field: str
 
 
 @dataclass(frozen=True)
@@ -54,7 +46,7 @@ class Conversation:
 
     prompt: str
     turns: tuple[Turn, ...]
-    images: tuple[ChatImage, ...]
+    images: tuple[ImageInput, ...]
     tools: str | None
     chars: int  # characters of text in all the messages
 
@@ -94,12 +86,12 @@ async def fetch_url(url: str, max_bytes: int, timeout_s: float) -> bytes:
     return await asyncio.wait_for(asyncio.to_thread(get), timeout_s + 1.0)
 
 
-async def _image(url: str, param: str, api: ApiConfig, max_bytes: int, fetch: Fetcher) -> ChatImage:
+async def _image(url: str, param: str, api: ApiConfig, max_bytes: int, fetch: Fetcher) -> ImageInput:
     """A data URL's base64, or an allowed host's image; anything else is a 400 naming ``param``."""
     if url.startswith("data:"):
         if not _DATA_IMAGE.match(url):
             raise ApiError(400, f"{param}: expected data:image/<type>;base64,...", param, "invalid_image_url")
-        return ChatImage(url.split(",", 1)[1], param)
+        return ImageInput(url.split(",", 1)[1], param)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ApiError(400, f"{param}: expected a data: URL (or an http(s) URL)", param, "invalid_image_url")
@@ -113,7 +105,7 @@ async def _image(url: str, param: str, api: ApiConfig, max_bytes: int, fetch: Fe
             "image_url_not_allowed",
         )
     try:
-        return ChatImage(await fetch(url, max_bytes, api.image_fetch_timeout_s), param)
+        return ImageInput(await fetch(url, max_bytes, api.image_fetch_timeout_s), param)
     except OverflowError as e:
         raise ApiError(413, f"{param}: {e}", param, "too_large") from e
     except (TimeoutError, ValueError, OSError) as e:
@@ -169,7 +161,7 @@ async def build_conversation(
     if not any(m.role == "user" for m in req.messages):
         raise ApiError(400, "messages: at least one user message is required", "messages", "invalid_value")
     turns: list[Turn[int]] = []
-    images: list[ChatImage] = []
+    images: list[ImageInput] = []
     prompt = ""
     for i, (message, parts) in enumerate(zip(req.messages, contents, strict=True)):
         role: Literal["system", "user", "assistant", "tool"] = (

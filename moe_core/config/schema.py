@@ -13,6 +13,7 @@ from moe_core.config.runtime import EngineSettings, LiveSettings
 from moe_core.config.sections import (  # the sections composed here (__init__ re-exports them): not a duplicate
     ApiConfig,
     DynamicConfig,
+    FullModelConfig,
     GatewayConfig,
     MergedAdapterConfig,
     MergedConfig,
@@ -55,9 +56,14 @@ class DeploymentConfig(StrictModel):
         default_factory=PromotionConfig,
         description="Traffic-aware promotion of hot dynamic adapters into merged slots (off by default).",
     )
+    models: list[FullModelConfig] = Field(
+        default_factory=list,
+        description="Further full models (chandra's OCR model, ...), each served by its own deployment with its "
+        "own replicas, resources and limits, addressable by name beside the experts.",
+    )
     outputs: dict[AdapterName, OutputGrammar] = Field(
         default_factory=dict,
-        description="Each expert's answer grammar (regex, json_schema or choice), applied to its answers "
+        description="Each expert's or further model's answer grammar (regex, json_schema or choice), applied to its answers "
         "unless a request brings its own; experts not named answer free text.",
     )
 
@@ -84,14 +90,23 @@ class DeploymentConfig(StrictModel):
             raise ValueError(
                 f"router.adapter {self.router.adapter!r} is also listed as an expert; give it its own name"
             )
-        unknown = {k: v for k, v in self.router.labels.items() if v not in self.all_adapters}
+        names = [m.name for m in self.models]
+        clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(self.all_adapters)))
+        if self.router.adapter in names:
+            clash.append(self.router.adapter)
+        if clash:
+            raise ValueError(f"models: names {clash} are used twice (models, adapters, router.adapter)")
+        for m in self.models:
+            self.model_limits(m.name)  # its limits over the top-level ones validate as a whole
+        servable = set(self.all_adapters) | set(names)
+        unknown = {k: v for k, v in self.router.labels.items() if v not in servable}
         live_elsewhere = bool(info.context and info.context.get("live_fields_external"))
         if unknown and not live_elsewhere:
             raise ValueError(
                 f"router.labels {unknown} name no adapter in merged.adapters or dynamic.adapters "
                 f"(known: {sorted(self.all_adapters)})"
             )
-        stray = sorted(set(self.outputs) - set(self.all_adapters))
+        stray = sorted(set(self.outputs) - servable)
         if stray and not live_elsewhere:
             raise ValueError(
                 f"outputs names {stray}, no adapter of merged.adapters or dynamic.adapters "
@@ -129,8 +144,8 @@ class DeploymentConfig(StrictModel):
                 f"api.routed_model_name {routed!r} is also the base model's name; give it another name"
             )
         for field, name in (("api.routed_model_name", routed), ("api.base_model_name", base)):
-            if name in self.all_adapters:
-                raise ValueError(f"{field} {name!r} is also an expert adapter's name; rename one")
+            if name in self.all_adapters or name in {m.name for m in self.models}:
+                raise ValueError(f"{field} {name!r} is also an expert's or a model's name; rename one")
         return self
 
     @property
@@ -143,10 +158,9 @@ class DeploymentConfig(StrictModel):
         data = self.model_dump(mode="json")
         for section, key in LIVE_FIELDS:
             data[section].pop(key)
-        if not data[
-            "outputs"
-        ]:  # left out when empty, as in a config file (generated files stay as they were)
-            del data["outputs"]
+        for empty in ("outputs", "models"):  # left out when empty, as in a config file
+            if not data[empty]:
+                del data[empty]
         return data
 
     @classmethod
@@ -182,6 +196,29 @@ class DeploymentConfig(StrictModel):
             limits=self.limits,
             kv=self.engine,
         )
+
+    def model_limits(self, name: str) -> LimitsConfig:
+        """The top-level limits with the further model ``name``'s own over them."""
+        m = next(m for m in self.models if m.name == name)
+        try:
+            return LimitsConfig.model_validate(self.limits.model_dump() | m.limits)
+        except ValidationError as e:
+            raise ValueError(f"models.{name}.limits: {describe(e)}") from e
+
+    def model_engine_settings(self, name: str) -> EngineSettings:
+        """What the further model ``name``'s engine needs: its checkpoint (the base model's settings for one
+        published in storage), its system prompt and its limits."""
+        m = next(m for m in self.models if m.name == name)
+        return EngineSettings(
+            base_model=m.model or self.base_model,
+            system_prompt=m.system_prompt,
+            limits=self.model_limits(name),
+            kv=self.engine,
+        )
+
+    @property
+    def models_enabled(self) -> list[FullModelConfig]:
+        return [m for m in self.models if m.enabled]
 
     @property
     def all_adapters(self) -> list[str]:

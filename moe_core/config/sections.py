@@ -4,17 +4,19 @@ deployments, promotion, the gateway, and the OpenAI-compatible API; the ones a m
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from moe_core.config.base import AdapterName, LiveFields, StrictModel
+from moe_core.config.model import BaseModelConfig, LimitsConfig
 
 __all__ = [
     "ApiConfig",
     "BatchingConfig",
     "DynamicConfig",
     "DynamicLiveFields",
+    "FullModelConfig",
     "GatewayConfig",
     "GatewayLiveFields",
     "MergedAdapterConfig",
@@ -126,6 +128,36 @@ class MergedConfig(BatchingConfig):
     adapters: list[MergedAdapterConfig] = Field(
         default_factory=list, description="Adapters merged into the base weights, one deployment each."
     )
+
+
+class FullModelConfig(ScalingConfig):
+    """A further full model served beside the base and its experts (``models``), by its own deployment:
+    a checkpoint of its own (a fine-tune such as chandra), not an adapter."""
+
+    name: AdapterName = Field(description="Its name in the API: `model` on /v1, `expert` on /infer.")
+    enabled: bool = Field(default=True, description="Whether its deployment runs.")
+    model: BaseModelConfig | None = Field(
+        default=None,
+        description="The checkpoint: a Hugging Face id or a local folder; left out, the version published in "
+        "storage under merged/<name>/ (the embedded demo publishes its own there).",
+    )
+    system_prompt: str = Field(
+        default="", description="System prompt put before each request (none by default)."
+    )
+    limits: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Its own request limits: any field of the top-level `limits`, over that section's value.",
+    )
+
+    @field_validator("limits")
+    @classmethod
+    def _limit_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(LimitsConfig.model_fields))
+        if unknown:
+            raise ValueError(
+                f"{unknown} are not fields of limits (known: {sorted(LimitsConfig.model_fields)})"
+            )
+        return v
 
 
 class DynamicLiveFields(LiveFields):

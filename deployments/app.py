@@ -1,6 +1,7 @@
 """The one typed app builder: ``deployments.app:build_app`` turns the deployment config into the graph.
 
     Gateway (ingress) --> MergedModel[<adapter>]   one binding per enabled merged adapter
+                      \\-> FullModel[<name>]        one per further full model (config ``models``)
                       \\-> MergedSlot-<k>           promotion slots, assigned at runtime
                       \\-> DynamicLoRA              base model + LRU of adapters + routing adapter
                       \\-> PromotionController      with promotion on: hot adapters into the slots
@@ -22,12 +23,13 @@ from ray.serve import Application
 
 from deployments.gateway.service import GatewayIngress
 from deployments.models.dynamic import DynamicLoRA
-from deployments.models.merged import MergedModel
+from deployments.models.merged import FullModel, MergedModel
 from deployments.promotion.autoscaling import SLOT_POLICY
 from deployments.promotion.controller import CONTROLLER_NAME, PromotionController
 from deployments.promotion.slots import MergedSlot
 from deployments.settings import (
     DynamicSettings,
+    FullModelSettings,
     GatewaySettings,
     MergedSettings,
     PromotionSettings,
@@ -42,6 +44,8 @@ __all__ = [
     "AppArgs",
     "build_app",
     "merged_name",
+    "model_name",
+    "model_options",
     "slot_name",
 ]
 
@@ -88,6 +92,11 @@ def merged_name(adapter: str) -> str:
     return f"Merged-{adapter}"
 
 
+def model_name(name: str) -> str:
+    """A further full model's deployment."""
+    return f"Model-{name}"
+
+
 def slot_name(slot: int) -> str:
     return f"MergedSlot-{slot}"
 
@@ -120,13 +129,29 @@ def _slot_scaling(s: ScalingConfig, max_queued: int) -> dict[str, Any]:
     return options
 
 
+def model_options(cfg: DeploymentConfig, name: str) -> dict[str, Any]:
+    """A further model's deployment options: its own scaling and queue; on GPUs, the custom resource of its
+    own worker group (:mod:`deployments.kube`), which only its replicas ask for."""
+    m = next(m for m in cfg.models if m.name == name)
+    options = _scaling(m, cfg.model_limits(name).max_queued_requests)
+    if m.gpu > 0:
+        options["ray_actor_options"]["resources"] = {model_resource(name): 1}
+    return options
+
+
+def model_resource(name: str) -> str:
+    """The custom Ray resource a further model's GPU worker group offers (one per node)."""
+    return f"model-{name}"
+
+
 def _user_config(live: BaseModel | None) -> dict[str, Any]:
     return {"user_config": live.model_dump(mode="json")} if live is not None else {}
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
-    """Bind Gateway -> (one MergedModel per enabled merged adapter, DynamicLoRA, and with promotion on:
-    ``promotion.slots`` MergedSlot deployments and the PromotionController that assigns them)."""
+    """Bind Gateway -> (one MergedModel per enabled merged adapter, one FullModel per enabled further model
+    (config ``models``), DynamicLoRA, and with promotion on: ``promotion.slots`` MergedSlot deployments and
+    the PromotionController that assigns them)."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     cfg, live = parsed.deployment_config()
     merged = {
@@ -135,6 +160,12 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         .bind(MergedSettings.of(cfg, a.name))
         for a in cfg.merged_enabled
     }
+    for m in cfg.models_enabled:  # further full models: the merged machinery, each its own deployment
+        merged[m.name] = (
+            serve.deployment(FullModel)  # type: ignore[attr-defined]
+            .options(name=model_name(m.name), **model_options(cfg, m.name))
+            .bind(FullModelSettings.of(cfg, m.name))
+        )
     dynamic = None
     if cfg.dynamic.enabled:
         dynamic = (

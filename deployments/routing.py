@@ -28,10 +28,16 @@ class RoutingPolicy:
     merged: Collection[str]  # adapters with an enabled merged deployment
     live: GatewayLive
     merged_disabled: Collection[str] = ()  # merged adapters whose deployment is disabled: dynamic serves them
+    models: Collection[
+        str
+    ] = ()  # further full models (config ``models``): only their own deployment serves them
 
     @property
     def experts(self) -> set[str]:
-        return set(self.merged) | set(self.merged_disabled) | set(self.live.dynamic_adapters)
+        """Every name a request may ask for: the expert adapters and the further full models."""
+        return (
+            set(self.merged) | set(self.merged_disabled) | set(self.live.dynamic_adapters) | set(self.models)
+        )
 
     def resolve_expert(self, expert: int | str) -> str:
         """An explicit expert: a router label id or an adapter name."""
@@ -51,7 +57,10 @@ class RoutingPolicy:
         return name
 
     def target(self, adapter: str | None, prefer_merged: bool | None) -> Mode:
-        """Merged when the adapter has an enabled merged deployment and merged is preferred."""
+        """Merged when the adapter has an enabled merged deployment and merged is preferred; a further full
+        model always answers from its own deployment (the merged machinery's)."""
+        if adapter is not None and adapter in self.models:
+            return "merged"
         prefer = self.live.prefer_merged if prefer_merged is None else prefer_merged
         return "merged" if adapter is not None and prefer and adapter in self.merged else "dynamic"
 

@@ -26,6 +26,8 @@ from moe_core.structured import Constraint
 
 __all__ = [
     "DynamicSettings",
+    "FullModelSettings",
+    "FurtherModel",
     "GatewaySettings",
     "MergedSettings",
     "ModelSettings",
@@ -99,6 +101,27 @@ class MergedSettings(ModelSettings):
         return cls(**cls.common(cfg, cfg.merged), adapter=adapter)
 
 
+class FullModelSettings(ModelSettings):
+    """A further full model (config ``models``): its own checkpoint, system prompt and limits."""
+
+    name: AdapterName = Field(description="The model's name in the API.")
+    from_storage: bool = Field(
+        description="Load the version published in storage under merged/<name>/ (else the checkpoint "
+        "``engine.base_model`` names, once)."
+    )
+
+    @classmethod
+    def of(cls, cfg: DeploymentConfig, name: str) -> FullModelSettings:
+        m = next(m for m in cfg.models if m.name == name)
+        limits = cfg.model_limits(name)
+        common = cls.common(cfg, cfg.merged) | {
+            "engine": cfg.model_engine_settings(name),
+            "max_batch_size": limits.max_batch_size,
+            "max_queued_requests": limits.max_queued_requests,
+        }
+        return cls(**common, name=name, from_storage=m.model is None)
+
+
 class SlotSettings(ModelSettings):
     slot: int = Field(ge=0, description="The promotion slot this deployment is (MergedSlot-<slot>).")
 
@@ -160,6 +183,13 @@ class PromotionSettings(StrictModel):
         )
 
 
+class FurtherModel(StrictModel):
+    """What the gateway knows of a further full model: its limits, and its checkpoint when not published."""
+
+    limits: LimitsConfig = Field(description="Its request limits (its own over the top-level ones).")
+    checkpoint: str | None = Field(description="The Hugging Face id or folder it loads; None: from storage.")
+
+
 class GatewaySettings(StrictModel):
     labels: dict[int, AdapterName] = Field(description="Router label ids and the adapters they select.")
     merged_disabled: tuple[AdapterName, ...] = Field(
@@ -179,6 +209,9 @@ class GatewaySettings(StrictModel):
     report_interval_s: float = Field(
         gt=0, description="Seconds between request-count reports to the controller."
     )
+    models: dict[AdapterName, FurtherModel] = Field(
+        default_factory=dict, description="Further full models (config ``models``) with a running deployment."
+    )
 
     @classmethod
     def of(cls, cfg: DeploymentConfig) -> GatewaySettings:
@@ -195,4 +228,20 @@ class GatewaySettings(StrictModel):
             storage=cfg.storage,
             router=cfg.router.adapter,
             report_interval_s=cfg.promotion.report_interval_s,
+            models={
+                m.name: FurtherModel(
+                    limits=cfg.model_limits(m.name), checkpoint=m.model.id if m.model is not None else None
+                )
+                for m in cfg.models_enabled
+            },
         )
+
+    def limits_for(self, name: str | None) -> LimitsConfig:
+        """The limits of the model that answers ``name``: a further model's own, else the base's."""
+        m = self.models.get(name) if name is not None else None
+        return self.limits if m is None else m.limits
+
+    def for_model(self, name: str | None) -> GatewaySettings:
+        """These settings with the limits of the model that answers ``name`` (the pipeline checks them)."""
+        limits = self.limits_for(name)
+        return self if limits is self.limits else self.model_copy(update={"limits": limits})

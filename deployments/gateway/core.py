@@ -80,7 +80,8 @@ class GatewayCore:
     def _policy_for(self, live: GatewayLive, promoted: Mapping[str, int]) -> RoutingPolicy:
         """Routing with the pinned merged adapters and the promoted ones (both answered as merged)."""
         s = self.settings
-        return RoutingPolicy(s.labels, set(self.merged) | set(promoted), live, set(s.merged_disabled))
+        pinned = (set(self.merged) - set(s.models)) | set(promoted)
+        return RoutingPolicy(s.labels, pinned, live, set(s.merged_disabled), set(s.models))
 
     # ------------------------------------------------------------ promotion
     def _merged_handle(self, adapter: str) -> DeploymentHandle:
@@ -97,7 +98,7 @@ class GatewayCore:
         """Count a request for the promotion controller, and make sure the reporting loop runs."""
         if self.controller is None:
             return
-        if adapter is not None:
+        if adapter is not None and adapter not in self.settings.models:  # a full model is never promoted
             self._counts[adapter] += 1
         if self._promotion is None or self._promotion.done():
             self._promotion = asyncio.get_running_loop().create_task(self._promotion_loop())

@@ -189,6 +189,8 @@ class Dispatcher(GatewayCore):
         # a promoted adapter is a dynamic one: it always falls back (fallback_to_dynamic is about pinned ones)
         if self.dynamic is None or (not policy.live.fallback_to_dynamic and adapter in self.merged):
             raise e
+        if adapter in policy.models:  # a further full model: the dynamic deployment has no such model
+            raise e
         trace.fallback = e.reason
         self.metrics.fallbacks.inc(tags={"adapter": adapter, "reason": e.reason})
         logger.warning(

@@ -111,7 +111,7 @@ class InferRoutes(Dispatcher):
             if req.expert is not None
             else ModelChoice("routed")
         )
-        taken = await take(_parsed(req), self.settings, trace)
+        taken = await take(_parsed(req), self.settings.for_model(choice.adapter), trace)
         route = await self._decide(policy, choice, taken.query, req.prefer_merged, trace, whole=True)
         out, fallback = await self._answer(policy, route, taken.query, trace)
         return _response(out, taken, route, trace, fallback, logprobs=bool(req.logprobs))

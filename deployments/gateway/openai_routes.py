@@ -119,10 +119,11 @@ class OpenAIRoutes(Dispatcher):
         policy = self.policy  # one snapshot per request, even across a reconfigure
         choice = resolve_model(req.model, policy, self.settings, self._routing(policy))
         trace.adapter = choice.adapter or "none"
+        settings = self.settings.for_model(choice.adapter)  # a further model's own limits
         conv = await build_conversation(
-            req, self.settings.api, self.settings.limits.max_image_bytes, needs_image=choice.kind == "routed"
+            req, settings.api, settings.limits.max_image_bytes, needs_image=choice.kind == "routed"
         )
-        return policy, choice, await take(chat_request(req, conv, self.settings), self.settings, trace)
+        return policy, choice, await take(chat_request(req, conv, settings), settings, trace)
 
     def _info(
         self, trace: RequestTrace, route: Route, taken: Intake, out: Answer | Chunk, fallback: bool

@@ -29,11 +29,11 @@ from deployments.models.engines import (
     engine_stats,
 )
 from deployments.observability import MergedMetrics
-from deployments.settings import MergedSettings, ModelSettings
+from deployments.settings import FullModelSettings, MergedSettings, ModelSettings
 from moe_core.engine import GenerationRequest
 from moe_core.generation import SamplingParams
 
-__all__ = ["MergedModel", "ModelUnavailable"]
+__all__ = ["FullModel", "MergedModel", "ModelUnavailable"]
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +262,37 @@ class MergedModel(_MergedBase[MergedSettings]):
 
     async def _wanted(self) -> str | None:
         return self.settings.adapter
+
+
+class FullModel(_MergedBase[FullModelSettings]):
+    """A further full model (config ``models``, e.g. chandra): the merged-model deployment serving a
+    checkpoint of its own. Published in storage under ``merged/<name>/`` (a new version is picked up as a
+    merged model's is), or a Hugging Face id or folder, loaded once at start. Never stale (no adapter stands
+    behind it), and nothing falls back to the dynamic deployment for it."""
+
+    def _start(self) -> None:
+        super()._start()
+        name = self.adapter = self.settings.name
+        if not self.settings.from_storage:
+            t0 = time.perf_counter()
+            engine = self.make_engine(None, f"model-{name}")
+            self._install(_Loaded(name, "checkpoint", engine, {}, None, time.perf_counter() - t0))
+            return
+        version = self.storage.current_version("merged", name)
+        if version is None:
+            logger.warning("model %s: no published version in storage (merged/%s/)", name, name)
+        else:
+            self._install(self._open(name, version))
+
+    async def _wanted(self) -> str | None:
+        return self.settings.name
+
+    def _staleness(self, adapter: str, meta: dict[str, Any]) -> str | None:
+        return None
+
+    async def _refresh(self) -> None:
+        if self.settings.from_storage:  # a checkpoint named in the config is loaded once
+            await super()._refresh()
 
 
 def _retire(engine: DeploymentEngine | None) -> None:

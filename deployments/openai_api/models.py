@@ -1,5 +1,5 @@
-"""``/v1/models``: the base model, the expert adapters and the routed model, and what a request's
-``model`` names."""
+"""``/v1/models``: the base model, the expert adapters, the further full models (with their own limits)
+and the routed model, and what a request's ``model`` names."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ OWNED_BY = "moe-inference-server"
 
 
 class ModelCard(BaseModel):
-    """One model of ``/v1/models``: the base, an expert adapter (parent: the base), or the routed model."""
+    """One model of ``/v1/models``: the base, an expert adapter (parent: the base), a further full model
+    (with its own limits), or the routed model."""
 
     id: str = Field(description="What to send as `model`.")
     object: Literal["model"] = "model"
@@ -38,6 +39,15 @@ class ModelCard(BaseModel):
     parent: str | None = Field(
         default=None, description="The base model's id, for adapters and the routed model."
     )
+    # a further full model's own limits (the others answer within the server's); vLLM names the first
+    max_model_len: int | None = Field(
+        default=None, description="A further full model's longest prompt in tokens, its images' included."
+    )
+    max_completion_tokens: int | None = Field(
+        default=None, description="A further full model's limit on `max_tokens`."
+    )
+    min_pixels: int | None = Field(default=None, description="A further full model's fewest image pixels.")
+    max_pixels: int | None = Field(default=None, description="A further full model's most image pixels.")
 
 
 class ModelList(BaseModel):
@@ -73,7 +83,19 @@ def model_list(policy: RoutingPolicy, settings: GatewaySettings, routed: bool, c
     cards = [ModelCard(id=base, created=created, root=settings.base_model_id)]
     cards += [
         ModelCard(id=name, created=created, root=f"{root}/experts/{name}", parent=base)
-        for name in sorted(policy.experts)
+        for name in sorted(policy.experts - set(settings.models))
+    ]
+    cards += [
+        ModelCard(
+            id=name,
+            created=created,
+            root=m.checkpoint or f"{root}/merged/{name}",
+            max_model_len=m.limits.max_prompt_tokens,
+            max_completion_tokens=m.limits.max_completion_tokens,
+            min_pixels=m.limits.min_pixels,
+            max_pixels=m.limits.max_pixels,
+        )
+        for name, m in sorted(settings.models.items())
     ]
     if routed:
         cards.append(

@@ -105,3 +105,11 @@ def test_disabled_merged_adapter_is_still_an_expert_served_dynamically() -> None
     p = RoutingPolicy(LABELS, {"calendar"}, live(), {"claim-window"})
     assert p.resolve_expert("claim-window") == "claim-window"
     assert p.target("claim-window", True) == "dynamic"
+
+
+@pytest.mark.parametrize("prefer", [True, False])
+def test_a_further_model_is_an_expert_answered_by_its_own_deployment(prefer: bool) -> None:
+    p = RoutingPolicy(LABELS, {"calendar"}, live(prefer_merged=prefer), (), {"chandra"})
+    assert "chandra" in p.experts and p.resolve_expert("chandra") == "chandra"
+    assert p.target("chandra", None) == "merged" and p.target("chandra", False) == "merged"
+    assert p.target("login-window", None) == "dynamic"

@@ -188,6 +188,9 @@ class FurtherModel(StrictModel):
 
     limits: LimitsConfig = Field(description="Its request limits (its own over the top-level ones).")
     checkpoint: str | None = Field(description="The Hugging Face id or folder it loads; None: from storage.")
+    request_timeout_s: float | None = Field(
+        description="Longest wait for a whole answer; None: the gateway's."
+    )
 
 
 class GatewaySettings(StrictModel):
@@ -230,7 +233,9 @@ class GatewaySettings(StrictModel):
             report_interval_s=cfg.promotion.report_interval_s,
             models={
                 m.name: FurtherModel(
-                    limits=cfg.model_limits(m.name), checkpoint=m.model.id if m.model is not None else None
+                    limits=cfg.model_limits(m.name),
+                    checkpoint=m.model.id if m.model is not None else None,
+                    request_timeout_s=m.request_timeout_s,
                 )
                 for m in cfg.models_enabled
             },

@@ -127,8 +127,11 @@ class Dispatcher(GatewayCore):
             self._served(route.adapter)
             return route.answer, False
 
+        further = self.settings.models.get(route.adapter or "")
+        timeout_s = further.request_timeout_s if further is not None else None  # None: the gateway's
+
         def generate(handle: DeploymentHandle) -> Awaitable[Answer]:
-            return self._call(handle.generate.remote(query, route.adapter))
+            return self._call(handle.generate.remote(query, route.adapter), timeout_s)
 
         return await self._dispatch(policy, route, query, trace, generate)
 

@@ -10,6 +10,7 @@ from typing import Any
 import ray
 import yaml
 
+from deployments.app import model_resource
 from deployments.kube.constants import (
     APP_DIR,
     AUTH_OPTIONS,
@@ -26,6 +27,7 @@ from deployments.kube.constants import (
     SERVICE_ACCOUNT,
 )
 from deployments.kube.pods import (
+    Volumes,
     api_key_env,
     api_key_volumes,
     head_group,
@@ -95,10 +97,33 @@ def rayservice(cfg: DeploymentConfig, name: str = NAME) -> dict[str, Any]:
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 600},
                 "headGroupSpec": head_group(cfg, pod_resources(4, "16Gi"), env, ports, keys),
-                "workerGroupSpecs": [gpu_worker],
+                "workerGroupSpecs": [gpu_worker, *_model_groups(cfg, env, keys)],
             },
         },
     }
+
+
+def _model_groups(cfg: DeploymentConfig, env: list[dict[str, Any]], keys: Volumes) -> list[dict[str, Any]]:
+    """One GPU worker group per further model on GPUs (config ``models``, e.g. chandra): a pod per replica,
+    offering that model's custom resource, which only its replicas ask for (:func:`deployments.app.model_options`)."""
+    return [
+        worker_group(
+            cfg,
+            cpu=12,
+            memory="96Gi",
+            gpu=max(1, math.ceil(m.gpu)),
+            env=env,
+            replicas=max(1, m.min_replicas),
+            min_replicas=m.min_replicas,
+            max_replicas=m.max_replicas,
+            shm="16Gi",
+            extra=keys,
+            group=model_resource(m.name),
+            resources={model_resource(m.name): 1},
+        )
+        for m in cfg.models_enabled
+        if m.gpu > 0
+    ]
 
 
 def rayjob(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import PurePath
 from typing import Any
 
@@ -202,19 +203,26 @@ def worker_group(
     max_replicas: int,
     shm: str | None = None,
     extra: Volumes = ([], []),
+    group: str | None = None,
+    resources: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """One worker group; with GPUs its pods go to the H100 nodes (node selector, taint toleration)."""
+    """One worker group; with GPUs its pods go to the H100 nodes (node selector, taint toleration).
+    ``group`` names it (default ``h100`` or ``cpu``); ``resources`` are the Ray custom resources its pods
+    offer (a further model's group: only that model's replicas ask for them)."""
     volumes, mounts = _storage(cfg, gpu_node=bool(gpu))
     volumes, mounts = volumes + extra[0], mounts + extra[1]
     if shm:
         volumes = [*volumes, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}}]
         mounts = [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}]
     container = _container("ray-worker", pod_resources(cpu, memory, gpu), env, mounts)
+    params = {"num-gpus": str(gpu), "metrics-export-port": str(METRICS_PORT)}
+    if resources:
+        params["resources"] = json.dumps(resources, separators=(",", ":"))
     return {
-        "groupName": "h100" if gpu else "cpu",
+        "groupName": group or ("h100" if gpu else "cpu"),
         "replicas": replicas,
         "minReplicas": min_replicas,
         "maxReplicas": max_replicas,
-        "rayStartParams": {"num-gpus": str(gpu), "metrics-export-port": str(METRICS_PORT)},
+        "rayStartParams": params,
         "template": _pod(cfg, container, volumes, gpu=bool(gpu)),
     }

@@ -144,6 +144,12 @@ class FullModelConfig(ScalingConfig):
     system_prompt: str = Field(
         default="", description="System prompt put before each request (none by default)."
     )
+    request_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Longest wait for a whole answer (a long page of OCR takes minutes); default the gateway's "
+        "request_timeout_s. A stream waits that long between chunks.",
+    )
     limits: dict[str, Any] = Field(
         default_factory=dict,
         description="Its own request limits: any field of the top-level `limits`, over that section's value.",

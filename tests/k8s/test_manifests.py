@@ -247,10 +247,10 @@ def test_rayjob_shares_the_cluster_pieces_of_the_rayservice() -> None:
         }
         assert env["HF_HOME"] == hf[0]["HF_HOME"]
     storage = [v for p in _pods(svc) + _pods(job) for v in p["volumes"] if v["name"] == "storage"]
-    assert len(storage) == 4 and all(v == storage[0] for v in storage)
+    assert len(storage) == len(_pods(svc)) + len(_pods(job)) == 5 and all(v == storage[0] for v in storage)
     assert storage[0]["persistentVolumeClaim"]["claimName"] == "moe-storage"
     mounts = [m for c in containers for m in c["volumeMounts"] if m["name"] == "storage"]
-    assert len(mounts) == 4 and all(m == mounts[0] for m in mounts)
+    assert len(mounts) == 5 and all(m == mounts[0] for m in mounts)
     svc_gpu = svc["workerGroupSpecs"][0]["template"]["spec"]
     job_gpu = job["workerGroupSpecs"][0]["template"]["spec"]
     assert job_gpu["nodeSelector"] == svc_gpu["nodeSelector"] == constants.H100_LABEL
@@ -439,7 +439,7 @@ def test_s3_variant_reads_the_bucket_through_the_node_cache_with_credentials_fro
     svc = docs["rayservice.yaml"]["spec"]["rayClusterConfig"]
     job = docs["rayjob-merge.yaml"]["spec"]["rayClusterSpec"]
     pods, containers = _pods(svc) + _pods(job), _containers(svc) + _containers(job)
-    assert len(pods) == 4
+    assert len(pods) == 5  # head, GPU workers and chandra's GPU workers; the merge job's head and worker
     for pod in pods:
         assert (
             pod["serviceAccountName"] == constants.SERVICE_ACCOUNT
@@ -486,3 +486,22 @@ def test_s3_variant_reads_the_bucket_through_the_node_cache_with_credentials_fro
     assert "rayjob-merge.yaml" not in yaml.safe_load((K8S_S3 / "kustomization.yaml").read_text())["resources"]
     rwx_pods = _pods(_rayservice()["spec"]["rayClusterConfig"])
     assert all("serviceAccountName" not in p for p in rwx_pods)  # the volume variant is as it was
+
+
+def test_chandra_runs_on_its_own_gpu_group() -> None:
+    """config/deployment.k8s.yaml's further model chandra: a GPU worker group of its own, whose custom
+    resource only chandra's replicas ask for (the generated serveConfigV2's app builder adds it)."""
+    from deployments.app import model_options
+
+    svc = _rayservice()["spec"]["rayClusterConfig"]
+    groups = {g["groupName"]: g for g in svc["workerGroupSpecs"]}
+    group = groups["model-chandra"]
+    assert json.loads(group["rayStartParams"]["resources"]) == {"model-chandra": 1}
+    (container,) = group["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "resources" not in groups["h100"]["rayStartParams"]
+    cfg = DeploymentConfig.from_file(ROOT / "config" / "deployment.k8s.yaml")
+    assert cfg.models[0].model is not None and cfg.models[0].model.id == "datalab-to/chandra"
+    assert cfg.model_limits("chandra").max_completion_tokens == 12384
+    options = model_options(cfg, "chandra")["ray_actor_options"]
+    assert options["resources"] == {"model-chandra": 1} and options["num_gpus"] == 1

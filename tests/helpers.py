@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
@@ -98,3 +99,12 @@ def image_file(fmt: str, image: Image.Image | None = None) -> bytes:
     buf = io.BytesIO()
     (image or Image.new("RGB", (64, 64), (200, 30, 30))).convert("RGB").save(buf, format=fmt)
     return buf.getvalue()
+
+
+def without_models(data: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping without its further models (chandra) and their grammars: the apps that test
+    something else start no replica for them."""
+    names = {m["name"] for m in data.get("models", [])}
+    data["models"] = []
+    data["outputs"] = {k: v for k, v in data.get("outputs", {}).items() if k not in names}
+    return data

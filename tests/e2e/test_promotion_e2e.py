@@ -31,6 +31,7 @@ from moe_core.config import DeploymentConfig
 from moe_demo.screens import split
 from tests.conftest import _free_port
 from tests.e2e.test_serve_e2e import _b64, _deploy, _serve_file, _settled, _total, _wait_ready
+from tests.helpers import without_models
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ class _Result(NamedTuple):
 
 @pytest.fixture(scope="module")
 def promo(demo_cfg: DeploymentConfig, ray_cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    data = demo_cfg.model_dump(mode="json")
+    data = without_models(demo_cfg.model_dump(mode="json"))
     data["promotion"] |= {
         "enabled": True,
         "slots": 1,

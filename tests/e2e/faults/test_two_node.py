@@ -61,6 +61,7 @@ from moe_core.config import DeploymentConfig
 from moe_demo.screens import split
 from tests.conftest import _free_port
 from tests.e2e.test_serve_e2e import _b64, _deploy, _wait_ready
+from tests.helpers import without_models
 
 pytestmark = pytest.mark.slow
 
@@ -184,7 +185,7 @@ def _wait_node(dashboard: str, resource: str, node: subprocess.Popen[bytes], tim
 
 def _two_node_serve_config(demo_cfg: DeploymentConfig, port: int, path: Path) -> DeploymentConfig:
     """The generated Serve config of the reduced demo: merged calendar pinned to the worker node."""
-    data = demo_cfg.model_dump(mode="json")
+    data = without_models(demo_cfg.model_dump(mode="json"))
     data["merged"]["adapters"] = [a for a in data["merged"]["adapters"] if a["name"] == "calendar"]
     data["dynamic"]["adapters"] = [a for a in demo_cfg.all_adapters if a != "calendar"]  # the router's labels
     data["gateway"]["request_timeout_s"] = HOP_TIMEOUT_S

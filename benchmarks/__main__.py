@@ -11,6 +11,7 @@
     python -m benchmarks --only storage    # fetch throughput of a 1 GB version: local S3 vs local copy
     python -m benchmarks --only grammar    # constrained decoding: cost per token at batch 8, compile time
     python -m benchmarks --only step       # the decode step: operations launched, eager vs compiled
+    python -m benchmarks --only chandra    # pages/s through chandra-ocr's own client, 1 and 8 concurrent
 
 Writes benchmarks/results/<name>.json, .md and .png with the machine's description.
 """
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int)
     p.add_argument(
         "--only",
-        choices=["engine", "promotion", "kv", "storage", "grammar", "step", "serve"],
+        choices=["engine", "promotion", "kv", "storage", "grammar", "step", "serve", "chandra"],
         help="run one part only",
     )
     p.add_argument("--storage-gb", type=float, default=1.0, help="size of the storage benchmark's version")
@@ -391,6 +392,12 @@ def _cpu_main(args: argparse.Namespace, command: str) -> int:
         s7, f7 = step_benchmarks(cfg, quick=args.quick, modes=modes)
         samples.update(s7)
         figures.update(f7)
+    if args.only == "chandra":  # benchmarks/chandra_bench.py (on its own until the served chandra lands)
+        from benchmarks.chandra_bench import chandra_benchmarks
+
+        s8, f8 = chandra_benchmarks(cfg)
+        samples.update(s8)
+        figures.update(f8)
     result = {
         "name": name,
         "command": command,

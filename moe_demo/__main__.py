@@ -1,9 +1,11 @@
 """The embedded demo: synthetic screens, a routing adapter and expert adapters on the tiny model.
 
-python -m moe_demo build [--config config/deployment.yaml]   # no-op when up to date
+python -m moe_demo build [--config config/deployment.yaml]   # no-op when up to date; also the tiny
+                                                              # document-OCR model (chandra)
 python -m moe_demo eval                                       # accuracy table from storage (exact match,
                                                               # and character accuracy for ocr)
 python -m moe_demo screenshot calendar out.png                # one held-out screen
+python -m moe_demo page out.png                               # one held-out document page (chandra's)
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("kind")
     s.add_argument("out", type=Path)
     s.add_argument("--seed", type=int, default=0)
+    pg = sub.add_parser("page", help="write one held-out document page as PNG (the chandra model's input)")
+    pg.add_argument("out", type=Path)
+    pg.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = DeploymentConfig.from_file(args.config)
@@ -49,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             attempts=args.attempts,
         )
         print(report.table())
+        if cfg.models_enabled:
+            from moe_demo.document import build_document_models
+
+            build_document_models(cfg, args.work_dir)  # further models built here: chandra's OCR model
     elif args.cmd == "eval":
         from moe_demo.build import evaluate_demo
 
@@ -69,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "accuracy: routing, or the expert's exact match; characters: 1 - character error rate (reading)"
         )
+    elif args.cmd == "page":
+        from moe_demo.pages import page_split
+
+        page = page_split("heldout", args.seed + 1)[args.seed]
+        page.image.save(args.out)
+        print(f"{args.out}: a document page; its text:\n{page.text}")
     else:
         from moe_demo.screens import split
 

@@ -1,0 +1,153 @@
+"""The demo build's further models: the tiny document-OCR model served as ``chandra``.
+
+For every further model of the config published from storage (``models`` without a checkpoint of its
+own), train it (:mod:`moe_demo.ocr_model`) on synthetic pages (:mod:`moe_demo.pages`), merge it, save it whole
+and publish it as ``merged/<name>/``; a rebuild with nothing changed (the same build key: code, settings,
+base model, library versions) does nothing, and a model trained earlier under the same key in the work
+directory is published again without training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge_jobs import MERGE_METADATA
+from moe_core.config import DeploymentConfig
+from moe_core.engine import Engine
+from moe_core.modeling import resolve_model_path
+from moe_core.storage.layout import sha256_file
+from moe_core.storage.store import Storage
+from moe_core.vision import PixelBounds, plan
+from moe_demo import ocr_model, pages
+from moe_demo.ocr_model import OcrSpec, PrefixBank, client_view, save_merged, teacher_forced, train_ocr
+from moe_demo.pages import PAGE_GRID, page_split
+
+__all__ = ["build_document_models"]
+
+#: Training pages and held-out pages (the held-out exact match and character accuracy are reported).
+TRAIN_PAGES = 48
+HELDOUT_PAGES = 16
+#: Bounded by the demo build's time (the whole build within 6 minutes on two cores): in trials, reading
+#: starts near step 400 (16% of held-out characters at 600 steps on 64 pages); this is not enough to read.
+SPEC = OcrSpec(steps=300, batch_size=8, lr=4e-3)
+EVAL_FILE = "eval.json"
+
+
+def _build_key(cfg: DeploymentConfig, name: str) -> str:
+    base = Path(resolve_model_path(cfg.base_model))
+    weights = sorted(base.glob("*.safetensors")) if base.is_dir() else []
+    settings = cfg.model_engine_settings(name)
+    parts = {
+        "name": name,
+        "spec": asdict(SPEC),
+        "pages": [TRAIN_PAGES, HELDOUT_PAGES],
+        "base": [sha256_file(w) for w in weights] or cfg.base_model.id,
+        "pixels": [settings.limits.min_pixels, settings.limits.max_pixels, cfg.base_model.image_patch_size],
+        "system_prompt": settings.system_prompt,
+        "code": hashlib.sha256(
+            "".join(inspect.getsource(m) for m in (pages, ocr_model, sys.modules[__name__])).encode()
+        ).hexdigest(),
+        "torch": torch.__version__,
+        "peft": importlib.metadata.version("peft"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def build_document_models(
+    cfg: DeploymentConfig, work_dir: Path, say: Callable[[str], None] = print
+) -> list[dict[str, Any]]:
+    """Train, merge and publish (``merged/<name>/``) the tiny document-OCR model for every enabled further
+    model of ``cfg`` that is served from storage; a rebuild with nothing changed does nothing."""
+    rows: list[dict[str, Any]] = []
+    storage = Storage.from_config(cfg.storage)
+    for m in cfg.models_enabled:
+        if m.model is not None:  # a checkpoint of its own (a hub id): nothing to build
+            continue
+        t0 = time.perf_counter()
+        key = _build_key(cfg, m.name)
+        current = storage.current_version("merged", m.name)
+        meta = storage.read_json("merged", m.name, MERGE_METADATA, current) if current else {}
+        if meta.get("build_key") == key:
+            say(f"[demo] {m.name}: unchanged (version {current})")
+            rows.append({"name": m.name, **meta.get("eval", {}), "status": "unchanged"})
+            continue
+        folder = work_dir / f"{m.name}-{key[:16]}"
+        if (folder / EVAL_FILE).exists():
+            result = json.loads((folder / EVAL_FILE).read_text())
+            say(f"[demo] {m.name}: trained earlier ({folder}); publishing")
+        else:
+            result = _train_document_model(cfg, m.name, folder, say)
+            (folder / MERGE_METADATA).write_text(
+                json.dumps({"base_model": cfg.base_model.id, "build_key": key, "eval": result}, indent=1)
+            )
+            (folder / EVAL_FILE).write_text(json.dumps(result))  # written last: the folder is complete
+        version = storage.publish("merged", m.name, folder)
+        storage.prune("merged", m.name, cfg.storage.keep_versions)
+        secs = round(time.perf_counter() - t0, 1)
+        say(
+            f"[demo] {m.name}: held-out exact match {result['exact']:.3f} (with its output grammar "
+            f"{result['exact_open']:.3f}), characters {result['char_accuracy']:.3f} on {result['n']} pages; "
+            f"published merged/{m.name} {version} ({secs}s)"
+        )
+        rows.append({"name": m.name, **result, "status": "built", "seconds": secs})
+    return rows
+
+
+def _train_document_model(
+    cfg: DeploymentConfig, name: str, folder: Path, say: Callable[[str], None]
+) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on two shared cores a second thread only contends (5x slower steps here)
+    try:
+        return _train(cfg, name, folder, say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: DeploymentConfig, name: str, folder: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    from moe_core.modeling import load_model, load_processor
+
+    settings = cfg.model_engine_settings(name)  # the model's own limits: the pages' pixel bounds
+    _check_page_grid(name, settings.bounds, settings.image_factor)
+    cpu = torch.device("cpu")
+    model = load_model(cfg.base_model, dtype=torch.float32, device=cpu)
+    processor = load_processor(cfg.base_model)
+    # the engine only makes the training batches (its prompts, with the model's pixel bounds)
+    encoder = Engine(model, processor, settings, name=f"{name}-train", kv_cache_bytes=1 << 20)
+    say(f"[demo] {name}: encoding {TRAIN_PAGES} training and {HELDOUT_PAGES} held-out pages")
+    bank = PrefixBank(model, encoder, page_split("train", TRAIN_PAGES))
+    heldout = PrefixBank(model, encoder, page_split("heldout", HELDOUT_PAGES))
+
+    def progress(step: int, ce: float, look: float) -> None:
+        say(f"[demo] {name}: step {step + 1}/{SPEC.steps} loss {ce:.3f} attention {look:.3f}")
+
+    peft = train_ocr(model, bank, SPEC, progress)
+    exact, exact_open, chars = teacher_forced(peft, heldout)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_merged(peft, processor, folder)
+    return {"exact": exact, "exact_open": exact_open, "char_accuracy": chars, "n": len(heldout.rows)}
+
+
+def _check_page_grid(name: str, bounds: PixelBounds, factor: int) -> None:
+    """The model's pixel bounds must show every page on :data:`PAGE_GRID` image tokens a side (a glyph
+    per token); fail before training rather than train a model that cannot read its pages."""
+    for page in page_split("heldout", 2):
+        seen = plan(*client_view(page.image).size, bounds, factor)
+        got = (seen.model_width // factor, seen.model_height // factor)
+        if got != (PAGE_GRID, PAGE_GRID):
+            raise ValueError(
+                f"models.{name}.limits: min_pixels/max_pixels {bounds.min_pixels}/{bounds.max_pixels} show a "
+                f"demo page on {got[0]}x{got[1]} image tokens; expected {PAGE_GRID}x{PAGE_GRID} "
+                f"(moe_demo.pages.PAGE_PIXELS)"
+            )

@@ -1,0 +1,391 @@
+"""Train the tiny document-OCR model (``chandra`` in the embedded default) and save it as a full checkpoint.
+
+A fine-tune of the tiny base on synthetic pages (:mod:`moe_demo.pages`) to answer chandra's ``ocr_layout``
+prompt with chandra's layout HTML: a LoRA is trained, merged into the base in fp32 and saved whole
+(safetensors), so it is served as its own model, like any full checkpoint.
+
+What makes it affordable on two CPU cores: chandra's prompt is 1,668 tokens of the tiny tokenizer, after
+a page's 100 image tokens, so a whole example is about 2,100 tokens and only its last ~300 (the answer)
+carry the loss. The LoRA adapts every linear of the language model but the first layer's keys and values,
+and the LM head. The first layer's keys and values are then the frozen base model's, computed once per
+page (:class:`PrefixBank`); a training step runs the first layer only at the image's and the answer's
+positions, the last layer's keys and values from that, and its queries only at a sample of the answer's
+positions (every character, every place a text or a block ends, a few more): :func:`forward_rows`. The one
+approximation is the prompt's input to the last layer, kept as the base model computes it (serving
+computes it through the LoRA). Reading is learnt as the ``ocr`` expert learns it (:mod:`moe_demo.train`):
+the LM head's LoRA at ``head_lr`` times the rate, and attention supervision that points two heads of the
+last layer, at the step that predicts a character, at the image token holding it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from moe_core.engine import Engine, GenerationRequest
+from moe_demo.pages import Page
+
+__all__ = [
+    "OCR_LAYOUT_PROMPT",
+    "OcrSpec",
+    "PrefixBank",
+    "client_view",
+    "evaluate_pages",
+    "save_merged",
+    "teacher_forced",
+    "train_ocr",
+]
+
+logger = logging.getLogger(__name__)
+
+END = "<|im_end|>"
+
+#: chandra's ``ocr_layout`` prompt (chandra-ocr 0.2.0, ``chandra.prompts.PROMPT_MAPPING["ocr_layout"]``),
+#: copied so the demo build does not need chandra-ocr installed; a test checks it is still chandra's.
+_TAGS = (
+    "['math', 'br', 'i', 'b', 'u', 'del', 'sup', 'sub', 'table', 'tr', 'td', 'p', 'th', 'div', 'pre', 'h1', "
+    "'h2', 'h3', 'h4', 'h5', 'ul', 'ol', 'li', 'input', 'a', 'span', 'img', 'hr', 'tbody', 'small', 'caption', "
+    "'strong', 'thead', 'big', 'code', 'chem']"
+)
+_ATTRS = (
+    "['class', 'colspan', 'rowspan', 'display', 'checked', 'type', 'border', 'value', 'style', 'href', 'alt', "
+    "'align', 'data-bbox', 'data-label']"
+)
+OCR_LAYOUT_PROMPT = f"""OCR this image to HTML, arranged as layout blocks.  Each layout block should be a div with the data-bbox attribute representing the bounding box of the block in x0 y0 x1 y1 format.  Bboxes are normalized 0-1000. The data-label attribute is the label for the block.
+
+Use the following labels:
+- Caption
+- Footnote
+- Equation-Block
+- List-Group
+- Page-Header
+- Page-Footer
+- Image
+- Section-Header
+- Table
+- Text
+- Complex-Block
+- Code-Block
+- Form
+- Table-Of-Contents
+- Figure
+- Chemical-Block
+- Diagram
+- Bibliography
+- Blank-Page
+
+Only use these tags {_TAGS}, and these attributes {_ATTRS}.
+
+Guidelines:
+* Inline math: Surround math with <math>...</math> tags. Math expressions should be rendered in KaTeX-compatible LaTeX. Use display for block math.
+* Tables: Use colspan and rowspan attributes to match table structure.
+* Formatting: Maintain consistent formatting with the image, including spacing, indentation, subscripts/superscripts, and special characters.
+* Images: Include a description of any images in the alt attribute of an <img> tag. Do not fill out the src property. Describe in detail inside the div tag. Also convert charts to high fidelity data, and convert diagrams to mermaid.
+* Forms: Mark checkboxes and radio buttons properly.
+* Text: join lines together properly into paragraphs using <p>...</p> tags.  Use <br> tags for line breaks within paragraphs, but only when absolutely necessary to maintain meaning.
+* Chemistry: Use <chem>...</chem> tags for chemical formulas with reactive SMILES.
+* Lists: Preserve indents and proper list markers.
+* Use the simplest possible HTML structure that accurately represents the content of the block.
+* Make sure the text is accurate and easy for a human to read and interpret.  Reading order should be correct and natural."""
+
+#: Heads of the last layer that the attention loss supervises: one per key-value head (GQA), so the
+#: two read different projections of the image token.
+ATTEND_HEADS = (0, 2)
+
+
+@dataclass(frozen=True)
+class OcrSpec:
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 2e-3
+    head_lr: float = 10.0
+    rank: int = 16
+    attend: float = 1.0
+    others: int = 8  # answer positions trained per page beside its characters'
+    seed: int = 0
+
+
+def client_view(image: Image.Image) -> Image.Image:
+    """The page as chandra's client sends it: scaled to its 28-pixel grid (``scale_to_fit`` for pages
+    within its pixel bounds, as every demo page is)."""
+    w, h = (max(28, round(s / 28) * 28) for s in image.size)
+    return image if (w, h) == image.size else image.resize((w, h), Image.Resampling.LANCZOS)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One page encoded once by the frozen base (the two-layer tiny model): everything a training step
+    needs to run both layers at the positions that matter, the image's and the answer's."""
+
+    fresh: torch.Tensor  # [F]: absolute positions recomputed each step: the image tokens, then the answer's
+    h0: torch.Tensor  # [F, hidden]: the first layer's input there (embeddings: fixed)
+    k0: torch.Tensor  # [kv, L, hd]: the first layer's keys (rotated) and values: fixed (no LoRA on them)
+    v0: torch.Tensor  # [kv, L, hd]
+    deepstack: torch.Tensor  # [F, hidden]: visual features added after the first layer (zero off the image)
+    h1: torch.Tensor  # [L, hidden]: the last layer's input as the base computes it (the prompt's is kept)
+    cos: torch.Tensor  # [L, hd]: every position's M-RoPE rotation
+    sin: torch.Tensor  # [L, hd]
+    start: int  # absolute position of the first predicting position (the prompt's last token)
+    labels: torch.Tensor  # [n]: the answer's tokens and <|im_end|>
+    looks: tuple[tuple[int, int], ...]  # (predicting index, image token position), one per character
+    decisions: tuple[
+        int, ...
+    ] = ()  # predicting indices whose token is "<" or <|im_end|> (a text or block ends)
+
+
+def _char_offsets(page: Page) -> list[int]:
+    """Where each of ``page``'s characters is in its answer, in glyph order."""
+    html = page.answer
+    offsets: list[int] = []
+    at = 0
+    for b in page.blocks:
+        for text in b.texts:
+            at = html.index(f">{text}<", at) + 1
+            offsets += range(at, at + len(text))
+            at += len(text)
+    return offsets
+
+
+class PrefixBank:
+    """Pages encoded once by the frozen base model, for :func:`forward_rows`."""
+
+    def __init__(self, model: Any, engine: Engine, pages: Sequence[Page]) -> None:
+        t0 = time.perf_counter()
+        tok = engine.processor.tokenizer
+        layers = model.model.language_model.layers
+        if len(layers) != 2:
+            raise ValueError(
+                f"the document model's training expects the tiny two-layer model, got {len(layers)}"
+            )
+        captured: dict[str, Any] = {}
+
+        def grab(i: int) -> Any:
+            def hook(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                captured[f"in{i}"] = (args[0] if args else kwargs["hidden_states"]).detach()
+                captured["rope"] = kwargs["position_embeddings"]
+
+            return hook
+
+        def out0(_mod: Any, _args: Any, output: Any) -> None:
+            captured["out0"] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        hooks = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in range(2)]
+        hooks.append(layers[0].register_forward_hook(out0))
+        self.rows: list[_Row] = []
+        try:
+            for page in pages:
+                self.rows.append(self._encode(model, engine, page, tok, captured))
+        finally:
+            for h in hooks:
+                h.remove()
+        logger.info("ocr: encoded %d pages in %.1fs", len(self.rows), time.perf_counter() - t0)
+
+    @staticmethod
+    def _encode(model: Any, engine: Engine, page: Page, tok: Any, captured: dict[str, Any]) -> _Row:
+        answer = page.answer + END
+        inputs = engine.encode(
+            [client_view(page.image)], [OCR_LAYOUT_PROMPT], answers=[answer], padding_side="right"
+        )
+        ids = inputs["input_ids"][0]
+        enc = tok(answer, add_special_tokens=False, return_offsets_mapping=True)
+        n = len(enc["input_ids"])
+        if ids[-n:].tolist() != enc["input_ids"]:
+            raise ValueError(f"page {page.seed}: the answer does not tokenize on its own")
+        layer0 = model.model.language_model.layers[0]
+        with torch.no_grad():
+            model.model(**inputs, use_cache=False)
+            cos, sin = (t[0] for t in captured["rope"])  # [L, hd]
+            h0_all, h1 = captured["in0"][0], captured["in1"][0]
+            k0, v0 = _keys_values(layer0, h0_all, cos, sin)
+        image_id = int(tok.convert_tokens_to_ids("<|image_pad|>"))
+        image = (ids == image_id).nonzero()[:, 0]
+        start, end = len(ids) - n - 1, len(ids) - 1
+        fresh = torch.cat([image, torch.arange(start, end)])
+        grid = inputs["image_grid_thw"][0]
+        rows_, cols = int(grid[1]) // 2, int(grid[2]) // 2
+        first = int(image[0])
+        token_of = {s: j for j, (s, e) in enumerate(enc["offset_mapping"]) if e == s + 1}
+        looks = []
+        for off, (gx, gy) in zip(_char_offsets(page), page.glyphs, strict=True):
+            j = token_of.get(off)
+            if j is None:
+                raise ValueError(f"page {page.seed}: character {off} of the answer is not one token")
+            looks.append((j, first + min(rows_ - 1, int(gy * rows_)) * cols + min(cols - 1, int(gx * cols))))
+        stops = {int(tok.convert_tokens_to_ids(END)), *tok.encode("<", add_special_tokens=False)}
+        return _Row(
+            fresh=fresh,
+            h0=h0_all[fresh].clone(),
+            k0=k0,
+            v0=v0,
+            deepstack=(h1 - captured["out0"][0])[fresh].clone(),
+            h1=h1.clone(),
+            cos=cos.clone(),
+            sin=sin.clone(),
+            start=start,
+            labels=ids[start + 1 :].clone(),
+            looks=tuple(looks),
+            decisions=tuple(j for j, t in enumerate(ids[start + 1 :].tolist()) if t in stops),
+        )
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _keys_values(
+    layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's keys (rotated) and values ``[kv, L, hd]`` for its input ``h`` ``[L, hidden]``."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    k = attn.k_norm(attn.k_proj(x).view(len(h), -1, attn.head_dim)).transpose(0, 1)
+    k = k * cos[None] + _rotate_half(k) * sin[None]
+    return k, attn.v_proj(x).view(len(h), -1, attn.head_dim).transpose(0, 1)
+
+
+def _attend(
+    layer: Any, h: torch.Tensor, at: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row: _Row
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer at positions ``at`` (input ``h`` ``[q, hidden]``) over ``keys``/``values``: its output and its
+    attention ``[heads, q, L]``."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    q = attn.q_norm(attn.q_proj(x).view(len(at), -1, attn.head_dim)).transpose(0, 1)  # [H, q, hd]
+    q = q * row.cos[at][None] + _rotate_half(q) * row.sin[at][None]
+    groups = q.shape[0] // keys.shape[0]
+    scores = q @ keys.repeat_interleave(groups, dim=0).transpose(1, 2) * attn.scaling  # [H, q, L]
+    future = torch.arange(keys.shape[1])[None, :] > at[:, None]
+    weights = torch.softmax(scores.masked_fill(future[None], float("-inf")), dim=-1)
+    out = (weights @ values.repeat_interleave(groups, dim=0)).transpose(0, 1).reshape(len(at), -1)
+    h = h + attn.o_proj(out)
+    return h + layer.mlp(layer.post_attention_layernorm(h)), weights
+
+
+def forward_rows(model: Any, row: _Row, picks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[q, vocab]`` at the predicting positions ``picks`` of ``row``, and the last layer's attention
+    there ``[heads, q, L]``. The first layer runs (LoRA included) at the image's and the answer's positions
+    over its fixed keys and values; the last layer's keys and values are computed from that, the prompt's
+    positions keeping the base model's input (the one approximation: the LoRA changes them a little)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer0, layer1 = lm.model.language_model.layers
+    h0, _ = _attend(layer0, row.h0, row.fresh, row.k0, row.v0, row)
+    h1 = row.h1.index_copy(0, row.fresh, h0 + row.deepstack)  # [L, hidden]
+    k1, v1 = _keys_values(layer1, h1, row.cos, row.sin)
+    at = row.start + picks
+    out, weights = _attend(layer1, h1[at], at, k1, v1, row)
+    return lm.lm_head(lm.model.language_model.norm(out)), weights
+
+
+def lora_targets(model: Any) -> str:
+    """Every linear of the language model and the LM head, but the first layer's keys and values (so
+    those stay fixed and are computed once per page)."""
+    mlp = r"mlp\.(gate|up|down)_proj"
+    return (
+        rf".*language_model\.layers\.0\.(self_attn\.(q|o)_proj|{mlp})"
+        rf"|.*language_model\.layers\.[1-9]\d*\.(self_attn\.(q|k|v|o)_proj|{mlp})|lm_head"
+    )
+
+
+def _picks(row: _Row, rng: random.Random, others: int) -> torch.Tensor:
+    """Every character's predicting position, and ``others`` more of the answer's."""
+    chars = {j for j, _ in row.looks} | set(row.decisions)
+    rest = [j for j in range(len(row.labels)) if j not in chars]
+    return torch.tensor(sorted(chars | set(rng.sample(rest, min(others, len(rest))))))
+
+
+def train_ocr(
+    model: Any, bank: PrefixBank, spec: OcrSpec, progress: Callable[[int, float, float], None] | None = None
+) -> Any:
+    """Train the LoRA on ``bank``; returns the PEFT model. ``progress(step, loss, attention loss)``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(spec.seed)
+    rng = random.Random(spec.seed)
+    lora = LoraConfig(r=spec.rank, lora_alpha=spec.rank, target_modules=lora_targets(model), lora_dropout=0.0)
+    peft = get_peft_model(model, lora)
+    peft.train()
+    params = [(n, p) for n, p in peft.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in params if "lm_head" not in n], "lr": spec.lr},
+        {"params": [p for n, p in params if "lm_head" in n], "lr": spec.lr * spec.head_lr},
+    ]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / spec.steps))
+    t0 = time.perf_counter()
+    for step in range(spec.steps):
+        logits_, labels_, looks = [], [], []
+        for _ in range(spec.batch_size):
+            row = bank.rows[rng.randrange(len(bank.rows))]
+            picks = _picks(row, rng, spec.others)
+            logits, weights = forward_rows(peft, row, picks)
+            logits_.append(logits)
+            labels_.append(row.labels[picks])
+            index = {int(j): i for i, j in enumerate(picks)}
+            looks += [weights[list(ATTEND_HEADS), index[j], k].mean() for j, k in row.looks]
+        ce = torch.nn.functional.cross_entropy(torch.cat(logits_), torch.cat(labels_))
+        look = -torch.log(torch.stack(looks) + 1e-6).mean() if looks else ce.new_zeros(())
+        loss = ce + spec.attend * look
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if progress is not None and (step % 25 == 0 or step == spec.steps - 1):
+            progress(step, float(ce.detach()), float(look.detach()))
+    logger.info("ocr: trained %d steps in %.1fs", spec.steps, time.perf_counter() - t0)
+    return peft
+
+
+def teacher_forced(model: Any, bank: PrefixBank) -> tuple[float, float, float]:
+    """Greedy decoding's page exact match, measured without decoding, and character accuracy.
+
+    Greedy output equals the answer exactly when the model's top token is the answer's at every position
+    given the answer so far: one pass per page. Returned: that exact match; the same on the positions an
+    output grammar leaves open (each character, and whether a text or block ends there: what the demo's
+    grammar for this model does not force); and the share of characters right.
+    """
+    exact, open_exact, chars, total = 0, 0, 0, 0
+    with torch.no_grad():
+        for row in bank.rows:
+            top = forward_rows(model, row, torch.arange(len(row.labels)))[0].argmax(-1)
+            right = top == row.labels
+            exact += bool(right.all())
+            hits = [bool(right[j]) for j, _ in row.looks]
+            open_exact += all(hits) and all(bool(right[j]) for j in row.decisions)
+            chars += sum(hits)
+            total += len(hits)
+    n = max(1, len(bank.rows))
+    return exact / n, open_exact / n, chars / max(1, total)
+
+
+def save_merged(peft: Any, processor: Any, out: Path) -> Path:
+    """Merge the LoRA into a copy of the weights in fp32 (safe merge: NaN refused) and save the full model."""
+    merged = peft.merge_and_unload(safe_merge=True)
+    merged.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    processor.save_pretrained(str(out))
+    return out
+
+
+def evaluate_pages(
+    engine: Engine, pages: Sequence[Page], adapter: str | None = None, batch: int = 8
+) -> list[str]:
+    """The model's greedy answers to ``pages`` (through the engine, as served)."""
+    texts: list[str] = []
+    for i in range(0, len(pages), batch):
+        chunk = pages[i : i + batch]
+        reqs = [
+            GenerationRequest(client_view(p.image), OCR_LAYOUT_PROMPT, adapter, max_new_tokens=600)
+            for p in chunk
+        ]
+        texts += [r.text for r in engine.generate(reqs)]
+    return texts

@@ -1,0 +1,77 @@
+"""The demo's document pages and chandra's side of them: its prompt, its parser on the pages' answers;
+the shipped config's chandra limits and grammar against the pages."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from moe_core.config import DeploymentConfig
+from moe_core.vision import PixelBounds, plan
+from moe_demo.document import _check_page_grid
+from moe_demo.ocr_model import OCR_LAYOUT_PROMPT, client_view
+from moe_demo.pages import BBOX_SCALE, PAGE_GRID, PAGE_PIXELS, make_page, page_split
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_prompt_is_chandras_ocr_layout_prompt() -> None:
+    from chandra.prompts import PROMPT_MAPPING
+
+    assert PROMPT_MAPPING["ocr_layout"] == OCR_LAYOUT_PROMPT
+
+
+def test_client_view_is_chandras_scale_to_fit_on_demo_pages() -> None:
+    from chandra.model.util import scale_to_fit
+
+    for page in page_split("heldout", 8):
+        assert client_view(page.image).size == scale_to_fit(page.image).size
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chandras_parser_reads_a_pages_answer_back(seed: int) -> None:
+    from chandra.output import parse_chunks, parse_markdown
+
+    page = make_page(seed)
+    chunks = parse_chunks(page.answer, page.image)
+    assert [c["label"] for c in chunks] == [b.label for b in page.blocks]
+    side = page.image.width
+    for chunk, block in zip(chunks, page.blocks, strict=True):
+        assert chunk["bbox"] == [int(v * side / BBOX_SCALE) for v in block.bbox]
+    markdown = parse_markdown(page.answer)
+    assert all(t in markdown for t in page.text.split("\n"))
+    assert markdown.startswith(f"# {page.blocks[0].texts[0]}")
+
+
+def test_glyphs_sit_on_the_image_token_grid_and_pages_differ() -> None:
+    pages = page_split("train", 20)
+    assert len({p.answer for p in pages}) == 20
+    assert any(b.label == "Table" for p in pages for b in p.blocks)
+    for p in pages:
+        assert len(p.glyphs) == sum(len(t) for b in p.blocks for t in b.texts)
+        for x, y in p.glyphs:  # each glyph's centre is a cell's centre
+            assert abs(x * PAGE_GRID % 1 - 0.5) < 1e-6 and abs(y * PAGE_GRID % 1 - 0.5) < 1e-6
+        seen = plan(*client_view(p.image).size, PixelBounds(*PAGE_PIXELS), 32)
+        assert (seen.model_width, seen.model_height) == (32 * PAGE_GRID, 32 * PAGE_GRID)
+
+
+def _shipped() -> DeploymentConfig:
+    return DeploymentConfig.from_file(ROOT / "config" / "deployment.yaml")
+
+
+def test_the_shipped_chandra_limits_show_a_page_on_its_token_grid() -> None:
+    settings = _shipped().model_engine_settings("chandra")
+    assert settings.bounds == PixelBounds(*PAGE_PIXELS)
+    assert settings.system_prompt == ""
+    _check_page_grid("chandra", settings.bounds, settings.image_factor)  # passes: 10x10 tokens
+    with pytest.raises(ValueError, match=r"models\.chandra\.limits: .* on 4x4 image tokens"):
+        _check_page_grid("chandra", PixelBounds(16384, 16384), settings.image_factor)
+
+
+def test_the_shipped_output_grammar_allows_every_pages_answer() -> None:
+    grammar = _shipped().outputs["chandra"]
+    assert grammar.regex is not None
+    for page in page_split("train", 40):
+        assert re.fullmatch(grammar.regex, page.answer), page.answer

@@ -392,7 +392,7 @@ def _cpu_main(args: argparse.Namespace, command: str) -> int:
         s7, f7 = step_benchmarks(cfg, quick=args.quick, modes=modes)
         samples.update(s7)
         figures.update(f7)
-    if args.only == "chandra":  # benchmarks/chandra_bench.py (on its own until the served chandra lands)
+    if not args.quick and args.only in (None, "chandra"):  # benchmarks/chandra_bench.py
         from benchmarks.chandra_bench import chandra_benchmarks
 
         s8, f8 = chandra_benchmarks(cfg)

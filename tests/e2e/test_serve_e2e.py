@@ -502,6 +502,19 @@ def test_chandra_is_listed_with_its_limits_and_refuses_over_them(service) -> Non
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and "12384" in r.text, r.text
     r = requests.post(f"{service['url']}/v1/chat/completions", json=body | {"max_tokens": 2000}, timeout=60)
     assert r.status_code == 200, r.text  # over the experts' limit (512), within chandra's own
+    whole = r.json()["choices"][0]["message"]["content"]
+    parts, usage = [], None
+    for chunk in _sdk(service["url"]).chat.completions.create(
+        model="chandra",
+        messages=body["messages"],
+        max_tokens=2000,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        parts += [c.delta.content or "" for c in chunk.choices]
+        usage = chunk.usage or usage
+    assert "".join(parts) == whole and len(parts) > 10  # a long answer, streamed as it is decoded
+    assert usage is not None and usage.completion_tokens == r.json()["usage"]["completion_tokens"]
     r = requests.post(
         f"{service['url']}/infer",
         json={"image_b64": "not base64!", "prompt": "x", "expert": "chandra"},

@@ -13,8 +13,11 @@ def test_shipped_config_loads() -> None:
     cfg = DeploymentConfig.from_file(ROOT / "config" / "deployment.yaml")
     assert cfg.router.labels and set(cfg.router.labels.values()) <= set(cfg.all_adapters)
     assert cfg.base_model.trust_remote_code is False
-    # every demo expert declares its answer's grammar
-    assert set(cfg.outputs) == set(cfg.all_adapters)
+    # every demo expert declares its answer's grammar, and so does the further model chandra
+    assert set(cfg.outputs) == set(cfg.all_adapters) | {m.name for m in cfg.models}
+    # chandra: a further full model, its own limits over the top-level ones
+    assert cfg.model_limits("chandra").max_completion_tokens == 12384
+    assert cfg.model_limits("chandra").max_image_bytes == cfg.limits.max_image_bytes
     assert cfg.outputs["calendar"].constraint("calendar").value == r"click\([0-3], [0-3]\)"
 
 

@@ -18,6 +18,7 @@ from deployments.models.merged import FullModel, ModelUnavailable
 from deployments.openai_api.models import model_list
 from deployments.routing import RoutingPolicy
 from deployments.settings import FullModelSettings, GatewaySettings
+from moe_core.answers import Classification
 from moe_core.config import DeploymentConfig, EngineSettings, LiveSettings
 from moe_core.storage.store import Storage
 from tests.deployments.models.test_deployments_unit import FakeEngine, _publish, _q
@@ -93,6 +94,26 @@ def test_a_further_model_is_held_to_its_own_limits(svc: Service) -> None:
     big = _data_url(_png((2000, 2000)))  # within the server's max_image_pixels: doc's max_pixels scales it
     r = svc.chat(model="doc", messages=[_user(image=big)], min_pixels=17 * 32 * 32)
     _error(r, 400, "min_pixels")  # over doc's max_pixels: the request's own bound is refused
+
+
+def test_the_router_may_name_a_further_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A router label naming a further model (config ``router.labels``): a routed request is answered by
+    that model's own deployment."""
+    from ray import serve
+
+    data = DOC_CFG.model_dump(mode="json")
+    data["router"]["labels"] = {0: "calendar", 1: "doc"}
+    s = Service(DeploymentConfig.from_dict(data))
+    doc = FakeModel("merged", "doc")
+    s.gateway.merged["doc"] = FakeHandle(doc)  # type: ignore[assignment]
+    s.dynamic.verdict = Classification("doc", 0.9, {"doc": 0.9, "calendar": 0.1})
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=s.gateway))
+    try:
+        r = s.chat(model="auto")
+        assert r.status_code == 200 and r.json()["moe"]["adapter"] == "doc", r.text
+        assert [a for _, a in doc.queries] == ["doc"] and not s.dynamic.queries
+    finally:
+        GUARDS.keys = None
 
 
 def test_a_further_model_never_falls_back_to_the_dynamic_deployment(svc: Service) -> None:

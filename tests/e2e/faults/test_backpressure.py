@@ -15,10 +15,12 @@ def test_every_deployment_has_a_bounded_queue() -> None:
     assert gateway.max_queued_requests == cfg.gateway.max_queued_requests == 512
     assert gateway.max_ongoing_requests == cfg.gateway.max_ongoing_requests == 256
     models = [gateway.init_args[1], *gateway.init_args[2].values()]
-    assert len(models) == 1 + len(cfg.merged_enabled)
+    assert len(models) == 1 + len(cfg.merged_enabled) + len(cfg.models_enabled)
+    further = {f"Model-{m.name}": cfg.model_limits(m.name) for m in cfg.models_enabled}
     for app in models:
-        assert app._bound_deployment.max_queued_requests == cfg.limits.max_queued_requests
-        assert app._bound_deployment.max_ongoing_requests == 64
+        d = app._bound_deployment
+        assert d.max_queued_requests == further.get(d.name, cfg.limits).max_queued_requests
+        assert d.max_ongoing_requests == 64
 
 
 def test_the_configured_serve_knobs_reach_the_deployments() -> None:

@@ -13,8 +13,9 @@ def test_shipped_config_loads() -> None:
     cfg = DeploymentConfig.from_file(ROOT / "config" / "deployment.yaml")
     assert cfg.router.labels and set(cfg.router.labels.values()) <= set(cfg.all_adapters)
     assert cfg.base_model.trust_remote_code is False
-    # every demo expert declares its answer's grammar
-    assert set(cfg.outputs) == set(cfg.all_adapters)
+    # every demo expert and further model (chandra, the demo's document-OCR model) declares its answer's grammar
+    assert [m.name for m in cfg.models_enabled] == ["chandra"]
+    assert set(cfg.outputs) == set(cfg.all_adapters) | {"chandra"}
     assert cfg.outputs["calendar"].constraint("calendar").value == r"click\([0-3], [0-3]\)"
 
 

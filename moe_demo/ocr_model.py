@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from moe_core.engine import Engine, GenerationRequest
@@ -253,21 +254,33 @@ def _keys_values(
 
 
 def _attend(
-    layer: Any, h: torch.Tensor, at: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row: _Row
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer at positions ``at`` (input ``h`` ``[q, hidden]``) over ``keys``/``values``: its output and its
-    attention ``[heads, q, L]``."""
+    layer: Any,
+    h: torch.Tensor,
+    at: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    row: _Row,
+    weights: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer at positions ``at`` (input ``h`` ``[q, hidden]``) over ``keys``/``values``: its output and, with
+    ``weights``, its attention ``[heads, q, L]`` (without: fused attention, which never makes them)."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     q = attn.q_norm(attn.q_proj(x).view(len(at), -1, attn.head_dim)).transpose(0, 1)  # [H, q, hd]
     q = q * row.cos[at][None] + _rotate_half(q) * row.sin[at][None]
-    groups = q.shape[0] // keys.shape[0]
-    scores = q @ keys.repeat_interleave(groups, dim=0).transpose(1, 2) * attn.scaling  # [H, q, L]
-    future = torch.arange(keys.shape[1])[None, :] > at[:, None]
-    weights = torch.softmax(scores.masked_fill(future[None], float("-inf")), dim=-1)
-    out = (weights @ values.repeat_interleave(groups, dim=0)).transpose(0, 1).reshape(len(at), -1)
-    h = h + attn.o_proj(out)
-    return h + layer.mlp(layer.post_attention_layernorm(h)), weights
+    seen = torch.arange(keys.shape[1])[None, :] <= at[:, None]  # [q, L]: causal
+    if weights:
+        groups = q.shape[0] // keys.shape[0]
+        scores = q @ keys.repeat_interleave(groups, dim=0).transpose(1, 2) * attn.scaling  # [H, q, L]
+        w = torch.softmax(scores.masked_fill(~seen[None], float("-inf")), dim=-1)
+        out = w @ values.repeat_interleave(groups, dim=0)  # [H, q, hd]
+    else:
+        w = None
+        out = F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=seen, scale=attn.scaling, enable_gqa=True
+        )[0]
+    h = h + attn.o_proj(out.transpose(0, 1).reshape(len(at), -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h)), w
 
 
 def forward_rows(model: Any, row: _Row, picks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,11 +290,19 @@ def forward_rows(model: Any, row: _Row, picks: torch.Tensor) -> tuple[torch.Tens
     positions keeping the base model's input (the one approximation: the LoRA changes them a little)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer0, layer1 = lm.model.language_model.layers
-    h0, _ = _attend(layer0, row.h0, row.fresh, row.k0, row.v0, row)
+    n = len(row.fresh) - len(row.labels)  # image tokens: they see only the keys up to the image's end
+    seen = int(row.fresh[n - 1]) + 1
+    h0 = torch.cat(
+        [
+            _attend(layer0, row.h0[:n], row.fresh[:n], row.k0[:, :seen], row.v0[:, :seen], row, False)[0],
+            _attend(layer0, row.h0[n:], row.fresh[n:], row.k0, row.v0, row, False)[0],
+        ]
+    )
     h1 = row.h1.index_copy(0, row.fresh, h0 + row.deepstack)  # [L, hidden]
     k1, v1 = _keys_values(layer1, h1, row.cos, row.sin)
     at = row.start + picks
     out, weights = _attend(layer1, h1[at], at, k1, v1, row)
+    assert weights is not None
     return lm.lm_head(lm.model.language_model.norm(out)), weights
 
 
@@ -329,10 +350,11 @@ def train_ocr(
             logits, weights = forward_rows(peft, row, picks)
             logits_.append(logits)
             labels_.append(row.labels[picks])
-            index = {int(j): i for i, j in enumerate(picks)}
-            looks += [weights[list(ATTEND_HEADS), index[j], k].mean() for j, k in row.looks]
+            if row.looks:  # picks hold every character's predicting index: where each look's query is
+                j, k = torch.tensor(row.looks).T.contiguous()
+                looks.append(weights[list(ATTEND_HEADS)][:, torch.searchsorted(picks, j), k].mean(0))
         ce = torch.nn.functional.cross_entropy(torch.cat(logits_), torch.cat(labels_))
-        look = -torch.log(torch.stack(looks) + 1e-6).mean() if looks else ce.new_zeros(())
+        look = -torch.log(torch.cat(looks) + 1e-6).mean() if looks else ce.new_zeros(())
         loss = ce + spec.attend * look
         loss.backward()
         opt.step()

@@ -13,6 +13,7 @@ def test_shipped_config_loads() -> None:
     cfg = DeploymentConfig.from_file(ROOT / "config" / "deployment.yaml")
     assert cfg.router.labels and set(cfg.router.labels.values()) <= set(cfg.all_adapters)
     assert cfg.base_model.trust_remote_code is False
+    assert [m.name for m in cfg.models_enabled] == ["chandra"]
     # every demo expert declares its answer's grammar, and so does the further model chandra
     assert set(cfg.outputs) == set(cfg.all_adapters) | {m.name for m in cfg.models}
     # chandra: a further full model, its own limits over the top-level ones

@@ -75,3 +75,38 @@ def test_the_shipped_output_grammar_allows_every_pages_answer() -> None:
     assert grammar.regex is not None
     for page in page_split("train", 40):
         assert re.fullmatch(grammar.regex, page.answer), page.answer
+
+
+def test_the_document_model_is_built_published_whole_served_and_not_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few steps on a few pages: published as merged/chandra with its build key, loadable as a full
+    model with chandra's engine settings, answering a page; a rebuild with nothing changed is a no-op."""
+    from dataclasses import replace
+
+    from merge_jobs import MERGE_METADATA
+    from moe_core.engine import Engine
+    from moe_core.storage.store import Storage
+    from moe_demo import document
+    from moe_demo.ocr_model import evaluate_pages
+
+    monkeypatch.setattr(document, "SPEC", replace(document.SPEC, steps=2, batch_size=2))
+    monkeypatch.setattr(document, "TRAIN_PAGES", 2)
+    monkeypatch.setattr(document, "HELDOUT_PAGES", 1)
+    data = _shipped().model_dump(mode="json")
+    data["storage"] = {"url": str(tmp_path / "storage")}
+    data["models"].append({"name": "hub-model", "model": {"id": "some/checkpoint"}})  # nothing to build
+    cfg = DeploymentConfig.from_dict(data)
+    rows = document.build_document_models(cfg, tmp_path / "work", say=lambda s: None)
+    assert [(r["name"], r["status"], r["n"]) for r in rows] == [("chandra", "built", 1)]
+    store = Storage(cfg.storage.url)
+    assert store.names("merged") == ["chandra"]
+    path, _ = store.fetch("merged", "chandra")
+    meta = store.read_json("merged", "chandra", MERGE_METADATA)
+    assert meta["eval"]["n"] == 1 and len(meta["build_key"]) == 64
+    engine = Engine.load(cfg.model_engine_settings("chandra"), path, name="chandra-test")
+    (answer,) = evaluate_pages(engine, page_split("heldout", 1), batch=1)
+    assert isinstance(answer, str)
+    again = document.build_document_models(cfg, tmp_path / "work", say=lambda s: None)
+    assert [r["status"] for r in again] == ["unchanged"]
+    assert len(store.versions("merged", "chandra")) == 1  # not published again

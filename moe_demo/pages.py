@@ -14,6 +14,14 @@ capitals without I and O, so each character is one token of the tiny tokenizer),
 cell is 48 to 72 pixels, the page 480 to 720), the glyph size and the ink and paper shades. The page is
 drawn larger than the model sees it, as a scan would be: chandra's client scales it to its 28-pixel grid
 and the server to the model's bounds, which keeps the glyphs on the token grid (both are uniform scales).
+
+What does not: each text's length, fixed per block type (:data:`TEXT_LENGTHS`), so that every block's text
+starts at the same place of the answer on every page. The model finds a character's column by relative
+position: Qwen3-VL's M-RoPE gives the image token in column ``c`` the width position ``s + c`` and the
+answer's ``j``-th token ``P0 + j``, so along a line the offset between the step and the character it reads
+is constant, but that constant is where the block's text starts in the answer. With lengths that vary,
+it depends on every earlier text's length, which the two-layer model cannot learn to count (in trials,
+a fixed-length title read three times the columns of the variable-length texts after it).
 """
 
 from __future__ import annotations
@@ -25,7 +33,16 @@ from PIL import Image, ImageDraw
 
 from moe_demo.screens import OCR_ALPHABETS, _glyph
 
-__all__ = ["BBOX_SCALE", "PAGE_GRID", "PAGE_PIXELS", "Block", "Page", "make_page", "page_split"]
+__all__ = [
+    "BBOX_SCALE",
+    "PAGE_GRID",
+    "PAGE_PIXELS",
+    "TEXT_LENGTHS",
+    "Block",
+    "Page",
+    "make_page",
+    "page_split",
+]
 
 #: Cells per side of a page: one image token each at the model's bounds.
 PAGE_GRID = 10
@@ -36,6 +53,9 @@ PAGE_PIXELS = (300 * 300, 340 * 340)
 BBOX_SCALE = 1000
 #: The text column, in cells: blocks span it; text starts at its first cell.
 COLUMN = (1, 9)
+#: Each text's length by its block's label (a table's: each cell's); the output grammar
+#: (``outputs.chandra`` of the shipped config) holds the same lengths.
+TEXT_LENGTHS = {"Section-Header": 6, "Text": 8, "Table": 3}
 #: Disjoint seed ranges: training, validation, held-out (as :mod:`moe_demo.screens`).
 _SPLITS = {"train": 0, "heldout": 1_000_000, "validation": 2_000_000}
 _ALPHABET = OCR_ALPHABETS[1]
@@ -98,11 +118,11 @@ def page_split(name: str, n: int, offset: int = 0) -> list[Page]:
 def make_page(seed: int) -> Page:
     """One page, deterministic from ``seed``."""
     rng = random.Random(f"page-{seed}")
-    blocks = [Block("Section-Header", 0, 1, ((_word(rng, 3, 7),),))]
+    blocks = [Block("Section-Header", 0, 1, ((_word(rng, "Section-Header"),),))]
     for _ in range(rng.randint(2, 3)):
-        blocks.append(Block("Text", blocks[-1].row + blocks[-1].rows + 1, 1, ((_word(rng, 3, 8),),)))
+        blocks.append(Block("Text", blocks[-1].row + blocks[-1].rows + 1, 1, ((_word(rng, "Text"),),)))
     if rng.random() < 0.5:
-        cells = tuple((_word(rng, 2, 3), _word(rng, 2, 3)) for _ in range(2))
+        cells = tuple((_word(rng, "Table"), _word(rng, "Table")) for _ in range(2))
         blocks.append(Block("Table", blocks[-1].row + blocks[-1].rows + 1, 2, cells))
     u = rng.randint(48, 72)
     side = PAGE_GRID * u
@@ -131,5 +151,5 @@ def make_page(seed: int) -> Page:
     return Page(seed, img, tuple(blocks), tuple(glyphs))
 
 
-def _word(rng: random.Random, lo: int, hi: int) -> str:
-    return "".join(rng.choice(_ALPHABET) for _ in range(rng.randint(lo, hi)))
+def _word(rng: random.Random, label: str) -> str:
+    return "".join(rng.choice(_ALPHABET) for _ in range(TEXT_LENGTHS[label]))

@@ -12,7 +12,7 @@ from moe_core.config import DeploymentConfig
 from moe_core.vision import PixelBounds, plan
 from moe_demo.document import _check_page_grid
 from moe_demo.ocr_model import OCR_LAYOUT_PROMPT, client_view
-from moe_demo.pages import BBOX_SCALE, PAGE_GRID, PAGE_PIXELS, make_page, page_split
+from moe_demo.pages import BBOX_SCALE, PAGE_GRID, PAGE_PIXELS, TEXT_LENGTHS, make_page, page_split
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,3 +110,45 @@ def test_the_document_model_is_built_published_whole_served_and_not_rebuilt(
     again = document.build_document_models(cfg, tmp_path / "work", say=lambda s: None)
     assert [r["status"] for r in again] == ["unchanged"]
     assert len(store.versions("merged", "chandra")) == 1  # not published again
+
+
+def test_every_text_has_its_block_types_length_and_the_grammar_holds_them_to_it() -> None:
+    """Fixed lengths put every block's text at the same place of the answer on every page: what lets
+    the model find a column by relative position (moe_demo.pages says why)."""
+    grammar = _shipped().outputs["chandra"].regex
+    assert grammar is not None
+    pages = page_split("train", 20)
+    assert {len(p.blocks) for p in pages} >= {3, 4}
+    for p in pages:
+        for b in p.blocks:
+            assert [len(t) for t in b.texts] == [TEXT_LENGTHS[b.label]] * len(b.texts), b
+    title = pages[0].blocks[0].texts[0]
+    assert not re.fullmatch(grammar, pages[0].answer.replace(f">{title}<", f">{title[:-1]}<", 1))
+    assert not re.fullmatch(grammar, pages[0].answer.replace(f">{title}<", f">{title}A<", 1))
+
+
+def test_training_trains_the_last_layers_query_and_key_norms_and_the_merged_model_keeps_them(
+    tmp_path: Path, tiny_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from moe_core.engine import Engine
+    from moe_core.modeling import load_model, load_processor
+    from moe_demo.ocr_model import OcrSpec, PrefixBank, save_merged, train_ocr
+
+    cfg = _shipped()
+    settings = cfg.model_engine_settings("chandra")
+    model = load_model(cfg.base_model, dtype=torch.float32, device=torch.device("cpu"))
+    processor = load_processor(cfg.base_model)
+    bank = PrefixBank(
+        model, Engine(model, processor, settings, kv_cache_bytes=1 << 20), page_split("train", 2)
+    )
+    layers = model.model.language_model.layers
+    peft = train_ocr(model, bank, OcrSpec(steps=3, batch_size=2, norm_lr=10.0))
+    q1, k1 = layers[1].self_attn.q_norm.weight, layers[1].self_attn.k_norm.weight
+    assert not torch.equal(q1, torch.ones_like(q1)) and not torch.equal(k1, torch.ones_like(k1))
+    assert torch.equal(layers[0].self_attn.k_norm.weight, torch.ones_like(k1))  # the bank's keys: fixed
+    saved = load_file(str(save_merged(peft, processor, tmp_path / "m") / "model.safetensors"))
+    torch.testing.assert_close(saved["model.language_model.layers.1.self_attn.q_norm.weight"], q1)
+    torch.testing.assert_close(saved["model.language_model.layers.1.self_attn.k_norm.weight"], k1)

@@ -45,19 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DeploymentConfig.from_file(args.config)
     if args.cmd == "build":
         from moe_demo.build import build_demo
-        from moe_demo.document import build_beside
 
-        def adapters() -> str:
-            return build_demo(
-                cfg,
-                args.work_dir,
-                steps_scale=args.steps_scale,
-                heldout_per_kind=args.heldout,
-                attempts=args.attempts,
-            ).table()
+        report = build_demo(
+            cfg,
+            args.work_dir,
+            steps_scale=args.steps_scale,
+            heldout_per_kind=args.heldout,
+            attempts=args.attempts,
+        )
+        print(report.table())
+        if cfg.models_enabled:
+            from moe_demo.document import build_document_models
 
-        # further models (chandra's OCR model) built beside the adapters, in a process of their own
-        print(build_beside(cfg, args.work_dir, adapters) if cfg.models_enabled else adapters())
+            build_document_models(cfg, args.work_dir)  # further models built here: chandra's OCR model
     elif args.cmd == "eval":
         from moe_demo.build import evaluate_demo
 

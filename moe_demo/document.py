@@ -13,14 +13,12 @@ import hashlib
 import importlib.metadata
 import inspect
 import json
-import multiprocessing
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -35,9 +33,7 @@ from moe_demo import ocr_model, pages
 from moe_demo.ocr_model import OcrSpec, PrefixBank, client_view, save_merged, teacher_forced, train_ocr
 from moe_demo.pages import PAGE_GRID, page_split
 
-__all__ = ["build_beside", "build_document_models"]
-
-T = TypeVar("T")
+__all__ = ["build_document_models"]
 
 #: Training pages and held-out pages (the held-out exact match and character accuracy are reported).
 #: 192, not 48: at 48 the model learns its training pages' texts (84% of their characters, 53% of held-out
@@ -47,9 +43,10 @@ HELDOUT_PAGES = 16
 #: Trials on one core, held-out characters (teacher-forced) and pages whose open positions are all right:
 #: 8 pages a step for 300 steps with the last layer's query and key norms frozen 2.5%, 0 pages; trained
 #: (``norm_lr``) 30%; with texts of fixed lengths too 53-70%; 2 pages a step for 700 steps 96.7%, 5 of 16
-#: pages; for 1000 steps 100%, 15 of 16 (about 80 s of training). A rate of 6e-3 fell to 62%, norm_lr 20
-#: gave 97.0% at 700 steps, 96 training pages 95.0% at 900 (they are learnt by heart). The build trains it
-#: beside the adapters (:func:`build_beside`), so the whole build stays within 6 minutes on two cores.
+#: pages; for 1000 steps 100%, 15 of 16 (86 s of training). A rate of 6e-3 fell to 62%, norm_lr 20 gave
+#: 97.0% at 700 steps, 96 training pages 95.0% at 900 (they are learnt by heart). On two threads, as the
+#: build runs it (alone: beside the adapters' training, in a process of its own, both were 5x slower):
+#: 1000 steps 99.6%, 13 of 16, in 59 s of training; 900 steps on 160 pages 98.3%, 7 of 16.
 SPEC = OcrSpec(steps=1000, batch_size=2, lr=4e-3, norm_lr=10.0)
 EVAL_FILE = "eval.json"
 
@@ -114,34 +111,11 @@ def build_document_models(
     return rows
 
 
-def build_beside(cfg: DeploymentConfig, work_dir: Path, build: Callable[[], T], quiet: bool = False) -> T:
-    """Run ``build`` (the demo's adapters) here while the document models build in a child process on one
-    thread: on two cores the adapters' training gains little from its second thread, so the document model
-    costs the build little wall time (serially it would be about 90 s more). Its progress lines are
-    printed as it goes unless ``quiet``; a failure there is raised here once ``build`` is done."""
-    resolve_model_path(cfg.base_model)  # the base model first: both sides load it
-    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool shared
-    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        child = pool.submit(_build_in_child, cfg.model_dump(mode="json"), str(work_dir), quiet)
-        result = build()
-        child.result()
-    return result
-
-
-def _build_in_child(data: dict[str, Any], work_dir: str, quiet: bool) -> list[dict[str, Any]]:
-    cfg = DeploymentConfig.from_dict(data)
-    return build_document_models(cfg, Path(work_dir), say=(lambda _: None) if quiet else _say)
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
-
-
 def _train_document_model(
     cfg: DeploymentConfig, name: str, folder: Path, say: Callable[[str], None]
 ) -> dict[str, Any]:
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on two shared cores a second thread only contends (5x slower steps here)
+    torch.set_num_threads(max(1, min(2, threads)))  # as the adapters' build: two threads (59 s, not 86 s)
     try:
         return _train(cfg, name, folder, say)
     finally:

@@ -122,7 +122,7 @@ def demo_cfg(tiny_path: Path) -> DeploymentConfig:
     """
     from merge_jobs.merge import merge_adapter
     from moe_demo.build import build_demo
-    from moe_demo.document import build_beside
+    from moe_demo.document import build_document_models
 
     root = ROOT / ".cache" / "test-demo"
     data = DeploymentConfig.from_file(ROOT / "config" / "deployment.yaml").model_dump(mode="json")
@@ -132,8 +132,8 @@ def demo_cfg(tiny_path: Path) -> DeploymentConfig:
     # adapters that other tests hammer onto a slot
     data["promotion"]["enabled"] = False
     cfg = DeploymentConfig.from_dict(data)
-    work = ROOT / ".cache" / "demo"  # trained adapters and models are shared by build key
-    build_beside(cfg, work, lambda: build_demo(cfg, work, say=lambda s: None), quiet=True)  # and chandra
+    build_demo(cfg, ROOT / ".cache" / "demo", say=lambda s: None)  # trained adapters are shared by build key
+    build_document_models(cfg, ROOT / ".cache" / "demo", say=lambda s: None)  # chandra's tiny OCR model
     for a in cfg.merged_enabled:
         merge_adapter(cfg, a.name)
     return cfg

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -99,6 +100,9 @@ Guidelines:
 * Use the simplest possible HTML structure that accurately represents the content of the block.
 * Make sure the text is accurate and easy for a human to read and interpret.  Reading order should be correct and natural."""
 
+#: A block's box in its answer: the first digit of its y1 (the group) tells a text's one row from a table's two.
+_Y1 = re.compile(r'data-bbox="\d+ \d+ \d+ (\d+)"')
+
 #: Heads of the last layer that the attention loss supervises: one per key-value head (GQA), so the
 #: two read different projections of the image token.
 ATTEND_HEADS = (0, 2)
@@ -140,9 +144,10 @@ class _Row:
     start: int  # absolute position of the first predicting position (the prompt's last token)
     labels: torch.Tensor  # [n]: the answer's tokens and <|im_end|>
     looks: tuple[tuple[int, int], ...]  # (predicting index, image token position), one per character
-    decisions: tuple[
-        int, ...
-    ] = ()  # predicting indices whose token is "<" or <|im_end|> (a text or block ends)
+    # predicting indices of the answer's choices: a token "<" or <|im_end|> (a text, a block or the answer
+    # ends), and the first digit of each block's y1 (its height: a text's row or a table's two, the one
+    # place the layout grammar lets the block's kind differ)
+    decisions: tuple[int, ...] = ()
 
 
 def _char_offsets(page: Page) -> list[int]:
@@ -224,6 +229,7 @@ class PrefixBank:
                 raise ValueError(f"page {page.seed}: character {off} of the answer is not one token")
             looks.append((j, first + min(rows_ - 1, int(gy * rows_)) * cols + min(cols - 1, int(gx * cols))))
         stops = {int(tok.convert_tokens_to_ids(END)), *tok.encode("<", add_special_tokens=False)}
+        heights = {token_of[m.start(1)] for m in _Y1.finditer(page.answer) if m.start(1) in token_of}
         return _Row(
             fresh=fresh,
             h0=h0_all[fresh].clone(),
@@ -236,7 +242,7 @@ class PrefixBank:
             start=start,
             labels=ids[start + 1 :].clone(),
             looks=tuple(looks),
-            decisions=tuple(j for j, t in enumerate(ids[start + 1 :].tolist()) if t in stops),
+            decisions=tuple(j for j, t in enumerate(ids[start + 1 :].tolist()) if t in stops or j in heights),
         )
 
 

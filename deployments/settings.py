@@ -241,12 +241,9 @@ class GatewaySettings(StrictModel):
             },
         )
 
-    def limits_for(self, name: str | None) -> LimitsConfig:
-        """The limits of the model that answers ``name``: a further model's own, else the base's."""
-        m = self.models.get(name) if name is not None else None
-        return self.limits if m is None else m.limits
-
     def for_model(self, name: str | None) -> GatewaySettings:
-        """These settings with the limits of the model that answers ``name`` (the pipeline checks them)."""
-        limits = self.limits_for(name)
+        """These settings with the limits of the model that answers ``name``: a further model's own, else
+        the base's (the pipeline checks them)."""
+        further = self.models.get(name) if name is not None else None
+        limits = self.limits if further is None else further.limits
         return self if limits is self.limits else self.model_copy(update={"limits": limits})

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from moe_core.engine import Engine, GenerationRequest
@@ -131,14 +130,9 @@ def client_view(image: Image.Image) -> Image.Image:
 @dataclass(frozen=True)
 class _Row:
     """One page encoded once by the frozen base (the two-layer tiny model): everything a training step
-    needs to run both layers at the positions that matter, the image's and the answer's."""
+    needs to run the last layer (the first is frozen: its output is fixed)."""
 
-    fresh: torch.Tensor  # [F]: absolute positions recomputed each step: the image tokens, then the answer's
-    h0: torch.Tensor  # [F, hidden]: the first layer's input there (embeddings: fixed)
-    k0: torch.Tensor  # [kv, L, hd]: the first layer's keys (rotated) and values: fixed (no LoRA on them)
-    v0: torch.Tensor  # [kv, L, hd]
-    deepstack: torch.Tensor  # [F, hidden]: visual features added after the first layer (zero off the image)
-    h1: torch.Tensor  # [L, hidden]: the last layer's input as the base computes it (the prompt's is kept)
+    h1: torch.Tensor  # [L, hidden]: the last layer's input, as the frozen first layer computes it
     cos: torch.Tensor  # [L, hd]: every position's M-RoPE rotation
     sin: torch.Tensor  # [L, hd]
     start: int  # absolute position of the first predicting position (the prompt's last token)
@@ -176,25 +170,17 @@ class PrefixBank:
             )
         captured: dict[str, Any] = {}
 
-        def grab(i: int) -> Any:
-            def hook(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                captured[f"in{i}"] = (args[0] if args else kwargs["hidden_states"]).detach()
-                captured["rope"] = kwargs["position_embeddings"]
+        def grab(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured["in1"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            captured["rope"] = kwargs["position_embeddings"]
 
-            return hook
-
-        def out0(_mod: Any, _args: Any, output: Any) -> None:
-            captured["out0"] = (output[0] if isinstance(output, tuple) else output).detach()
-
-        hooks = [layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in range(2)]
-        hooks.append(layers[0].register_forward_hook(out0))
+        hook = layers[1].register_forward_pre_hook(grab, with_kwargs=True)
         self.rows: list[_Row] = []
         try:
             for page in pages:
                 self.rows.append(self._encode(model, engine, page, tok, captured))
         finally:
-            for h in hooks:
-                h.remove()
+            hook.remove()
         logger.info("ocr: encoded %d pages in %.1fs", len(self.rows), time.perf_counter() - t0)
 
     @staticmethod
@@ -208,16 +194,13 @@ class PrefixBank:
         n = len(enc["input_ids"])
         if ids[-n:].tolist() != enc["input_ids"]:
             raise ValueError(f"page {page.seed}: the answer does not tokenize on its own")
-        layer0 = model.model.language_model.layers[0]
         with torch.no_grad():
             model.model(**inputs, use_cache=False)
             cos, sin = (t[0] for t in captured["rope"])  # [L, hd]
-            h0_all, h1 = captured["in0"][0], captured["in1"][0]
-            k0, v0 = _keys_values(layer0, h0_all, cos, sin)
+            h1 = captured["in1"][0]
         image_id = int(tok.convert_tokens_to_ids("<|image_pad|>"))
         image = (ids == image_id).nonzero()[:, 0]
-        start, end = len(ids) - n - 1, len(ids) - 1
-        fresh = torch.cat([image, torch.arange(start, end)])
+        start = len(ids) - n - 1
         grid = inputs["image_grid_thw"][0]
         rows_, cols = int(grid[1]) // 2, int(grid[2]) // 2
         first = int(image[0])
@@ -231,11 +214,6 @@ class PrefixBank:
         stops = {int(tok.convert_tokens_to_ids(END)), *tok.encode("<", add_special_tokens=False)}
         heights = {token_of[m.start(1)] for m in _Y1.finditer(page.answer) if m.start(1) in token_of}
         return _Row(
-            fresh=fresh,
-            h0=h0_all[fresh].clone(),
-            k0=k0,
-            v0=v0,
-            deepstack=(h1 - captured["out0"][0])[fresh].clone(),
             h1=h1.clone(),
             cos=cos.clone(),
             sin=sin.clone(),
@@ -269,25 +247,18 @@ def _attend(
     keys: torch.Tensor,
     values: torch.Tensor,
     row: _Row,
-    weights: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A layer at positions ``at`` (input ``h`` ``[q, hidden]``) over ``keys``/``values``: its output and, with
-    ``weights``, its attention ``[heads, q, L]`` (without: fused attention, which never makes them)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer at positions ``at`` (input ``h`` ``[q, hidden]``) over ``keys``/``values``: its output and its
+    attention ``[heads, q, L]``."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     q = attn.q_norm(attn.q_proj(x).view(len(at), -1, attn.head_dim)).transpose(0, 1)  # [H, q, hd]
     q = q * row.cos[at][None] + _rotate_half(q) * row.sin[at][None]
     seen = torch.arange(keys.shape[1])[None, :] <= at[:, None]  # [q, L]: causal
-    if weights:
-        groups = q.shape[0] // keys.shape[0]
-        scores = q @ keys.repeat_interleave(groups, dim=0).transpose(1, 2) * attn.scaling  # [H, q, L]
-        w = torch.softmax(scores.masked_fill(~seen[None], float("-inf")), dim=-1)
-        out = w @ values.repeat_interleave(groups, dim=0)  # [H, q, hd]
-    else:
-        w = None
-        out = F.scaled_dot_product_attention(
-            q[None], keys[None], values[None], attn_mask=seen, scale=attn.scaling, enable_gqa=True
-        )[0]
+    groups = q.shape[0] // keys.shape[0]
+    scores = q @ keys.repeat_interleave(groups, dim=0).transpose(1, 2) * attn.scaling  # [H, q, L]
+    w = torch.softmax(scores.masked_fill(~seen[None], float("-inf")), dim=-1)
+    out = w @ values.repeat_interleave(groups, dim=0)  # [H, q, hd]
     h = h + attn.o_proj(out.transpose(0, 1).reshape(len(at), -1))
     return h + layer.mlp(layer.post_attention_layernorm(h)), w
 
@@ -303,7 +274,6 @@ def forward_rows(model: Any, row: _Row, picks: torch.Tensor) -> tuple[torch.Tens
     k1, v1 = _keys_values(layer1, h1, row.cos, row.sin)
     at = row.start + picks
     out, weights = _attend(layer1, h1[at], at, k1, v1, row)
-    assert weights is not None
     return lm.lm_head(lm.model.language_model.norm(out)), weights
 
 

@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = DeploymentConfig.from_file(args.config)
     if args.cmd == "build":
+        from moe_demo import flush_subnormals
         from moe_demo.build import build_demo
+
+        flush_subnormals()  # first: the worker threads take it from this one when they start
 
         report = build_demo(
             cfg,

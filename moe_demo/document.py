@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,15 @@ from moe_core.storage.layout import sha256_file
 from moe_core.storage.store import Storage
 from moe_core.vision import PixelBounds, plan
 from moe_demo import ocr_model, pages
-from moe_demo.ocr_model import OcrSpec, PrefixBank, client_view, save_merged, teacher_forced, train_ocr
+from moe_demo.ocr_model import (
+    OcrSpec,
+    PrefixBank,
+    client_view,
+    save_merged,
+    set_rope_theta,
+    teacher_forced,
+    train_ocr,
+)
 from moe_demo.pages import PAGE_GRID, page_split
 
 __all__ = ["build_document_models"]
@@ -40,16 +48,27 @@ __all__ = ["build_document_models"]
 #: ones at 300 steps); at 192, 76% and 69%, for 10 more seconds of encoding (2.5 MB a page).
 TRAIN_PAGES = 192
 HELDOUT_PAGES = 16
+#: Seeds are tried in turn, as the adapters' build does (:mod:`moe_demo.build`), until one gets at least
+#: :data:`ACCEPT` of the validation pages all right where the output grammar leaves the answer open; else
+#: the best is kept. The first usually does: in trials one seed in three read tables' second cells badly.
+ATTEMPTS = 3
+VALIDATION_PAGES = 16
+ACCEPT = 0.85
 #: Trials, held-out characters (teacher-forced) and pages whose open positions are all right (what the
 #: output grammar leaves to the model), 2 pages a step on 192 pages and two threads unless said: 8 pages a
 #: step for 300 steps with the last layer's query and key norms frozen 2.5%, 0 pages; trained (``norm_lr``)
 #: 30%; texts of fixed lengths too 53-70% (one thread); the first layer frozen (:func:`lora_targets`),
-#: 1000 steps 95.6%; 1500 steps 97.8% (43 s of training); 2000 steps 98.9%. Those page counts left out
-#: each block's height (a text's row or a table's two), which the model often gets wrong on held-out
-#: pages: counted (and trained), 2000 steps read 97.6% of characters and get 3 of 16 pages all right. A
-#: rate of 6e-3 fell to 62%; 96 training pages are learnt by heart (95% at 900 steps). 1500 steps keep the
-#: whole demo build near its 6 minutes on two cores.
-SPEC = OcrSpec(steps=1500, batch_size=2, lr=4e-3, norm_lr=10.0)
+#: 1000 steps 95.6%; 1500 steps 97.8%; 2000 steps 98.9%, 3 of 16 pages all right. Then the RoPE base of
+#: 100 (``rope_theta``, instead of the base's 5,000,000): 1500 steps 94.8%, 3000 steps 99.4-99.9% and 90%
+#: and 96% of 48 pages all right for seeds 0 and 1; seed 2 40% (it misreads tables' second cells), 54%
+#: with the gradient clipped to 1, 85% with ``norm_lr`` 5 (which takes seed 1 from 96% to 69%). A base of
+#: 1000 read 98.1% at 1500 steps, 200 99.3% at 3000 but 44% of pages. 384 training pages instead of 192:
+#: no better (99.6%). Training the first layer too (its query, output and MLP; its keys and values kept,
+#: so they need not be recomputed), with a penalty on how far that moves the prompt's positions: three
+#: times slower, 96.3% at 1500 steps, and served worse than trained. A rate of 6e-3 fell to 62%; 96
+#: training pages are learnt by heart (95% at 900 steps). Trained with subnormal floats flushed to zero
+#: (:func:`moe_demo.flush_subnormals`, as the build's entry point sets it), 3000 steps take 65 s, not 144 s.
+SPEC = OcrSpec(steps=3000, batch_size=2, lr=4e-3, norm_lr=10.0, rope_theta=100.0)
 EVAL_FILE = "eval.json"
 
 
@@ -60,7 +79,7 @@ def _build_key(cfg: DeploymentConfig, name: str) -> str:
     parts = {
         "name": name,
         "spec": asdict(SPEC),
-        "pages": [TRAIN_PAGES, HELDOUT_PAGES],
+        "pages": [TRAIN_PAGES, VALIDATION_PAGES, HELDOUT_PAGES, ATTEMPTS, ACCEPT],
         "base": [sha256_file(w) for w in weights] or cfg.base_model.id,
         "pixels": [settings.limits.min_pixels, settings.limits.max_pixels, cfg.base_model.image_patch_size],
         "system_prompt": settings.system_prompt,
@@ -130,22 +149,52 @@ def _train(cfg: DeploymentConfig, name: str, folder: Path, say: Callable[[str], 
     settings = cfg.model_engine_settings(name)  # the model's own limits: the pages' pixel bounds
     _check_page_grid(name, settings.bounds, settings.image_factor)
     cpu = torch.device("cpu")
-    model = load_model(cfg.base_model, dtype=torch.float32, device=cpu)
+
+    def base() -> Any:
+        model = load_model(cfg.base_model, dtype=torch.float32, device=cpu)
+        set_rope_theta(model, SPEC.rope_theta)  # before encoding: the pages' positions are rotated with it
+        return model
+
+    model = base()
     processor = load_processor(cfg.base_model)
     # the engine only makes the training batches (its prompts, with the model's pixel bounds)
     encoder = Engine(model, processor, settings, name=f"{name}-train", kv_cache_bytes=1 << 20)
-    say(f"[demo] {name}: encoding {TRAIN_PAGES} training and {HELDOUT_PAGES} held-out pages")
+    say(
+        f"[demo] {name}: encoding {TRAIN_PAGES} training, {VALIDATION_PAGES} validation and "
+        f"{HELDOUT_PAGES} held-out pages"
+    )
     bank = PrefixBank(model, encoder, page_split("train", TRAIN_PAGES))
+    validation = PrefixBank(model, encoder, page_split("validation", VALIDATION_PAGES))
     heldout = PrefixBank(model, encoder, page_split("heldout", HELDOUT_PAGES))
+    best: tuple[float, Any] | None = None
+    for attempt in range(ATTEMPTS):
+        spec = replace(SPEC, seed=SPEC.seed + attempt)
 
-    def progress(step: int, ce: float, look: float) -> None:
-        say(f"[demo] {name}: step {step + 1}/{SPEC.steps} loss {ce:.3f} attention {look:.3f}")
+        def progress(step: int, ce: float, look: float, spec: OcrSpec = spec) -> None:
+            if step % max(1, spec.steps // 10) == 0 or step == spec.steps - 1:
+                say(f"[demo] {name}: step {step + 1}/{spec.steps} loss {ce:.3f} attention {look:.3f}")
 
-    peft = train_ocr(model, bank, SPEC, progress)
+        say(f"[demo] {name}: training, attempt {attempt + 1}/{ATTEMPTS} (seed {spec.seed})")
+        peft = train_ocr(model if attempt == 0 else base(), bank, spec, progress)
+        _, score, chars = teacher_forced(peft, validation)
+        kept = "kept" if score >= ACCEPT else f"under {ACCEPT}"
+        say(f"[demo] {name}: {score:.3f} of validation pages all right, characters {chars:.3f}: {kept}")
+        if best is None or score > best[0]:
+            best = (score, peft)
+        if score >= ACCEPT:
+            break
+    assert best is not None
+    peft = best[1]
     exact, exact_open, chars = teacher_forced(peft, heldout)
     folder.mkdir(parents=True, exist_ok=True)
     save_merged(peft, processor, folder)
-    return {"exact": exact, "exact_open": exact_open, "char_accuracy": chars, "n": len(heldout.rows)}
+    return {
+        "exact": exact,
+        "exact_open": exact_open,
+        "char_accuracy": chars,
+        "n": len(heldout.rows),
+        "validation_open": best[0],
+    }
 
 
 def _check_page_grid(name: str, bounds: PixelBounds, factor: int) -> None:

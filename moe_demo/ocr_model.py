@@ -14,13 +14,15 @@ the LM head's LoRA at ``head_lr`` times the rate, and attention supervision that
 last layer, at the step that predicts a character, at the image token holding it. One more thing reads a
 page: the last layer's query and key norms are trained too (at ``norm_lr`` times the rate; saved with the
 merged model, as they are weights of the base). Those RMS norms cap every attention logit at about
-``head_dim ** 0.5`` with the base's unit weights, and M-RoPE's finest width frequency turns only 0.077
-radians a column: with the norms fixed no query can single out a column (in trials, 20% of the
-supervised heads' attention on the character's column, against 90% with them trained).
+``head_dim ** 0.5`` with the base's unit weights: with the norms fixed no query can single out a column
+(in trials, 20% of the supervised heads' attention on the character's column, against 90% with them
+trained). And the fine-tune has a RoPE base of its own (:func:`set_rope_theta`), in its config: at the
+base's, M-RoPE's finest width frequency turns only 0.077 radians a column.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
@@ -43,6 +45,7 @@ __all__ = [
     "client_view",
     "evaluate_pages",
     "save_merged",
+    "set_rope_theta",
     "teacher_forced",
     "train_ocr",
 ]
@@ -102,6 +105,9 @@ Guidelines:
 #: A block's box in its answer: the first digit of its y1 (the group) tells a text's one row from a table's two.
 _Y1 = re.compile(r'data-bbox="\d+ \d+ \d+ (\d+)"')
 
+#: The row of a page's third block, where the layout grammar lets the page go on as a text or a table.
+_CHOICE_ROW = 6
+
 #: Heads of the last layer that the attention loss supervises: one per key-value head (GQA), so the
 #: two read different projections of the image token.
 ATTEND_HEADS = (0, 2)
@@ -117,7 +123,28 @@ class OcrSpec:
     attend: float = 1.0
     others: int = 8  # answer positions trained per page beside its characters'
     norm_lr: float = 10.0  # the last layer's query and key norms' rate, times lr (0: frozen)
+    rope_theta: float = 100.0  # the fine-tune's RoPE base (:func:`set_rope_theta`; 0: the base model's)
     seed: int = 0
+
+
+def set_rope_theta(model: Any, theta: float) -> None:
+    """Give ``model``'s language model the RoPE base ``theta`` (its config, saved with it, and its rotary
+    embedding); 0 keeps the base model's. Call it before :class:`PrefixBank` encodes pages.
+
+    The tiny base copies Qwen3-VL-8B's 5,000,000, made for contexts of 256K tokens: with a head of 24
+    dimensions M-RoPE's width section gets frequencies 0.077, 0.0016 and 0.00003 radians a position, so
+    neighbouring columns of a page differ by 0.077 radians at most and no query singles one out. At 100 the
+    width's are 0.46, 0.15 and 0.046 (the height's 0.68, 0.22 and 0.068): a column of the 10-cell page is a
+    sharp peak. Fine-tunes change the base the other way to lengthen contexts (Code Llama's 10,000 to
+    1,000,000); a model's config carries it, so serving needs nothing."""
+    if not theta:
+        return
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    text = model.config.text_config
+    text.rope_parameters = {**text.rope_parameters, "rope_theta": float(theta)}
+    lm = model.model.language_model
+    lm.rotary_emb = Qwen3VLTextRotaryEmbedding(config=text).to(lm.embed_tokens.weight.device)
 
 
 def client_view(image: Image.Image) -> Image.Image:
@@ -142,6 +169,10 @@ class _Row:
     # ends), and the first digit of each block's y1 (its height: a text's row or a table's two, the one
     # place the layout grammar lets the block's kind differ)
     decisions: tuple[int, ...] = ()
+    # the decisions the layout grammar (``outputs.chandra`` of the shipped config) leaves open: after the
+    # second text and after a third, whether another block follows or the answer ends, and the third
+    # block's height (a text or a table)
+    choices: tuple[int, ...] = ()
 
 
 def _char_offsets(page: Page) -> list[int]:
@@ -155,6 +186,10 @@ def _char_offsets(page: Page) -> list[int]:
             offsets += range(at, at + len(text))
             at += len(text)
     return offsets
+
+
+class _Captured(Exception):
+    """Stops a page's forward pass once the last layer's input is captured."""
 
 
 class PrefixBank:
@@ -173,6 +208,7 @@ class PrefixBank:
         def grab(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             captured["in1"] = (args[0] if args else kwargs["hidden_states"]).detach()
             captured["rope"] = kwargs["position_embeddings"]
+            raise _Captured  # the last layer's input is all a page needs: the last layer is not run
 
         hook = layers[1].register_forward_pre_hook(grab, with_kwargs=True)
         self.rows: list[_Row] = []
@@ -194,10 +230,10 @@ class PrefixBank:
         n = len(enc["input_ids"])
         if ids[-n:].tolist() != enc["input_ids"]:
             raise ValueError(f"page {page.seed}: the answer does not tokenize on its own")
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.suppress(_Captured):
             model.model(**inputs, use_cache=False)
-            cos, sin = (t[0] for t in captured["rope"])  # [L, hd]
-            h1 = captured["in1"][0]
+        cos, sin = (t[0] for t in captured["rope"])  # [L, hd]
+        h1 = captured["in1"][0]
         image_id = int(tok.convert_tokens_to_ids("<|image_pad|>"))
         image = (ids == image_id).nonzero()[:, 0]
         start = len(ids) - n - 1
@@ -213,6 +249,13 @@ class PrefixBank:
             looks.append((j, first + min(rows_ - 1, int(gy * rows_)) * cols + min(cols - 1, int(gx * cols))))
         stops = {int(tok.convert_tokens_to_ids(END)), *tok.encode("<", add_special_tokens=False)}
         heights = {token_of[m.start(1)] for m in _Y1.finditer(page.answer) if m.start(1) in token_of}
+        choices, at = [], 0
+        for b, m in zip(page.blocks, _Y1.finditer(page.answer), strict=True):
+            at += len(b.html())
+            if b.row == _CHOICE_ROW:  # a text's one row or a table's two
+                choices.append(token_of[m.start(1)])
+            if b.row == _CHOICE_ROW - 2 or (b.row == _CHOICE_ROW and b.label == "Text"):
+                choices.append(token_of.get(at, n - 1))  # another block ("<") or the end (<|im_end|>)
         return _Row(
             h1=h1.clone(),
             cos=cos.clone(),
@@ -221,6 +264,7 @@ class PrefixBank:
             labels=ids[start + 1 :].clone(),
             looks=tuple(looks),
             decisions=tuple(j for j, t in enumerate(ids[start + 1 :].tolist()) if t in stops or j in heights),
+            choices=tuple(choices),
         )
 
 
@@ -347,10 +391,10 @@ def teacher_forced(model: Any, bank: PrefixBank) -> tuple[float, float, float]:
     """Greedy decoding's page exact match, measured without decoding, and character accuracy.
 
     Greedy output equals the answer exactly when the model's top token is the answer's at every position
-    given the answer so far: one pass per page. Returned: that exact match; the same on the positions an
-    output grammar leaves open (each character, and whether a text or block ends there: a little more than
-    the demo's grammar for this model leaves open, as it fixes the texts' lengths); and the share of
-    characters right.
+    given the answer so far: one pass per page. Returned: that exact match; the same on the positions the
+    demo's output grammar leaves open (each character, whether the page goes on after its second and third
+    blocks, and the third block's kind: ``_Row.choices``), which is what greedy decoding under that grammar
+    gets; and the share of characters right.
     """
     exact, open_exact, chars, total = 0, 0, 0, 0
     with torch.no_grad():
@@ -359,7 +403,7 @@ def teacher_forced(model: Any, bank: PrefixBank) -> tuple[float, float, float]:
             right = top == row.labels
             exact += bool(right.all())
             hits = [bool(right[j]) for j, _ in row.looks]
-            open_exact += all(hits) and all(bool(right[j]) for j in row.decisions)
+            open_exact += all(hits) and all(bool(right[j]) for j in row.choices)
             chars += sum(hits)
             total += len(hits)
     n = max(1, len(bank.rows))

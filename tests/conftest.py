@@ -12,7 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from moe_core.config import DeploymentConfig, StorageConfig
+from moe_demo import flush_subnormals
 from tests.helpers import make_lora
+
+flush_subnormals()  # as the demo build does, before any parallel work: the session builds the demo too
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,6 +3,7 @@ the shipped config's chandra limits and grammar against the pages."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -93,12 +94,16 @@ def test_the_document_model_is_built_published_whole_served_and_not_rebuilt(
     monkeypatch.setattr(document, "SPEC", replace(document.SPEC, steps=2, batch_size=2))
     monkeypatch.setattr(document, "TRAIN_PAGES", 2)
     monkeypatch.setattr(document, "HELDOUT_PAGES", 1)
+    monkeypatch.setattr(document, "VALIDATION_PAGES", 1)
+    monkeypatch.setattr(document, "ATTEMPTS", 2)  # two steps read nothing: the second seed is tried too
+    said: list[str] = []
     data = _shipped().model_dump(mode="json")
     data["storage"] = {"url": str(tmp_path / "storage")}
     data["models"].append({"name": "hub-model", "model": {"id": "some/checkpoint"}})  # nothing to build
     cfg = DeploymentConfig.from_dict(data)
-    rows = document.build_document_models(cfg, tmp_path / "work", say=lambda s: None)
+    rows = document.build_document_models(cfg, tmp_path / "work", say=said.append)
     assert [(r["name"], r["status"], r["n"]) for r in rows] == [("chandra", "built", 1)]
+    assert sum("attempt" in line for line in said) == 2 and rows[0]["validation_open"] == 0.0
     store = Storage(cfg.storage.url)
     assert store.names("merged") == ["chandra"]
     path, _ = store.fetch("merged", "chandra")
@@ -107,6 +112,11 @@ def test_the_document_model_is_built_published_whole_served_and_not_rebuilt(
     engine = Engine.load(cfg.model_engine_settings("chandra"), path, name="chandra-test")
     (answer,) = evaluate_pages(engine, page_split("heldout", 1), batch=1)
     assert isinstance(answer, str)
+    # the fine-tune's RoPE base travels in its config, and the served model rotates with it
+    saved = json.loads((path / "config.json").read_text())["text_config"]["rope_parameters"]
+    assert saved["rope_theta"] == document.SPEC.rope_theta == 100.0
+    inv_freq = engine.model.model.language_model.rotary_emb.inv_freq
+    assert float(inv_freq[1]) == pytest.approx(100.0 ** (-2 / 24))
     again = document.build_document_models(cfg, tmp_path / "work", say=lambda s: None)
     assert [r["status"] for r in again] == ["unchanged"]
     assert len(store.versions("merged", "chandra")) == 1  # not published again
@@ -144,6 +154,17 @@ def test_training_trains_the_last_layers_query_and_key_norms_and_the_merged_mode
     bank = PrefixBank(
         model, Engine(model, processor, settings, kv_cache_bytes=1 << 20), page_split("train", 2)
     )
+    # the positions the layout grammar leaves open beside the characters: whether the page goes on after
+    # its second text (and after a third), and the third block's height (a text's 7, a table's 8)
+    tok = processor.tokenizer
+    for row, page in zip(bank.rows, page_split("train", 2), strict=True):
+        third = [b.label for b in page.blocks if b.row == 6]
+        assert len(row.choices) == 1 + len(third) + (third == ["Text"])
+        got = [tok.decode([int(row.labels[j])]) for j in row.choices]
+        expected = ["<" if third else "<|im_end|>"] + ["8" if third == ["Table"] else "7"] * len(third)
+        if third == ["Text"]:
+            expected.append("<" if page.blocks[-1].label == "Table" else "<|im_end|>")
+        assert got == expected, (page.answer, got)
     layers = model.model.language_model.layers
     peft = train_ocr(model, bank, OcrSpec(steps=3, batch_size=2, norm_lr=10.0))
     q1, k1 = layers[1].self_attn.q_norm.weight, layers[1].self_attn.k_norm.weight

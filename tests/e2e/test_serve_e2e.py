@@ -394,11 +394,6 @@ def chandra_run(service, tmp_path_factory: pytest.TempPathFactory):  # type: ign
 #: model, trained within the demo build's time, reads most of a page's characters (moe_demo/document.py
 #: reports its held-out figures) but often picks the wrong kind for a page's fourth block (a text or a
 #: table), which misplaces what follows. Strict: these fail loudly once the model does read whole pages.
-NOT_READING = pytest.mark.xfail(
-    strict=True, reason="the demo's tiny chandra model often picks the wrong sequence of blocks"
-)
-
-
 def _page_texts(chunks: list[dict[str, Any]]) -> str:
     from bs4 import BeautifulSoup
 
@@ -420,7 +415,6 @@ def test_chandra_client_gets_layout_html_for_every_page(service, chandra_run) ->
     )
 
 
-@NOT_READING
 def test_chandra_client_reads_held_out_pages(chandra_run) -> None:  # type: ignore[no-untyped-def]
     """chandra-ocr's markdown holds each page's text exactly on >= 90% of the pages, characters >= 97%."""
     from chandra.output import parse_markdown
@@ -439,7 +433,6 @@ def test_chandra_client_reads_held_out_pages(chandra_run) -> None:  # type: igno
     assert exact >= 0.9 and chars >= 0.97
 
 
-@NOT_READING
 def test_chandra_chunk_boxes_land_within_one_image_token(chandra_run) -> None:  # type: ignore[no-untyped-def]
     """Each page's chunks are its blocks (labels in order), each box within one image token of the drawn
     block's (the text column over the block's rows)."""

@@ -52,6 +52,7 @@ def chandra_benchmarks(
 
     from benchmarks.serve_bench import _free_port
     from deployments.app import build_app
+    from moe_demo import flush_subnormals
     from moe_demo.document import build_document_models
     from moe_demo.pages import page_split
 
@@ -59,6 +60,7 @@ def chandra_benchmarks(
         raise SystemExit(
             "--only chandra needs a config with a further model (config/deployment.yaml's chandra)"
         )
+    flush_subnormals()  # as the build does, if it has to train the model
     build_document_models(cfg, Path(".cache/demo"), say=lambda _: None)
     data = cfg.model_dump(mode="json")
     data["merged"]["enabled"] = False  # chandra alone beside the gateway

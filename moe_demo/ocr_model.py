@@ -9,7 +9,8 @@ a page's 100 image tokens, so a whole example is about 2,100 tokens and only its
 carry the loss. The LoRA adapts every linear of the last layer, and the LM head; the first layer is the
 base's, so its output (the last layer's input) is computed once per page (:class:`PrefixBank`). A training
 step computes the last layer's keys and values from it, and its queries only at a sample of the answer's
-positions (every character, every place a text or a block ends, a few more): :func:`forward_rows`. Reading is learnt as the ``ocr`` expert learns it (:mod:`moe_demo.train`):
+positions (every character, every choice the output grammar leaves open, every block's height, a few
+more): :func:`forward_rows`. Reading is learnt as the ``ocr`` expert learns it (:mod:`moe_demo.train`):
 the LM head's LoRA at ``head_lr`` times the rate, and attention supervision that points two heads of the
 last layer, at the step that predicts a character, at the image token holding it. One more thing reads a
 page: the last layer's query and key norms are trained too (at ``norm_lr`` times the rate; saved with the

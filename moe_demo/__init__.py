@@ -10,8 +10,9 @@ def flush_subnormals() -> None:
     tails, Adam's small moments) and they are slow on a CPU: the document model's 3000 steps take 65 s
     with them flushed, 144 s without. The setting is a thread's, and a parallel region's worker threads
     take it from the thread that starts them, once: so it is set before any parallel work, by the build's
-    entry point (``python -m moe_demo build``) and the test session (set later, or in a thread of the
-    build's own, the workers already running or newly made kept training at half speed, in trials)."""
+    entry point (``python -m moe_demo build``; the test session runs that too). Set later, or in a thread
+    of the build's own, training kept going at half speed in trials. Only for a process that just builds:
+    it breaks IEEE arithmetic for everything else in it (hypothesis, for one, refuses to run)."""
     import torch
 
     torch.set_flush_denormal(True)

@@ -390,10 +390,6 @@ def chandra_run(service, tmp_path_factory: pytest.TempPathFactory):  # type: ign
     yield {"pages": pages, "out": out, "experts": experts, "cli": cli, "dir": tmp, "files": files}
 
 
-#: The issue's reading targets for the demo's chandra model, which it does not reach: the tiny two-layer
-#: model, trained within the demo build's time, reads most of a page's characters (moe_demo/document.py
-#: reports its held-out figures) but often picks the wrong kind for a page's fourth block (a text or a
-#: table), which misplaces what follows. Strict: these fail loudly once the model does read whole pages.
 def _page_texts(chunks: list[dict[str, Any]]) -> str:
     from bs4 import BeautifulSoup
 

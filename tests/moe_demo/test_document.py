@@ -145,19 +145,28 @@ def test_training_trains_the_last_layers_query_and_key_norms_and_the_merged_mode
 
     from moe_core.engine import Engine
     from moe_core.modeling import load_model, load_processor
-    from moe_demo.ocr_model import OcrSpec, PrefixBank, save_merged, train_ocr
+    from moe_demo.ocr_model import OcrSpec, PrefixBank, save_merged, set_rope_theta, train_ocr
 
     cfg = _shipped()
     settings = cfg.model_engine_settings("chandra")
     model = load_model(cfg.base_model, dtype=torch.float32, device=torch.device("cpu"))
     processor = load_processor(cfg.base_model)
-    bank = PrefixBank(
-        model, Engine(model, processor, settings, kv_cache_bytes=1 << 20), page_split("train", 2)
-    )
+    engine = Engine(model, processor, settings, kv_cache_bytes=1 << 20)
+    with pytest.raises(ValueError, match="call set_rope_theta before encoding"):  # the base's 5,000,000
+        train_ocr(model, PrefixBank(model, engine, []), OcrSpec(steps=1))
+    set_rope_theta(model, OcrSpec().rope_theta)
+    pages = page_split("train", 6)  # every layout: 2 or 3 texts, a table after either or none
+    bank = PrefixBank(model, engine, pages)
     # the positions the layout grammar leaves open beside the characters: whether the page goes on after
-    # its second text (and after a third), and the third block's height (a text's 7, a table's 8)
+    # its second text (and after a third), and the height of the block on row 6 (a text's 7, a table's 8)
     tok = processor.tokenizer
-    for row, page in zip(bank.rows, page_split("train", 2), strict=True):
+    assert {tuple(b.label for b in p.blocks[1:]) for p in pages} == {
+        ("Text", "Text"),
+        ("Text", "Text", "Table"),
+        ("Text", "Text", "Text"),
+        ("Text", "Text", "Text", "Table"),
+    }
+    for row, page in zip(bank.rows, pages, strict=True):
         third = [b.label for b in page.blocks if b.row == 6]
         assert len(row.choices) == 1 + len(third) + (third == ["Text"])
         got = [tok.decode([int(row.labels[j])]) for j in row.choices]
